@@ -1,0 +1,125 @@
+"""Per-row adapter selection: which adapter(s), at which scale, each row of the next forward uses.
+
+A selection is scoped (`adapter_batch`) and lives in a `ContextVar`, so it is visible only to the
+thread / task that opened the scope, and it is gone when the scope ends, even on error.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .errors import AdapterNotFoundError, ConfigError
+
+__all__ = ["RowGroup", "RowPlan", "RowSpec", "current_plan", "selection_scope"]
+
+# One row's selection: None (base model), an adapter name, or (name, scale) pairs summed.
+RowSpec = Union[None, str, Sequence[tuple[str, float]], Mapping[str, float]]
+
+
+@dataclass
+class RowGroup:
+    """The rows that use one adapter, with each row's scale. Index tensors are cached per device."""
+
+    name: str
+    rows: list[int] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    _index: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+    _scale: dict[tuple[torch.device, torch.dtype], Tensor] = field(default_factory=dict, repr=False)
+
+    def covers(self, num_rows: int) -> bool:
+        """True when the group is every row, in order (no gather / scatter needed)."""
+        return len(self.rows) == num_rows and self.rows == list(range(num_rows))
+
+    @property
+    def unit_scale(self) -> bool:
+        return all(s == 1.0 for s in self.scales)
+
+    def index(self, device: torch.device) -> Tensor:
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.rows, dtype=torch.long, device=device)
+        return self._index[device]
+
+    def scale_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """`(len(rows),)` per-row scales."""
+        key = (device, dtype)
+        if key not in self._scale:
+            self._scale[key] = torch.tensor(self.scales, dtype=dtype, device=device)
+        return self._scale[key]
+
+
+@dataclass
+class RowPlan:
+    """Rows grouped by adapter: the forward loops over adapters, never over rows."""
+
+    num_rows: int
+    groups: dict[str, RowGroup]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[RowSpec]) -> RowPlan:
+        groups: dict[str, RowGroup] = {}
+        for i, spec in enumerate(rows):
+            for name, scale in _normalise(spec):
+                group = groups.setdefault(name, RowGroup(name))
+                group.rows.append(i)
+                group.scales.append(scale)
+        return cls(len(rows), groups)
+
+    @property
+    def adapter_names(self) -> set[str]:
+        return set(self.groups)
+
+
+def _normalise(spec: RowSpec) -> list[tuple[str, float]]:
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [(spec, 1.0)]
+    pairs = list(spec.items()) if isinstance(spec, Mapping) else list(spec)
+    out: dict[str, float] = {}
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ConfigError(f"a row selection must be None, a name, or (name, scale) pairs; got {pair!r}")
+        name, scale = pair[0], float(pair[1])
+        if scale != scale or scale in (float("inf"), float("-inf")):
+            raise ConfigError(f"scale for adapter {name!r} must be finite, got {scale}")
+        out[name] = out.get(name, 0.0) + scale  # the same adapter twice: scales add (deltas are linear)
+    return [(n, s) for n, s in out.items() if s != 0.0]
+
+
+@dataclass(frozen=True)
+class _Scope:
+    layer_ids: frozenset[int]
+    plan: RowPlan
+
+
+_SCOPES: contextvars.ContextVar[tuple[_Scope, ...]] = contextvars.ContextVar("lokr_row_scopes", default=())
+
+
+def current_plan(layer: object) -> RowPlan | None:
+    """The innermost plan whose scope covers `layer`, if any."""
+    for scope in reversed(_SCOPES.get()):
+        if id(layer) in scope.layer_ids:
+            return scope.plan
+    return None
+
+
+@contextmanager
+def selection_scope(layers: Sequence[object], plan: RowPlan, known: set[str]) -> Iterator[RowPlan]:
+    """Make `plan` visible to `layers` for the duration of the `with` block (this context only)."""
+    unknown = sorted(plan.adapter_names - known)
+    if unknown:
+        raise AdapterNotFoundError(
+            f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; loaded: {sorted(known)}"
+        )
+    token = _SCOPES.set((*_SCOPES.get(), _Scope(frozenset(id(m) for m in layers), plan)))
+    try:
+        yield plan
+    finally:
+        _SCOPES.reset(token)

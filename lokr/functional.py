@@ -1,0 +1,285 @@
+"""LoKr maths: PEFT's factorization and Kronecker rebuild, and the factored (never-materialised) forward.
+
+Notation (shapes): base weight `(O, I, *k)` with `I = in_channels // groups` for convs;
+`w1 (m1, n1)`, `w2 (m2, n2, *k)`, `O = m1 * m2`, `I = n1 * n2`; `dW = s * kron(w1, w2)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FACTOR_NAMES",
+    "Factors",
+    "LayerSpec",
+    "apply_delta",
+    "delta_weight",
+    "factored_cost",
+    "factorization",
+    "make_kron",
+    "make_weight_cp",
+    "prefer_factored",
+]
+
+FACTOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LayerKind = Literal["linear", "conv1d", "conv2d"]
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """PEFT's `factorization`, edge cases included (the early return is not sorted).
+
+    >>> factorization(256, -1)
+    (16, 16)
+    >>> factorization(127, -1)
+    (1, 127)
+    >>> factorization(128, 32)
+    (32, 4)
+    """
+    if factor > 0 and (dimension % factor) == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    if m > n:
+        n, m = m, n
+    return m, n
+
+
+def make_weight_cp(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
+    """CP / Tucker rebuild: `t (r, r, *k)`, `wa (r, m2)`, `wb (r, n2)` -> `(m2, n2, *k)`."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", t, wa, wb)
+
+
+def make_kron(w1: Tensor, w2: Tensor, scale: float = 1.0, *, peft_conv1d_layout: bool = True) -> Tensor:
+    """`scale * kron(w1, w2)` as PEFT builds it.
+
+    PEFT unsqueezes `w1` only for a 4-D `w2`; for a 3-D (Conv1d) `w2` `torch.kron` left-pads `w1`, which
+    yields `kron(w2, w1[..., None])` after the reshape (PEFT's Conv1d quirk). LyCORIS unsqueezes for any
+    rank: pass `peft_conv1d_layout=False` for that.
+    """
+    if w2.dim() == 4 or (w2.dim() == 3 and not peft_conv1d_layout):
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+    return torch.kron(w1, w2.contiguous()) * scale
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the LoKr maths needs to know about a base layer."""
+
+    kind: LayerKind
+    out_features: int  # O
+    in_features: int  # I (per group for convs)
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> LayerSpec:
+        if isinstance(module, nn.Linear):
+            return cls("linear", module.out_features, module.in_features)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            kind: LayerKind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+            padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+            return cls(
+                kind,
+                module.out_channels,
+                module.in_channels // module.groups,
+                tuple(module.kernel_size),
+                tuple(module.stride),
+                padding,
+                tuple(module.dilation),
+                module.groups,
+            )
+        raise TypeError(f"no LoKr layer spec for {type(module).__name__}")
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features, *self.kernel)
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel) if self.kernel else 1
+
+
+@dataclass(frozen=True)
+class Factors:
+    """The tensors of one adapter on one layer (PEFT names without the `lokr_` prefix).
+
+    `swapped` marks PEFT's Conv1d full-`w2` layout: `dW = s * kron(w2, w1[..., None])`.
+    """
+
+    w1: Tensor | None = None
+    w1_a: Tensor | None = None
+    w1_b: Tensor | None = None
+    w2: Tensor | None = None
+    w2_a: Tensor | None = None
+    w2_b: Tensor | None = None
+    t2: Tensor | None = None
+    swapped: bool = False
+
+    def w1_full(self) -> Tensor:
+        """`(m1, n1)`."""
+        if self.w1 is not None:
+            return self.w1
+        assert self.w1_a is not None and self.w1_b is not None
+        return self.w1_a @ self.w1_b
+
+    def w2_matrix(self) -> Tensor:
+        """`w2` as PEFT builds it before `make_kron`: full tensor, CP rebuild, or `w2_a @ w2_b`."""
+        if self.w2 is not None:
+            return self.w2
+        assert self.w2_a is not None and self.w2_b is not None
+        if self.t2 is not None:
+            return make_weight_cp(self.t2, self.w2_a, self.w2_b)
+        return self.w2_a @ self.w2_b
+
+    def w2_kernel(self, spec: LayerSpec) -> Tensor:
+        """`w2` shaped `(m2, n2, *k)` for a conv (the CP rebuild has a trailing 1 on Conv1d)."""
+        w2 = self.w2_matrix()
+        m2 = w2.shape[0]
+        return w2.reshape(m2, -1, *spec.kernel)
+
+    @property
+    def m1(self) -> int:
+        return (self.w1 if self.w1 is not None else self.w1_a).shape[0]  # type: ignore[union-attr]
+
+    @property
+    def n1(self) -> int:
+        return (self.w1 if self.w1 is not None else self.w1_b).shape[-1]  # type: ignore[union-attr]
+
+    @property
+    def w2_rank(self) -> int | None:
+        """Rank of a LoRA-style `w2` (None when full or CP)."""
+        if self.w2 is not None or self.t2 is not None or self.w2_b is None:
+            return None
+        return self.w2_b.shape[0]
+
+
+def delta_weight(f: Factors, spec: LayerSpec, scale: float) -> Tensor:
+    """The dense `dW` in the base weight's shape, exactly as PEFT's `get_delta_weight`."""
+    weight = make_kron(f.w1_full(), f.w2_matrix(), scale, peft_conv1d_layout=f.swapped)
+    return weight.reshape(spec.weight_shape)
+
+
+# --------------------------------------------------------------------------------------------- costs
+def factored_cost(f: Factors, spec: LayerSpec) -> int:
+    """Multiply-adds per output position (token / pixel) of the factored delta, cheaper order."""
+    m1, n1 = f.m1, f.n1
+    m2, n2 = spec.out_features // m1, spec.in_features // n1
+    k = spec.kernel_numel
+    if spec.kind == "linear":
+        rank = f.w2_rank
+        c2 = n2 * m2 if rank is None else rank * (n2 + m2)
+        cost = min(n1 * c2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * c2)
+    else:
+        cost = min(n1 * m2 * n2 * k + m1 * n1 * m2, m1 * n1 * n2 + m1 * m2 * n2 * k)
+    return cost * spec.groups
+
+
+def prefer_factored(f: Factors, spec: LayerSpec) -> bool:
+    """True where the factored forward is cheaper than a (cached) dense delta."""
+    if spec.kind != "linear" and f.swapped and spec.groups > 1:
+        return False
+    dense = spec.out_features * spec.in_features * spec.kernel_numel
+    return factored_cost(f, spec) < dense
+
+
+# --------------------------------------------------------------------------------------------- apply
+def apply_delta(x: Tensor, f: Factors, spec: LayerSpec, scale: float) -> Tensor:
+    """`x -> layer(x; dW)` without bias and without building `dW` (`x` already in the factors' dtype)."""
+    if spec.kind == "linear":
+        return _linear(x, f, scale)
+    if f.swapped:
+        return _conv1d_swapped(x, f, spec, scale)
+    return _conv(x, f, spec, scale)
+
+
+def _linear(x: Tensor, f: Factors, scale: float) -> Tensor:
+    """`x (..., n1*n2) -> (..., m1*m2)` as `s * w1 @ X @ w2^T` with X = x viewed `(n1, n2)`."""
+    w1 = f.w1_full() * scale
+    m1, n1 = w1.shape
+    lead = x.shape[:-1]
+    n2 = x.shape[-1] // n1
+    rows = x.reshape(-1, n1, n2)
+    w2_first = _w2_first_is_cheaper(f, m1, n1, n2)
+    if w2_first:
+        z = _apply_w2(rows.reshape(-1, n2), f).reshape(rows.shape[0], n1, -1)  # (N, n1, m2)
+        y = torch.matmul(w1, z)  # (N, m1, m2)
+    else:
+        u = torch.matmul(w1, rows)  # (N, m1, n2)
+        y = _apply_w2(u.reshape(-1, n2), f).reshape(rows.shape[0], m1, -1)
+    return y.reshape(*lead, -1)
+
+
+def _w2_first_is_cheaper(f: Factors, m1: int, n1: int, n2: int) -> bool:
+    rank = f.w2_rank
+    m2 = (f.w2 if f.w2 is not None else f.w2_a).shape[0]  # type: ignore[union-attr]
+    c2 = n2 * m2 if rank is None else rank * (n2 + m2)
+    return n1 * c2 + m1 * n1 * m2 <= m1 * n1 * n2 + m1 * c2
+
+
+def _apply_w2(rows: Tensor, f: Factors) -> Tensor:
+    """`rows (N, n2) -> rows @ w2^T (N, m2)`, low-rank `w2` as two thin matmuls."""
+    if f.w2 is not None:
+        return rows @ f.w2.T
+    assert f.w2_a is not None and f.w2_b is not None
+    return (rows @ f.w2_b.T) @ f.w2_a.T
+
+
+def _conv_fn(spec: LayerSpec):  # type: ignore[no-untyped-def]
+    return F.conv1d if spec.kind == "conv1d" else F.conv2d
+
+
+def _conv(x: Tensor, f: Factors, spec: LayerSpec, scale: float) -> Tensor:
+    """Pseudo-batch conv with `w2` on `B*g*n1` images of `n2` channels, then a 1x1 mix by `w1`."""
+    w1 = f.w1_full() * scale
+    w2 = f.w2_kernel(spec)
+    m1, n1 = w1.shape
+    m2, n2 = w2.shape[:2]
+    batch, spatial, g = x.shape[0], x.shape[2:], spec.groups
+    conv = _conv_fn(spec)
+    args = (None, spec.stride, spec.padding, spec.dilation)
+    mix_first = g == 1 and m1 * n1 * n2 + m1 * m2 * n2 * spec.kernel_numel < n1 * m2 * n2 * spec.kernel_numel
+    if mix_first:
+        u = torch.matmul(w1, x.reshape(batch, n1, -1))  # (B, m1, n2*P_in)
+        h = conv(u.reshape(batch * m1, n2, *spatial), w2, *args)
+        return h.reshape(batch, m1 * m2, *h.shape[2:])
+    h = conv(x.reshape(batch * g * n1, n2, *spatial), w2, *args)  # (B*g*n1, m2, *P)
+    out_spatial = h.shape[2:]
+    z = torch.matmul(w1, h.reshape(batch, g, n1, -1))  # (B, g, m1, m2*P)
+    if g == 1:
+        return z.reshape(batch, m1 * m2, *out_spatial)
+    z = z.reshape(batch, g, m1 * m2, -1)
+    own_group = torch.arange(m1 * m2, device=x.device) // (m1 * m2 // g)
+    y = z[:, own_group, torch.arange(m1 * m2, device=x.device)]  # (B, O, P): each channel's own group
+    return y.reshape(batch, m1 * m2, *out_spatial)
+
+
+def _conv1d_swapped(x: Tensor, f: Factors, spec: LayerSpec, scale: float) -> Tensor:
+    """PEFT Conv1d full-w2 layout: input channel `j2*n1 + j1`, output `i2*m1 + i1`."""
+    w1 = f.w1_full() * scale
+    assert f.w2 is not None
+    m1, n1 = w1.shape
+    m2, n2 = f.w2.shape[:2]
+    batch, length = x.shape[0], x.shape[-1]
+    u = torch.matmul(w1, x.reshape(batch, n2, n1, length))  # (B, n2, m1, T)
+    u = u.transpose(1, 2).reshape(batch * m1, n2, length)
+    h = F.conv1d(u, f.w2, None, spec.stride, spec.padding, spec.dilation)  # (B*m1, m2, T')
+    return h.reshape(batch, m1, m2, -1).transpose(1, 2).reshape(batch, m2 * m1, -1)

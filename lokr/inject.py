@@ -1,0 +1,205 @@
+"""Target matching (PEFT's rules) and module swapping."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import LoKrConfig
+from .errors import ConfigError, UnsupportedLayerError
+from .functional import LayerSpec, factorization
+from .layer import SUPPORTED_LAYERS, LoKrLayer
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "find_targets",
+    "get_submodule",
+    "iter_lokr_layers",
+    "matches_target",
+    "parameter_shapes",
+    "wrap_module",
+]
+
+# PEFT's defaults when `target_modules` is None (its LoRA map, reused for LoKr), for common causal LMs.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "gpt_neox": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+
+
+def iter_lokr_layers(model: nn.Module) -> Iterator[tuple[str, LoKrLayer]]:
+    """`(dotted name, layer)` for every LoKr wrapper in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoKrLayer):
+            yield name, module
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, with LoKr wrappers standing for their base layer and their insides hidden."""
+    hidden: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in hidden):
+            continue
+        if isinstance(module, LoKrLayer):
+            hidden.append(f"{name}.")
+        yield name, module
+
+
+def _layer_index_ok(config: LoKrConfig, key: str) -> bool:
+    indexes = config.layers_to_transform
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    patterns = config.layers_pattern
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
+def _name_matches(spec: str | set[str], key: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return key in spec or any(key.endswith(f".{target}") for target in spec)
+
+
+def matches_target(config: LoKrConfig, key: str, targets: str | set[str]) -> bool:
+    """PEFT's `check_target_module_exists` for LoKr (exclusions, modules_to_save, layer indexes)."""
+    if config.exclude_modules and _name_matches(config.exclude_modules, key):  # type: ignore[arg-type]
+        return False
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+        return False
+    if not _name_matches(targets, key):
+        return False
+    if isinstance(targets, str):
+        return True  # PEFT applies layers_to_transform only to list targets
+    return key in targets or _layer_index_ok(config, key)
+
+
+def _resolve_targets(model: nn.Module, config: LoKrConfig) -> str | set[str]:
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return {
+            name
+            for name, module in _candidate_modules(model)
+            if isinstance(module, (nn.Linear, LoKrLayer))
+            and (not isinstance(module, LoKrLayer) or module.spec.kind == "linear")
+            and module is not output
+            and not (isinstance(output, LoKrLayer) and module is output)
+        }
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ConfigError(
+                f"`target_modules` is not set and there is no default for model type {model_type!r}; "
+                "set target_modules to a list of module names or a regex"
+            )
+        return set(DEFAULT_TARGET_MODULES[model_type])
+    return targets
+
+
+def find_targets(model: nn.Module, config: LoKrConfig) -> list[str]:
+    """Dotted names of the modules `config` targets, in `named_modules` order. Raises when none match."""
+    targets = _resolve_targets(model, config)
+    names = [name for name, _ in _candidate_modules(model) if name and matches_target(config, name, targets)]
+    if not names:
+        raise ConfigError(
+            f"Target modules {config.target_modules!r} not found in the base model. "
+            "Please check the target modules and try again."
+        )
+    for name in names:
+        module = get_submodule(model, name)
+        base = module.base_layer if isinstance(module, LoKrLayer) else module
+        if not isinstance(base, SUPPORTED_LAYERS):
+            raise UnsupportedLayerError(
+                f"Target module {name!r} of type {type(base).__name__} is not supported: "
+                "LoKr adapters exist for Linear, Conv1d and Conv2d only"
+            )
+    return names
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def wrap_module(model: nn.Module, name: str) -> LoKrLayer:
+    """Replace `model.<name>` by a `LoKrLayer` around it (no-op if already wrapped)."""
+    module = get_submodule(model, name)
+    if isinstance(module, LoKrLayer):
+        return module
+    if not isinstance(module, SUPPORTED_LAYERS):
+        raise UnsupportedLayerError(
+            f"module {name!r} is a {type(module).__name__}; LoKr wraps Linear/Conv1d/Conv2d"
+        )
+    parent_name, _, child = name.rpartition(".")
+    wrapper = LoKrLayer(module)
+    setattr(get_submodule(model, parent_name), child, wrapper)
+    return wrapper
+
+
+def unwrap_module(model: nn.Module, name: str) -> None:
+    """Put the base layer back in place of an adapter-less wrapper."""
+    module = get_submodule(model, name)
+    if isinstance(module, LoKrLayer) and not module.lokr_adapters:
+        parent_name, _, child = name.rpartition(".")
+        setattr(get_submodule(model, parent_name), child, module.base_layer)
+
+
+def parameter_shapes(spec: LayerSpec, config: LoKrConfig, r: int) -> dict[str, tuple[int, ...]]:
+    """Factor shapes PEFT creates for a layer (`update_layer` / `create_adapter_parameters`)."""
+    f = config.decompose_factor
+    in_m, in_n = factorization(spec.in_features, f)
+    out_l, out_k = factorization(spec.out_features, f)
+    use_w1 = not (config.decompose_both and r < max(out_l, in_m) / 2)
+    use_w2 = r >= max(out_k, in_n) / 2
+    kernel = spec.kernel
+    effective = config.use_effective_conv2d and spec.kind != "linear" and any(k != 1 for k in kernel)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if use_w1:
+        shapes["lokr_w1"] = (out_l, in_m)
+    else:
+        shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (out_l, r), (r, in_m)
+    if use_w2:
+        shapes["lokr_w2"] = (out_k, in_n, *kernel)
+    elif effective:
+        t2_kernel = kernel if spec.kind == "conv2d" else (*kernel, 1)
+        shapes["lokr_t2"], shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (
+            (r, r, *t2_kernel),
+            (r, out_k),
+            (r, in_n),
+        )
+    else:
+        k = spec.kernel_numel
+        shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (out_k, r), (r, in_n * k)
+    return shapes
+
+
+def empty_parameters(shapes: dict[str, tuple[int, ...]], like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Uninitialised float32 tensors on `like`'s device (PEFT creates fp32 then moves)."""
+    return {name: torch.empty(shape, device=like.device) for name, shape in shapes.items()}

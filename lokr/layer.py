@@ -1,0 +1,278 @@
+"""LoKr wrapper for `nn.Linear`, `nn.Conv1d` and `nn.Conv2d`: adapter slots, selection, merge.
+
+One class serves all three layer types; the differences live in `LayerSpec` and `functional`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batch import RowPlan, current_plan
+from .errors import AdapterNotFoundError, AdapterStateError
+from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
+
+__all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class LoKrAdapter(nn.Module):
+    """One adapter's factors on one layer (parameters named as PEFT's, `lokr_w1`...) and its settings."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        *,
+        r: int,
+        alpha: float,
+        scale: float | None = None,
+        swapped: bool = False,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        rank_dropout_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        for name in FACTOR_NAMES:
+            if name in tensors:
+                self.register_parameter(name, nn.Parameter(tensors[name], requires_grad=False))
+        self.r, self.alpha = r, alpha
+        self.scale = alpha / r if scale is None else scale
+        self.swapped = swapped
+        self.rank_dropout, self.module_dropout, self.rank_dropout_scale = (
+            rank_dropout,
+            module_dropout,
+            rank_dropout_scale,
+        )
+        self._dense: tuple[tuple[Any, ...], Tensor] | None = None
+        self.origin: tuple[str, str | None] = ("peft", None)  # (format, source) it was read from
+
+    def factors(self) -> Factors:
+        short = {name[len("lokr_") :]: getattr(self, name) for name in FACTOR_NAMES if hasattr(self, name)}
+        return Factors(**short, swapped=self.swapped)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def cached_delta(self, spec: LayerSpec) -> Tensor:
+        """Dense `dW`, rebuilt whenever a factor, the scale, the device or the dtype changed."""
+        params = list(self.parameters())
+        key = (self.scale, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        if self._dense is None or self._dense[0] != key:
+            with torch.no_grad():
+                self._dense = (key, delta_weight(self.factors(), spec, self.scale))
+        return self._dense[1]
+
+    def drop_cache(self) -> None:
+        self._dense = None
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in FACTOR_NAMES if hasattr(self, n))
+        return f"{shapes}, scale={self.scale:g}"
+
+
+class LoKrLayer(nn.Module):
+    """Wraps a base layer; adds the deltas of its active adapters (or of a per-row plan) unmerged."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.spec = LayerSpec.from_module(base_layer)
+        self.lokr_adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.adapters_enabled = True
+        self.merged_adapters: list[str] = []
+
+    # ---------------------------------------------------------------------------- base-layer facade
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias  # type: ignore[return-value]
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ---------------------------------------------------------------------------- adapter slots
+    def add_adapter(self, name: str, adapter: LoKrAdapter) -> None:
+        """Attach (or replace) `name`; tensors move to the base layer's device."""
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
+        self.lokr_adapters[name] = adapter.to(self.weight.device)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
+        if name in self.lokr_adapters:
+            del self.lokr_adapters[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.lokr_adapters]
+
+    def get_delta_weight(self, name: str) -> Tensor:
+        """Dense `dW` for `name` in the base weight's shape (PEFT's `get_delta_weight`)."""
+        if name not in self.lokr_adapters:
+            raise AdapterNotFoundError(f"adapter {name!r} is not on this layer")
+        adapter = self._adapter(name)
+        return delta_weight(adapter.factors(), self.spec, adapter.scale)
+
+    def _adapter(self, name: str) -> LoKrAdapter:
+        adapter = self.lokr_adapters[name]
+        assert isinstance(adapter, LoKrAdapter)
+        return adapter
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        plan = current_plan(self)
+        if plan is not None:
+            return self._forward_rows(x, plan, *args, **kwargs)
+        previous_dtype = x.dtype
+        if not self.adapters_enabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            adapter = self._adapter(name)
+            if (not self.training) or torch.rand(1) > adapter.module_dropout:
+                result = result + self._delta(adapter, x)
+        return result.to(previous_dtype)
+
+    def _delta(self, adapter: LoKrAdapter, x: Tensor) -> Tensor:
+        """`layer(x; dW)` in the adapter's dtype; rank dropout (training only) masks output channels."""
+        x = x.to(adapter.dtype)
+        factors = adapter.factors()
+        if prefer_factored(factors, self.spec):
+            out = apply_delta(x, factors, self.spec, adapter.scale)
+        elif torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters()):
+            out = self._dense_apply(x, delta_weight(factors, self.spec, adapter.scale))
+        else:
+            out = self._dense_apply(x, adapter.cached_delta(self.spec))
+        if self.training and adapter.rank_dropout:
+            out = out * self._rank_mask(adapter, out)
+        return out
+
+    def _dense_apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        spec = self.spec
+        if spec.kind == "linear":
+            return F.linear(x, weight)
+        conv = F.conv1d if spec.kind == "conv1d" else F.conv2d
+        return conv(x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups)
+
+    def _rank_mask(self, adapter: LoKrAdapter, out: Tensor) -> Tensor:
+        """PEFT's row mask over output channels (CPU RNG, same draw order as PEFT)."""
+        drop = (torch.rand(self.spec.out_features) > adapter.rank_dropout).float()
+        if adapter.rank_dropout_scale:
+            drop /= drop.mean()
+        drop = drop.to(device=out.device, dtype=out.dtype)
+        return drop if self.spec.kind == "linear" else drop.view(-1, *([1] * len(self.spec.kernel)))
+
+    def _forward_rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
+        """Each row of dim 0 gets its own adapter(s): one gather/matmuls/scatter per adapter used."""
+        if self.merged:
+            raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
+        if x.shape[0] != plan.num_rows:
+            raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
+        previous_dtype = x.dtype
+        result = self.base_layer(x, *args, **kwargs)
+        for name, group in plan.groups.items():
+            if name not in self.lokr_adapters:
+                continue
+            adapter = self._adapter(name)
+            if group.covers(plan.num_rows):
+                delta = self._delta(adapter, x)
+                if not group.unit_scale:
+                    delta = delta * _per_row(group.scale_tensor(x.device, delta.dtype), delta)
+                result = result + delta
+                continue
+            index = group.index(x.device)
+            delta = self._delta(adapter, x.index_select(0, index))
+            if not group.unit_scale:
+                delta = delta * _per_row(group.scale_tensor(x.device, delta.dtype), delta)
+            result = result.to(torch.promote_types(result.dtype, delta.dtype))
+            if torch.is_grad_enabled():
+                result = result.index_add(0, index, delta.to(result.dtype))
+            else:
+                result.index_add_(0, index, delta.to(result.dtype))
+        return result.to(previous_dtype)
+
+    # ---------------------------------------------------------------------------- merge
+    def merge(self, names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
+        """Add `dW` of `names` (default: active adapters) into the base weight; skips merged ones."""
+        names = list(self.active_adapters if names is None else names)
+        for name in names:
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=2)
+                continue
+            if name not in self.lokr_adapters:
+                continue
+            weight = self.base_layer.weight
+            delta = self.get_delta_weight(name).detach()
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
+                    )
+                weight.data = merged.to(weight.dtype)
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged adapters, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lokr_adapters:
+                self.base_layer.weight.data -= self.get_delta_weight(name).detach()
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _per_row(scales: Tensor, like: Tensor) -> Tensor:
+    """`(rows,)` scales shaped to broadcast over `like (rows, ...)`."""
+    return scales.view(-1, *([1] * (like.dim() - 1)))
+
+
+def init_like_peft(adapter: LoKrAdapter, init_weights: bool | str) -> None:
+    """PEFT's three initialisations, in PEFT's parameter order (same RNG draws as PEFT)."""
+    kaiming = lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # noqa: E731
+    params = dict(adapter.named_parameters())
+    with torch.no_grad():
+        if "lokr_w1" in params:
+            (kaiming if init_weights is not True else nn.init.zeros_)(params["lokr_w1"])
+        else:
+            (kaiming if init_weights is not True else nn.init.zeros_)(params["lokr_w1_a"])
+            kaiming(params["lokr_w1_b"])
+        lycoris = init_weights == "lycoris"
+        if "lokr_w2" in params:
+            (nn.init.zeros_ if lycoris else kaiming)(params["lokr_w2"])
+        elif lycoris:
+            nn.init.zeros_(params["lokr_w2_b"])
+            kaiming(params["lokr_w2_a"])
+        else:
+            kaiming(params["lokr_w2_a"])
+            kaiming(params["lokr_w2_b"])
+        if "lokr_t2" in params:
+            kaiming(params["lokr_t2"])

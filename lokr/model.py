@@ -1,0 +1,310 @@
+"""Adapter lifecycle on a model: inject, load, select, delete, save, merge, per-row batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .batch import RowPlan, RowSpec, selection_scope
+from .config import LoKrConfig
+from .errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, UnknownModuleError
+from .export import peft_export
+from .formats import (
+    DEFAULT_MAX_BYTES,
+    ModuleWeights,
+    ParsedAdapter,
+    lycoris_name_table,
+    read_adapter,
+    resolve_lycoris_name,
+    write_peft_dir,
+)
+from .functional import LayerSpec
+from .inject import (
+    empty_parameters,
+    find_targets,
+    get_submodule,
+    iter_lokr_layers,
+    parameter_shapes,
+    unwrap_module,
+    wrap_module,
+)
+from .layer import SUPPORTED_LAYERS, LoKrAdapter, LoKrLayer, init_like_peft
+from .validate import validate_factors
+
+__all__ = [
+    "AdapterInfo",
+    "adapter_batch",
+    "attach_adapter",
+    "delete_adapter",
+    "describe_adapter",
+    "disable_adapters",
+    "inject",
+    "list_adapters",
+    "load_adapter",
+    "merge_adapter",
+    "save_adapter",
+    "set_adapter",
+    "unmerge_adapter",
+]
+
+
+@dataclass
+class AdapterInfo:
+    """What one loaded adapter holds."""
+
+    name: str
+    format: str
+    source: str | None
+    modules: list[str]
+    num_parameters: int
+    nbytes: int
+    dtype: str
+    scales: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "format": self.format,
+            "source": self.source,
+            "modules": list(self.modules),
+            "num_modules": len(self.modules),
+            "num_parameters": self.num_parameters,
+            "nbytes": self.nbytes,
+            "dtype": self.dtype,
+        }
+
+
+# ------------------------------------------------------------------------------------------ create / load
+def inject(model: nn.Module, config: LoKrConfig, adapter_name: str = "default") -> AdapterInfo:
+    """Add a freshly initialised adapter (PEFT's shapes, init and RNG order) to every target of `config`."""
+    _check_new_name(model, adapter_name)
+    for name in find_targets(model, config):
+        module = get_submodule(model, name)
+        base = module.base_layer if isinstance(module, LoKrLayer) else module
+        spec = LayerSpec.from_module(base)
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        tensors = empty_parameters(parameter_shapes(spec, config, r), base.weight)  # type: ignore[arg-type]
+        adapter = _new_adapter(ModuleWeights(tensors, alpha / r, r, alpha), config)
+        init_like_peft(adapter, config.init_weights)
+        for p in adapter.parameters():
+            p.requires_grad_(not config.inference_mode)
+        adapter.origin = ("peft", None)
+        wrap_module(model, name).add_adapter(adapter_name, adapter)
+    return describe_adapter(model, adapter_name)
+
+
+def load_adapter(
+    model: nn.Module,
+    source: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    dtype: torch.dtype | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> AdapterInfo:
+    """Load a PEFT adapter dir or a LyCORIS/kohya `.safetensors` file; validated before anything changes.
+
+    `dtype` defaults to float32 for half-precision files (PEFT's adapter autocast); pass bf16/fp16 to serve
+    adapters at half the memory.
+    """
+    parsed = read_adapter(source, max_bytes=max_bytes)
+    return attach_adapter(model, parsed, adapter_name, dtype=dtype)
+
+
+def attach_adapter(
+    model: nn.Module, parsed: ParsedAdapter, adapter_name: str, *, dtype: torch.dtype | None = None
+) -> AdapterInfo:
+    """Validate every module of `parsed` against `model`, then attach all of it (or nothing)."""
+    _check_new_name(model, adapter_name)
+    resolved = _resolve_modules(model, parsed)
+    adapters: dict[str, LoKrAdapter] = {}
+    for name, weights in resolved.items():
+        module = get_submodule(model, name)
+        spec = module.spec if isinstance(module, LoKrLayer) else LayerSpec.from_module(module)
+        validate_factors(name, weights.tensors, spec)
+        weights.swapped = parsed.format == "peft" and spec.kind == "conv1d" and "lokr_w2" in weights.tensors
+        target_dtype = dtype or _serving_dtype(weights)
+        weights.tensors = {
+            k: _normalise(k, t, spec.kind).to(target_dtype) for k, t in weights.tensors.items()
+        }
+        adapters[name] = _new_adapter(weights, parsed.config)
+        adapters[name].origin = (parsed.format, parsed.source)
+    for name, adapter in adapters.items():  # nothing below can fail on valid input
+        wrap_module(model, name).add_adapter(adapter_name, adapter)
+    return describe_adapter(model, adapter_name)
+
+
+def _resolve_modules(model: nn.Module, parsed: ParsedAdapter) -> dict[str, ModuleWeights]:
+    names = {n for n, m in model.named_modules() if isinstance(m, (*SUPPORTED_LAYERS, LoKrLayer))}
+    names -= {n for n in names if ".base_layer" in n or ".lokr_adapters" in n}
+    all_names = {n for n, _ in model.named_modules()}
+    table = lycoris_name_table(names) if parsed.format == "lycoris" else {}
+    resolved: dict[str, ModuleWeights] = {}
+    for key, weights in parsed.modules.items():
+        name = key if parsed.format == "peft" else resolve_lycoris_name(key, table, names)
+        if name is None or name not in names:
+            kind = "not a Linear/Conv1d/Conv2d layer" if name in all_names else "not in the base model"
+            raise UnknownModuleError(
+                f"{parsed.source}: module {key!r} is {kind}; the adapter was made for another architecture "
+                f"(e.g. the model has {sorted(names)[:3]})"
+            )
+        resolved[name] = ModuleWeights(dict(weights.tensors), weights.scale, weights.r, weights.alpha)
+    return resolved
+
+
+def _normalise(name: str, t: torch.Tensor, kind: str) -> torch.Tensor:
+    """LyCORIS's functional 4-D `w2_b (r, n2, *k)` becomes the module layout `(r, n2*k)`."""
+    if name == "lokr_w2_b" and t.dim() > 2:
+        return t.reshape(t.shape[0], -1)
+    return t
+
+
+def _serving_dtype(weights: ModuleWeights) -> torch.dtype:
+    dtypes = {t.dtype for t in weights.tensors.values()}
+    return torch.float64 if dtypes == {torch.float64} else torch.float32
+
+
+def _new_adapter(weights: ModuleWeights, config: LoKrConfig | None) -> LoKrAdapter:
+    extra = {}
+    if config is not None:
+        extra = {
+            "rank_dropout": config.rank_dropout,
+            "module_dropout": config.module_dropout,
+            "rank_dropout_scale": config.rank_dropout_scale,
+        }
+    return LoKrAdapter(
+        weights.tensors,
+        r=weights.r,
+        alpha=weights.alpha,
+        scale=weights.scale,
+        swapped=weights.swapped,
+        **extra,
+    )
+
+
+# ------------------------------------------------------------------------------------------ select / delete
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of every adapter on any layer, in first-seen order."""
+    seen: dict[str, None] = {}
+    for _, layer in iter_lokr_layers(model):
+        seen.update(dict.fromkeys(layer.lokr_adapters))
+    return list(seen)
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str] | None) -> None:
+    """Active adapter(s) for plain `model(...)` calls; several are summed; None = base model."""
+    selected = [] if names is None else [names] if isinstance(names, str) else list(names)
+    known = set(list_adapters(model))
+    missing = [n for n in selected if n not in known]
+    if missing:
+        raise AdapterNotFoundError(f"adapter(s) {missing} not loaded; loaded: {sorted(known)}")
+    for _, layer in iter_lokr_layers(model):
+        layer.set_active(selected)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove `name` from every layer and unwrap layers left without adapters."""
+    layers = [(n, layer) for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters]
+    if not layers:
+        raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+    if any(name in layer.merged_adapters for _, layer in layers):
+        raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before deleting")
+    for module_name, layer in layers:
+        layer.remove_adapter(name)
+        unwrap_module(model, module_name)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model only inside the block (merged adapters are unmerged, as in PEFT)."""
+    layers = [layer for _, layer in iter_lokr_layers(model)]
+    previous = [layer.adapters_enabled for layer in layers]
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.adapters_enabled = state
+
+
+@contextmanager
+def adapter_batch(model: nn.Module, rows: Sequence[RowSpec]) -> Iterator[RowPlan]:
+    """Inside the block, row `i` of every forward's dim 0 uses `rows[i]`.
+
+    `rows[i]` is None (base), an adapter name, or `[(name, scale), ...]` summed. Visible only to the
+    calling thread / task; gone when the block exits, even on error.
+    """
+    plan = RowPlan.from_rows(rows)
+    layers = [layer for _, layer in iter_lokr_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise AdapterStateError(
+            "per-row adapter selection needs unmerged adapters; call unmerge_adapter first"
+        )
+    with selection_scope(layers, plan, set(list_adapters(model))) as scoped:
+        yield scoped
+
+
+# ------------------------------------------------------------------------------------------ merge / save
+def merge_adapter(
+    model: nn.Module, name: str | Sequence[str] | None = None, safe_merge: bool = False
+) -> None:
+    """Merge `name` (default: the active adapters) into the base weights."""
+    names = None if name is None else [name] if isinstance(name, str) else list(name)
+    if names is not None:
+        missing = [n for n in names if n not in set(list_adapters(model))]
+        if missing:
+            raise AdapterNotFoundError(f"adapter(s) {missing} not loaded")
+    for _, layer in iter_lokr_layers(model):
+        layer.merge(names, safe_merge=safe_merge)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Undo every merge (last merged first)."""
+    for _, layer in iter_lokr_layers(model):
+        if layer.merged:
+            layer.unmerge()
+
+
+def save_adapter(model: nn.Module, name: str, out_dir: str | os.PathLike[str]) -> None:
+    """Write `name` as a PEFT LoKr adapter dir that `peft.PeftModel.from_pretrained` loads."""
+    layers = {n: layer._adapter(name) for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters}
+    if not layers:
+        raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+    specs = {n: layer.spec for n, layer in iter_lokr_layers(model) if n in layers}
+    tensors, config = peft_export(layers, specs)
+    write_peft_dir(out_dir, tensors, config)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError("adapter name must be a non-empty string")
+    if name in set(list_adapters(model)):
+        raise AdapterExistsError(f"adapter {name!r} is already loaded; delete it first or pick another name")
+
+
+def describe_adapter(model: nn.Module, name: str) -> AdapterInfo:
+    """An `AdapterInfo` for an adapter already on `model`."""
+    adapters = {
+        n: layer._adapter(name) for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters
+    }
+    if not adapters:
+        raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+    fmt, source = next(iter(adapters.values())).origin
+    params = [p for a in adapters.values() for p in a.parameters()]
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else "float32"
+    return AdapterInfo(
+        name=name,
+        format=fmt,
+        source=source,
+        modules=list(adapters),
+        num_parameters=sum(p.numel() for p in params),
+        nbytes=sum(a.nbytes for a in adapters.values()),
+        dtype=dtype,
+        scales={n: a.scale for n, a in adapters.items()},
+    )
