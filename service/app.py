@@ -1,0 +1,151 @@
+"""`create_app`: wires settings, metrics, engine, registry and routes; errors map to HTTP in one place."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import lokr
+
+from .backend import LoadedModel, load_causal_lm, resolve_dtype
+from .engine import Engine
+from .errors import HttpError, PayloadTooLargeError, ServiceError, http_error_for
+from .inference import Inference
+from .logs import request_id_var
+from .metrics import Metrics
+from .registry import Registry
+from .routes import admin, openai, ops
+from .routes.deps import Components
+from .settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("lokr_serve")
+
+
+def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
+    """The ASGI app. The model is loaded in the lifespan (or `loaded` is used, e.g. in tests)."""
+    components = Components(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = loaded or await run_in_threadpool(load_causal_lm, settings.model, settings.device, settings.dtype)
+        await run_in_threadpool(_start, components, model)
+        try:
+            yield
+        finally:
+            engine = components.engine
+            if engine is not None:
+                await run_in_threadpool(engine.drain, settings.shutdown_grace_s)
+                await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="lokr-serve", version="0.1.0", lifespan=lifespan)
+    app.state.components = components
+    for router in (ops.router, openai.router, admin.router):
+        app.include_router(router)
+    if settings.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"], allow_headers=["*"])
+    _install_error_handlers(app)
+    app.middleware("http")(_observe(components))
+    return app
+
+
+def _start(c: Components, loaded: LoadedModel) -> None:
+    """Build engine + registry, preload `--adapter` pairs (operator-trusted paths), start the worker."""
+    s = c.settings
+    engine = Engine(loaded, c.metrics, s.max_batch_size, s.max_queue)
+    adapter_dtype = None if s.adapter_dtype == "auto" else resolve_dtype(s.adapter_dtype, loaded.device)
+    registry = Registry(engine, c.metrics, dtype=adapter_dtype, max_bytes=s.max_adapter_bytes)
+    for name, source in s.preload_pairs():
+        registry.load(name, Path(source))
+    c.engine, c.registry = engine, registry
+    c.inference = Inference(engine, registry, c.metrics, s.base_name)
+    engine.start()
+    log.info("ready: model %s on %s (%s), %d adapters", s.base_name, loaded.device, loaded.dtype, len(registry.names()))
+
+
+def _json_error(err: HttpError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors()[:5]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            parts.append(f"{where or 'body'}: {e.get('msg')}")
+        return _json_error(HttpError(400, "invalid_request_error", "invalid_request", "; ".join(parts)))
+
+    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        headers = getattr(exc, "headers", None)
+        return _json_error(HttpError(exc.status_code, kind, f"http_{exc.status_code}", str(exc.detail), headers))
+
+    async def on_error(_: Request, exc: Exception) -> JSONResponse:
+        err = http_error_for(exc)
+        if err.status >= 500:
+            log.error("request failed: %s", exc, exc_info=exc)
+        return _json_error(err)
+
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(ServiceError, on_error)
+    app.add_exception_handler(lokr.LoKrError, on_error)
+    app.add_exception_handler(Exception, on_error)
+
+
+def _observe(c: Components) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    """Request id, body-size limit, latency and request counters, one log line per request."""
+
+    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        token = request_id_var.set(rid[:64])
+        started = time.perf_counter()
+        try:
+            limit = c.settings.max_upload_bytes if request.method == "PUT" else c.settings.max_body_bytes
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                response: Response = _json_error(
+                    http_error_for(PayloadTooLargeError(f"request body over the {limit}-byte limit"))
+                )
+            else:
+                response = await call_next(request)
+        finally:
+            request_id_var.reset(token)
+        route = _route_label(request)
+        elapsed = time.perf_counter() - started
+        c.metrics.requests.labels(route, _adapter_label(request), str(response.status_code)).inc()
+        c.metrics.latency.labels(route).observe(elapsed)
+        response.headers["x-request-id"] = rid[:64]
+        log.info(
+            "%s %s -> %d in %.1f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            elapsed * 1e3,
+            extra={"request_id": rid[:64]},
+        )
+        return response
+
+    return middleware
+
+
+def _route_label(request: Request) -> str:
+    route: Any = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def _adapter_label(request: Request) -> str:
+    return str(request.scope.get("lokr_adapter", ""))

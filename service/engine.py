@@ -1,0 +1,164 @@
+"""The engine: sole owner of the model. A worker thread forms batches from a bounded queue and runs them.
+
+Adapter state changes (load / unload) take `model_lock`, which the worker holds for each batch, so a
+batch never sees an adapter appear or vanish mid-flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .backend import LoadedModel
+from .errors import ContextLengthError, EngineError, NotReadyError, OverloadedError
+from .generation import BatchRunner
+from .jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
+from .metrics import Metrics
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("lokr_serve.engine")
+
+
+class Engine:
+    """Owns the model; runs jobs in batches of up to `max_batch_size` on one worker thread."""
+
+    def __init__(self, loaded: LoadedModel, metrics: Metrics, max_batch_size: int = 16, max_queue: int = 256):
+        self.loaded = loaded
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.model_lock = threading.RLock()
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._runner = BatchRunner(loaded.model, loaded.tokenizer, loaded.device, loaded.context_length)
+        self._stop = threading.Event()
+        self._accepting = False
+        self._busy = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------------------------- lifecycle
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lokr-engine", daemon=True)
+        self._accepting = True
+        self._thread.start()
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop accepting, let queued and running jobs finish within `grace_s`; True if all finished."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while (not self._queue.empty() or self._busy.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self._queue.empty() and not self._busy.is_set()
+
+    def stop(self) -> None:
+        self._accepting = False
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        while not self._queue.empty():
+            self._queue.get_nowait().finish(ErrorEvent(NotReadyError("the server is shutting down")))
+
+    # ---------------------------------------------------------------------------------- submit
+    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        ctx = self.loaded.context_length
+        if prompt_len == 0:
+            raise ContextLengthError("the prompt is empty after tokenisation; send at least one token")
+        if prompt_len + params.max_tokens > ctx:
+            raise ContextLengthError(
+                f"This model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens "
+                f"and max_tokens is {params.max_tokens}; shorten the prompt or lower max_tokens"
+            )
+
+    def submit(self, job: Job) -> None:
+        if not self._accepting:
+            raise NotReadyError("the server is not accepting requests (starting or shutting down)")
+        self.check_fits(len(job.prompt_ids), job.params)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise OverloadedError(
+                f"the request queue is full ({self._queue.maxsize} waiting); retry after a moment"
+            ) from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+
+    async def stream(self, make_job: Callable[[Callable[[Event], None]], Job]) -> AsyncIterator[Event]:
+        """Submit a job and yield its events; leaving early (client gone) cancels the row."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = make_job(sink)
+        try:
+            self.submit(job)
+        except Exception as exc:  # refused: the job reports it as its only event
+            job.finish(ErrorEvent(exc))
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, (FinishEvent, ErrorEvent)):
+                    return
+        finally:
+            job.cancelled.set()
+
+    # ---------------------------------------------------------------------------------- worker
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self._busy.set()
+            try:
+                self._run_batch(self._take_batch(first))
+            finally:
+                self._busy.clear()
+
+    def _take_batch(self, first: Job) -> list[Job]:
+        jobs = [first]
+        while len(jobs) < self.max_batch_size:
+            try:
+                jobs.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self.metrics.queue_depth.set(self._queue.qsize())
+        live = []
+        for job in jobs:
+            if job.cancelled.is_set():
+                job.finish(FinishEvent("cancelled", len(job.prompt_ids), 0))
+            else:
+                live.append(job)
+        return live
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        self.metrics.batch_size.observe(len(jobs))
+        try:
+            with self.model_lock:
+                self._runner.run(jobs)
+        except Exception as exc:  # a failing forward fails this batch only; the engine keeps serving
+            log.exception("batch of %d rows failed", len(jobs))
+            error = EngineError(f"the forward pass failed for this batch ({type(exc).__name__}); retry the request")
+            for job in jobs:
+                job.finish(ErrorEvent(error))

@@ -1,0 +1,146 @@
+"""One batch of rows on a causal LM: left-padded prefill, then decode steps; rows leave when done."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import lokr
+
+from .jobs import FinishEvent, Job, PromptEvent, TokenEvent, TokenInfo
+from .sampling import choose_tokens, make_generator, top_logprobs
+from .textstream import TextStream
+
+__all__ = ["BatchRunner"]
+
+
+class BatchRunner:
+    """Runs `jobs` to completion on `model` with per-row adapters; emits events through each job."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, context_length: int) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.context_length = context_length
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+
+    def run(self, jobs: list[Job]) -> int:
+        """Generate for every job; returns the number of forward passes made."""
+        rows = [_Row(job, TextStream(self.tokenizer, job.params.stop)) for job in jobs]
+        for row in rows:
+            row.job.generator = make_generator(row.job.params, self.device)
+        logits, cache, mask = self._prefill(rows)
+        steps = 1
+        while rows:
+            rows, keep = self._advance(rows, logits[:, -1])
+            if not rows:
+                break
+            if len(keep) != logits.shape[0]:
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask = mask.index_select(0, index)
+            last = torch.tensor([[r.stream.ids[-1]] for r in rows], device=self.device)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            logits = self._forward(rows, last, mask, cache)
+            steps += 1
+        return steps
+
+    # ----------------------------------------------------------------------------------- forward
+    def _prefill(self, rows: list[_Row]) -> tuple[Tensor, Any, Tensor]:
+        from transformers import DynamicCache
+
+        width = max(len(r.job.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.job.prompt_ids)
+            ids[i, width - n :] = torch.tensor(r.job.prompt_ids)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        logits = self._forward(rows, ids, mask, cache)
+        self._emit_prompt_logprobs(rows, ids, logits)
+        return logits, cache, mask
+
+    def _forward(self, rows: list[_Row], ids: Tensor, mask: Tensor, cache: Any) -> Tensor:
+        """Logits `(B, T, V)` in float32 for the last `ids.shape[1]` positions."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        with torch.inference_mode(), lokr.adapter_batch(self.model, [r.job.selection for r in rows]):
+            kwargs = {self.cache_kwarg: cache}
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        return out.logits.float()
+
+    # ----------------------------------------------------------------------------------- per step
+    def _advance(self, rows: list[_Row], logits: Tensor) -> tuple[list[_Row], list[int]]:
+        """Pick one token per row, emit it, and drop finished rows; returns survivors and their indices."""
+        tokens = choose_tokens(logits, [r.job.params for r in rows], [r.job.generator for r in rows])
+        logprobs = torch.log_softmax(logits, dim=-1) if any(r.job.params.logprobs is not None for r in rows) else None
+        token_list = tokens.tolist()
+        survivors, keep = [], []
+        for i, (row, token) in enumerate(zip(rows, token_list)):
+            if row.job.cancelled.is_set():
+                row.job.finish(row.finish("cancelled"))
+                continue
+            if row.job.params.max_tokens == 0:
+                row.job.finish(row.finish("length"))
+                continue
+            reason = self._step_row(row, token, None if logprobs is None else logprobs[i])
+            if reason is None:
+                survivors.append(row)
+                keep.append(i)
+            else:
+                row.job.finish(row.finish(reason))
+        return survivors, keep
+
+    def _step_row(self, row: _Row, token: int, logprobs: Tensor | None) -> str | None:
+        if token in self.eos_ids:
+            return "stop"
+        row.generated += 1
+        text = row.stream.push(token)
+        info = [self._token_info(token, logprobs, row.job.params.logprobs)]
+        row.job.sink(TokenEvent(text, info))
+        if row.stream.stopped:
+            return "stop"
+        if row.generated >= row.job.params.max_tokens:
+            return "length"
+        if len(row.job.prompt_ids) + row.generated >= self.context_length:
+            return "length"
+        return None
+
+    def _token_info(self, token: int, logprobs: Tensor | None, k: int | None) -> TokenInfo:
+        text = self.tokenizer.decode([token])
+        if logprobs is None or k is None:
+            return TokenInfo(token, text)
+        values, ids = top_logprobs(logprobs, k)
+        top = {self.tokenizer.decode([t]): v for t, v in zip(ids.tolist(), values.tolist())}
+        return TokenInfo(token, text, float(logprobs[token]), top)
+
+    def _emit_prompt_logprobs(self, rows: list[_Row], ids: Tensor, logits: Tensor) -> None:
+        """For `echo` rows: each prompt token's logprob given its prefix (None for the first)."""
+        wanted = [i for i, r in enumerate(rows) if r.job.params.echo]
+        if not wanted:
+            return
+        logprobs = torch.log_softmax(logits[wanted, :-1], dim=-1)
+        for j, i in enumerate(wanted):
+            job, n = rows[i].job, len(rows[i].job.prompt_ids)
+            start = ids.shape[1] - n
+            infos = [TokenInfo(job.prompt_ids[0], self.tokenizer.decode([job.prompt_ids[0]]))]
+            for pos in range(start, ids.shape[1] - 1):
+                k = job.params.logprobs
+                infos.append(self._token_info(int(ids[i, pos + 1]), logprobs[j, pos] if k is not None else None, k))
+            job.sink(PromptEvent(infos))
+
+
+class _Row:
+    """A job's decoding state inside one batch."""
+
+    def __init__(self, job: Job, stream: TextStream) -> None:
+        self.job, self.stream, self.generated = job, stream, 0
+
+    def finish(self, reason: str) -> FinishEvent:
+        return FinishEvent(reason, len(self.job.prompt_ids), self.generated, self.stream.flush())

@@ -1,0 +1,153 @@
+"""From an API request to engine jobs and back: adapter selection, fan-out over prompts x n, aggregation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from lokr.batch import RowSpec
+
+from .engine import Engine
+from .errors import BadRequestError, NotFoundError
+from .jobs import ErrorEvent, Event, FinishEvent, Job, PromptEvent, SamplingParams, TokenEvent, TokenInfo
+from .metrics import Metrics
+from .registry import Registry
+from .schemas import AdapterRef
+
+__all__ = ["ChoiceResult", "Inference", "Selection"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a request asked for: the per-row spec, the adapter names it holds, and a metrics label."""
+
+    spec: RowSpec
+    names: frozenset[str]
+    label: str
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_infos: list[TokenInfo] | None = None
+    token_infos: list[TokenInfo] = field(default_factory=list)
+
+
+class Inference:
+    """Turns validated requests into jobs on the engine and gathers their events."""
+
+    def __init__(self, engine: Engine, registry: Registry, metrics: Metrics, base_name: str) -> None:
+        self.engine, self.registry, self.metrics, self.base_name = engine, registry, metrics, base_name
+
+    def select(self, model: str, adapters: Sequence[AdapterRef] | None) -> Selection:
+        """`model` = an adapter or the base name; `adapters` composes on the base: `[(name, scale), ...]`."""
+        if adapters:
+            if model != self.base_name:
+                raise BadRequestError(
+                    f"`adapters` composes adapters on the base model: set `model` to {self.base_name!r}",
+                    code="invalid_adapters",
+                )
+            pairs = [(a.name, a.scale) for a in adapters]
+            names = frozenset(n for n, _ in pairs)
+            self._check_known(names)
+            return Selection(pairs, names, "+".join(sorted(names)))
+        if model == self.base_name:
+            return Selection(None, frozenset(), self.base_name)
+        if model not in self.registry.names():
+            raise NotFoundError(
+                f"The model {model!r} does not exist; available: {[self.base_name, *self.registry.names()]}",
+                code="model_not_found",
+            )
+        return Selection(model, frozenset([model]), model)
+
+    def _check_known(self, names: frozenset[str]) -> None:
+        missing = sorted(names - set(self.registry.names()))
+        if missing:
+            raise NotFoundError(f"adapter(s) {missing} not loaded", code="adapter_not_found")
+
+    def tokenize(self, prompt: str | list[int], *, special: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.engine.tokenizer(prompt, add_special_tokens=special)["input_ids"])
+        vocab = len(self.engine.tokenizer)
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise BadRequestError(f"prompt token ids must be in [0, {vocab})", code="invalid_prompt")
+        return list(prompt)
+
+    async def stream(
+        self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Events of every choice (index = prompt * n + k), interleaved as they come."""
+        for ids in prompts:
+            self.engine.check_fits(len(ids), params)
+        out: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        tasks = []
+        for p, ids in enumerate(prompts):
+            for k in range(n):
+                seed = None if params.seed is None else params.seed + k
+                job_params = replace(params, seed=seed)
+                tasks.append(asyncio.ensure_future(self._pump(p * n + k, ids, job_params, sel, out)))
+        try:
+            finished = 0
+            while finished < len(tasks):
+                index, event = await out.get()
+                if isinstance(event, (FinishEvent, ErrorEvent)):
+                    finished += 1
+                yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _pump(
+        self, index: int, ids: list[int], params: SamplingParams, sel: Selection, out: asyncio.Queue
+    ) -> None:
+        try:
+            self.registry.acquire(set(sel.names))
+        except Exception as exc:
+            await out.put((index, ErrorEvent(exc)))
+            return
+
+        def make_job(sink: Callable[[Event], None]) -> Job:
+            return Job(ids, params, sel.spec, sink, on_done=lambda: self.registry.release(set(sel.names)))
+
+        started, first = time.perf_counter(), True
+        try:
+            async for event in self.engine.stream(make_job):
+                if first and isinstance(event, TokenEvent):
+                    self.metrics.ttft.labels(sel.label).observe(time.perf_counter() - started)
+                    first = False
+                if isinstance(event, FinishEvent):
+                    self.metrics.tokens.labels("prompt", sel.label).inc(event.prompt_tokens)
+                    self.metrics.tokens.labels("generated", sel.label).inc(event.completion_tokens)
+                await out.put((index, event))
+        except Exception as exc:  # pragma: no cover - defensive: never leave the gatherer waiting
+            await out.put((index, ErrorEvent(exc)))
+
+    async def run(
+        self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
+    ) -> list[ChoiceResult]:
+        """Gather every choice; the first error fails the whole request."""
+        results = [ChoiceResult(i) for i in range(len(prompts) * n)]
+        async for index, event in self.stream(prompts, n, params, sel):
+            result = results[index]
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            if isinstance(event, PromptEvent):
+                result.prompt_infos = event.tokens
+            elif isinstance(event, TokenEvent):
+                result.text += event.text
+                result.token_infos.extend(event.tokens)
+            elif isinstance(event, FinishEvent):
+                result.text += event.text
+                result.finish_reason = event.reason
+                result.prompt_tokens, result.completion_tokens = event.prompt_tokens, event.completion_tokens
+        return results

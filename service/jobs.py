@@ -1,0 +1,102 @@
+"""What the engine works on: one generation job per completion choice, and the events it emits."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lokr.batch import RowSpec
+
+__all__ = [
+    "ErrorEvent",
+    "Event",
+    "FinishEvent",
+    "Job",
+    "PromptEvent",
+    "SamplingParams",
+    "TokenEvent",
+    "TokenInfo",
+]
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-row decoding settings (OpenAI semantics; temperature 0 = greedy)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k: chosen token plus top-k alternatives
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    text: str
+    logprob: float | None = None
+    top: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class PromptEvent:
+    """The prompt's tokens with their logprobs (for `echo`)."""
+
+    tokens: list[TokenInfo]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Newly generated text (`text` may be empty while held back for stop strings)."""
+
+    text: str
+    tokens: list[TokenInfo]
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # the remaining text not yet sent in a TokenEvent
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: BaseException
+
+
+Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass
+class Job:
+    """One row of work: a prompt, its adapter selection, its sampling settings and an event sink."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    selection: RowSpec
+    sink: Callable[[Event], None]
+    on_done: Callable[[], None] = lambda: None
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator | None = None
+    done: bool = False
+
+    def finish(self, event: Event) -> None:
+        """Emit the last event and release what the job holds; idempotent."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.sink(event)
+        finally:
+            self.on_done()

@@ -1,0 +1,42 @@
+"""Prometheus metrics, in a registry owned by one app instance (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """All series the service exports; `adapter` labels use the adapter name or the base name."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lokr_requests", "HTTP requests by route, adapter and status", ["route", "adapter", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "lokr_request_latency_seconds", "End-to-end request latency", ["route"], buckets=_LATENCY, registry=r
+        )
+        self.ttft = Histogram(
+            "lokr_time_to_first_token_seconds",
+            "Time to first generated token",
+            ["adapter"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tokens = Counter("lokr_tokens", "Tokens processed", ["kind", "adapter"], registry=r)
+        self.batch_size = Histogram(
+            "lokr_batch_size", "Rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.queue_depth = Gauge("lokr_queue_depth", "Jobs waiting for the engine", registry=r)
+        self.adapters_resident = Gauge("lokr_adapters_resident", "Adapters loaded on the model", registry=r)
+        self.adapter_bytes = Gauge("lokr_adapter_bytes", "Bytes of adapter tensors on the model", registry=r)
+        self.adapter_loads = Counter("lokr_adapter_loads", "Adapter loads by result", ["result"], registry=r)
+        self.adapter_unloads = Counter("lokr_adapter_unloads", "Adapter unloads", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,119 @@
+"""Admin routes (Bearer admin token): list, describe, load by path, upload, unload, vLLM aliases."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from ..errors import BadRequestError, NotReadyError, PayloadTooLargeError
+from ..registry import Registry
+from ..schemas import LoadAdapterRequest, VllmLoadRequest, VllmUnloadRequest
+from ..security import resolve_in_roots, validate_adapter_name
+from .deps import AdminAuth, Components, Deps
+
+router = APIRouter(dependencies=[AdminAuth], tags=["admin"])
+
+_UPLOAD_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+_CHUNK = 1 << 20
+
+
+def _registry(c: Components) -> Registry:
+    if c.registry is None:
+        raise NotReadyError("the model is still loading; retry shortly")
+    return c.registry
+
+
+@router.get("/v1/adapters")
+async def list_adapters(c: Deps) -> dict[str, Any]:
+    return {"object": "list", "data": [r.to_dict() for r in _registry(c).records()]}
+
+
+@router.get("/v1/adapters/{name}")
+async def describe_adapter(name: str, c: Deps) -> dict[str, Any]:
+    return _registry(c).get(name).to_dict()
+
+
+@router.post("/v1/adapters", status_code=201)
+async def load_adapter(body: LoadAdapterRequest, c: Deps) -> dict[str, Any]:
+    """Load from a path under an --adapter-root; validated against the base model before it is visible."""
+    name = validate_adapter_name(body.name, c.settings.base_name)
+    path = resolve_in_roots(body.source, c.settings.adapter_root)
+    record = await run_in_threadpool(_registry(c).load, name, path)
+    return record.to_dict()
+
+
+@router.put("/v1/adapters/{name}", status_code=201)
+async def upload_adapter(name: str, request: Request, c: Deps) -> dict[str, Any]:
+    """Multipart upload: `adapter_config.json` + `adapter_model.safetensors`, or one LyCORIS `.safetensors`."""
+    name = validate_adapter_name(name, c.settings.base_name)
+    registry = _registry(c)
+    target = _upload_root(c) / f"{name}-{uuid.uuid4().hex[:8]}"
+    target.mkdir(parents=True)
+    try:
+        source = await _save_upload(request, target, c.settings.max_upload_bytes)
+        record = await run_in_threadpool(registry.load, name, source, owned_dir=target)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return record.to_dict()
+
+
+@router.delete("/v1/adapters/{name}")
+async def unload_adapter(name: str, c: Deps) -> dict[str, Any]:
+    """Hide the adapter from new requests, wait for running ones, then free its memory."""
+    await run_in_threadpool(_registry(c).unload, name)
+    return {"id": name, "object": "adapter", "deleted": True}
+
+
+@router.post("/v1/load_lora_adapter")
+async def vllm_load(body: VllmLoadRequest, c: Deps) -> dict[str, Any]:
+    """vLLM-compatible alias of POST /v1/adapters."""
+    return await load_adapter(LoadAdapterRequest(name=body.lora_name, source=body.lora_path), c)
+
+
+@router.post("/v1/unload_lora_adapter")
+async def vllm_unload(body: VllmUnloadRequest, c: Deps) -> dict[str, Any]:
+    """vLLM-compatible alias of DELETE /v1/adapters/{name}."""
+    return await unload_adapter(body.lora_name, c)
+
+
+def _upload_root(c: Components) -> Path:
+    root = c.settings.upload_dir or Path(tempfile.gettempdir()) / "lokr-serve-uploads"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+async def _save_upload(request: Request, target: Path, limit: int) -> Path:
+    """Stream each file part to `target` (never whole in memory); returns the path to load."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise BadRequestError(
+            "upload with multipart/form-data (files: adapter_config.json + "
+            "adapter_model.safetensors, or one .safetensors file)",
+            code="invalid_upload",
+        )
+    form = await request.form(max_files=4, max_fields=4)
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    names = [Path(f.filename or "").name for f in files]
+    single = len(files) == 1 and names[0].endswith(".safetensors") and names[0] not in _UPLOAD_NAMES
+    if not files or not (single or sorted(names) == sorted(_UPLOAD_NAMES)):
+        raise BadRequestError(
+            f"expected files {list(_UPLOAD_NAMES)} (PEFT) or a single *.safetensors (LyCORIS); got {names}",
+            code="invalid_upload",
+        )
+    total = 0
+    for upload, filename in zip(files, names):
+        with (target / filename).open("wb") as out:
+            while chunk := await upload.read(_CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise PayloadTooLargeError(f"upload exceeds the {limit}-byte limit (--max-upload-bytes)")
+                out.write(chunk)
+    return target / names[0] if single else target

@@ -1,0 +1,48 @@
+"""Shared route dependencies: the app's components and the auth checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..engine import Engine
+from ..inference import Inference
+from ..metrics import Metrics
+from ..registry import Registry
+from ..security import check_bearer, require_admin
+from ..settings import Settings
+
+__all__ = ["AdminAuth", "ApiAuth", "Components", "Deps"]
+
+
+@dataclass
+class Components:
+    """Everything a route may use; built once per app in the lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    registry: Registry | None = None
+    inference: Inference | None = None
+
+
+def get_components(request: Request) -> Components:
+    return request.app.state.components  # type: ignore[no-any-return]
+
+
+def api_auth(request: Request) -> None:
+    keys = request.app.state.components.settings.api_key
+    if keys:
+        check_bearer(request.headers.get("authorization"), keys, "this API")
+
+
+def admin_auth(request: Request) -> None:
+    settings: Settings = request.app.state.components.settings
+    require_admin(request.headers.get("authorization"), settings.admin_token, settings.loopback_bind)
+
+
+Deps = Annotated[Components, Depends(get_components)]
+ApiAuth = Depends(api_auth)
+AdminAuth = Depends(admin_auth)

@@ -1,0 +1,84 @@
+"""Request bodies (pydantic). Field names follow OpenAI; `adapters` is our composition extension."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AdapterRef",
+    "ChatMessage",
+    "ChatRequest",
+    "CompletionRequest",
+    "LoadAdapterRequest",
+    "VllmLoadRequest",
+    "VllmUnloadRequest",
+]
+
+Stop = str | list[str] | None
+
+
+class AdapterRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    scale: float = Field(1.0, allow_inf_nan=False, ge=-100, le=100)
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=256)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: Stop = None
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    adapters: list[AdapterRef] | None = Field(None, max_length=16)
+
+    def stop_list(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(stops[:4])
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, object]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=256)
+    source: str = Field(min_length=1, max_length=4096)
+
+
+class VllmLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class VllmUnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(max_length=256)

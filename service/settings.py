@@ -1,0 +1,92 @@
+"""Typed settings: every CLI flag is also an env var `LOKR_<FLAG>`."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Server configuration (see `lokr-serve serve --help`)."""
+
+    model_config = SettingsConfigDict(env_prefix="LOKR_", extra="ignore", protected_namespaces=())
+
+    model: str | None = None
+    model_kind: Literal["causal-lm"] = "causal-lm"
+    served_model_name: str | None = None
+    adapter: Annotated[list[str], NoDecode] = Field(default_factory=list, description="NAME=SOURCE adapters to preload")
+    adapter_root: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    adapter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    admin_token: str | None = None
+    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_origin: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_queue: int = Field(256, ge=1)
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    max_upload_bytes: int = Field(2 << 30, ge=1024)
+    max_adapter_bytes: int = Field(4 << 30, ge=1024)
+    max_logprobs: int = Field(20, ge=0, le=100)
+    max_n: int = Field(16, ge=1)
+    upload_dir: Path | None = None
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+
+    @field_validator("adapter", "adapter_root", "api_key", "cors_origin", mode="before")
+    @classmethod
+    def _split_env_lists(cls, value: Any) -> Any:
+        """Env vars hold lists as comma-separated text (`LOKR_ADAPTER_ROOT=/a,/b`) or JSON."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [v.strip() for v in text.split(",") if v.strip()]
+        return value
+
+    @field_validator("adapter_root", mode="after")
+    @classmethod
+    def _roots_exist(cls, roots: list[Path]) -> list[Path]:
+        for root in roots:
+            if not root.is_dir():
+                raise ValueError(f"adapter root {root} is not a directory")
+        return [root.resolve() for root in roots]
+
+    @field_validator("adapter", mode="after")
+    @classmethod
+    def _adapter_pairs(cls, items: list[str]) -> list[str]:
+        for item in items:
+            name, sep, source = item.partition("=")
+            if not sep or not name or not source:
+                raise ValueError(f"--adapter expects NAME=SOURCE, got {item!r}")
+        return items
+
+    @property
+    def base_name(self) -> str:
+        """The name clients use in `model` for the base model."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if self.model else "base"
+
+    @property
+    def loopback_bind(self) -> bool:
+        if self.host in ("localhost", ""):
+            return self.host == "localhost"
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def preload_pairs(self) -> list[tuple[str, str]]:
+        return [tuple(item.split("=", 1)) for item in self.adapter]  # type: ignore[misc]
