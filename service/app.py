@@ -41,7 +41,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = loaded or await run_in_threadpool(load_causal_lm, settings.model, settings.device, settings.dtype)
+        if loaded is None:
+            model = await run_in_threadpool(load_causal_lm, str(settings.model), settings.device, settings.dtype)
+        else:
+            model = loaded
         await run_in_threadpool(_start, components, model)
         try:
             yield

@@ -58,7 +58,8 @@ def load_causal_lm(source: str, device: str = "auto", dtype: str = "auto") -> Lo
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
-    model.to(dev).eval()
+    model.to(dev)  # type: ignore[arg-type]
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if tokenizer.pad_token_id is None:

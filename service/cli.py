@@ -59,15 +59,11 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def _serve(settings: Any) -> int:
-    import uvicorn
-
-    from .app import create_app
     from .logs import configure_logging
+    from .server import serve
 
     configure_logging(settings.log_level, settings.log_json)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
-    return 0
+    return serve(settings)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -59,6 +59,10 @@ class Engine:
         self._accepting = True
         self._thread.start()
 
+    def stop_accepting(self) -> None:
+        """New submits get 503 and /ready turns 503; queued and running jobs still finish."""
+        self._accepting = False
+
     def drain(self, grace_s: float) -> bool:
         """Stop accepting, let queued and running jobs finish within `grace_s`; True if all finished."""
         self._accepting = False

@@ -29,7 +29,8 @@ class Components:
 
 
 def get_components(request: Request) -> Components:
-    return request.app.state.components  # type: ignore[no-any-return]
+    components: Components = request.app.state.components
+    return components
 
 
 def api_auth(request: Request) -> None:

@@ -18,10 +18,53 @@ import torch
 
 from service.demo import build_tiny_llama, build_word_tokenizer
 
-WORDS = (
-    "the sea is blue and the sky is grey . a cat sat on the mat . the sun rose over the hills and the birds sang "
-    "a ship sailed far away , its crew sang loud songs . bread and soup are warm ."
-).split()
+WORDS = [
+    "the",
+    "sea",
+    "is",
+    "blue",
+    "and",
+    "the",
+    "sky",
+    "is",
+    "grey",
+    ".",
+    "a",
+    "cat",
+    "sat",
+    "on",
+    "the",
+    "mat",
+    ".",
+    "the",
+    "sun",
+    "rose",
+    "over",
+    "the",
+    "hills",
+    "and",
+    "the",
+    "birds",
+    "sang",
+    "a",
+    "ship",
+    "sailed",
+    "far",
+    "away",
+    ",",
+    "its",
+    "crew",
+    "sang",
+    "loud",
+    "songs",
+    ".",
+    "bread",
+    "and",
+    "soup",
+    "are",
+    "warm",
+    ".",
+]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADMIN_TOKEN = "test-admin-token"
 

@@ -1,0 +1,108 @@
+"""Dozens of simultaneous requests over several adapters and the base; loads and unloads under traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import httpx
+import pytest
+
+from .conftest import ADMIN_TOKEN, World, ensure_loaded, start_server
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+PROMPTS = ["the sea is", "a cat sat on", "the sun rose over the", "bread and soup", "a ship sailed"]
+MODELS = ["tiny", "alpha", "beta", "gamma"]
+
+
+def _body(model: str, prompt: str) -> dict[str, object]:
+    return {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1}
+
+
+def _key(response: dict[str, object]) -> tuple[str, list[float]]:
+    choice = response["choices"][0]  # type: ignore[index]
+    return choice["text"], [round(x, 4) for x in choice["logprobs"]["token_logprobs"]]
+
+
+def test_concurrent_mixed_requests_equal_sequential(client: httpx.Client, server) -> None:  # type: ignore[no-untyped-def]
+    for name in MODELS[1:]:
+        ensure_loaded(client, name)
+    cases = [(m, p) for m in MODELS for p in PROMPTS] * 2
+    sequential = {(m, p): _key(client.post("/v1/completions", json=_body(m, p)).json()) for m, p in set(cases)}
+    assert len({tuple(sequential[(m, PROMPTS[0])][1]) for m in MODELS}) == len(MODELS), "adapters must differ"
+
+    async def run_all() -> list[tuple[tuple[str, str], dict[str, object]]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as ac:
+
+            async def one(m: str, p: str) -> tuple[tuple[str, str], dict[str, object]]:
+                return (m, p), (await ac.post("/v1/completions", json=_body(m, p))).json()
+
+            return await asyncio.gather(*(one(m, p) for m, p in cases))
+
+    for case, response in asyncio.run(run_all()):
+        assert _key(response)[0] == sequential[case][0], case
+        assert _key(response)[1] == pytest.approx(sequential[case][1], abs=2e-3), case
+
+
+def test_load_and_unload_during_traffic(client: httpx.Client, server) -> None:  # type: ignore[no-untyped-def]
+    ensure_loaded(client, "alpha")
+    expected = _key(client.post("/v1/completions", json=_body("alpha", PROMPTS[0])).json())
+
+    async def scenario() -> tuple[list[httpx.Response], list[int]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as ac:
+            traffic = [ac.post("/v1/completions", json=_body("alpha", PROMPTS[0])) for _ in range(16)]
+
+            async def churn() -> list[int]:
+                codes = []
+                for i in range(4):
+                    name = f"churn{i}"
+                    r = await ac.post("/v1/adapters", json={"name": name, "source": "beta"}, headers=AUTH)
+                    codes.append(r.status_code)
+                    codes.append((await ac.delete(f"/v1/adapters/{name}", headers=AUTH)).status_code)
+                return codes
+
+            *responses, codes = await asyncio.gather(*traffic, churn())
+            return responses, codes
+
+    responses, codes = asyncio.run(scenario())
+    assert codes == [201, 200] * 4
+    for response in responses:
+        assert response.status_code == 200
+        assert _key(response.json())[0] == expected[0]
+
+
+def test_unload_waits_for_running_requests(client: httpx.Client, server) -> None:  # type: ignore[no-untyped-def]
+    ensure_loaded(client, "gamma")
+
+    async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as ac:
+            long = [ac.post("/v1/completions", json={**_body("gamma", p), "max_tokens": 40}) for p in PROMPTS]
+            tasks = [asyncio.ensure_future(t) for t in long]
+            await asyncio.sleep(0.05)
+            unload = await ac.delete("/v1/adapters/gamma", headers=AUTH)
+            after = await ac.post("/v1/completions", json=_body("gamma", PROMPTS[0]))
+            return list(await asyncio.gather(*tasks)), unload, after
+
+    responses, unload, after = asyncio.run(scenario())
+    assert unload.status_code == 200
+    assert all(r.status_code in (200, 404) for r in responses)
+    assert after.status_code == 404
+    ensure_loaded(client, "gamma")
+
+
+def test_sigterm_finishes_inflight_and_exits_zero(world: World) -> None:
+    server = start_server(world, "--adapter", f"alpha={world.adapters['alpha']}", "--shutdown-grace-s", "20")
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
+            tasks = [asyncio.ensure_future(ac.post("/v1/completions", json={**_body("alpha", p), "max_tokens": 30}))
+                     for p in PROMPTS]  # fmt: skip
+            await asyncio.sleep(0.3)
+            server.process.send_signal(signal.SIGTERM)
+            return list(await asyncio.gather(*tasks, return_exceptions=True))  # type: ignore[arg-type]
+
+    responses = asyncio.run(scenario())
+    assert server.process.wait(timeout=60) == 0
+    finished = [r for r in responses if isinstance(r, httpx.Response)]
+    assert finished and all(r.status_code == 200 for r in finished)
