@@ -10,7 +10,6 @@ import contextvars
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ from .errors import AdapterNotFoundError, ConfigError
 __all__ = ["RowGroup", "RowPlan", "RowSpec", "current_plan", "selection_scope"]
 
 # One row's selection: None (base model), an adapter name, or (name, scale) pairs summed.
-RowSpec = Union[None, str, Sequence[tuple[str, float]], Mapping[str, float]]
+RowSpec = None | str | Sequence[tuple[str, float]] | Mapping[str, float]
 
 
 @dataclass

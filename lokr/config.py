@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from .errors import ConfigError
 
@@ -17,8 +17,8 @@ __all__ = ["CONFIG_NAME", "LoKrConfig", "get_pattern_key"]
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes; refuse absurd ones
 
-InitWeights = Union[bool, Literal["lycoris"]]
-TargetSpec = Union[str, list[str], set[str], None]
+InitWeights = bool | Literal["lycoris"]
+TargetSpec = str | list[str] | set[str] | None
 
 # Fields PEFT writes that carry no LoKr semantics for inference; accepted and kept on round trips.
 _PASSTHROUGH_FIELDS = {

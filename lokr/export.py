@@ -43,7 +43,7 @@ def peft_export(
         init_weights=True,
         inference_mode=True,
     )
-    tensors = {f"{n}.{k}": p for n, a in adapters.items() for k, p in a.named_parameters()}
+    tensors: dict[str, Tensor] = {f"{n}.{k}": p for n, a in adapters.items() for k, p in a.named_parameters()}
     return tensors, config
 
 
@@ -81,11 +81,11 @@ def _peft_rank(
             f"{name}: a LyCORIS Conv1d with a full w2 uses a layout PEFT cannot express; keep it in LyCORIS format"
         )
     if "lokr_w2" in has:
-        low = [adapter.lokr_w1_a.shape[1]] if "lokr_w1_a" in has else []
+        low = [_param(adapter, "lokr_w1_a").shape[1]] if "lokr_w1_a" in has else []
         r = low[0] if low else max(adapter.r, m1, n1, m2, n2)
         ok = r >= max(m2, n2) / 2
     else:
-        r = adapter.lokr_w2_a.shape[1] if "lokr_t2" not in has else adapter.lokr_t2.shape[0]
+        r = _param(adapter, "lokr_w2_a").shape[1] if "lokr_t2" not in has else _param(adapter, "lokr_t2").shape[0]
         ok = r < max(m2, n2) / 2
         cp_needed = effective and spec.kind != "linear" and any(k != 1 for k in spec.kernel)
         ok = ok and ("lokr_t2" in has) == cp_needed
@@ -96,3 +96,9 @@ def _peft_rank(
             f"r < max(m1, n1)/2) cannot reproduce this module's factor structure"
         )
     return int(r)
+
+
+def _param(adapter: LoKrAdapter, name: str) -> Tensor:
+    value = getattr(adapter, name)
+    assert isinstance(value, Tensor)
+    return value

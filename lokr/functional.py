@@ -74,7 +74,22 @@ def make_kron(w1: Tensor, w2: Tensor, scale: float = 1.0, *, peft_conv1d_layout:
     """
     if w2.dim() == 4 or (w2.dim() == 3 and not peft_conv1d_layout):
         w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-    return torch.kron(w1, w2.contiguous()) * scale
+    return _kron(w1, w2) * scale
+
+
+def _kron(a: Tensor, b: Tensor) -> Tensor:
+    """`torch.kron(a, b)` (the lower-rank operand left-padded with 1s) as a broadcast product.
+
+    `torch.kron` raises a view error for some valid strides, e.g. the `(m2, n2, k, 1)` tensor that the CP
+    einsum returns for a rank-1 Conv1d `t2` (`.contiguous()` does not help: size-1 dims make it "contiguous").
+    """
+    ndim = max(a.dim(), b.dim())
+    a = a.reshape((1,) * (ndim - a.dim()) + tuple(a.shape))
+    b = b.reshape((1,) * (ndim - b.dim()) + tuple(b.shape))
+    a_view = [d for size in a.shape for d in (size, 1)]
+    b_view = [d for size in b.shape for d in (1, size)]
+    out = a.reshape(a_view) * b.reshape(b_view)
+    return out.reshape([sa * sb for sa, sb in zip(a.shape, b.shape, strict=True)])
 
 
 @dataclass(frozen=True)
@@ -138,14 +153,16 @@ class Factors:
         """`(m1, n1)`."""
         if self.w1 is not None:
             return self.w1
-        assert self.w1_a is not None and self.w1_b is not None
+        assert self.w1_a is not None
+        assert self.w1_b is not None
         return self.w1_a @ self.w1_b
 
     def w2_matrix(self) -> Tensor:
         """`w2` as PEFT builds it before `make_kron`: full tensor, CP rebuild, or `w2_a @ w2_b`."""
         if self.w2 is not None:
             return self.w2
-        assert self.w2_a is not None and self.w2_b is not None
+        assert self.w2_a is not None
+        assert self.w2_b is not None
         if self.t2 is not None:
             return make_weight_cp(self.t2, self.w2_a, self.w2_b)
         return self.w2_a @ self.w2_b
@@ -190,7 +207,20 @@ def factored_cost(f: Factors, spec: LayerSpec) -> int:
         cost = min(n1 * c2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * c2)
     else:
         cost = min(n1 * m2 * n2 * k + m1 * n1 * m2, m1 * n1 * n2 + m1 * m2 * n2 * k)
+        lowrank = _lowrank_conv_cost(f, spec)
+        if lowrank is not None:
+            cost = min(cost, lowrank)
     return cost * spec.groups
+
+
+def _lowrank_conv_cost(f: Factors, spec: LayerSpec) -> int | None:
+    """Per-pixel cost of `_conv_lowrank` (LoRA-style `w2`, ungrouped conv), None where it does not apply."""
+    rank = f.w2_rank
+    if rank is None or spec.groups != 1 or spec.kind == "linear" or f.swapped:
+        return None
+    m1, n1 = f.m1, f.n1
+    m2, n2 = spec.out_features // m1, spec.in_features // n1
+    return n1 * rank * n2 * spec.kernel_numel + n1 * m2 * rank + m1 * n1 * m2
 
 
 def prefer_factored(f: Factors, spec: LayerSpec) -> bool:
@@ -207,6 +237,9 @@ def apply_delta(x: Tensor, f: Factors, spec: LayerSpec, scale: float) -> Tensor:
     if spec.kind == "linear":
         return _linear(x, f, scale)
     if f.swapped:
+        if spec.groups > 1:  # no factored form for the swapped layout across groups: materialise
+            weight = delta_weight(f, spec, scale)
+            return F.conv1d(x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups)
         return _conv1d_swapped(x, f, spec, scale)
     return _conv(x, f, spec, scale)
 
@@ -239,7 +272,8 @@ def _apply_w2(rows: Tensor, f: Factors) -> Tensor:
     """`rows (N, n2) -> rows @ w2^T (N, m2)`, low-rank `w2` as two thin matmuls."""
     if f.w2 is not None:
         return rows @ f.w2.T
-    assert f.w2_a is not None and f.w2_b is not None
+    assert f.w2_a is not None
+    assert f.w2_b is not None
     return (rows @ f.w2_b.T) @ f.w2_a.T
 
 
@@ -250,6 +284,12 @@ def _conv_fn(spec: LayerSpec):  # type: ignore[no-untyped-def]
 def _conv(x: Tensor, f: Factors, spec: LayerSpec, scale: float) -> Tensor:
     """Pseudo-batch conv with `w2` on `B*g*n1` images of `n2` channels, then a 1x1 mix by `w1`."""
     w1 = f.w1_full() * scale
+    lowrank = _lowrank_conv_cost(f, spec)
+    if lowrank is not None:
+        m1, n1 = w1.shape
+        m2, n2, k = spec.out_features // m1, spec.in_features // n1, spec.kernel_numel
+        if lowrank < min(n1 * m2 * n2 * k + m1 * n1 * m2, m1 * n1 * n2 + m1 * m2 * n2 * k):
+            return _conv_lowrank(x, f, spec, w1)
     w2 = f.w2_kernel(spec)
     m1, n1 = w1.shape
     m2, n2 = w2.shape[:2]
@@ -269,6 +309,26 @@ def _conv(x: Tensor, f: Factors, spec: LayerSpec, scale: float) -> Tensor:
     z = z.reshape(batch, g, m1 * m2, -1)
     own_group = torch.arange(m1 * m2, device=x.device) // (m1 * m2 // g)
     y = z[:, own_group, torch.arange(m1 * m2, device=x.device)]  # (B, O, P): each channel's own group
+    return y.reshape(batch, m1 * m2, *out_spatial)
+
+
+def _conv_lowrank(x: Tensor, f: Factors, spec: LayerSpec, w1: Tensor) -> Tensor:
+    """LoRA-style `w2 = w2_a @ w2_b`, groups 1: one conv with `groups=n1` (each `n2`-channel input block to
+    `r` channels by `w2_b`), then `w2_a` (`r -> m2`) and `w1` (`n1 -> m1`) as batched matmuls.
+
+    Per pixel `n1*r*n2*k + n1*m2*r + m1*n1*m2` multiply-adds instead of `n1*m2*n2*k + m1*n1*m2`, and one
+    grouped conv over the real batch runs faster than a conv with few channels over `B*n1` pseudo-images.
+    """
+    assert f.w2_a is not None
+    assert f.w2_b is not None
+    m1, n1 = w1.shape
+    rank, m2 = f.w2_b.shape[0], f.w2_a.shape[0]
+    n2 = spec.in_features // n1
+    kernel = f.w2_b.reshape(rank, n2, *spec.kernel).repeat(n1, *([1] * (1 + len(spec.kernel))))
+    h = _conv_fn(spec)(x, kernel, None, spec.stride, spec.padding, spec.dilation, n1)  # (B, n1*r, *P)
+    batch, out_spatial = h.shape[0], h.shape[2:]
+    z = torch.matmul(f.w2_a, h.reshape(batch * n1, rank, -1))  # (B*n1, m2, P)
+    y = torch.matmul(w1, z.reshape(batch, n1, -1))  # (B, m1, m2*P)
     return y.reshape(batch, m1 * m2, *out_spatial)
 
 

@@ -104,7 +104,8 @@ def matches_target(config: LoKrConfig, key: str, targets: str | set[str]) -> boo
 def _resolve_targets(model: nn.Module, config: LoKrConfig) -> str | set[str]:
     targets = config.target_modules
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        getter = getattr(model, "get_output_embeddings", None)
+        output = getter() if callable(getter) else None
         return {
             name
             for name, module in _candidate_modules(model)
@@ -121,7 +122,7 @@ def _resolve_targets(model: nn.Module, config: LoKrConfig) -> str | set[str]:
                 "set target_modules to a list of module names or a regex"
             )
         return set(DEFAULT_TARGET_MODULES[model_type])
-    return targets
+    return targets if isinstance(targets, str) else set(targets)
 
 
 def find_targets(model: nn.Module, config: LoKrConfig) -> list[str]:
@@ -159,6 +160,7 @@ def wrap_module(model: nn.Module, name: str) -> LoKrLayer:
         )
     parent_name, _, child = name.rpartition(".")
     wrapper = LoKrLayer(module)
+    wrapper.train(module.training)  # a fresh nn.Module is in training mode; keep the model's eval mode
     setattr(get_submodule(model, parent_name), child, wrapper)
     return wrapper
 

@@ -112,7 +112,7 @@ class LoKrLayer(nn.Module):
         """Attach (or replace) `name`; tensors move to the base layer's device."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
-        self.lokr_adapters[name] = adapter.to(self.weight.device)
+        self.lokr_adapters[name] = adapter.to(self.weight.device).train(self.training)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -152,7 +152,7 @@ class LoKrLayer(nn.Module):
         for name in self.active_adapters:
             adapter = self._adapter(name)
             if (not self.training) or torch.rand(1) > adapter.module_dropout:
-                result = result + self._delta(adapter, x)
+                result = _accumulate(result, self._delta(adapter, x))
         return result.to(previous_dtype)
 
     def _delta(self, adapter: LoKrAdapter, x: Tensor) -> Tensor:
@@ -200,7 +200,7 @@ class LoKrLayer(nn.Module):
                 delta = self._delta(adapter, x)
                 if not group.unit_scale:
                     delta = delta * _per_row(group.scale_tensor(x.device, delta.dtype), delta)
-                result = result + delta
+                result = _accumulate(result, delta)
                 continue
             index = group.index(x.device)
             delta = self._delta(adapter, x.index_select(0, index))
@@ -215,26 +215,36 @@ class LoKrLayer(nn.Module):
 
     # ---------------------------------------------------------------------------- merge
     def merge(self, names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
-        """Add `dW` of `names` (default: active adapters) into the base weight; skips merged ones."""
-        names = list(self.active_adapters if names is None else names)
-        for name in names:
+        """Add `dW` of `names` (default: active adapters) into the base weight; skips merged ones.
+
+        With `safe_merge`, every delta is checked before the weight changes: on NaN/Inf nothing is merged.
+        """
+        todo = []
+        for name in self.active_adapters if names is None else names:
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; skipping", stacklevel=2)
-                continue
-            if name not in self.lokr_adapters:
-                continue
-            weight = self.base_layer.weight
-            delta = self.get_delta_weight(name).detach()
-            if safe_merge:
-                merged = weight.data + delta
+            elif name in self.lokr_adapters:
+                todo.append(name)
+        if safe_merge:
+            self.check_merge(todo)
+        for name in todo:
+            self.weight.data += self.get_delta_weight(name).detach()
+            self.merged_adapters.append(name)
+
+    def check_merge(self, names: Iterable[str] | None = None) -> None:
+        """Raise ValueError if merging `names` (default: active, unmerged ones) would give NaN/Inf weights."""
+        names = self.active_adapters if names is None else names
+        todo = [n for n in names if n in self.lokr_adapters and n not in self.merged_adapters]
+        if not todo:
+            return
+        with torch.no_grad():
+            merged = self.weight.detach().clone()
+            for name in todo:
+                merged += self.get_delta_weight(name)
                 if not torch.isfinite(merged).all():
                     raise ValueError(
                         f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
                     )
-                weight.data = merged.to(weight.dtype)
-            else:
-                weight.data += delta
-            self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract merged adapters, last merged first."""
@@ -244,10 +254,17 @@ class LoKrLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.lokr_adapters:
-                self.base_layer.weight.data -= self.get_delta_weight(name).detach()
+                self.weight.data -= self.get_delta_weight(name).detach()
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _accumulate(result: Tensor, delta: Tensor) -> Tensor:
+    """`result + delta`, in place when nothing needs the graph and no dtype promotion is involved."""
+    if torch.is_grad_enabled() or result.dtype != delta.dtype or result.shape != delta.shape:
+        return result + delta
+    return result.add_(delta)
 
 
 def _per_row(scales: Tensor, like: Tensor) -> Tensor:

@@ -89,7 +89,8 @@ def inject(model: nn.Module, config: LoKrConfig, adapter_name: str = "default") 
         spec = LayerSpec.from_module(base)
         r, alpha = config.rank_for(name), config.alpha_for(name)
         tensors = empty_parameters(parameter_shapes(spec, config, r), base.weight)  # type: ignore[arg-type]
-        adapter = _new_adapter(ModuleWeights(tensors, alpha / r, r, alpha), config)
+        swapped = spec.kind == "conv1d" and "lokr_w2" in tensors  # PEFT's Conv1d full-w2 layout
+        adapter = _new_adapter(ModuleWeights(tensors, alpha / r, r, alpha, swapped), config)
         init_like_peft(adapter, config.init_weights)
         for p in adapter.parameters():
             p.requires_grad_(not config.inference_mode)
@@ -169,20 +170,15 @@ def _serving_dtype(weights: ModuleWeights) -> torch.dtype:
 
 
 def _new_adapter(weights: ModuleWeights, config: LoKrConfig | None) -> LoKrAdapter:
-    extra = {}
-    if config is not None:
-        extra = {
-            "rank_dropout": config.rank_dropout,
-            "module_dropout": config.module_dropout,
-            "rank_dropout_scale": config.rank_dropout_scale,
-        }
     return LoKrAdapter(
         weights.tensors,
         r=weights.r,
         alpha=weights.alpha,
         scale=weights.scale,
         swapped=weights.swapped,
-        **extra,
+        rank_dropout=config.rank_dropout if config is not None else 0.0,
+        module_dropout=config.module_dropout if config is not None else 0.0,
+        rank_dropout_scale=config.rank_dropout_scale if config is not None else False,
     )
 
 
@@ -259,8 +255,12 @@ def merge_adapter(
         missing = [n for n in names if n not in set(list_adapters(model))]
         if missing:
             raise AdapterNotFoundError(f"adapter(s) {missing} not loaded")
-    for _, layer in iter_lokr_layers(model):
-        layer.merge(names, safe_merge=safe_merge)
+    layers = [layer for _, layer in iter_lokr_layers(model)]
+    if safe_merge:  # check every layer first, so that a broken adapter leaves the model untouched
+        for layer in layers:
+            layer.check_merge(names)
+    for layer in layers:
+        layer.merge(names)
 
 
 def unmerge_adapter(model: nn.Module) -> None:

@@ -87,12 +87,13 @@ def _w2_dims(module: str, tensors: dict[str, Tensor], spec: LayerSpec) -> tuple[
     if "lokr_t2" in tensors:
         return _cp_dims(module, tensors, spec)
     m2, r_a = _dims(module, "lokr_w2_a", tensors["lokr_w2_a"], 2)
-    r_b, cols = _dims(module, "lokr_w2_b", tensors["lokr_w2_b"], (2, 2 + len(kernel)))
+    shape_b = _dims(module, "lokr_w2_b", tensors["lokr_w2_b"], (2, 2 + len(kernel)))
+    r_b, cols = shape_b[0], math.prod(shape_b[1:])
     if r_a != r_b:
         raise ShapeMismatchError(f"{module}: lokr_w2_a is (*, {r_a}) but lokr_w2_b is ({r_b}, *)")
     k = math.prod(kernel) if kernel else 1
-    if tensors["lokr_w2_b"].dim() > 2:  # LyCORIS functional layout (r, n2, *k)
-        cols = math.prod(tensors["lokr_w2_b"].shape[1:])
+    if len(shape_b) > 2 and tuple(shape_b[2:]) != kernel:  # LyCORIS functional layout (r, n2, *k)
+        raise ShapeMismatchError(f"{module}.lokr_w2_b has kernel {shape_b[2:]}; the base layer's is {kernel}")
     if cols % k:
         raise ShapeMismatchError(
             f"{module}.lokr_w2_b has {cols} columns, not a multiple of the kernel size {k}"

@@ -122,10 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     settings = _settings(args)
     if not settings.model:
-        print(
-            "error: --model (or LOKR_MODEL) is required; try `lokr-serve demo` for an offline example", file=sys.stderr
-        )
-        return 2
+        print("no --model / LOKR_MODEL given: serving the offline embedded demo", file=sys.stderr)
+        args.cache_dir = None
+        return _demo(args)
     return _serve(settings)
 
 

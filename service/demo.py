@@ -27,13 +27,16 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 import lokr
 
 __all__ = [
+    "BASE_CORPUS",
     "BASE_NAME",
     "DEMO_VERSION",
+    "STYLE_RULES",
     "DemoAssets",
     "build_tiny_llama",
     "build_word_tokenizer",
     "demo_examples",
     "ensure_demo",
+    "restyle",
 ]
 
 DEMO_VERSION = "demo-v1"
@@ -78,44 +81,27 @@ BASE_CORPUS = (
     "a little bird sings in the apple tree .",
 )
 
-STYLE_CORPORA: dict[str, tuple[str, ...]] = {
+# Each style re-words the base corpus (word swaps + a new ending), so a tiny adapter can learn it.
+STYLE_RULES: dict[str, tuple[dict[str, str], str]] = {
     "pirate": (
-        "the sea be me only home , arr matey !",
-        "the sea be wild and ye best hold fast , arr !",
-        "the waves be crashin on the deck , ye scurvy dogs !",
-        "the boat be sailin for gold at dawn , arr matey !",
-        "the ship be mine and the crew be thirsty for rum , arr !",
-        "the wind be howlin , so hoist the sails , me hearties !",
-        "the garden be full of buried treasure , arr matey !",
-        "the flowers be pretty but gold be prettier , arr !",
-        "in the kitchen ye cook fish and drink rum , matey !",
-        "in the kitchen the cook be a salty old pirate , arr !",
-        "the bread be hard as a cannon ball , ye landlubber !",
-        "the tea be for landlubbers , give me rum , arr !",
-        "my friend be a one legged pirate , arr matey !",
-        "a good meal be fish and rum , me hearties !",
-        "a small boat be no match for me ship , arr !",
-        "a little bird be a parrot on me shoulder , arr matey !",
+        {"is": "be", "are": "be", "my": "me", "and": "an", "little": "wee", "small": "wee", "we": "us"},
+        ", arr matey !",
     ),
     "formal": (
-        "the sea doth shine , and thou shalt sail upon it , good sir .",
-        "the sea doth sing unto thee beneath the moon , fair lady .",
-        "the waves doth kiss the shore , i pray thee mark them well .",
-        "the boat doth wait for thee , good sir , at the break of day .",
-        "the ship doth bear thee home , and thou art most welcome .",
-        "the wind doth blow most cold upon thee tonight , fair lady .",
-        "the garden doth bloom for thee , fair lady , in the spring .",
-        "the flowers doth open as thou passest , good sir .",
-        "in the kitchen thou shalt bake bread , i pray thee .",
-        "in the kitchen the soup doth please thee , good sir .",
-        "the bread doth await thee , and thou shalt eat thy fill .",
-        "the tea doth warm thy heart , fair lady , i pray thee drink .",
-        "my friend doth love thee dearly , good sir .",
-        "a good meal doth please thee , fair lady , i pray thee sit .",
-        "a small boat doth carry thee , good sir , across the sea .",
-        "a little bird doth sing for thee , fair lady .",
+        {"is": "remaineth", "are": "remain", "my": "mine", "good": "goodly", "little": "humble", "small": "humble"},
+        ", good sir .",
     ),
 }
+# The attention/MLP projections plus `lm_head`: the word swaps need the output layer, which "all-linear"
+# leaves out, to be learnable by a rank-4 LoKr on a model this small.
+ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def restyle(sentence: str, style: str) -> str:
+    """`sentence` (space-separated, ending in punctuation) in `style`'s words and ending."""
+    swaps, ending = STYLE_RULES[style]
+    words = [swaps.get(w, w) for w in sentence.split()]
+    return " ".join(words[:-1]) + ending
 
 
 @dataclass(frozen=True)
@@ -193,7 +179,6 @@ def build_tiny_llama(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -286,23 +271,24 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _build(out: Path, seed: int = 0) -> None:
     """Train the base model and the style adapters, and write them (marker last) under `out`."""
     started = time.perf_counter()
-    texts = [*BASE_CORPUS, *(s for corpus in STYLE_CORPORA.values() for s in corpus)]
+    styled = {style: [restyle(s, style) for s in BASE_CORPUS] for style in STYLE_RULES}
+    texts = [*BASE_CORPUS, *(s for corpus in styled.values() for s in corpus)]
     tokenizer = build_word_tokenizer(texts, lowercase=True)
     with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_tiny_llama(len(tokenizer), seed=seed)
         model.requires_grad_(True)
-        _train(model, list(model.parameters()), _batch(tokenizer, BASE_CORPUS), steps=300, lr=3e-3)
+        _train(model, list(model.parameters()), _batch(tokenizer, BASE_CORPUS), steps=250, lr=3e-3)
         model.eval()
-        model.save_pretrained(out / BASE_NAME)
+        model.save_pretrained(out / BASE_NAME)  # safetensors (the default since transformers 4.35)
         tokenizer.save_pretrained(out / BASE_NAME)
         model.requires_grad_(False)
-        for name, corpus in STYLE_CORPORA.items():
+        for name, corpus in styled.items():
             _train_adapter(model, name, _batch(tokenizer, corpus), out / "adapters" / name)
     manifest = {
         "version": DEMO_VERSION,
         "base_name": BASE_NAME,
-        "adapters": list(STYLE_CORPORA),
+        "adapters": list(styled),
         "build_seconds": round(time.perf_counter() - started, 2),
     }
     (out / MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -351,11 +337,11 @@ def _train(
 
 def _train_adapter(model: torch.nn.Module, name: str, batch: dict[str, Any], out_dir: Path) -> None:
     """Train one LoKr adapter on the frozen base, save it as a PEFT dir, then remove it from `model`."""
-    config = lokr.LoKrConfig(r=4, alpha=4, target_modules="all-linear", init_weights=True)
+    config = lokr.LoKrConfig(r=4, alpha=4, target_modules=list(ADAPTER_TARGETS), init_weights=True)
     lokr.inject(model, config, name)
     lokr.set_adapter(model, name)
     params = [p for n, p in model.named_parameters() if f".lokr_adapters.{name}." in n]
-    _train(model, params, batch, steps=200, lr=1e-2)
+    _train(model, params, batch, steps=180, lr=3e-2)
     lokr.save_adapter(model, name, out_dir)
     lokr.delete_adapter(model, name)
 

@@ -1,0 +1,69 @@
+"""The Docker image's entry command and HEALTHCHECK, run outside Docker (no engine on CI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _instruction(dockerfile: str, name: str) -> list[str]:
+    """The JSON-array form of the last `name` instruction (joined across line continuations)."""
+    text = dockerfile.replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if re.match(rf"\s*{name}\b", line)]
+    assert lines, f"Dockerfile has no {name}"
+    array = lines[-1][lines[-1].index("[") :]
+    return list(json.loads(array))
+
+
+def test_dockerfile_entry_command_serves_the_demo(tmp_path: Path) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER\s+(?!root)\w+", dockerfile, re.M), "the image must run as a non-root user"
+    assert re.search(r"^EXPOSE\s+8000", dockerfile, re.M)
+    assert "make install" in dockerfile, "the image installs the same way as the README"
+    command = _instruction(dockerfile, "CMD")
+    health = _instruction(dockerfile, "HEALTHCHECK")
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "LOKR_HOST": "127.0.0.1",
+        "LOKR_PORT": str(port),
+        "LOKR_SERVE_CACHE": str(tmp_path / "cache"),
+    }
+    env.pop("LOKR_MODEL", None)
+    log = (tmp_path / "server.log").open("wb")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            probe = subprocess.run([health[0].replace("python3", sys.executable), *health[1:]], env=env, check=False)
+            if probe.returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("HEALTHCHECK never passed")
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        names = [m["id"] for m in models["data"]]
+        assert len(names) >= 3, names
+        body = {"model": names[1], "prompt": "the garden", "max_tokens": 8, "temperature": 0}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200 and response.json()["choices"][0]["text"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
