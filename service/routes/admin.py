@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from ..errors import BadRequestError, NotReadyError, PayloadTooLargeError
+from ..errors import BadRequestError, PayloadTooLargeError
 from ..registry import Registry
 from ..schemas import LoadAdapterRequest, VllmLoadRequest, VllmUnloadRequest
 from ..security import resolve_in_roots, validate_adapter_name
@@ -25,9 +25,7 @@ _CHUNK = 1 << 20
 
 
 def _registry(c: Components) -> Registry:
-    if c.registry is None:
-        raise NotReadyError("the model is still loading; retry shortly")
-    return c.registry
+    return c.running()[0]
 
 
 @router.get("/v1/adapters")

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..engine import Engine
+from ..errors import NotReadyError
 from ..inference import Inference
 from ..metrics import Metrics
 from ..registry import Registry
@@ -26,6 +27,12 @@ class Components:
     engine: Engine | None = None
     registry: Registry | None = None
     inference: Inference | None = None
+
+    def running(self) -> tuple[Registry, Inference]:
+        """The registry and inference front, or a 503 while the model is still loading."""
+        if self.registry is None or self.inference is None:
+            raise NotReadyError("the model is still loading; retry shortly")
+        return self.registry, self.inference
 
 
 def get_components(request: Request) -> Components:

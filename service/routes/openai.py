@@ -8,10 +8,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..errors import BadRequestError, NotReadyError, http_error_for
+from ..errors import BadRequestError, http_error_for
 from ..inference import ChoiceResult, Inference
 from ..jobs import ErrorEvent, Event, FinishEvent, PromptEvent, SamplingParams, TokenEvent, TokenInfo
 from ..schemas import ChatRequest, CompletionRequest
@@ -21,9 +21,7 @@ router = APIRouter(dependencies=[ApiAuth], tags=["openai"])
 
 
 def _inference(c: Components) -> Inference:
-    if c.inference is None:
-        raise NotReadyError("the model is still loading; retry shortly")
-    return c.inference
+    return c.running()[1]
 
 
 @router.get("/v1/models")
@@ -49,9 +47,10 @@ async def list_models(c: Deps) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ completions
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, c: Deps) -> dict[str, Any] | StreamingResponse:
+async def completions(body: CompletionRequest, c: Deps, request: Request) -> dict[str, Any] | StreamingResponse:
     inf = _inference(c)
     sel = inf.select(body.model, body.adapters)
+    request.scope["lokr_adapter"] = sel.label
     prompts = _prompts(inf, body.prompt)
     k = _logprobs_k(body.logprobs, c.settings.max_logprobs)
     if body.n > c.settings.max_n:
@@ -145,9 +144,10 @@ async def _completion_chunks(
 
 # ------------------------------------------------------------------------------------------ chat
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatRequest, c: Deps) -> dict[str, Any] | StreamingResponse:
+async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict[str, Any] | StreamingResponse:
     inf = _inference(c)
     sel = inf.select(body.model, body.adapters)
+    request.scope["lokr_adapter"] = sel.label
     ids = _chat_prompt(inf, body)
     k = _logprobs_k(body.top_logprobs if body.logprobs else None, c.settings.max_logprobs)
     if body.logprobs and k is None:
