@@ -1,0 +1,43 @@
+"""`lokr-serve inspect` and settings from env vars."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from service.settings import Settings
+
+from .conftest import World
+
+
+def test_inspect_prints_adapter_contents(world: World) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "inspect", str(world.adapters["alpha"])],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    report = json.loads(out.stdout)
+    assert report["format"] == "peft" and report["num_modules"] == 14 and report["nbytes"] > 0
+    module = report["modules"]["model.layers.0.self_attn.q_proj"]
+    assert set(module["tensors"]) == {"lokr_w1", "lokr_w2"} and module["scale"] == pytest.approx(0.5)
+
+
+def test_inspect_refuses_pickle(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "adapter.bin"
+    bad.write_bytes(b"\x80\x04junk")
+    out = subprocess.run([sys.executable, "-m", "service.cli", "inspect", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "safetensors" in out.stderr
+
+
+def test_every_flag_reads_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("LOKR_MODEL", "/models/m")
+    monkeypatch.setenv("LOKR_ADMIN_TOKEN", "secret")
+    monkeypatch.setenv("LOKR_ADAPTER", "a=/x,b=/y")
+    monkeypatch.setenv("LOKR_ADAPTER_ROOT", str(tmp_path))
+    monkeypatch.setenv("LOKR_PORT", "9001")
+    settings = Settings()
+    assert settings.model == "/models/m" and settings.admin_token == "secret" and settings.port == 9001
+    assert settings.preload_pairs() == [("a", "/x"), ("b", "/y")]
+    assert settings.adapter_root == [tmp_path.resolve()]
