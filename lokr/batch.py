@@ -29,16 +29,10 @@ class RowGroup:
     name: str
     rows: list[int] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
+    whole: bool = False  # every row of the batch (rows are ascending and unique): no gather / scatter
+    unit: bool = True  # every scale is 1.0: no per-row multiply
     _index: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
     _scale: dict[tuple[torch.device, torch.dtype], Tensor] = field(default_factory=dict, repr=False)
-
-    def covers(self, num_rows: int) -> bool:
-        """True when the group is every row, in order (no gather / scatter needed)."""
-        return len(self.rows) == num_rows and self.rows == list(range(num_rows))
-
-    @property
-    def unit_scale(self) -> bool:
-        return all(s == 1.0 for s in self.scales)
 
     def index(self, device: torch.device) -> Tensor:
         if device not in self._index:
@@ -68,6 +62,9 @@ class RowPlan:
                 group = groups.setdefault(name, RowGroup(name))
                 group.rows.append(i)
                 group.scales.append(scale)
+        for group in groups.values():  # decided once per batch, not in every layer's forward
+            group.whole = len(group.rows) == len(rows)
+            group.unit = all(s == 1.0 for s in group.scales)
         return cls(len(rows), groups)
 
     @property

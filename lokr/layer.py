@@ -195,22 +195,11 @@ class LoKrLayer(nn.Module):
         for name, group in plan.groups.items():
             if name not in self.lokr_adapters:
                 continue
-            adapter = self._adapter(name)
-            if group.covers(plan.num_rows):
-                delta = self._delta(adapter, x)
-                if not group.unit_scale:
-                    delta = delta * _per_row(group.scale_tensor(x.device, delta.dtype), delta)
-                result = _accumulate(result, delta)
-                continue
-            index = group.index(x.device)
-            delta = self._delta(adapter, x.index_select(0, index))
-            if not group.unit_scale:
+            index = None if group.whole else group.index(x.device)
+            delta = self._delta(self._adapter(name), x if index is None else x.index_select(0, index))
+            if not group.unit:
                 delta = delta * _per_row(group.scale_tensor(x.device, delta.dtype), delta)
-            result = result.to(torch.promote_types(result.dtype, delta.dtype))
-            if torch.is_grad_enabled():
-                result = result.index_add(0, index, delta.to(result.dtype))
-            else:
-                result.index_add_(0, index, delta.to(result.dtype))
+            result = _accumulate(result, delta) if index is None else _scatter_add(result, index, delta)
         return result.to(previous_dtype)
 
     # ---------------------------------------------------------------------------- merge
@@ -265,6 +254,14 @@ def _accumulate(result: Tensor, delta: Tensor) -> Tensor:
     if torch.is_grad_enabled() or result.dtype != delta.dtype or result.shape != delta.shape:
         return result + delta
     return result.add_(delta)
+
+
+def _scatter_add(result: Tensor, index: Tensor, delta: Tensor) -> Tensor:
+    """`result[index] += delta` (rows of dim 0), promoting dtype like `+`; in place when no graph is needed."""
+    result = result.to(torch.promote_types(result.dtype, delta.dtype))
+    if torch.is_grad_enabled():
+        return result.index_add(0, index, delta.to(result.dtype))
+    return result.index_add_(0, index, delta.to(result.dtype))
 
 
 def _per_row(scales: Tensor, like: Tensor) -> Tensor:
