@@ -83,9 +83,10 @@ class Inference:
     async def stream(
         self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
     ) -> AsyncIterator[tuple[int, Event]]:
-        """Events of every choice (index = prompt * n + k), interleaved as they come."""
-        for ids in prompts:
-            self.engine.check_fits(len(ids), params)
+        """Events of every choice (index = prompt * n + k), interleaved as they come.
+
+        Callers check `engine.check_fits` first to answer a 400 before streaming; `submit` checks again.
+        """
         out: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         tasks = []
         for p, ids in enumerate(prompts):

@@ -97,13 +97,13 @@ def _completion_choice(
 ) -> dict[str, Any]:
     prompt_text = inf.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True) if echo else ""
     infos = (r.prompt_infos or []) + r.token_infos if echo else r.token_infos
-    logprobs = _legacy_logprobs(infos, len(prompt_text) if not echo else 0) if k is not None else None
+    logprobs = _legacy_logprobs(infos) if k is not None else None
     return {"index": r.index, "text": prompt_text + r.text, "logprobs": logprobs, "finish_reason": r.finish_reason}
 
 
-def _legacy_logprobs(infos: list[TokenInfo], start: int) -> dict[str, Any]:
+def _legacy_logprobs(infos: list[TokenInfo]) -> dict[str, Any]:
     """OpenAI's completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
-    offsets, pos = [], start
+    offsets, pos = [], 0
     for info in infos:
         offsets.append(pos)
         pos += len(info.text)
@@ -130,11 +130,11 @@ async def _completion_chunks(
         choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
         if isinstance(event, PromptEvent) and echo:
             choice["text"] = inf.engine.tokenizer.decode([t.id for t in event.tokens], skip_special_tokens=True)
-            choice["logprobs"] = _legacy_logprobs(event.tokens, 0) if event.tokens[-1].top is not None else None
+            choice["logprobs"] = _legacy_logprobs(event.tokens) if event.tokens[-1].top is not None else None
         elif isinstance(event, TokenEvent):
             choice["text"] = event.text
             if event.tokens[0].top is not None:
-                choice["logprobs"] = _legacy_logprobs(event.tokens, 0)
+                choice["logprobs"] = _legacy_logprobs(event.tokens)
         elif isinstance(event, FinishEvent):
             choice["text"], choice["finish_reason"] = event.text, event.reason
         else:
