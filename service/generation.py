@@ -28,6 +28,7 @@ class BatchRunner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self.can_trim_logits = "logits_to_keep" in params
 
     def run(self, jobs: list[Job]) -> int:
         """Generate for every job; returns the number of forward passes made."""
@@ -63,15 +64,18 @@ class BatchRunner:
             mask[i, width - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
-        logits = self._forward(rows, ids, mask, cache)
+        echo = any(r.job.params.echo for r in rows)
+        logits = self._forward(rows, ids, mask, cache, all_positions=echo)
         self._emit_prompt_logprobs(rows, ids, logits)
         return logits, cache, mask
 
-    def _forward(self, rows: list[_Row], ids: Tensor, mask: Tensor, cache: Any) -> Tensor:
-        """Logits `(B, T, V)` in float32 for the last `ids.shape[1]` positions."""
+    def _forward(self, rows: list[_Row], ids: Tensor, mask: Tensor, cache: Any, all_positions: bool = False) -> Tensor:
+        """Float32 logits `(B, T, V)`: every input position when `all_positions` (echo scoring), else the last."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         with torch.inference_mode(), lokr.adapter_batch(self.model, [r.job.selection for r in rows]):
-            kwargs = {self.cache_kwarg: cache}
+            kwargs: dict[str, Any] = {self.cache_kwarg: cache}
+            if self.can_trim_logits and not all_positions:
+                kwargs["logits_to_keep"] = 1
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits.float()
 
