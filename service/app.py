@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .registry import Registry
 from .routes import admin, openai, ops
 from .routes.deps import Components
+from .schemas import ERROR_RESPONSES
 from .settings import Settings
 
 __all__ = ["create_app"]
@@ -57,7 +58,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app = FastAPI(title="lokr-serve", version="0.1.0", lifespan=lifespan)
     app.state.components = components
     for router in (ops.router, openai.router, admin.router):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     if settings.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"], allow_headers=["*"])
     _install_error_handlers(app)
@@ -68,7 +69,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
 def _start(c: Components, loaded: LoadedModel) -> None:
     """Build engine + registry, preload `--adapter` pairs (operator-trusted paths), start the worker."""
     s = c.settings
-    engine = Engine(loaded, c.metrics, s.max_batch_size, s.max_queue)
+    engine = Engine(loaded, c.metrics, s.max_batch_size, s.max_queue, s.max_prefill_tokens)
     adapter_dtype = None if s.adapter_dtype == "auto" else resolve_dtype(s.adapter_dtype, loaded.device)
     registry = Registry(engine, c.metrics, dtype=adapter_dtype, max_bytes=s.max_adapter_bytes)
     for name, source in s.preload_pairs():

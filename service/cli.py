@@ -26,6 +26,7 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--cors-origin", {"action": "append", "help": "allowed CORS origin (repeatable; CORS is off by default)"}),
     ("--max-batch-size", {"type": int}),
     ("--max-queue", {"type": int, "help": "waiting requests before 503"}),
+    ("--max-prefill-tokens", {"type": int, "help": "prompt tokens admitted into the running batch per step"}),
     ("--max-body-bytes", {"type": int}),
     ("--max-upload-bytes", {"type": int}),
     ("--max-adapter-bytes", {"type": int}),

@@ -1,7 +1,8 @@
-"""The engine: sole owner of the model. A worker thread forms batches from a bounded queue and runs them.
+"""The engine: sole owner of the model. A worker thread keeps a running decode batch; waiting jobs are
+prefilled and join it at step boundaries, finished or cancelled rows leave at once.
 
-Adapter state changes (load / unload) take `model_lock`, which the worker holds for each batch, so a
-batch never sees an adapter appear or vanish mid-flight.
+Adapter state changes (load / unload) take `model_lock`, which the worker holds for each step, so a
+forward never sees an adapter appear or vanish mid-flight.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from .backend import LoadedModel
 from .errors import ContextLengthError, EngineError, NotReadyError, OverloadedError
-from .generation import BatchRunner
+from .generation import BatchRunner, RunningBatch
 from .jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
 from .metrics import Metrics
 
@@ -27,12 +28,20 @@ log = logging.getLogger("lokr_serve.engine")
 
 
 class Engine:
-    """Owns the model; runs jobs in batches of up to `max_batch_size` on one worker thread."""
+    """Owns the model; one worker thread runs a continuous batch of up to `max_batch_size` rows."""
 
-    def __init__(self, loaded: LoadedModel, metrics: Metrics, max_batch_size: int = 16, max_queue: int = 256):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        metrics: Metrics,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        max_prefill_tokens: int = 4096,
+    ) -> None:
         self.loaded = loaded
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.model_lock = threading.RLock()
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._runner = BatchRunner(loaded.model, loaded.tokenizer, loaded.device, loaded.context_length)
@@ -127,42 +136,58 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- worker
     def _loop(self) -> None:
+        """Continuous batching: each iteration admits waiting jobs (prefill) and runs one decode step."""
+        batch: RunningBatch | None = None
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.05)
-            except queue.Empty:
+            room = self.max_batch_size - (len(batch) if batch is not None else 0)
+            new = self._take(room if self._runner.can_join(batch) else 0, block=batch is None)
+            if batch is None and not new:
                 continue
             self._busy.set()
-            try:
-                self._run_batch(self._take_batch(first))
-            finally:
+            with self.model_lock:
+                if new:
+                    batch = self._runner.merge(batch, self._admit(new))
+                if batch is not None:
+                    self.metrics.batch_size.observe(len(batch))
+                    batch = self._step(batch)
+            if batch is None and self._queue.empty():
                 self._busy.clear()
 
-    def _take_batch(self, first: Job) -> list[Job]:
-        jobs = [first]
-        while len(jobs) < self.max_batch_size:
+    def _take(self, room: int, block: bool) -> list[Job]:
+        """Up to `room` live jobs and at most `max_prefill_tokens` prompt tokens (always at least one job)."""
+        jobs: list[Job] = []
+        tokens = 0
+        while len(jobs) < room:
             try:
-                jobs.append(self._queue.get_nowait())
+                job = self._queue.get(timeout=0.05) if block and not jobs else self._queue.get_nowait()
             except queue.Empty:
                 break
-        self.metrics.queue_depth.set(self._queue.qsize())
-        live = []
-        for job in jobs:
             if job.cancelled.is_set():
                 job.finish(FinishEvent("cancelled", len(job.prompt_ids), 0))
-            else:
-                live.append(job)
-        return live
+                continue
+            jobs.append(job)
+            tokens += len(job.prompt_ids)
+            if tokens >= self.max_prefill_tokens:
+                break
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return jobs
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
-        self.metrics.batch_size.observe(len(jobs))
+    def _admit(self, jobs: list[Job]) -> RunningBatch | None:
         try:
-            with self.model_lock:
-                self._runner.run(jobs)
-        except Exception as exc:  # a failing forward fails this batch only; the engine keeps serving
-            log.exception("batch of %d rows failed", len(jobs))
-            error = EngineError(f"the forward pass failed for this batch ({type(exc).__name__}); retry the request")
-            for job in jobs:
-                job.finish(ErrorEvent(error))
+            return self._runner.admit(jobs)
+        except Exception as exc:  # a failing prefill fails only the jobs it was admitting
+            self._fail(jobs, exc)
+            return None
+
+    def _step(self, batch: RunningBatch) -> RunningBatch | None:
+        try:
+            return self._runner.step(batch)
+        except Exception as exc:  # a failing decode step fails the rows of this batch; the engine keeps serving
+            self._fail([row.job for row in batch.rows], exc)
+            return None
+
+    def _fail(self, jobs: list[Job], exc: Exception) -> None:
+        log.error("forward failed for %d rows", len(jobs), exc_info=exc)
+        error = EngineError(f"the forward pass failed for this batch ({type(exc).__name__}); retry the request")
+        for job in jobs:
+            job.finish(ErrorEvent(error))

@@ -11,10 +11,11 @@ from torch import Tensor
 import lokr
 
 from .jobs import FinishEvent, Job, PromptEvent, TokenEvent, TokenInfo
+from .kvcache import can_merge, merge_caches, trim_left
 from .sampling import choose_tokens, make_generator, top_logprobs
 from .textstream import TextStream
 
-__all__ = ["BatchRunner"]
+__all__ = ["BatchRunner", "RunningBatch"]
 
 
 class BatchRunner:
@@ -30,26 +31,40 @@ class BatchRunner:
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self.can_trim_logits = "logits_to_keep" in params
 
-    def run(self, jobs: list[Job]) -> int:
-        """Generate for every job; returns the number of forward passes made."""
+    def run(self, jobs: list[Job]) -> None:
+        """Generate every job to completion as one batch (no joining); for callers without a scheduler."""
+        batch = self.admit(jobs)
+        while batch is not None:
+            batch = self.step(batch)
+
+    def admit(self, jobs: list[Job]) -> RunningBatch | None:
+        """Prefill `jobs` together and pick each row's first token; None when every row already finished."""
         rows = [_Row(job, TextStream(self.tokenizer, job.params.stop)) for job in jobs]
         for row in rows:
             row.job.generator = make_generator(row.job.params, self.device)
         logits, cache, mask = self._prefill(rows)
-        steps = 1
-        while rows:
-            rows, keep = self._advance(rows, logits[:, -1])
-            if not rows:
-                break
-            if len(keep) != logits.shape[0]:
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask = mask.index_select(0, index)
-            last = torch.tensor([[r.stream.ids[-1]] for r in rows], device=self.device)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            logits = self._forward(rows, last, mask, cache)
-            steps += 1
-        return steps
+        return self._advance(RunningBatch(rows, cache, mask), logits[:, -1])
+
+    def step(self, batch: RunningBatch) -> RunningBatch | None:
+        """Feed every row's last token, pick the next one; finished rows leave and free their KV rows."""
+        last = torch.tensor([[r.stream.ids[-1]] for r in batch.rows], device=self.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        logits = self._forward(batch.rows, last, batch.mask, batch.cache)
+        return self._advance(batch, logits[:, -1])
+
+    def merge(self, running: RunningBatch | None, fresh: RunningBatch | None) -> RunningBatch | None:
+        """Rows of `fresh` join `running` (both between steps: each row's last token not yet fed)."""
+        if running is None:
+            return fresh
+        if fresh is None:
+            return running
+        cache, mask = merge_caches(running.cache, running.mask, fresh.cache, fresh.mask)
+        return RunningBatch(running.rows + fresh.rows, cache, mask)
+
+    @staticmethod
+    def can_join(batch: RunningBatch | None) -> bool:
+        """New rows can join mid-flight only when the model's KV cache layers can be padded and merged."""
+        return batch is None or can_merge(batch.cache)
 
     # ----------------------------------------------------------------------------------- forward
     def _prefill(self, rows: list[_Row]) -> tuple[Tensor, Any, Tensor]:
@@ -80,26 +95,25 @@ class BatchRunner:
         return out.logits.float()
 
     # ----------------------------------------------------------------------------------- per step
-    def _advance(self, rows: list[_Row], logits: Tensor) -> tuple[list[_Row], list[int]]:
-        """Pick one token per row, emit it, and drop finished rows; returns survivors and their indices."""
+    def _advance(self, batch: RunningBatch, logits: Tensor) -> RunningBatch | None:
+        """Pick one token per row, emit it, drop finished rows (and their KV rows); None when all finished."""
+        rows = batch.rows
         tokens = choose_tokens(logits, [r.job.params for r in rows], [r.job.generator for r in rows])
-        logprobs = torch.log_softmax(logits, dim=-1) if any(r.job.params.logprobs is not None for r in rows) else None
-        token_list = tokens.tolist()
-        survivors, keep = [], []
-        for i, (row, token) in enumerate(zip(rows, token_list)):
+        wants = any(r.job.params.logprobs is not None for r in rows)
+        logprobs = torch.log_softmax(logits, dim=-1) if wants else None
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
             if row.job.cancelled.is_set():
                 row.job.finish(row.finish("cancelled"))
-                continue
-            if row.job.params.max_tokens == 0:
+            elif row.job.params.max_tokens == 0:
                 row.job.finish(row.finish("length"))
-                continue
-            reason = self._step_row(row, token, None if logprobs is None else logprobs[i])
-            if reason is None:
-                survivors.append(row)
-                keep.append(i)
             else:
-                row.job.finish(row.finish(reason))
-        return survivors, keep
+                reason = self._step_row(row, token, None if logprobs is None else logprobs[i])
+                if reason is None:
+                    keep.append(i)
+                else:
+                    row.job.finish(row.finish(reason))
+        return batch.select(keep, self.device)
 
     def _step_row(self, row: _Row, token: int, logprobs: Tensor | None) -> str | None:
         if token in self.eos_ids:
@@ -138,6 +152,27 @@ class BatchRunner:
                 k = job.params.logprobs
                 infos.append(self._token_info(int(ids[i, pos + 1]), logprobs[j, pos] if k is not None else None, k))
             job.sink(PromptEvent(infos))
+
+
+class RunningBatch:
+    """Rows decoding together, their shared KV cache and their left-padded attention mask `(B, T)`."""
+
+    def __init__(self, rows: list[_Row], cache: Any, mask: Tensor) -> None:
+        self.rows, self.cache, self.mask = rows, cache, mask
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, keep: list[int], device: torch.device) -> RunningBatch | None:
+        """Keep rows `keep` (indices into `rows`); None when no row is left."""
+        if not keep:
+            return None
+        if len(keep) != len(self.rows):
+            index = torch.tensor(keep, device=device)
+            self.cache.batch_select_indices(index)
+            self.mask = trim_left(self.cache, self.mask.index_select(0, index))
+            self.rows = [self.rows[i] for i in keep]
+        return self
 
 
 class _Row:

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     cors_origin: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1)
+    max_prefill_tokens: int = Field(4096, ge=1)
     max_body_bytes: int = Field(4 << 20, ge=1024)
     max_upload_bytes: int = Field(2 << 30, ge=1024)
     max_adapter_bytes: int = Field(4 << 30, ge=1024)
