@@ -35,6 +35,7 @@ from .model import (
     set_adapter,
     unmerge_adapter,
 )
+from .offload import OffloadedAdapter, offload_adapter, restore_adapter
 
 __all__ = [
     "AdapterExistsError",
@@ -49,6 +50,7 @@ __all__ = [
     "LoKrLayer",
     "MissingKeysError",
     "NonFiniteError",
+    "OffloadedAdapter",
     "ParsedAdapter",
     "ShapeMismatchError",
     "TargetError",
@@ -68,7 +70,9 @@ __all__ = [
     "make_kron",
     "make_weight_cp",
     "merge_adapter",
+    "offload_adapter",
     "read_adapter",
+    "restore_adapter",
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
