@@ -25,7 +25,7 @@ from .errors import HttpError, PayloadTooLargeError, ServiceError, http_error_fo
 from .inference import Inference
 from .logs import request_id_var
 from .metrics import Metrics
-from .registry import Registry
+from .registry import Registry, TierLimits
 from .routes import admin, openai, ops
 from .routes.deps import Components
 from .schemas import ERROR_RESPONSES
@@ -71,7 +71,8 @@ def _start(c: Components, loaded: LoadedModel) -> None:
     s = c.settings
     engine = Engine(loaded, c.metrics, s.max_batch_size, s.max_queue, s.max_prefill_tokens)
     adapter_dtype = None if s.adapter_dtype == "auto" else resolve_dtype(s.adapter_dtype, loaded.device)
-    registry = Registry(engine, c.metrics, dtype=adapter_dtype, max_bytes=s.max_adapter_bytes)
+    limits = TierLimits(s.max_resident_adapters, s.max_resident_bytes, s.max_host_adapters, s.max_host_bytes)
+    registry = Registry(engine, c.metrics, dtype=adapter_dtype, max_bytes=s.max_adapter_bytes, limits=limits)
     for name, source in s.preload_pairs():
         registry.load(name, Path(source))
     c.engine, c.registry = engine, registry

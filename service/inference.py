@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from fastapi.concurrency import run_in_threadpool
+
 from lokr.batch import RowSpec
 
 from .engine import Engine
@@ -112,7 +114,8 @@ class Inference:
         self, index: int, ids: list[int], params: SamplingParams, sel: Selection, out: asyncio.Queue
     ) -> None:
         try:
-            self.registry.acquire(set(sel.names))
+            if not self.registry.try_acquire(set(sel.names)):  # a miss: bring adapters back off the event loop
+                await run_in_threadpool(self.registry.acquire, set(sel.names))
         except Exception as exc:
             await out.put((index, ErrorEvent(exc)))
             return

@@ -33,8 +33,16 @@ class Metrics:
             "lokr_batch_size", "Rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )
         self.queue_depth = Gauge("lokr_queue_depth", "Jobs waiting for the engine", registry=r)
-        self.adapters_resident = Gauge("lokr_adapters_resident", "Adapters loaded on the model", registry=r)
-        self.adapter_bytes = Gauge("lokr_adapter_bytes", "Bytes of adapter tensors on the model", registry=r)
+        self.adapters_registered = Gauge("lokr_adapters_registered", "Adapters that requests may name", registry=r)
+        self.adapters_resident = Gauge(
+            "lokr_adapters_resident", "Adapters attached to the model (device tier)", registry=r
+        )
+        self.adapters_host = Gauge("lokr_adapters_host", "Adapters offloaded to host memory", registry=r)
+        self.adapter_cache = Counter(
+            "lokr_adapter_cache", "Adapter tier events: hit, miss_host, miss_disk, evict_device, evict_host",
+            ["event"], registry=r,
+        )  # fmt: skip
+        self.adapter_bytes = Gauge("lokr_adapter_bytes", "Bytes of adapter tensors attached to the model", registry=r)
         self.adapter_loads = Counter("lokr_adapter_loads", "Adapter loads by result", ["result"], registry=r)
         self.adapter_unloads = Counter("lokr_adapter_unloads", "Adapter unloads", registry=r)
 
