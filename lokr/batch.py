@@ -53,6 +53,9 @@ class RowPlan:
 
     num_rows: int
     groups: dict[str, RowGroup]
+    _entries: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor, Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec]) -> RowPlan:
@@ -70,6 +73,21 @@ class RowPlan:
     @property
     def adapter_names(self) -> set[str]:
         return set(self.groups)
+
+    def entries(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """`(rows, slots, scales)` over the groups of `names` (slot = position in `names`); cached per device."""
+        key = (names, device)
+        if key not in self._entries:
+            groups = [self.groups[n] for n in names]
+            rows = [r for g in groups for r in g.rows]
+            slots = [i for i, g in enumerate(groups) for _ in g.rows]
+            scales = [s for g in groups for s in g.scales]
+            self._entries[key] = (
+                torch.tensor(rows, dtype=torch.long, device=device),
+                torch.tensor(slots, dtype=torch.long, device=device),
+                torch.tensor(scales, dtype=torch.float32, device=device),
+            )
+        return self._entries[key]
 
 
 def _normalise(spec: RowSpec) -> list[tuple[str, float]]:
