@@ -53,7 +53,7 @@ class RowPlan:
 
     num_rows: int
     groups: dict[str, RowGroup]
-    _entries: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor, Tensor]] = field(
+    _entries: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor, Tensor, Tensor | None]] = field(
         default_factory=dict, repr=False
     )
 
@@ -74,18 +74,27 @@ class RowPlan:
     def adapter_names(self) -> set[str]:
         return set(self.groups)
 
-    def entries(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """`(rows, slots, scales)` over the groups of `names` (slot = position in `names`); cached per device."""
+    def entries(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """`(rows, slots, scales, inverse)` over the groups of `names` (slot = position in `names`).
+
+        `inverse` is set when the entries are a permutation of all rows (each row exactly one adapter): then
+        `delta.index_select(0, inverse)` puts deltas in row order, no scatter needed. Cached per device.
+        """
         key = (names, device)
         if key not in self._entries:
             groups = [self.groups[n] for n in names]
             rows = [r for g in groups for r in g.rows]
             slots = [i for i, g in enumerate(groups) for _ in g.rows]
             scales = [s for g in groups for s in g.scales]
+            inverse = None
+            if sorted(rows) == list(range(self.num_rows)):
+                order = sorted(range(len(rows)), key=rows.__getitem__)
+                inverse = torch.tensor(order, dtype=torch.long, device=device)
             self._entries[key] = (
                 torch.tensor(rows, dtype=torch.long, device=device),
                 torch.tensor(slots, dtype=torch.long, device=device),
                 torch.tensor(scales, dtype=torch.float32, device=device),
+                inverse,
             )
         return self._entries[key]
 

@@ -216,11 +216,13 @@ class LoKrLayer(nn.Module):
     def _forward_stacked(self, x: Tensor, result: Tensor, plan: RowPlan, names: tuple[str, ...]) -> Tensor:
         """Entries (row, adapter, scale) gathered once, factors stacked, deltas scattered back to their rows."""
         adapters = [self._adapter(n) for n in names]
-        rows, slots, scales = plan.entries(names, x.device)
+        rows, slots, scales, inverse = plan.entries(names, x.device)
         dtype = adapters[0].dtype
         adapter_scale = torch.tensor([a.scale for a in adapters], dtype=dtype, device=x.device)
         coeff = scales.to(dtype) * adapter_scale.index_select(0, slots)
         delta = apply_linear_stacked(x.index_select(0, rows).to(dtype), [a.factors() for a in adapters], slots, coeff)
+        if inverse is not None:  # every row exactly once: reorder instead of scattering (index_add is slow)
+            return _accumulate(result, delta.index_select(0, inverse))
         return _scatter_add(result, rows, delta)
 
     # ---------------------------------------------------------------------------- merge
