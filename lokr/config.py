@@ -86,14 +86,14 @@ class LoKrConfig:
                 f"this is a {self.peft_type!r} adapter config; only LoKr adapters (peft_type 'LOKR') are served"
             )
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError(
-                "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
-            )
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
         for key, value in self.rank_pattern.items():
+            _check_pattern_key("rank_pattern", key)
             _check_int(f"rank_pattern[{key!r}]", value, minimum=1)
         for key, value in self.alpha_pattern.items():
+            _check_pattern_key("alpha_pattern", key)
             _check_number(f"alpha_pattern[{key!r}]", value)
 
     # ----------------------------------------------------------------------------------- patterns
@@ -146,7 +146,7 @@ class LoKrConfig:
             raise ConfigError(f"{file} is larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, huge ints
             raise ConfigError(f"{file} is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
@@ -183,6 +183,15 @@ def _check_number(name: str, value: Any) -> None:
         raise ConfigError(f"`{name}` must be a finite number, got {value!r}")
     if value in (float("inf"), float("-inf")):
         raise ConfigError(f"`{name}` must be a finite number, got {value!r}")
+
+
+def _check_pattern_key(name: str, key: object) -> None:
+    if not isinstance(key, str):
+        raise ConfigError(f"`{name}` keys must be strings (regex suffixes of module names), got {key!r}")
+    try:
+        re.compile(key)
+    except re.error as exc:
+        raise ConfigError(f"`{name}` key {key!r} is not a valid regular expression: {exc}") from exc
 
 
 def _check_targets(name: str, value: Any) -> None:

@@ -59,8 +59,7 @@ def _decompose_factor(adapters: Mapping[str, LoKrAdapter], specs: Mapping[str, L
     candidates = [-1, *sorted({d for ds in dims.values() for d in ds})]
     for f in candidates:
         if all(
-            factorization(specs[n].out_features, f) == (m1, m2)
-            and factorization(specs[n].in_features, f) == (n1, n2)
+            factorization(specs[n].out_features, f) == (m1, m2) and factorization(specs[n].in_features, f) == (n1, n2)
             for n, (m1, m2, n1, n2) in dims.items()
         ):
             return f
@@ -70,9 +69,7 @@ def _decompose_factor(adapters: Mapping[str, LoKrAdapter], specs: Mapping[str, L
     )
 
 
-def _peft_rank(
-    name: str, adapter: LoKrAdapter, spec: LayerSpec, decompose_both: bool, effective: bool
-) -> int:
+def _peft_rank(name: str, adapter: LoKrAdapter, spec: LayerSpec, decompose_both: bool, effective: bool) -> int:
     """An r for which PEFT's `update_layer` creates exactly this module's factor structure."""
     m1, m2, n1, n2 = _dims(adapter, spec)
     has = {k for k, _ in adapter.named_parameters()}

@@ -87,9 +87,7 @@ class ParsedAdapter:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_safetensors(
-    path: Path, max_bytes: int = DEFAULT_MAX_BYTES
-) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_safetensors(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors (on CPU) and the metadata of a safetensors file; any defect is an AdapterFormatError."""
     _refuse_pickle(path)
     try:
@@ -166,16 +164,14 @@ def _read_lycoris_file(path: Path, max_bytes: int) -> ParsedAdapter:
     for stem, group in grouped.items():
         alpha_t = group.pop("alpha", None)
         rank = _lycoris_rank(group)
+        if rank == 0:
+            raise AdapterFormatError(f"{path}: {stem} has a rank-0 factor (an empty tensor); not a usable LoKr module")
         if rank is None:  # both factors full: LyCORIS forces scale 1 whatever alpha says
             modules[stem] = ModuleWeights(group, 1.0, 1, 1.0)
             continue
-        alpha = (
-            float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None and alpha_t.numel() else float(rank)
-        )
+        alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None and alpha_t.numel() else float(rank)
         if alpha_t is not None and alpha_t.numel() != 1:
-            raise AdapterFormatError(
-                f"{path}: {stem}.alpha must be a scalar, got shape {tuple(alpha_t.shape)}"
-            )
+            raise AdapterFormatError(f"{path}: {stem}.alpha must be a scalar, got shape {tuple(alpha_t.shape)}")
         if alpha != alpha or alpha in (float("inf"), float("-inf")):
             raise AdapterFormatError(f"{path}: {stem}.alpha is not finite ({alpha})")
         modules[stem] = ModuleWeights(group, alpha / rank, rank, alpha)
@@ -190,9 +186,7 @@ def _lycoris_rank(group: Mapping[str, Tensor]) -> int | None:
     return None
 
 
-def _group_by_module(
-    tensors: Mapping[str, Tensor], where: str, strip: str | None
-) -> dict[str, dict[str, Tensor]]:
+def _group_by_module(tensors: Mapping[str, Tensor], where: str, strip: str | None) -> dict[str, dict[str, Tensor]]:
     """`{module: {lokr_name: tensor}}`; refuses other adapter kinds and stray keys by name."""
     if not tensors:
         raise AdapterFormatError(f"{where} holds no tensors")
@@ -220,9 +214,7 @@ def _refuse_other_kinds(key: str, where: str) -> None:
     leaf = key.rpartition(".")[2] if not key.endswith(".weight") else key.split(".")[-2]
     for marker, kind in _OTHER_ADAPTER_KEYS.items():
         if leaf.startswith(marker):
-            raise UnsupportedAdapterError(
-                f"{where}: key {key!r} belongs to a {kind} adapter; only LoKr is served"
-            )
+            raise UnsupportedAdapterError(f"{where}: key {key!r} belongs to a {kind} adapter; only LoKr is served")
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -248,9 +240,7 @@ def resolve_lycoris_name(stem: str, table: Mapping[str, str | None], module_name
 
 
 # ------------------------------------------------------------------------------------------ writing
-def write_peft_dir(
-    out_dir: str | os.PathLike[str], tensors: Mapping[str, Tensor], config: LoKrConfig
-) -> Path:
+def write_peft_dir(out_dir: str | os.PathLike[str], tensors: Mapping[str, Tensor], config: LoKrConfig) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (keys `base_model.model.<path>.lokr_*`)."""
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)

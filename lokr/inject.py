@@ -155,9 +155,7 @@ def wrap_module(model: nn.Module, name: str) -> LoKrLayer:
     if isinstance(module, LoKrLayer):
         return module
     if not isinstance(module, SUPPORTED_LAYERS):
-        raise UnsupportedLayerError(
-            f"module {name!r} is a {type(module).__name__}; LoKr wraps Linear/Conv1d/Conv2d"
-        )
+        raise UnsupportedLayerError(f"module {name!r} is a {type(module).__name__}; LoKr wraps Linear/Conv1d/Conv2d")
     parent_name, _, child = name.rpartition(".")
     wrapper = LoKrLayer(module)
     wrapper.train(module.training)  # a fresh nn.Module is in training mode; keep the model's eval mode

@@ -129,9 +129,7 @@ def attach_adapter(
         validate_factors(name, weights.tensors, spec)
         weights.swapped = parsed.format == "peft" and spec.kind == "conv1d" and "lokr_w2" in weights.tensors
         target_dtype = dtype or _serving_dtype(weights)
-        weights.tensors = {
-            k: _normalise(k, t, spec.kind).to(target_dtype) for k, t in weights.tensors.items()
-        }
+        weights.tensors = {k: _normalise(k, t, spec.kind).to(target_dtype) for k, t in weights.tensors.items()}
         adapters[name] = _new_adapter(weights, parsed.config)
         adapters[name].origin = (parsed.format, parsed.source)
     for name, adapter in adapters.items():  # nothing below can fail on valid input
@@ -238,17 +236,13 @@ def adapter_batch(model: nn.Module, rows: Sequence[RowSpec]) -> Iterator[RowPlan
     plan = RowPlan.from_rows(rows)
     layers = [layer for _, layer in iter_lokr_layers(model)]
     if any(layer.merged for layer in layers):
-        raise AdapterStateError(
-            "per-row adapter selection needs unmerged adapters; call unmerge_adapter first"
-        )
+        raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge_adapter first")
     with selection_scope(layers, plan, set(list_adapters(model))) as scoped:
         yield scoped
 
 
 # ------------------------------------------------------------------------------------------ merge / save
-def merge_adapter(
-    model: nn.Module, name: str | Sequence[str] | None = None, safe_merge: bool = False
-) -> None:
+def merge_adapter(model: nn.Module, name: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
     """Merge `name` (default: the active adapters) into the base weights."""
     names = None if name is None else [name] if isinstance(name, str) else list(name)
     if names is not None:
@@ -290,9 +284,7 @@ def _check_new_name(model: nn.Module, name: str) -> None:
 
 def describe_adapter(model: nn.Module, name: str) -> AdapterInfo:
     """An `AdapterInfo` for an adapter already on `model`."""
-    adapters = {
-        n: layer._adapter(name) for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters
-    }
+    adapters = {n: layer._adapter(name) for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters}
     if not adapters:
         raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
     fmt, source = next(iter(adapters.values())).origin

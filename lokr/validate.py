@@ -60,9 +60,7 @@ def _check_structure(module: str, tensors: dict[str, Tensor]) -> None:
 def _dims(module: str, name: str, t: Tensor, ndim: int | tuple[int, ...]) -> tuple[int, ...]:
     allowed = (ndim,) if isinstance(ndim, int) else ndim
     if t.dim() not in allowed:
-        raise ShapeMismatchError(
-            f"{module}.{name} has shape {tuple(t.shape)}; expected {allowed[0]} dimensions"
-        )
+        raise ShapeMismatchError(f"{module}.{name} has shape {tuple(t.shape)}; expected {allowed[0]} dimensions")
     return tuple(t.shape)
 
 
@@ -95,17 +93,13 @@ def _w2_dims(module: str, tensors: dict[str, Tensor], spec: LayerSpec) -> tuple[
     if len(shape_b) > 2 and tuple(shape_b[2:]) != kernel:  # LyCORIS functional layout (r, n2, *k)
         raise ShapeMismatchError(f"{module}.lokr_w2_b has kernel {shape_b[2:]}; the base layer's is {kernel}")
     if cols % k:
-        raise ShapeMismatchError(
-            f"{module}.lokr_w2_b has {cols} columns, not a multiple of the kernel size {k}"
-        )
+        raise ShapeMismatchError(f"{module}.lokr_w2_b has {cols} columns, not a multiple of the kernel size {k}")
     return m2, cols // k
 
 
 def _cp_dims(module: str, tensors: dict[str, Tensor], spec: LayerSpec) -> tuple[int, int]:
     if spec.kind == "linear":
-        raise ShapeMismatchError(
-            f"{module}: lokr_t2 (CP) factors need a convolution, the base layer is Linear"
-        )
+        raise ShapeMismatchError(f"{module}: lokr_t2 (CP) factors need a convolution, the base layer is Linear")
     t_kernel = spec.kernel if spec.kind == "conv2d" else (*spec.kernel, 1)
     shape = _dims(module, "lokr_t2", tensors["lokr_t2"], 4)
     r_a, m2 = _dims(module, "lokr_w2_a", tensors["lokr_w2_a"], 2)
