@@ -11,6 +11,7 @@ __all__ = [
     "ChatMessage",
     "ChatRequest",
     "CompletionRequest",
+    "ErrorResponse",
     "LoadAdapterRequest",
     "VllmLoadRequest",
     "VllmUnloadRequest",
@@ -82,3 +83,21 @@ class VllmLoadRequest(BaseModel):
 class VllmUnloadRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(max_length=256)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of every route: `{"error": {"message", "type", "code"}}`."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    "4XX": {"model": ErrorResponse, "description": "Bad request, auth, not found, conflict or too large"},
+    "5XX": {"model": ErrorResponse, "description": "Overloaded (503 + Retry-After), not ready, or an engine error"},
+}

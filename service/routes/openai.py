@@ -18,6 +18,10 @@ from ..schemas import ChatRequest, CompletionRequest
 from .deps import ApiAuth, Components, Deps
 
 router = APIRouter(dependencies=[ApiAuth], tags=["openai"])
+# With `"stream": true` the 200 is server-sent events instead of one JSON object.
+_STREAMABLE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "JSON, or SSE when streaming"}
+}
 
 
 def _inference(c: Components) -> Inference:
@@ -46,7 +50,7 @@ async def list_models(c: Deps) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ completions
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=_STREAMABLE)
 async def completions(body: CompletionRequest, c: Deps, request: Request) -> dict[str, Any] | StreamingResponse:
     inf = _inference(c)
     sel = inf.select(body.model, body.adapters)
@@ -143,7 +147,7 @@ async def _completion_chunks(
 
 
 # ------------------------------------------------------------------------------------------ chat
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, responses=_STREAMABLE)
 async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict[str, Any] | StreamingResponse:
     inf = _inference(c)
     sel = inf.select(body.model, body.adapters)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .deps import Deps
@@ -19,7 +19,13 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+_NOT_READY = {
+    "description": "Starting or draining",
+    "content": {"application/json": {"example": {"status": "not ready"}}},
+}
+
+
+@router.get("/ready", responses={503: _NOT_READY})
 async def ready(c: Deps) -> JSONResponse:
     """200 once the model is loaded and the engine accepts work; 503 otherwise (also while draining)."""
     if c.engine is None or not c.engine.accepting:
@@ -27,6 +33,6 @@ async def ready(c: Deps) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": c.settings.base_name})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(c: Deps) -> Response:
     return Response(c.metrics.render(), media_type=CONTENT_TYPE_LATEST)
