@@ -1,0 +1,37 @@
+"""Smoke test of the serving benchmark: `--quick` starts real servers, runs every scenario kind end to end and
+writes its report and plot (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--out", str(out), "--work", str(work)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report, plot = out / "serve.md", out / "serve.png"
+    assert report.is_file()
+    assert plot.is_file() and plot.stat().st_size > 0
+    text = report.read_text()
+    for heading in ("## Environment", "## Settings", "## Results", "load average"):
+        assert heading in text
+    results = json.loads((out / "serve.json").read_text())["results"]
+    assert {r["scenario"] for r in results} == {"batch-1", "batch-16", "single-16", "peft-16"}
+    for r in results:
+        assert r["errors"] == 0, r
+        assert r["requests"] > 0
