@@ -53,7 +53,7 @@ class RowPlan:
 
     num_rows: int
     groups: dict[str, RowGroup]
-    _entries: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor, Tensor, Tensor | None]] = field(
+    _entries: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor | None, Tensor, Tensor]] = field(
         default_factory=dict, repr=False
     )
 
@@ -74,27 +74,30 @@ class RowPlan:
     def adapter_names(self) -> set[str]:
         return set(self.groups)
 
-    def entries(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """`(rows, slots, scales, inverse)` over the groups of `names` (slot = position in `names`).
+    def entries(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor | None, Tensor, Tensor]:
+        """`(rows, slots, scales)` for the stacked path over the groups of `names` (slot = position in `names`).
 
-        `inverse` is set when the entries are a permutation of all rows (each row exactly one adapter): then
-        `delta.index_select(0, inverse)` puts deltas in row order, no scatter needed. Cached per device.
+        When no row composes several of `names`, `rows` is None and `slots` / `scales` are in row order (a row
+        without any of them gets slot 0 at scale 0): no gather, no scatter. Otherwise one entry per
+        (row, adapter) pair, to be scattered back by `rows`. Cached per device.
         """
         key = (names, device)
         if key not in self._entries:
             groups = [self.groups[n] for n in names]
-            rows = [r for g in groups for r in g.rows]
-            slots = [i for i, g in enumerate(groups) for _ in g.rows]
-            scales = [s for g in groups for s in g.scales]
-            inverse = None
-            if sorted(rows) == list(range(self.num_rows)):
-                order = sorted(range(len(rows)), key=rows.__getitem__)
-                inverse = torch.tensor(order, dtype=torch.long, device=device)
+            pairs = [(r, i, s) for i, g in enumerate(groups) for r, s in zip(g.rows, g.scales, strict=True)]
+            rows = [r for r, _, _ in pairs]
+            if len(set(rows)) == len(rows):  # at most one adapter per row: row order
+                slots, scales = [0] * self.num_rows, [0.0] * self.num_rows
+                for r, i, s in pairs:
+                    slots[r], scales[r] = i, s
+                row_tensor = None
+            else:
+                slots, scales = [i for _, i, _ in pairs], [s for _, _, s in pairs]
+                row_tensor = torch.tensor(rows, dtype=torch.long, device=device)
             self._entries[key] = (
-                torch.tensor(rows, dtype=torch.long, device=device),
+                row_tensor,
                 torch.tensor(slots, dtype=torch.long, device=device),
                 torch.tensor(scales, dtype=torch.float32, device=device),
-                inverse,
             )
         return self._entries[key]
 

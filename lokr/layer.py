@@ -55,12 +55,14 @@ class LoKrAdapter(nn.Module):
         self.origin: tuple[str, str | None] = ("peft", None)  # (format, source) it was read from
 
     def factors(self) -> Factors:
-        short = {name[len("lokr_") :]: getattr(self, name) for name in FACTOR_NAMES if hasattr(self, name)}
+        """The current factor tensors (read from `_parameters` directly: this runs per layer per step)."""
+        params = self._parameters
+        short = {name[len("lokr_") :]: params[name] for name in FACTOR_NAMES if name in params}
         return Factors(**short, swapped=self.swapped)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return next(iter(self._parameters.values())).dtype  # type: ignore[union-attr]
 
     @property
     def nbytes(self) -> int:
@@ -194,8 +196,9 @@ class LoKrLayer(nn.Module):
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
         present = tuple(name for name in plan.groups if name in self.lokr_adapters)
-        if self._stackable(present):
-            return self._forward_stacked(x, result, plan, present).to(previous_dtype)
+        stacked = self._stack_factors(present)
+        if stacked is not None:
+            return self._forward_stacked(x, result, plan, present, stacked).to(previous_dtype)
         for name in present:
             group = plan.groups[name]
             index = None if group.whole else group.index(x.device)
@@ -205,24 +208,28 @@ class LoKrLayer(nn.Module):
             result = _accumulate(result, delta) if index is None else _scatter_add(result, index, delta)
         return result.to(previous_dtype)
 
-    def _stackable(self, names: tuple[str, ...]) -> bool:
-        """Several adapters on a Linear layer with one factor structure: one batched pass instead of a loop."""
+    def _stack_factors(self, names: tuple[str, ...]) -> list[Factors] | None:
+        """Factors of several adapters on a Linear layer with one structure (one batched pass), else None."""
         if self.spec.kind != "linear" or len(names) < 2 or self.training:
-            return False
+            return None
         factors = [self._adapter(n).factors() for n in names]
         first = signature(factors[0])
-        return factors[0].t2 is None and all(signature(f) == first for f in factors[1:])
+        if factors[0].t2 is not None or any(signature(f) != first for f in factors[1:]):
+            return None
+        return factors
 
-    def _forward_stacked(self, x: Tensor, result: Tensor, plan: RowPlan, names: tuple[str, ...]) -> Tensor:
+    def _forward_stacked(
+        self, x: Tensor, result: Tensor, plan: RowPlan, names: tuple[str, ...], factors: list[Factors]
+    ) -> Tensor:
         """Entries (row, adapter, scale) gathered once, factors stacked, deltas scattered back to their rows."""
         adapters = [self._adapter(n) for n in names]
-        rows, slots, scales, inverse = plan.entries(names, x.device)
+        rows, slots, scales = plan.entries(names, x.device)
         dtype = adapters[0].dtype
         adapter_scale = torch.tensor([a.scale for a in adapters], dtype=dtype, device=x.device)
         coeff = scales.to(dtype) * adapter_scale.index_select(0, slots)
-        delta = apply_linear_stacked(x.index_select(0, rows).to(dtype), [a.factors() for a in adapters], slots, coeff)
-        if inverse is not None:  # every row exactly once: reorder instead of scattering (index_add is slow)
-            return _accumulate(result, delta.index_select(0, inverse))
+        if rows is None:  # row order: no gather, no scatter (index_add_ is slow on CPU)
+            return _accumulate(result, apply_linear_stacked(x.to(dtype), factors, slots, coeff))
+        delta = apply_linear_stacked(x.index_select(0, rows).to(dtype), factors, slots, coeff)
         return _scatter_add(result, rows, delta)
 
     # ---------------------------------------------------------------------------- merge
