@@ -7,7 +7,7 @@ thread / task that opened the scope, and it is gone when the scope ends, even on
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -137,13 +137,11 @@ def current_plan(layer: object) -> RowPlan | None:
 
 
 @contextmanager
-def selection_scope(layers: Sequence[object], plan: RowPlan, known: set[str]) -> Iterator[RowPlan]:
+def selection_scope(layers: Sequence[object], plan: RowPlan, known: Callable[[str], bool]) -> Iterator[RowPlan]:
     """Make `plan` visible to `layers` for the duration of the `with` block (this context only)."""
-    unknown = sorted(plan.adapter_names - known)
+    unknown = sorted(n for n in plan.adapter_names if not known(n))
     if unknown:
-        raise AdapterNotFoundError(
-            f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; loaded: {sorted(known)}"
-        )
+        raise AdapterNotFoundError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
     token = _SCOPES.set((*_SCOPES.get(), _Scope(frozenset(id(m) for m in layers), plan)))
     try:
         yield plan

@@ -17,8 +17,10 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "find_targets",
     "get_submodule",
+    "has_adapter",
     "iter_lokr_layers",
     "matches_target",
+    "model_modules",
     "parameter_shapes",
     "wrap_module",
 ]
@@ -45,22 +47,29 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+def model_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules` order, but a LoKr wrapper stands for its base layer and its insides are not walked.
+
+    So a walk costs O(base modules) however many adapters (each a submodule per layer) are loaded.
+    """
+    yield prefix, model
+    if isinstance(model, LoKrLayer):
+        return
+    for name, child in model._modules.items():
+        if child is not None:
+            yield from model_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
 def iter_lokr_layers(model: nn.Module) -> Iterator[tuple[str, LoKrLayer]]:
     """`(dotted name, layer)` for every LoKr wrapper in `model`."""
-    for name, module in model.named_modules():
+    for name, module in model_modules(model):
         if isinstance(module, LoKrLayer):
             yield name, module
 
 
-def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules, with LoKr wrappers standing for their base layer and their insides hidden."""
-    hidden: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in hidden):
-            continue
-        if isinstance(module, LoKrLayer):
-            hidden.append(f"{name}.")
-        yield name, module
+def has_adapter(model: nn.Module, name: str) -> bool:
+    """True if any layer of `model` holds adapter `name` (stops at the first hit)."""
+    return any(name in layer.lokr_adapters for _, layer in iter_lokr_layers(model))
 
 
 def _layer_index_ok(config: LoKrConfig, key: str) -> bool:
@@ -108,7 +117,7 @@ def _resolve_targets(model: nn.Module, config: LoKrConfig) -> str | set[str]:
         output = getter() if callable(getter) else None
         return {
             name
-            for name, module in _candidate_modules(model)
+            for name, module in model_modules(model)
             if isinstance(module, (nn.Linear, LoKrLayer))
             and (not isinstance(module, LoKrLayer) or module.spec.kind == "linear")
             and module is not output
@@ -128,7 +137,7 @@ def _resolve_targets(model: nn.Module, config: LoKrConfig) -> str | set[str]:
 def find_targets(model: nn.Module, config: LoKrConfig) -> list[str]:
     """Dotted names of the modules `config` targets, in `named_modules` order. Raises when none match."""
     targets = _resolve_targets(model, config)
-    names = [name for name, _ in _candidate_modules(model) if name and matches_target(config, name, targets)]
+    names = [name for name, _ in model_modules(model) if name and matches_target(config, name, targets)]
     if not names:
         raise ConfigError(
             f"Target modules {config.target_modules!r} not found in the base model. "

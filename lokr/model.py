@@ -28,7 +28,9 @@ from .inject import (
     empty_parameters,
     find_targets,
     get_submodule,
+    has_adapter,
     iter_lokr_layers,
+    model_modules,
     parameter_shapes,
     unwrap_module,
     wrap_module,
@@ -138,9 +140,9 @@ def attach_adapter(
 
 
 def _resolve_modules(model: nn.Module, parsed: ParsedAdapter) -> dict[str, ModuleWeights]:
-    names = {n for n, m in model.named_modules() if isinstance(m, (*SUPPORTED_LAYERS, LoKrLayer))}
-    names -= {n for n in names if ".base_layer" in n or ".lokr_adapters" in n}
-    all_names = {n for n, _ in model.named_modules()}
+    modules = dict(model_modules(model))
+    names = {n for n, m in modules.items() if isinstance(m, (*SUPPORTED_LAYERS, LoKrLayer))}
+    all_names = set(modules)
     table = lycoris_name_table(names) if parsed.format == "lycoris" else {}
     resolved: dict[str, ModuleWeights] = {}
     for key, weights in parsed.modules.items():
@@ -192,10 +194,9 @@ def list_adapters(model: nn.Module) -> list[str]:
 def set_adapter(model: nn.Module, names: str | Sequence[str] | None) -> None:
     """Active adapter(s) for plain `model(...)` calls; several are summed; None = base model."""
     selected = [] if names is None else [names] if isinstance(names, str) else list(names)
-    known = set(list_adapters(model))
-    missing = [n for n in selected if n not in known]
+    missing = [n for n in selected if not has_adapter(model, n)]
     if missing:
-        raise AdapterNotFoundError(f"adapter(s) {missing} not loaded; loaded: {sorted(known)}")
+        raise AdapterNotFoundError(f"adapter(s) {missing} not loaded; loaded: {sorted(list_adapters(model))}")
     for _, layer in iter_lokr_layers(model):
         layer.set_active(selected)
 
@@ -237,7 +238,7 @@ def adapter_batch(model: nn.Module, rows: Sequence[RowSpec]) -> Iterator[RowPlan
     layers = [layer for _, layer in iter_lokr_layers(model)]
     if any(layer.merged for layer in layers):
         raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge_adapter first")
-    with selection_scope(layers, plan, set(list_adapters(model))) as scoped:
+    with selection_scope(layers, plan, lambda name: any(name in layer.lokr_adapters for layer in layers)) as scoped:
         yield scoped
 
 
@@ -246,7 +247,7 @@ def merge_adapter(model: nn.Module, name: str | Sequence[str] | None = None, saf
     """Merge `name` (default: the active adapters) into the base weights."""
     names = None if name is None else [name] if isinstance(name, str) else list(name)
     if names is not None:
-        missing = [n for n in names if n not in set(list_adapters(model))]
+        missing = [n for n in names if not has_adapter(model, n)]
         if missing:
             raise AdapterNotFoundError(f"adapter(s) {missing} not loaded")
     layers = [layer for _, layer in iter_lokr_layers(model)]
@@ -278,7 +279,7 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | os.PathLike[str]) -
 def _check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError("adapter name must be a non-empty string")
-    if name in set(list_adapters(model)):
+    if has_adapter(model, name):
         raise AdapterExistsError(f"adapter {name!r} is already loaded; delete it first or pick another name")
 
 
