@@ -36,7 +36,7 @@ class Engine:
         metrics: Metrics,
         max_batch_size: int = 16,
         max_queue: int = 256,
-        max_prefill_tokens: int = 4096,
+        max_prefill_tokens: int = 512,
     ) -> None:
         self.loaded = loaded
         self.metrics = metrics

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     cors_origin: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1)
-    max_prefill_tokens: int = Field(4096, ge=1)
+    max_prefill_tokens: int = Field(512, ge=1)
     max_resident_adapters: int = Field(128, ge=1)
     max_resident_bytes: int = Field(0, ge=0)
     max_host_adapters: int = Field(512, ge=0)

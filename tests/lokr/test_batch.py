@@ -48,9 +48,7 @@ def _with_adapters(build: Callable[[], nn.Module], targets: list[str]) -> nn.Mod
     torch.manual_seed(1)
     lokr.inject(model, lokr.LoKrConfig(target_modules=targets, init_weights=False, r=2, alpha=3), "a")
     lokr.inject(model, lokr.LoKrConfig(target_modules=targets[:1], init_weights=False, r=8), "b")
-    lokr.inject(
-        model, lokr.LoKrConfig(target_modules=targets, init_weights=False, decompose_both=True, r=1), "c"
-    )
+    lokr.inject(model, lokr.LoKrConfig(target_modules=targets, init_weights=False, decompose_both=True, r=1), "c")
     return model
 
 

@@ -60,9 +60,7 @@ def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str
     return state, types, lokr.list_adapters(model)
 
 
-def _assert_same(
-    model: nn.Module, snap: tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[str]]
-) -> None:
+def _assert_same(model: nn.Module, snap: tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[str]]) -> None:
     state, types, adapters = snap
     now = model.state_dict()
     assert now.keys() == state.keys()
@@ -218,9 +216,7 @@ def test_lycoris_file_exports_to_peft(tmp_path: Path) -> None:
     pm = PeftModel.from_pretrained(_model(), tmp_path / "peft").eval()
     x = torch.randn(3, 8)
     with torch.no_grad():
-        torch.testing.assert_close(
-            pm.base_model.model.down_blocks[0].to_q(x), net.down_blocks[0].to_q(x), **TOL
-        )
+        torch.testing.assert_close(pm.base_model.model.down_blocks[0].to_q(x), net.down_blocks[0].to_q(x), **TOL)
 
 
 def test_peft_dir_round_trip_and_describe(tmp_path: Path) -> None:
@@ -408,9 +404,7 @@ def test_corrupt_safetensors_is_refused(case: str, model: nn.Module, tmp_path: P
 
 
 def test_missing_source_and_max_bytes(model: nn.Module, tmp_path: Path) -> None:
-    _refused(
-        model, lambda: lokr.load_adapter(model, tmp_path / "nope.safetensors", "new"), lokr.AdapterFormatError
-    )
+    _refused(model, lambda: lokr.load_adapter(model, tmp_path / "nope.safetensors", "new"), lokr.AdapterFormatError)
     path = tmp_path / "valid.safetensors"
     path.write_bytes(_valid_bytes(tmp_path))
     _refused(model, lambda: lokr.load_adapter(model, path, "new", max_bytes=10), lokr.AdapterFormatError)
@@ -501,8 +495,7 @@ def test_delete_restores_plain_modules(model: nn.Module, tmp_path: Path) -> None
     lokr.delete_adapter(model, "keep")
     assert lokr.list_adapters(model) == []
     assert all(
-        type(m) in (Net, Block, nn.ModuleList, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
-        for m in model.modules()
+        type(m) in (Net, Block, nn.ModuleList, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) for m in model.modules()
     )
 
 
@@ -512,9 +505,7 @@ def test_inject_refuses_unsupported_layers_and_missing_targets(model: nn.Module)
         lambda: lokr.inject(model, lokr.LoKrConfig(target_modules=["embed"]), "e"),
         lokr.UnsupportedLayerError,
     )
-    _refused(
-        model, lambda: lokr.inject(model, lokr.LoKrConfig(target_modules=["nothing"]), "e"), lokr.ConfigError
-    )
+    _refused(model, lambda: lokr.inject(model, lokr.LoKrConfig(target_modules=["nothing"]), "e"), lokr.ConfigError)
 
 
 @pytest.mark.parametrize(
@@ -570,9 +561,7 @@ def test_import_lokr_does_not_import_the_service_stack() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in banned); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

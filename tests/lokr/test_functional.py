@@ -101,9 +101,7 @@ def test_make_kron_survives_rank1_cp_strides() -> None:
     t = torch.randn(1, 1, 3, 1, dtype=torch.float64)
     w2 = make_weight_cp(t, torch.randn(1, 8, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64))
     w1 = torch.randn(4, 4, dtype=torch.float64)
-    expected = torch.kron(
-        w1[:, :, None, None], w2.clone(memory_format=torch.contiguous_format).reshape(8, 4, 3, 1)
-    )
+    expected = torch.kron(w1[:, :, None, None], w2.clone(memory_format=torch.contiguous_format).reshape(8, 4, 3, 1))
     torch.testing.assert_close(make_kron(w1, w2), expected, **TIGHT)
 
 
@@ -149,9 +147,7 @@ def test_linear_factored_equals_dense(case: tuple[torch.Tensor, Factors, LayerSp
     weight = delta_weight(factors, spec, scale)
     assert weight.shape == spec.weight_shape
     w2 = factors.w2_matrix()
-    torch.testing.assert_close(
-        weight, peft_make_kron(factors.w1_full(), w2, scale).reshape(spec.weight_shape), **TIGHT
-    )
+    torch.testing.assert_close(weight, peft_make_kron(factors.w1_full(), w2, scale).reshape(spec.weight_shape), **TIGHT)
     torch.testing.assert_close(apply_delta(x, factors, spec, scale), F.linear(x, weight), **TIGHT)
 
 
@@ -194,9 +190,7 @@ def conv_case(draw: st.DrawFn) -> tuple[torch.Tensor, Factors, LayerSpec, float]
 
 def _peft_delta(factors: Factors, spec: LayerSpec, scale: float) -> torch.Tensor:
     w2 = factors.w2_matrix()
-    w2 = torch.empty(w2.shape, dtype=w2.dtype).copy_(
-        w2
-    )  # fresh strides: torch.kron chokes on some CP strides
+    w2 = torch.empty(w2.shape, dtype=w2.dtype).copy_(w2)  # fresh strides: torch.kron chokes on some CP strides
     if spec.kind == "conv1d" and factors.w2 is not None and not factors.swapped:
         return scale * torch.kron(factors.w1_full()[:, :, None], w2)  # LyCORIS layout
     return peft_make_kron(factors.w1_full(), w2, scale).reshape(spec.weight_shape)
