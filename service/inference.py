@@ -120,8 +120,14 @@ class Inference:
             await out.put((index, ErrorEvent(exc)))
             return
 
+        def done(event: Event) -> None:  # on the engine thread, also when the client has gone away
+            self.registry.release(set(sel.names))
+            if isinstance(event, FinishEvent):
+                self.metrics.tokens.labels("prompt", sel.label).inc(event.prompt_tokens)
+                self.metrics.tokens.labels("generated", sel.label).inc(event.completion_tokens)
+
         def make_job(sink: Callable[[Event], None]) -> Job:
-            return Job(ids, params, sel.spec, sink, on_done=lambda: self.registry.release(set(sel.names)))
+            return Job(ids, params, sel.spec, sink, on_done=done)
 
         started, first = time.perf_counter(), True
         try:
@@ -129,9 +135,6 @@ class Inference:
                 if first and isinstance(event, TokenEvent):
                     self.metrics.ttft.labels(sel.label).observe(time.perf_counter() - started)
                     first = False
-                if isinstance(event, FinishEvent):
-                    self.metrics.tokens.labels("prompt", sel.label).inc(event.prompt_tokens)
-                    self.metrics.tokens.labels("generated", sel.label).inc(event.completion_tokens)
                 await out.put((index, event))
         except Exception as exc:  # pragma: no cover - defensive: never leave the gatherer waiting
             await out.put((index, ErrorEvent(exc)))

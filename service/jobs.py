@@ -85,7 +85,7 @@ class Job:
     params: SamplingParams
     selection: RowSpec
     sink: Callable[[Event], None]
-    on_done: Callable[[], None] = lambda: None
+    on_done: Callable[[Event], None] = lambda event: None  # runs on the engine thread with the last event
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
@@ -99,4 +99,4 @@ class Job:
         try:
             self.sink(event)
         finally:
-            self.on_done()
+            self.on_done(event)
