@@ -65,6 +65,7 @@ class RowPlan:
                 group = groups.setdefault(name, RowGroup(name))
                 group.rows.append(i)
                 group.scales.append(scale)
+        groups = dict(sorted(groups.items()))  # stable order: the same adapters give the same stacked-factor cache key
         for group in groups.values():  # decided once per batch, not in every layer's forward
             group.whole = len(group.rows) == len(rows)
             group.unit = all(s == 1.0 for s in group.scales)

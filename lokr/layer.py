@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .batch import RowPlan, current_plan
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .stacked import apply_linear_stacked, signature
+from .stacked import StackedFactors, apply_linear_stacked, signature, stack_factors
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
 
@@ -96,6 +96,7 @@ class LoKrLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
+        self._stack_cache: tuple[tuple[Any, ...], StackedFactors | None] | None = None
 
     # ---------------------------------------------------------------------------- base-layer facade
     @property
@@ -122,6 +123,7 @@ class LoKrLayer(nn.Module):
             raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
         if name in self.lokr_adapters:
             del self.lokr_adapters[name]
+        self._stack_cache = None  # may hold copies of the removed adapter's factors
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -208,29 +210,35 @@ class LoKrLayer(nn.Module):
             result = _accumulate(result, delta) if index is None else _scatter_add(result, index, delta)
         return result.to(previous_dtype)
 
-    def _stack_factors(self, names: tuple[str, ...]) -> list[Factors] | None:
-        """Factors of several adapters on a Linear layer with one structure (one batched pass), else None."""
+    def _stack_factors(self, names: tuple[str, ...]) -> StackedFactors | None:
+        """Stacked factors of several adapters on a Linear layer with one structure (one batched pass), else
+        None. Cached while the same adapters (same tensors, versions and scales) keep coming: decode steps."""
         if self.spec.kind != "linear" or len(names) < 2 or self.training:
             return None
-        factors = [self._adapter(n).factors() for n in names]
+        adapters = [self._adapter(n) for n in names]
+        key = (
+            names,
+            tuple((p.data_ptr(), p._version) for a in adapters for p in a._parameters.values() if p is not None),
+            tuple(a.scale for a in adapters),
+        )
+        if self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        factors = [a.factors() for a in adapters]
         first = signature(factors[0])
-        if factors[0].t2 is not None or any(signature(f) != first for f in factors[1:]):
-            return None
-        return factors
+        same = factors[0].t2 is None and all(signature(f) == first for f in factors[1:])
+        stacked = stack_factors(factors, [a.scale for a in adapters]) if same else None
+        self._stack_cache = (key, stacked)
+        return stacked
 
     def _forward_stacked(
-        self, x: Tensor, result: Tensor, plan: RowPlan, names: tuple[str, ...], factors: list[Factors]
+        self, x: Tensor, result: Tensor, plan: RowPlan, names: tuple[str, ...], stacked: StackedFactors
     ) -> Tensor:
         """Entries (row, adapter, scale) gathered once, factors stacked, deltas scattered back to their rows."""
-        adapters = [self._adapter(n) for n in names]
         rows, slots, scales = plan.entries(names, x.device)
-        dtype = adapters[0].dtype
-        adapter_scale = torch.tensor([a.scale for a in adapters], dtype=dtype, device=x.device)
-        coeff = scales.to(dtype) * adapter_scale.index_select(0, slots)
+        x = x.to(stacked.w1.dtype)
         if rows is None:  # row order: no gather, no scatter (index_add_ is slow on CPU)
-            return _accumulate(result, apply_linear_stacked(x.to(dtype), factors, slots, coeff))
-        delta = apply_linear_stacked(x.index_select(0, rows).to(dtype), factors, slots, coeff)
-        return _scatter_add(result, rows, delta)
+            return _accumulate(result, apply_linear_stacked(x, stacked, slots, scales))
+        return _scatter_add(result, rows, apply_linear_stacked(x.index_select(0, rows), stacked, slots, scales))
 
     # ---------------------------------------------------------------------------- merge
     def merge(self, names: Iterable[str] | None = None, safe_merge: bool = False) -> None:

@@ -5,12 +5,14 @@ Entries are (row, adapter slot, coefficient) triples: a row composing two adapte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .functional import Factors, _w2_first_is_cheaper
 
-__all__ = ["apply_linear_stacked", "signature"]
+__all__ = ["StackedFactors", "apply_linear_stacked", "signature", "stack_factors"]
 
 
 def signature(f: Factors) -> tuple[object, ...]:
@@ -21,34 +23,47 @@ def signature(f: Factors) -> tuple[object, ...]:
     return (*shapes, dtype, f.swapped)
 
 
-def apply_linear_stacked(x: Tensor, factors: list[Factors], slot: Tensor, coeff: Tensor) -> Tensor:
-    """`x (E, ..., n1*n2)` -> `(E, ..., m1*m2)`: entry `e` uses `factors[slot[e]]` scaled by `coeff[e]`.
+@dataclass(frozen=True)
+class StackedFactors:
+    """Factors of A adapters with one signature: `w1 (A, m1, n1)`, `chain` = `[w2]` or `[w2_b, w2_a]`
+    (each `(A, out, in)`, applied in order on the last dim), adapter scales `(A,)`."""
 
-    All `factors` share one `signature` and a full or LoRA-style `w2` (Linear: no CP).
-    """
+    w1: Tensor
+    chain: tuple[Tensor, ...]
+    scale: Tensor
+    w2_first: bool
+
+
+def stack_factors(factors: list[Factors], scales: list[float]) -> StackedFactors:
+    """Stack Linear factors sharing one `signature` (full or LoRA-style `w2`, no CP)."""
     first = factors[0]
-    w1 = torch.stack([f.w1_full() for f in factors]).index_select(0, slot) * coeff.view(-1, 1, 1)  # (E, m1, n1)
+    w1 = torch.stack([f.w1_full() for f in factors])
+    if first.w2 is not None:
+        chain: tuple[Tensor, ...] = (torch.stack([f.w2 for f in factors]),)  # type: ignore[misc]
+    else:
+        chain = (torch.stack([f.w2_b for f in factors]), torch.stack([f.w2_a for f in factors]))  # type: ignore[misc]
+    m1, n1 = w1.shape[1:]
+    n2 = chain[0].shape[-1]
+    scale = torch.tensor(scales, dtype=w1.dtype, device=w1.device)
+    return StackedFactors(w1, chain, scale, _w2_first_is_cheaper(first, m1, n1, n2))
+
+
+def apply_linear_stacked(x: Tensor, stacked: StackedFactors, slot: Tensor, coeff: Tensor) -> Tensor:
+    """`x (E, ..., n1*n2)` -> `(E, ..., m1*m2)`: entry `e` uses adapter `slot[e]`, times `coeff[e]`."""
+    coeff = coeff.to(stacked.w1.dtype) * stacked.scale.index_select(0, slot)
+    w1 = stacked.w1.index_select(0, slot) * coeff.view(-1, 1, 1)  # (E, m1, n1)
+    chain = [w.index_select(0, slot) for w in stacked.chain]
     entries, (m1, n1) = x.shape[0], w1.shape[1:]
     lead, n2 = x.shape[1:-1], x.shape[-1] // n1
-    chain = _w2_chain(factors, slot)
     rows = x.reshape(entries, -1, n1, n2)  # (E, N, n1, n2)
     tokens = rows.shape[1]
-    if _w2_first_is_cheaper(first, m1, n1, n2):
+    if stacked.w2_first:
         z = _apply_chain(rows.reshape(entries, tokens * n1, n2), chain).reshape(entries, tokens, n1, -1)
         y = torch.matmul(w1.unsqueeze(1), z)  # (E, N, m1, m2)
     else:
         u = torch.matmul(w1.unsqueeze(1), rows)  # (E, N, m1, n2)
         y = _apply_chain(u.reshape(entries, tokens * m1, n2), chain).reshape(entries, tokens, m1, -1)
     return y.reshape(entries, *lead, -1)
-
-
-def _w2_chain(factors: list[Factors], slot: Tensor) -> list[Tensor]:
-    """Per-entry matrices applied right to left on the last dim: `[w2]` or `[w2_b, w2_a]`, each `(E, out, in)`."""
-    if factors[0].w2 is not None:
-        return [torch.stack([f.w2 for f in factors]).index_select(0, slot)]  # type: ignore[misc]
-    w2_b = torch.stack([f.w2_b for f in factors]).index_select(0, slot)  # type: ignore[misc]
-    w2_a = torch.stack([f.w2_a for f in factors]).index_select(0, slot)  # type: ignore[misc]
-    return [w2_b, w2_a]
 
 
 def _apply_chain(rows: Tensor, chain: list[Tensor]) -> Tensor:
