@@ -21,23 +21,10 @@ from torch import nn
 import lokr
 from lokr.inject import iter_lokr_layers
 
+from .nets import Block, Net
+
 ROOT = Path(__file__).resolve().parents[2]
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.to_q = nn.Linear(8, 12)
-        self.proj_out = nn.Conv2d(4, 6, 3, padding=1)
-        self.conv_1d = nn.Conv1d(4, 6, 3)
-        self.embed = nn.Embedding(5, 8)
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.down_blocks = nn.ModuleList([Block(), Block()])
 
 
 def _model() -> nn.Module:

@@ -26,6 +26,8 @@ from torch import nn
 
 import lokr
 
+from .nets import Net
+
 pytestmark = pytest.mark.slow
 EXAMPLES = 500
 SLOW_S = 10.0  # one parse + validation of a file of a few KiB; anything near this is a hang in the making
@@ -36,21 +38,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.to_q = nn.Linear(8, 12)
-        self.proj_out = nn.Conv2d(4, 6, 3, padding=1)
-        self.conv_1d = nn.Conv1d(4, 6, 3)
-        self.embed = nn.Embedding(5, 8)
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.down_blocks = nn.ModuleList([Block(), Block()])
 
 
 STEMS = [
