@@ -39,7 +39,7 @@ class BatchRunner:
 
     def admit(self, jobs: list[Job]) -> RunningBatch | None:
         """Prefill `jobs` together and pick each row's first token; None when every row already finished."""
-        rows = [_Row(job, TextStream(self.tokenizer, job.params.stop)) for job in jobs]
+        rows = [_Row(job, TextStream(self.tokenizer, job.params.stop, job.prompt_ids)) for job in jobs]
         for row in rows:
             row.job.generator = make_generator(row.job.params, self.device)
         logits, cache, mask = self._prefill(rows)

@@ -84,6 +84,13 @@ def _peft_greedy(reference, prompt: str, adapter: str | None, steps: int) -> lis
     return out
 
 
+def _completion_text(tokenizer, prompt: str, generated: list[int]) -> str:  # type: ignore[no-untyped-def]
+    """What follows the prompt in the decoded prompt + completion (keeps the separating space, as OpenAI)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
+    return str(full[len(tokenizer.decode(prompt_ids, skip_special_tokens=True)) :])
+
+
 def _server_scores(client: httpx.Client, model: str, prompt: str, **extra: object) -> list[float]:
     body = {"model": model, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0, **extra}
     response = client.post("/v1/completions", json=body)
@@ -114,7 +121,7 @@ def test_greedy_text_matches_peft(client: httpx.Client, reference) -> None:  # t
             want_ids = _peft_greedy(reference, prompt, adapter, steps=8)
             body = {"model": adapter or "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}
             got = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-            assert got == tokenizer.decode(want_ids, skip_special_tokens=True)
+            assert got == _completion_text(tokenizer, prompt, want_ids)
 
 
 def test_composition_matches_peft_with_scaled_second_adapter(client: httpx.Client, reference) -> None:  # type: ignore[no-untyped-def]
@@ -137,7 +144,7 @@ def test_openai_client_completions_chat_and_streaming(server, client: httpx.Clie
 
     completion = oai.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=6, temperature=0)
     _, tokenizer = reference
-    want = tokenizer.decode(_peft_greedy(reference, PROMPTS[1], "alpha", 6), skip_special_tokens=True)
+    want = _completion_text(tokenizer, PROMPTS[1], _peft_greedy(reference, PROMPTS[1], "alpha", 6))
     assert completion.choices[0].text == want
     assert completion.usage is not None and completion.usage.completion_tokens <= 6
 
@@ -203,3 +210,15 @@ def test_sse_stream_format(client: httpx.Client) -> None:
     assert lines[-1] == "data: [DONE]"
     payloads = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_echo_text_is_prompt_plus_completion(client: httpx.Client, reference) -> None:  # type: ignore[no-untyped-def]
+    ensure_loaded(client, "alpha")
+    _, tokenizer = reference
+    body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]["text"]
+    assert plain.startswith(" ")  # the separator between prompt and completion is part of the completion
+    assert echoed == PROMPTS[0] + plain
+    want = _completion_text(tokenizer, PROMPTS[0], _peft_greedy(reference, PROMPTS[0], "alpha", 5))
+    assert plain == want
