@@ -93,6 +93,8 @@ class LoKrLayer(nn.Module):
         self.base_layer = base_layer
         self.spec = LayerSpec.from_module(base_layer)
         self.lokr_adapters = nn.ModuleDict()
+        # The ModuleDict's own dict, for the per-step hot path (nn.Module.__getattr__ is slow).
+        self._held: dict[str, nn.Module] = self.lokr_adapters._modules
         self.active_adapters: list[str] = []
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
@@ -137,7 +139,7 @@ class LoKrLayer(nn.Module):
         return delta_weight(adapter.factors(), self.spec, adapter.scale)
 
     def _adapter(self, name: str) -> LoKrAdapter:
-        adapter = self.lokr_adapters[name]
+        adapter = self._held[name]
         assert isinstance(adapter, LoKrAdapter)
         return adapter
 
@@ -197,7 +199,7 @@ class LoKrLayer(nn.Module):
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
-        present = tuple(name for name in plan.groups if name in self.lokr_adapters)
+        present = tuple(name for name in plan.groups if name in self._held)
         stacked = self._stack_factors(present)
         if stacked is not None:
             return self._forward_stacked(x, result, plan, present, stacked).to(previous_dtype)
@@ -216,11 +218,7 @@ class LoKrLayer(nn.Module):
         if self.spec.kind != "linear" or len(names) < 2 or self.training:
             return None
         adapters = [self._adapter(n) for n in names]
-        key = (
-            names,
-            tuple((p.data_ptr(), p._version) for a in adapters for p in a._parameters.values() if p is not None),
-            tuple(a.scale for a in adapters),
-        )
+        key = (names, tuple(_state(a) for a in adapters))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
         factors = [a.factors() for a in adapters]
@@ -283,6 +281,11 @@ class LoKrLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _state(adapter: LoKrAdapter) -> tuple[object, ...]:
+    """What the stacked-factor cache must notice: each factor's storage and in-place version, and the scale."""
+    return (adapter.scale, *[(p.data_ptr(), p._version) for p in adapter._parameters.values() if p is not None])
 
 
 def _accumulate(result: Tensor, delta: Tensor) -> Tensor:
