@@ -498,7 +498,10 @@ def run_peft(
         result.end = time.perf_counter()
         result.token_times = streamer.times
         result.first = streamer.times[0] if streamer.times else None
-        result.text = str(tokenizer.decode(out[0, len(req.prompt) :].tolist(), skip_special_tokens=True))
+        # the completion as OpenAI returns it: what follows the prompt in the decoded prompt + completion
+        full = str(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+        head = str(tokenizer.decode(out[0, : len(req.prompt)].tolist(), skip_special_tokens=True))
+        result.text = full[len(head) :]
         return result
 
     with torch.inference_mode():
