@@ -21,7 +21,7 @@ from torch import nn
 import lokr
 from lokr.inject import iter_lokr_layers
 
-from .nets import Block, Net
+from .nets import Block, Net, assert_unchanged, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -39,21 +39,6 @@ def _r(*shape: int) -> torch.Tensor:
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
-
-
-def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[str]]:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    types = [(n, type(m)) for n, m in model.named_modules()]
-    return state, types, lokr.list_adapters(model)
-
-
-def _assert_same(model: nn.Module, snap: tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[str]]) -> None:
-    state, types, adapters = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
-    assert lokr.list_adapters(model) == adapters
 
 
 @pytest.fixture
@@ -313,10 +298,10 @@ BAD_TENSORS: dict[str, tuple[dict[str, torch.Tensor], type[Exception]]] = {
 
 
 def _refused(model: nn.Module, load: Callable[[], Any], error: type[Exception]) -> pytest.ExceptionInfo[Any]:
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(error) as info:
         load()
-    _assert_same(model, snap)
+    assert_unchanged(model, snap)
     assert isinstance(info.value, lokr.LoKrError)
     assert str(info.value)
     return info

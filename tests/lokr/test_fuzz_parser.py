@@ -26,7 +26,7 @@ from torch import nn
 
 import lokr
 
-from .nets import Net
+from .nets import Net, assert_unchanged, snapshot
 
 pytestmark = pytest.mark.slow
 EXAMPLES = 500
@@ -109,20 +109,6 @@ def workdir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[str]]:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state, [(n, type(m)) for n, m in model.named_modules()], lokr.list_adapters(model)
-
-
-def _assert_same(model: nn.Module, snap: tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[str]]) -> None:
-    state, types, adapters = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
-    assert lokr.list_adapters(model) == adapters
-
-
 _counter = iter(range(10**9))
 OUTCOMES: Counter[str] = Counter()
 
@@ -137,7 +123,7 @@ def _summary() -> Iterator[None]:
 
 def _try_load(model: nn.Module, source: Path) -> str:
     """Load `source`; our own errors only, nothing changed on failure. Returns 'ok' or the error's class."""
-    before = _snapshot(model)
+    before = snapshot(model)
     started = time.monotonic()
     outcome = "ok"
     try:
@@ -145,10 +131,10 @@ def _try_load(model: nn.Module, source: Path) -> str:
         lokr.load_adapter(model, source, "fz", max_bytes=1 << 20)
     except lokr.LoKrError as exc:
         outcome = type(exc).__name__
-        _assert_same(model, before)
+        assert_unchanged(model, before)
     else:
         lokr.delete_adapter(model, "fz")
-        _assert_same(model, before)  # and a successful load + delete is a round trip
+        assert_unchanged(model, before)  # and a successful load + delete is a round trip
     assert time.monotonic() - started < SLOW_S, f"parsing {source} took too long"
     OUTCOMES[outcome] += 1
     return outcome
