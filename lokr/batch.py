@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .errors import AdapterNotFoundError, ConfigError
+from .stacked import Slots
 
 __all__ = ["RowGroup", "RowPlan", "RowSpec", "current_plan", "selection_scope"]
 
@@ -53,7 +54,7 @@ class RowPlan:
 
     num_rows: int
     groups: dict[str, RowGroup]
-    _entries: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor | None, Tensor, Tensor]] = field(
+    _entries: dict[tuple[tuple[tuple[str, int], ...], torch.device], tuple[Tensor | None, Slots]] = field(
         default_factory=dict, repr=False
     )
 
@@ -65,7 +66,7 @@ class RowPlan:
                 group = groups.setdefault(name, RowGroup(name))
                 group.rows.append(i)
                 group.scales.append(scale)
-        groups = dict(sorted(groups.items()))  # stable order: the same adapters give the same stacked-factor cache key
+        groups = dict(sorted(groups.items()))  # stable order: the same adapters give the same bank-entry cache key
         for group in groups.values():  # decided once per batch, not in every layer's forward
             group.whole = len(group.rows) == len(rows)
             group.unit = all(s == 1.0 for s in group.scales)
@@ -75,32 +76,35 @@ class RowPlan:
     def adapter_names(self) -> set[str]:
         return set(self.groups)
 
-    def entries(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor | None, Tensor, Tensor]:
-        """`(rows, slots, scales)` for the stacked path over the groups of `names` (slot = position in `names`).
+    def bank_entries(self, pairs: tuple[tuple[str, int], ...], device: torch.device) -> tuple[Tensor | None, Slots]:
+        """`(rows, slots)` for one factor bank holding the adapters `pairs` = `((name, slot), ...)`.
 
-        When no row composes several of `names`, `rows` is None and `slots` / `scales` are in row order (a row
-        without any of them gets slot 0 at scale 0): no gather, no scatter. Otherwise one entry per
-        (row, adapter) pair, to be scattered back by `rows`. Cached per device.
+        One adapter on every row at scale 1: no rows, one shared slot. At most one of them per row: `rows` is
+        None and the slots are in row order (rows using none of them get the bank's zero slot 0). Otherwise
+        one entry per (row, adapter) pair, to be scattered back by `rows`. Cached per plan and device.
         """
-        key = (names, device)
-        if key not in self._entries:
-            groups = [self.groups[n] for n in names]
-            pairs = [(r, i, s) for i, g in enumerate(groups) for r, s in zip(g.rows, g.scales, strict=True)]
-            rows = [r for r, _, _ in pairs]
-            if len(set(rows)) == len(rows):  # at most one adapter per row: row order
-                slots, scales = [0] * self.num_rows, [0.0] * self.num_rows
-                for r, i, s in pairs:
-                    slots[r], scales[r] = i, s
-                row_tensor = None
-            else:
-                slots, scales = [i for _, i, _ in pairs], [s for _, _, s in pairs]
-                row_tensor = torch.tensor(rows, dtype=torch.long, device=device)
-            self._entries[key] = (
-                row_tensor,
-                torch.tensor(slots, dtype=torch.long, device=device),
-                torch.tensor(scales, dtype=torch.float32, device=device),
-            )
-        return self._entries[key]
+        key = (pairs, device)
+        cached = self._entries.get(key)
+        if cached is None:
+            cached = self._entries[key] = self._bank_entries(pairs, device)
+        return cached
+
+    def _bank_entries(self, pairs: tuple[tuple[str, int], ...], device: torch.device) -> tuple[Tensor | None, Slots]:
+        groups = [self.groups[name] for name, _ in pairs]
+        if len(groups) == 1 and groups[0].whole and groups[0].unit:
+            return None, Slots(pairs[0][1])
+        triples = [(r, slot, s) for g, (_, slot) in zip(groups, pairs) for r, s in zip(g.rows, g.scales, strict=True)]
+        rows = [r for r, _, _ in triples]
+        if len(set(rows)) == len(rows):  # at most one adapter per row: row order, zero slot for the others
+            slots, scales = [0] * self.num_rows, [1.0] * self.num_rows
+            for r, slot, s in triples:
+                slots[r], scales[r] = slot, s
+            row_tensor = None
+        else:
+            slots, scales = [slot for _, slot, _ in triples], [s for _, _, s in triples]
+            row_tensor = torch.tensor(rows, dtype=torch.long, device=device)
+        coeff = None if all(s == 1.0 for s in scales) else torch.tensor(scales, dtype=torch.float32, device=device)
+        return row_tensor, Slots(0, torch.tensor(slots, dtype=torch.long, device=device), coeff)
 
 
 def _normalise(spec: RowSpec) -> list[tuple[str, float]]:

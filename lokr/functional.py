@@ -22,9 +22,11 @@ __all__ = [
     "delta_weight",
     "factored_cost",
     "factorization",
+    "linear_order_costs",
     "make_kron",
     "make_weight_cp",
     "prefer_factored",
+    "w2_first_is_cheaper",
 ]
 
 FACTOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -202,15 +204,27 @@ def factored_cost(f: Factors, spec: LayerSpec) -> int:
     m2, n2 = spec.out_features // m1, spec.in_features // n1
     k = spec.kernel_numel
     if spec.kind == "linear":
-        rank = f.w2_rank
-        c2 = n2 * m2 if rank is None else rank * (n2 + m2)
-        cost = min(n1 * c2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * c2)
+        cost = min(linear_order_costs(m1, n1, n2, m2, f.w2_rank))
     else:
         cost = min(n1 * m2 * n2 * k + m1 * n1 * m2, m1 * n1 * n2 + m1 * m2 * n2 * k)
         lowrank = _lowrank_conv_cost(f, spec)
         if lowrank is not None:
             cost = min(cost, lowrank)
     return cost * spec.groups
+
+
+def linear_order_costs(m1: int, n1: int, n2: int, m2: int, rank: int | None) -> tuple[int, int]:
+    """Multiply-adds per token of the factored Linear delta, `(w2 stage first, w1 stage first)`.
+
+    `rank` is the rank of a LoRA-style `w2` applied as two thin matmuls, None for a full `(m2, n2)` `w2`.
+    """
+    c2 = n2 * m2 if rank is None else rank * (n2 + m2)
+    return n1 * c2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * c2
+
+
+def w2_first_is_cheaper(m1: int, n1: int, n2: int, m2: int, rank: int | None) -> bool:
+    w2_first, w1_first = linear_order_costs(m1, n1, n2, m2, rank)
+    return w2_first <= w1_first
 
 
 def _lowrank_conv_cost(f: Factors, spec: LayerSpec) -> int | None:
@@ -251,7 +265,8 @@ def _linear(x: Tensor, f: Factors, scale: float) -> Tensor:
     lead = x.shape[:-1]
     n2 = x.shape[-1] // n1
     rows = x.reshape(-1, n1, n2)
-    w2_first = _w2_first_is_cheaper(f, m1, n1, n2)
+    m2 = (f.w2 if f.w2 is not None else f.w2_a).shape[0]  # type: ignore[union-attr]
+    w2_first = w2_first_is_cheaper(m1, n1, n2, m2, f.w2_rank)
     if w2_first:
         z = _apply_w2(rows.reshape(-1, n2), f).reshape(rows.shape[0], n1, -1)  # (N, n1, m2)
         y = torch.matmul(w1, z)  # (N, m1, m2)
@@ -259,13 +274,6 @@ def _linear(x: Tensor, f: Factors, scale: float) -> Tensor:
         u = torch.matmul(w1, rows)  # (N, m1, n2)
         y = _apply_w2(u.reshape(-1, n2), f).reshape(rows.shape[0], m1, -1)
     return y.reshape(*lead, -1)
-
-
-def _w2_first_is_cheaper(f: Factors, m1: int, n1: int, n2: int) -> bool:
-    rank = f.w2_rank
-    m2 = (f.w2 if f.w2 is not None else f.w2_a).shape[0]  # type: ignore[union-attr]
-    c2 = n2 * m2 if rank is None else rank * (n2 + m2)
-    return n1 * c2 + m1 * n1 * m2 <= m1 * n1 * n2 + m1 * c2
 
 
 def _apply_w2(rows: Tensor, f: Factors) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .batch import RowPlan, current_plan
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .stacked import StackedFactors, apply_linear_stacked, signature, stack_factors
+from .stacked import LayerBanks
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
 
@@ -98,7 +98,7 @@ class LoKrLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
-        self._stack_cache: tuple[tuple[Any, ...], StackedFactors | None] | None = None
+        self._banks = LayerBanks()  # stacked factors of the adapters of a Linear layer, for per-row batches
 
     # ---------------------------------------------------------------------------- base-layer facade
     @property
@@ -125,7 +125,7 @@ class LoKrLayer(nn.Module):
             raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
         if name in self.lokr_adapters:
             del self.lokr_adapters[name]
-        self._stack_cache = None  # may hold copies of the removed adapter's factors
+        self._banks.release(name)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -192,17 +192,22 @@ class LoKrLayer(nn.Module):
         return drop if self.spec.kind == "linear" else drop.view(-1, *([1] * len(self.spec.kernel)))
 
     def _forward_rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
-        """Each row of dim 0 gets its own adapter(s): one gather/matmuls/scatter per adapter used."""
+        """Each row of dim 0 gets its own adapter(s): stacked slots on Linear layers at inference, else one
+        gather / delta / scatter per adapter used."""
         if self.merged:
             raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
         if x.shape[0] != plan.num_rows:
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
-        present = tuple(name for name in plan.groups if name in self._held)
-        stacked = self._stack_factors(present)
-        if stacked is not None:
-            return self._forward_stacked(x, result, plan, present, stacked).to(previous_dtype)
+        present = [name for name in plan.groups if name in self._held]
+        if self.spec.kind == "linear" and not self.training and not torch.is_grad_enabled():
+            for bank, pairs in self._banks.place(present, [self._held[name] for name in present]):  # type: ignore[misc]
+                rows, slots = plan.bank_entries(pairs, x.device)
+                xs = x.to(bank.dtype)
+                delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots)
+                result = _accumulate(result, delta) if rows is None else _scatter_add(result, rows, delta)
+            return result.to(previous_dtype)
         for name in present:
             group = plan.groups[name]
             index = None if group.whole else group.index(x.device)
@@ -212,31 +217,15 @@ class LoKrLayer(nn.Module):
             result = _accumulate(result, delta) if index is None else _scatter_add(result, index, delta)
         return result.to(previous_dtype)
 
-    def _stack_factors(self, names: tuple[str, ...]) -> StackedFactors | None:
-        """Stacked factors of several adapters on a Linear layer with one structure (one batched pass), else
-        None. Cached while the same adapters (same tensors, versions and scales) keep coming: decode steps."""
-        if self.spec.kind != "linear" or len(names) < 2 or self.training:
-            return None
-        adapters = [self._adapter(n) for n in names]
-        key = (names, tuple(_state(a) for a in adapters))
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
-        factors = [a.factors() for a in adapters]
-        first = signature(factors[0])
-        same = factors[0].t2 is None and all(signature(f) == first for f in factors[1:])
-        stacked = stack_factors(factors, [a.scale for a in adapters]) if same else None
-        self._stack_cache = (key, stacked)
-        return stacked
+    def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:
+        """`.to()`, `.half()`, `.cuda()`...: stacked factors are rebuilt lazily on the new device / dtype."""
+        self._banks.clear()
+        return super()._apply(fn, recurse)
 
-    def _forward_stacked(
-        self, x: Tensor, result: Tensor, plan: RowPlan, names: tuple[str, ...], stacked: StackedFactors
-    ) -> Tensor:
-        """Entries (row, adapter, scale) gathered once, factors stacked, deltas scattered back to their rows."""
-        rows, slots, scales = plan.entries(names, x.device)
-        x = x.to(stacked.w1.dtype)
-        if rows is None:  # row order: no gather, no scatter (index_add_ is slow on CPU)
-            return _accumulate(result, apply_linear_stacked(x, stacked, slots, scales))
-        return _scatter_add(result, rows, apply_linear_stacked(x.index_select(0, rows), stacked, slots, scales))
+    @property
+    def stacked_nbytes(self) -> int:
+        """Bytes held by this layer's stacked factor banks (capacity included)."""
+        return self._banks.nbytes
 
     # ---------------------------------------------------------------------------- merge
     def merge(self, names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
@@ -281,11 +270,6 @@ class LoKrLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
-
-
-def _state(adapter: LoKrAdapter) -> tuple[object, ...]:
-    """What the stacked-factor cache must notice: each factor's storage and in-place version, and the scale."""
-    return (adapter.scale, *[(p.data_ptr(), p._version) for p in adapter._parameters.values() if p is not None])
 
 
 def _accumulate(result: Tensor, delta: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ from .inject import (
     wrap_module,
 )
 from .layer import SUPPORTED_LAYERS, LoKrAdapter, LoKrLayer, init_like_peft
+from .stacked import stacked_nbytes
 from .validate import validate_factors
 
 __all__ = [
@@ -67,6 +68,12 @@ class AdapterInfo:
     nbytes: int
     dtype: str
     scales: dict[str, float] = field(default_factory=dict)
+    stacked_nbytes: int = 0  # its slots in the Linear layers' factor banks (built for mixed-adapter batches)
+
+    @property
+    def device_nbytes(self) -> int:
+        """What the adapter takes where the model lives: its factors plus their stacked copy."""
+        return self.nbytes + self.stacked_nbytes
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -77,6 +84,7 @@ class AdapterInfo:
             "num_modules": len(self.modules),
             "num_parameters": self.num_parameters,
             "nbytes": self.nbytes,
+            "stacked_nbytes": self.stacked_nbytes,
             "dtype": self.dtype,
         }
 
@@ -285,7 +293,8 @@ def _check_new_name(model: nn.Module, name: str) -> None:
 
 def describe_adapter(model: nn.Module, name: str) -> AdapterInfo:
     """An `AdapterInfo` for an adapter already on `model`."""
-    adapters = {n: layer._adapter(name) for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters}
+    layers = {n: layer for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters}
+    adapters = {n: layer._adapter(name) for n, layer in layers.items()}
     if not adapters:
         raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
     fmt, source = next(iter(adapters.values())).origin
@@ -300,4 +309,5 @@ def describe_adapter(model: nn.Module, name: str) -> AdapterInfo:
         nbytes=sum(a.nbytes for a in adapters.values()),
         dtype=dtype,
         scales={n: a.scale for n, a in adapters.items()},
+        stacked_nbytes=sum(stacked_nbytes(a.factors()) for n, a in adapters.items() if layers[n].spec.kind == "linear"),
     )

@@ -42,7 +42,9 @@ class Metrics:
             "lokr_adapter_cache", "Adapter tier events: hit, miss_host, miss_disk, evict_device, evict_host",
             ["event"], registry=r,
         )  # fmt: skip
-        self.adapter_bytes = Gauge("lokr_adapter_bytes", "Bytes of adapter tensors attached to the model", registry=r)
+        self.adapter_bytes = Gauge(
+            "lokr_adapter_bytes", "Bytes of adapter tensors attached to the model, stacked copies included", registry=r
+        )
         self.adapter_loads = Counter("lokr_adapter_loads", "Adapter loads by result", ["result"], registry=r)
         self.adapter_unloads = Counter("lokr_adapter_unloads", "Adapter unloads", registry=r)
 

@@ -193,7 +193,7 @@ class Registry:
 
     def _pick_victim(self) -> AdapterRecord | None:
         residents = [self._records[n] for n in self._lru]
-        count, size = len(residents), sum(r.info.nbytes for r in residents)
+        count, size = len(residents), sum(r.info.device_nbytes for r in residents)
         over = count > self.limits.device_adapters or (0 < self.limits.device_bytes < size)
         if not over:
             return None
@@ -269,5 +269,5 @@ class Registry:
         residents = [r for r in records if r.resident]
         self.metrics.adapters_registered.set(len(records))
         self.metrics.adapters_resident.set(len(residents))
-        self.metrics.adapter_bytes.set(sum(r.info.nbytes for r in residents))
+        self.metrics.adapter_bytes.set(sum(r.info.device_nbytes for r in residents))
         self.metrics.adapters_host.set(sum(1 for r in records if r.host is not None))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,8 +36,8 @@ def test_stacked_rows_equal_dense(config: dict[str, object], rows: list[object])
         adapter.double()
     x = torch.randn(len(rows), 5, 64, dtype=torch.float64)
     with torch.no_grad(), lokr.adapter_batch(model, rows):  # type: ignore[arg-type]
-        assert layer._stack_factors(("a0", "a1", "a2")) is not None
         got = model(x)
+    assert layer.stacked_nbytes > 0  # the banked path ran
     with torch.no_grad():
         for i, row in enumerate(rows):
             want = layer.base_layer(x[i])
@@ -49,3 +52,150 @@ def _pairs(row: object) -> list[tuple[str, float]]:
     if isinstance(row, str):
         return [(row, 1.0)]
     return list(row)  # type: ignore[call-overload]
+
+
+# ------------------------------------------------------------------------------------------ bank lifecycle
+def _net(n: int, **config: object) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96)).eval()
+    for i in range(n):
+        lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, **config), f"a{i}")  # type: ignore[arg-type]
+    return model
+
+
+def _mixed(model: nn.Module, rows: list[object], x: torch.Tensor, mode: str = "no_grad") -> torch.Tensor:
+    guard = torch.inference_mode() if mode == "inference" else torch.no_grad()
+    with guard, lokr.adapter_batch(model, rows):  # type: ignore[arg-type]
+        return model(x).clone()
+
+
+def _dense(model: nn.Module, rows: list[object], x: torch.Tensor) -> torch.Tensor:
+    layer = model[0]  # type: ignore[index]
+    with torch.no_grad():
+        out = []
+        for i, row in enumerate(rows):
+            want = layer.base_layer(x[i])
+            for name, scale in _pairs(row):
+                want = want + scale * F.linear(x[i], layer.get_delta_weight(name))
+            out.append(want)
+        return torch.stack(out)
+
+
+ROW_MIX = ["a0", "a1", None, [("a0", 0.5), ("a2", -1.0)], "a2"]
+
+
+def _check(model: nn.Module, rows: list[object] = ROW_MIX, mode: str = "no_grad") -> None:
+    x = torch.randn(len(rows), 3, 64)
+    torch.testing.assert_close(_mixed(model, rows, x, mode), _dense(model, rows, x), rtol=1e-5, atol=1e-5)
+
+
+def test_banks_work_in_and_out_of_inference_mode() -> None:
+    model = _net(3, r=2)
+    _check(model, mode="inference")  # banks created inside inference mode stay writable outside it
+    _check(model, mode="no_grad")
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, r=2), "a3")
+    _check(model, ["a3", "a0", "a1"], mode="no_grad")
+    _check(model, ["a1", "a3"], mode="inference")
+
+
+@pytest.mark.parametrize("change", ["in_place", "data", "scale", "replace", "parameter"])
+def test_a_changed_adapter_is_restacked(change: str) -> None:
+    model = _net(3, r=2)
+    layer = model[0]
+    _check(model)
+    adapter = layer.lokr_adapters["a1"]
+    with torch.no_grad():
+        if change == "in_place":
+            adapter.lokr_w1.mul_(3.0)
+        elif change == "data":
+            adapter.lokr_w2_a.data = torch.randn_like(adapter.lokr_w2_a)
+        elif change == "scale":
+            adapter.scale = 0.25
+        elif change == "replace":
+            lokr.delete_adapter(model, "a1")
+            lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, r=2), "a1")
+        else:
+            adapter.lokr_w2_b = nn.Parameter(torch.randn_like(adapter.lokr_w2_b), requires_grad=False)
+    _check(model)
+
+
+def test_banks_grow_and_shrink_and_stay_exact() -> None:
+    model = _net(40, r=2)
+    layer = model[0]
+    names = [f"a{i}" for i in range(40)]
+    _check(model, [*names, [("a3", 0.5), ("a17", 1.0)]])
+    (bank,) = layer._banks._banks.values()
+    assert bank.capacity >= 41
+    grown = bank.nbytes
+    for name in names[:36]:  # unloads free slots (zeroed) and shrink the bank; survivors move slots
+        lokr.delete_adapter(model, name)
+    (bank,) = layer._banks._banks.values()
+    assert bank.nbytes < grown and sorted(bank.names) == names[36:]
+    free = [slot for slot in range(bank.capacity) if slot not in bank.names.values()]
+    assert torch.count_nonzero(bank.data[free]) == 0  # nothing of unloaded adapters is kept
+    _check(model, ["a36", "a39", None, [("a37", 2.0), ("a38", 1.0)]])
+    for name in names[36:]:
+        lokr.delete_adapter(model, name)
+    assert layer.stacked_nbytes == 0  # an empty bank is dropped
+
+
+def test_adapters_of_different_shapes_get_their_own_banks() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96)).eval()
+    for name, config in {"a0": {"r": 2}, "a1": {"r": 16}, "a2": {"r": 1, "decompose_both": True}}.items():
+        lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, **config), name)  # type: ignore[arg-type]
+    _check(model)
+    assert len(model[0]._banks._banks) == 3
+
+
+def test_moving_the_model_rebuilds_banks_in_the_new_dtype() -> None:
+    model = _net(3, r=2)
+    _check(model)
+    model.double()
+    x = torch.randn(len(ROW_MIX), 2, 64, dtype=torch.float64)
+    got = _mixed(model, ROW_MIX, x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _dense(model, ROW_MIX, x), rtol=1e-10, atol=1e-10)
+
+
+def test_a_deep_copy_has_its_own_banks() -> None:
+    model = _net(3, r=2)
+    _check(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].lokr_adapters["a0"].lokr_w1.mul_(-1.0)
+    _check(twin)
+    _check(model)
+    x = torch.randn(1, 64)
+    assert not torch.allclose(_mixed(model, ["a0"], x), _mixed(twin, ["a0"], x))
+
+
+def test_concurrent_mixed_batches_from_threads_are_exact() -> None:
+    model = _net(12, r=2)
+    names = [f"a{i}" for i in range(12)]
+    failures: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(20):
+                pick = torch.randint(0, 12, (6,), generator=g).tolist()
+                _check(model, [names[i] for i in pick], mode="inference")
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
+
+
+def test_stacked_bytes_are_reported_per_adapter() -> None:
+    model = _net(2, r=2)
+    info = lokr.describe_adapter(model, "a0")
+    assert info.stacked_nbytes > 0 and info.device_nbytes == info.nbytes + info.stacked_nbytes
+    _check(model, ["a0", "a1"])
+    (bank,) = model[0]._banks._banks.values()
+    assert bank.data.shape[1] * bank.data.element_size() == info.stacked_nbytes
