@@ -8,7 +8,6 @@ forward never sees an adapter appear or vanish mid-flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -21,6 +20,7 @@ from .errors import ContextLengthError, EngineError, NotReadyError, OverloadedEr
 from .generation import BatchRunner, RunningBatch
 from .jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
 from .metrics import Metrics
+from .outbox import Outbox
 
 __all__ = ["Engine"]
 
@@ -49,6 +49,7 @@ class Engine:
         self._accepting = False
         self._busy = threading.Event()
         self._thread: threading.Thread | None = None
+        self._outbox = Outbox()  # token events leave once per step, not once per row
 
     # ---------------------------------------------------------------------------------- lifecycle
     @property
@@ -117,8 +118,7 @@ class Engine:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def sink(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
-                loop.call_soon_threadsafe(events.put_nowait, event)
+            self._outbox.post(loop, events.put_nowait, event)
 
         job = make_job(sink)
         try:
@@ -137,21 +137,32 @@ class Engine:
     # ---------------------------------------------------------------------------------- worker
     def _loop(self) -> None:
         """Continuous batching: each iteration admits waiting jobs (prefill) and runs one decode step."""
+        self._outbox.bind()
         batch: RunningBatch | None = None
-        while not self._stop.is_set():
-            room = self.max_batch_size - (len(batch) if batch is not None else 0)
-            new = self._take(room if self._runner.can_join(batch) else 0, block=batch is None)
-            if batch is None and not new:
-                continue
-            self._busy.set()
-            with self.model_lock:
-                if new:
-                    batch = self._runner.merge(batch, self._admit(new))
-                if batch is not None:
-                    self.metrics.batch_size.observe(len(batch))
-                    batch = self._step(batch)
-            if batch is None and self._queue.empty():
-                self._busy.clear()
+        try:
+            while not self._stop.is_set():
+                batch = self._iterate(batch)
+                self._outbox.flush()
+        finally:
+            self._outbox.flush()
+
+    def _iterate(self, batch: RunningBatch | None) -> RunningBatch | None:
+        """Admit what fits, then one decode step."""
+        room = self.max_batch_size - (len(batch) if batch is not None else 0)
+        new = self._take(room if self._runner.can_join(batch) else 0, block=batch is None)
+        if batch is None and not new:
+            return None
+        self._busy.set()
+        with self.model_lock:
+            if new:
+                batch = self._runner.merge(batch, self._admit(new))
+            if batch is not None:
+                self.metrics.batch_size.observe(len(batch))
+                batch = self._step(batch)
+        if batch is None and self._queue.empty():
+            self._outbox.flush()  # before /drain can see the engine idle
+            self._busy.clear()
+        return batch
 
     def _take(self, room: int, block: bool) -> list[Job]:
         """Up to `room` live jobs and at most `max_prefill_tokens` prompt tokens (always at least one job)."""
