@@ -4,6 +4,7 @@
     python bench/serve.py --quick --out /tmp/x    # smoke test (tiny model, N in {1, 16}, < 60 s)
     python bench/serve.py --scenarios batch-16 peft-16 --requests 128
     python bench/serve.py --server-arg=--max-resident-adapters=64   # extra server flags (repeatable)
+    python bench/serve.py --repeats 3             # every scenario 3 times, interleaved; medians reported
 
 Setup (cached under `--work`, default `bench/.work/`): a randomly initialised Llama of a realistic shape for
 a 2-core CPU (word-level tokenizer of a few hundred words, built with `service.demo` helpers; the `</s>` row
@@ -710,6 +711,7 @@ TABLE_HEADERS = [
     "steady s",
     "req/s",
     "tok/s",
+    "tok/s runs",
     "TTFT p50 ms",
     "TTFT p99 ms",
     "per-token p50 ms",
@@ -731,6 +733,7 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[Any]]:
             r["steady_s"],
             r["req_per_s"],
             r["tok_per_s"],
+            " / ".join(f"{v:.0f}" for v in r["tok_per_s_runs"]),
             r["ttft_p50_ms"],
             r["ttft_p99_ms"],
             r["itl_p50_ms"],
@@ -894,6 +897,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=_ROOT / "bench" / ".work", help="cache dir (model, adapters)")
     parser.add_argument("--out", type=Path, default=_ROOT / "bench" / "results", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds over the scenario list (interleaved); each scenario reports "
+        "its median-throughput run, ratios use those medians",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so a running server is stopped too
 
@@ -934,25 +944,11 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((model_dir / "config.json").read_text())
     n_params = _count_params(model_dir)
     vocab = range(8, config["vocab_size"])
-    results: list[dict[str, Any]] = []
-    for sc in scenarios:
-        count = {"batch": args.requests, "single": args.single_requests, "peft": args.peft_requests}[sc.kind]
-        if sc.kind != "peft":  # the steady window needs more requests than clients
-            count = max(count, 2 * args.concurrency)
-        if args.duration:
-            count = 100_000
-        requests = make_requests(count, sc.n, args.prompt_tokens, vocab, args.seed)
-        print(f"\n== {sc.name}: {sc.n} adapters, {count if not args.duration else 'timed'} requests", flush=True)
-        res = run_scenario(sc, args, model_dir, adapter_root, dirs, requests, log_dir)
-        results.append(res)
-        print(
-            f"   {res['req_per_s']:.2f} req/s  {res['tok_per_s']:.1f} tok/s  TTFT p50 {res['ttft_p50_ms']} ms "
-            f"p99 {res['ttft_p99_ms']} ms  per-token p50 {res['itl_p50_ms']} ms p99 {res['itl_p99_ms']} ms  "
-            f"errors {res['errors']} short {res['short']}  mean batch rows {res.get('mean_batch_rows')}",
-            flush=True,
-        )
-        if res["first_errors"]:
-            print("   errors:", res["first_errors"], flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {sc.name: [] for sc in scenarios}
+    for round_ in range(max(1, args.repeats)):
+        for sc in scenarios:
+            runs[sc.name].append(_run_and_print(sc, args, model_dir, adapter_root, dirs, vocab, log_dir, round_))
+    results = [median_run(scenario_runs) for scenario_runs in runs.values()]
 
     elapsed = time.perf_counter() - t_start
     by_name = {r["scenario"]: r for r in results}
@@ -991,6 +987,7 @@ def main(argv: list[str] | None = None) -> int:
         "extra server args": " ".join(args.server_arg) or "none",
         "peft adapters held at once": f"{args.peft_max_loaded} (LRU, on-demand loads count in the request)",
         "torch threads (in-process phases; the server uses torch's default)": args.threads,
+        "rounds over the scenarios (interleaved; the median run of each is reported)": args.repeats,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(args.out, env, settings, step_rows, results, agreement)
@@ -1002,6 +999,47 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nwrote {args.out / 'serve.md'}, {args.out / 'serve.png'} in {elapsed:.0f}s")
     return 0
+
+
+def _run_and_print(
+    sc: Scenario,
+    args: argparse.Namespace,
+    model_dir: Path,
+    adapter_root: Path,
+    dirs: Sequence[Path],
+    vocab: range,
+    log_dir: Path,
+    round_: int,
+) -> dict[str, Any]:
+    count = {"batch": args.requests, "single": args.single_requests, "peft": args.peft_requests}[sc.kind]
+    if sc.kind != "peft":  # the steady window needs more requests than clients
+        count = max(count, 2 * args.concurrency)
+    if args.duration:
+        count = 100_000
+    requests = make_requests(count, sc.n, args.prompt_tokens, vocab, args.seed)
+    rounds = f", round {round_ + 1}/{args.repeats}" if args.repeats > 1 else ""
+    print(f"\n== {sc.name}: {sc.n} adapters, {count if not args.duration else 'timed'} requests{rounds}", flush=True)
+    res = run_scenario(sc, args, model_dir, adapter_root, dirs, requests, log_dir)
+    print(
+        f"   {res['req_per_s']:.2f} req/s  {res['tok_per_s']:.1f} tok/s  TTFT p50 {res['ttft_p50_ms']} ms "
+        f"p99 {res['ttft_p99_ms']} ms  per-token p50 {res['itl_p50_ms']} ms p99 {res['itl_p99_ms']} ms  "
+        f"errors {res['errors']} short {res['short']}  mean batch rows {res.get('mean_batch_rows')}",
+        flush=True,
+    )
+    if res["first_errors"]:
+        print("   errors:", res["first_errors"], flush=True)
+    return res
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput (the lower middle one for an even count), with every run's tok/s and
+    the errors of all runs."""
+    ranked = sorted(runs, key=lambda r: r["tok_per_s"])
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    chosen["tok_per_s_runs"] = [r["tok_per_s"] for r in runs]
+    chosen["errors"] = sum(r["errors"] for r in runs)
+    chosen["short"] = sum(r["short"] for r in runs)
+    return chosen
 
 
 def _count_params(model_dir: Path) -> int:
