@@ -105,9 +105,7 @@ CASES: dict[str, Case] = {
     "Vanilla MLP 5 LOKR": Case(
         MLP, _mlp_input, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}, supported=False
     ),
-    "Vanilla MLP 6 LOKR": Case(
-        MLP, _mlp_input, {"target_modules": ["lin0"], "alpha": 4, "module_dropout": 0.1}
-    ),
+    "Vanilla MLP 6 LOKR": Case(MLP, _mlp_input, {"target_modules": ["lin0"], "alpha": 4, "module_dropout": 0.1}),
     "Vanilla MLP 7 LOKR": Case(MLP, _mlp_input, {"target_modules": ["lin0"], "rank_dropout": 0.5}),
     "Vanilla MLP 8 LOKR": Case(
         MLP, _mlp_input, {"target_modules": ["lin0"], "decompose_both": True, "r": 1, "alpha": 1}
@@ -178,9 +176,7 @@ CASES: dict[str, Case] = {
         _inp(2, 16, 6, 6),
         {"target_modules": ["conv2d"], "r": 1, "alpha": 3},
     ),
-    "Conv1d full w2 quirk": Case(
-        _conv1d(8, 16, 3, 7, padding=1), _inp(2, 8, 7), {"target_modules": ["conv1d"]}
-    ),
+    "Conv1d full w2 quirk": Case(_conv1d(8, 16, 3, 7, padding=1), _inp(2, 8, 7), {"target_modules": ["conv1d"]}),
     "Conv1d CP r2": Case(
         _conv1d(16, 32, 3, 9, stride=2),
         _inp(2, 16, 9),
@@ -340,9 +336,7 @@ def test_lokr_save_loads_in_peft(case_name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("targets_a", "targets_b"), [(["lin0"], ["lin0"]), (["lin0"], ["lin1"])], ids=["same", "different"]
 )
-def test_two_active_adapters_sum_like_peft(
-    targets_a: list[str], targets_b: list[str], tmp_path: Path
-) -> None:
+def test_two_active_adapters_sum_like_peft(targets_a: list[str], targets_b: list[str], tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = MLP().eval()
     pm = _peft_model(base, {"target_modules": targets_a, "r": 2})
