@@ -10,6 +10,7 @@ import contextvars
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,8 @@ class RowPlan:
     _entries: dict[tuple[tuple[tuple[str, int], ...], torch.device], tuple[Tensor | None, Slots]] = field(
         default_factory=dict, repr=False
     )
+    # Per layer (by id), what its stacked passes compute, prepared when the scope opens (`BankPass` tuples).
+    prepared: dict[int, list[Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec]) -> RowPlan:

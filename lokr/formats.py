@@ -244,7 +244,11 @@ def write_peft_dir(out_dir: str | os.PathLike[str], tensors: Mapping[str, Tensor
     """Write `adapter_config.json` + `adapter_model.safetensors` (keys `base_model.model.<path>.lokr_*`)."""
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
-    payload = {f"{PEFT_PREFIX}{key}": t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+    # clone: packed factors are views of one buffer, and safetensors refuses tensors that share memory
+    payload = {
+        f"{PEFT_PREFIX}{key}": t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        for key, t in tensors.items()
+    }
     save_file(payload, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
     data = config.to_dict()
     data["peft_version"] = "0.21.2"

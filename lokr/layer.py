@@ -17,11 +17,12 @@ from torch import Tensor, nn
 from .batch import RowPlan, current_plan
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .stacked import LayerBanks
+from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+BankPass = tuple[FactorBank, Tensor, Tensor | None, Slots]  # bank, its data, entry rows (None: row order), slots
 
 
 class LoKrAdapter(nn.Module):
@@ -52,6 +53,7 @@ class LoKrAdapter(nn.Module):
             rank_dropout_scale,
         )
         self._dense: tuple[tuple[Any, ...], Tensor] | None = None
+        self._packed: Tensor | None = None  # the buffer the factors view while packed (`pack_`)
         self.origin: tuple[str, str | None] = ("peft", None)  # (format, source) it was read from
 
     def factors(self) -> Factors:
@@ -68,10 +70,59 @@ class LoKrAdapter(nn.Module):
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
+    def pack_(self, pin_memory: bool = False) -> None:
+        """Re-home the factors as views of one contiguous buffer (same values, names and `requires_grad`).
+
+        An in-place change to any factor then bumps one shared version counter, which is what `state_token`
+        reads: one check per adapter and layer per step instead of one per tensor. Moving or casting the
+        module unpacks it (the parameters get new storage); attaching it to a layer packs it again.
+        """
+        params = [(name, p) for name, p in self._parameters.items() if p is not None]
+        kinds = {(p.dtype, p.device) for _, p in params}
+        self._packed = None
+        if len(kinds) != 1:
+            return
+        first = params[0][1]
+        size = sum(p.numel() for _, p in params)
+        buffer = torch.empty(size, dtype=first.dtype, device=first.device, pin_memory=pin_memory)
+        offset = 0
+        with torch.no_grad():
+            for name, p in params:
+                view = buffer[offset : offset + p.numel()].view(p.shape)
+                view.copy_(p)
+                self._parameters[name] = nn.Parameter(view, requires_grad=p.requires_grad)
+                offset += p.numel()
+        self._packed = buffer
+        self.drop_cache()
+
+    def state_token(self) -> tuple[object, ...]:
+        """Differs whenever the factors or the scale may have changed (runs per layer per step: cheap when packed).
+
+        Seen: in-place changes (any autograd-visible write), replaced parameters, moves and casts. Not seen:
+        assigning `.data` of a packed parameter (replace the parameter or reload the adapter instead).
+        """
+        packed = self._packed
+        if packed is not None:
+            return (self.scale, packed._version)
+        params = self._parameters.values()
+        return (self.scale, *[(id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None])
+
+    # Whatever gives the factors other storage unpacks them: a token from their own tensors from then on.
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        self._packed = None
+        super().register_parameter(name, param)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LoKrAdapter:
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # copies and unpickled modules have fresh tensors
+        super().__setstate__(state)
+        self._packed = None
+
     def cached_delta(self, spec: LayerSpec) -> Tensor:
         """Dense `dW`, rebuilt whenever a factor, the scale, the device or the dtype changed."""
-        params = list(self.parameters())
-        key = (self.scale, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        key = self.state_token()
         if self._dense is None or self._dense[0] != key:
             with torch.no_grad():
                 self._dense = (key, delta_weight(self.factors(), spec, self.scale))
@@ -118,7 +169,9 @@ class LoKrLayer(nn.Module):
         """Attach (or replace) `name`; tensors move to the base layer's device."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
-        self.lokr_adapters[name] = adapter.to(self.weight.device).train(self.training)
+        adapter = adapter.to(self.weight.device).train(self.training)
+        adapter.pack_()
+        self.lokr_adapters[name] = adapter
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -200,15 +253,14 @@ class LoKrLayer(nn.Module):
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
         result = self.base_layer(x, *args, **kwargs)
-        present = [name for name in plan.groups if name in self._held]
-        if self.spec.kind == "linear" and not self.training and not torch.is_grad_enabled():
-            for bank, pairs in self._banks.place(present, [self._held[name] for name in present]):  # type: ignore[misc]
-                rows, slots = plan.bank_entries(pairs, x.device)
+        if self._banked():
+            passes = plan.prepared.get(id(self))
+            for bank, data, rows, slots in self._bank_passes(plan) if passes is None else passes:
                 xs = x.to(bank.dtype)
-                delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots)
+                delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, data)
                 result = _accumulate(result, delta) if rows is None else _scatter_add(result, rows, delta)
             return result.to(previous_dtype)
-        for name in present:
+        for name in [name for name in plan.groups if name in self._held]:
             group = plan.groups[name]
             index = None if group.whole else group.index(x.device)
             delta = self._delta(self._adapter(name), x if index is None else x.index_select(0, index))
@@ -216,6 +268,22 @@ class LoKrLayer(nn.Module):
                 delta = delta * _per_row(group.scale_tensor(x.device, delta.dtype), delta)
             result = _accumulate(result, delta) if index is None else _scatter_add(result, index, delta)
         return result.to(previous_dtype)
+
+    def _banked(self) -> bool:
+        """Per-row batches use the stacked factor banks: Linear layers at inference (no autograd)."""
+        return self.spec.kind == "linear" and not self.training and not torch.is_grad_enabled()
+
+    def prepare_rows(self, plan: RowPlan) -> None:
+        """Bring the banks up to date for `plan` and record its passes (called as an `adapter_batch` opens:
+        one tight loop over the layers instead of a check in every layer's forward)."""
+        if self._banked():
+            plan.prepared[id(self)] = self._bank_passes(plan)
+
+    def _bank_passes(self, plan: RowPlan) -> list[BankPass]:
+        """`(bank, data, rows, slots)` for each bank holding an adapter of `plan` on this layer."""
+        present = [name for name in plan.groups if name in self._held]
+        placed = self._banks.place(present, [self._held[name] for name in present])  # type: ignore[misc]
+        return [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:
         """`.to()`, `.half()`, `.cuda()`...: stacked factors are rebuilt lazily on the new device / dtype."""

@@ -240,13 +240,16 @@ def adapter_batch(model: nn.Module, rows: Sequence[RowSpec]) -> Iterator[RowPlan
     """Inside the block, row `i` of every forward's dim 0 uses `rows[i]`.
 
     `rows[i]` is None (base), an adapter name, or `[(name, scale), ...]` summed. Visible only to the
-    calling thread / task; gone when the block exits, even on error.
+    calling thread / task; gone when the block exits, even on error. Inference forwards (no autograd, eval
+    mode) inside the block use the selected adapters' weights as they were when the block was entered.
     """
     plan = RowPlan.from_rows(rows)
     layers = [layer for _, layer in iter_lokr_layers(model)]
     if any(layer.merged for layer in layers):
         raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge_adapter first")
     with selection_scope(layers, plan, lambda name: any(name in layer.lokr_adapters for layer in layers)) as scoped:
+        for layer in layers:
+            layer.prepare_rows(scoped)
         yield scoped
 
 

@@ -44,8 +44,7 @@ def offload_adapter(
         adapter.drop_cache()
         adapter.to(device)
         if pin_memory:
-            for p in adapter.parameters():
-                p.data = p.data.pin_memory()
+            adapter.pack_(pin_memory=True)  # one pinned buffer: the way back is one asynchronous copy
         kept[module_name] = adapter
     return OffloadedAdapter(name, kept)
 

@@ -1,9 +1,9 @@
 """Persistent stacked factors for the mixed-adapter Linear forward (vLLM-style slots, LoKr maths).
 
-Every adapter of a Linear layer that can be stacked owns a fixed slot in a `FactorBank`: one preallocated
-tensor per factor with the adapter's scale folded into `w1` and, when it is cheap, `w2 = w2_a @ w2_b` built
-once. A step then costs a gather by slot and two batched matmuls per bank, whatever the mix of adapters, and
-a change in which adapters a batch uses never restacks anything. Slot 0 is all zeros: rows that use no
+Every adapter of a Linear layer owns a fixed slot (a row) in the `FactorBank` of its factor shapes: its
+factors with the adapter's scale folded into `w1` and, when that is cheap, `w2 = w2_a @ w2_b` built once.
+A step then costs one gather by slot and two batched matmuls per bank, whatever the mix of adapters, and a
+change in which adapters a batch uses never restacks anything. Slot 0 is all zeros: rows that use no
 adapter of a bank point at it, so no per-row mask is needed.
 
 Banks are a cache of the adapters' parameters: a slot is rewritten when its adapter's tensors (storage or
@@ -33,8 +33,9 @@ __all__ = [
 ]
 
 Fingerprint = tuple[object, ...]
-# Banks with the `(name, slot)` pairs each holds for a forward.
-PlaceResult = list[tuple["FactorBank", tuple[tuple[str, int], ...]]]
+# For a forward: each bank, its `data` at that moment (a later shrink replaces the tensor, so slots read from
+# this one stay valid) and the `(name, slot)` pairs it holds.
+PlaceResult = list[tuple["FactorBank", Tensor, tuple[tuple[str, int], ...]]]
 MIN_CAPACITY = 4  # slots per bank, the zero slot included; doubles when full, halves when a quarter full
 
 
@@ -50,21 +51,15 @@ class BankedAdapter(Protocol):
     """What a bank reads of an adapter on one layer (`LoKrAdapter`)."""
 
     scale: float
-    _parameters: dict[str, Any]
 
     def factors(self) -> Factors: ...
 
+    def state_token(self) -> tuple[object, ...]: ...
+
 
 def _fingerprint(adapters: list[BankedAdapter]) -> Fingerprint:
-    """What a slot must notice, for all `adapters` at once (flat lists: this runs per layer per step):
-    scales, parameter objects, their storage and their in-place versions."""
-    params = [p for a in adapters for p in a._parameters.values()]
-    return (
-        [a.scale for a in adapters],
-        [id(p) for p in params],
-        [p.data_ptr() for p in params],
-        [p._version for p in params],
-    )
+    """Each adapter's state token (this runs per layer per step)."""
+    return tuple([a.state_token() for a in adapters])
 
 
 @dataclass(frozen=True)
@@ -90,7 +85,7 @@ class BankLayout:
 
     @classmethod
     def of(cls, f: Factors) -> BankLayout:
-        m1, n1 = f.w1_full().shape
+        m1, n1 = f.m1, f.n1
         w2 = f.w2 if f.w2 is not None else f.w2_a
         assert w2 is not None and (f.w2 is not None or f.w2_b is not None)
         m2, n2 = w2.shape[0], (f.w2 if f.w2 is not None else f.w2_b).shape[1]  # type: ignore[union-attr]
@@ -196,13 +191,15 @@ class FactorBank:
         self.names = {name: i + 1 for i, name in enumerate(order)}
         self._free = list(range(capacity - 1, len(order), -1))
 
-    def apply(self, x: Tensor, slots: Slots) -> Tensor:
-        """`x (E, ..., n1*n2) -> (E, ..., m1*m2)`: entry `e` through `coeff[e] * kron(w1, w2)` of its slot."""
+    def apply(self, x: Tensor, slots: Slots, data: Tensor | None = None) -> Tensor:
+        """`x (E, ..., n1*n2) -> (E, ..., m1*m2)`: entry `e` through `coeff[e] * kron(w1, w2)` of its slot
+        (slots of `data`, by default the bank's current tensor)."""
+        data = self.data if data is None else data
         if slots.index is None:
             assert slots.coeff is None, "a shared slot takes no per-entry coefficients"
-            w1, *chain = self._split(self.data[slots.slot : slots.slot + 1])
+            w1, *chain = self._split(data[slots.slot : slots.slot + 1])
         else:
-            w1, *chain = self._split(self.data.index_select(0, slots.index))
+            w1, *chain = self._split(data.index_select(0, slots.index))
         if slots.coeff is not None:
             w1 = w1 * slots.coeff.to(w1.dtype).view(-1, 1, 1)
         groups, n1 = w1.shape[0], self.n1  # weight sets: 1 (shared) or E
@@ -241,42 +238,42 @@ class LayerBanks:
         return sum(bank.nbytes for bank in self._banks.values())
 
     def place(self, names: list[str], adapters: list[BankedAdapter]) -> PlaceResult:
-        """Banks holding `adapters` (named `names`; Linear factors, no CP core) now, each with its `(name, slot)`
-        pairs. A slot is rewritten when its adapter's fingerprint changed since it was written."""
+        """Banks holding `adapters` (named `names`; Linear factors, no CP core) now, with their data and each
+        one's `(name, slot)` pairs. A slot is rewritten when its adapter's fingerprint changed since it was
+        written."""
         with self._lock:
             fingerprint = (names, *_fingerprint(adapters))
             last = self._last
             if last is not None and last[0] == adapters and last[1] == fingerprint:
                 return last[2]  # steady decode: the same adapters, unchanged
-            placed: dict[int, tuple[FactorBank, list[tuple[str, int]]]] = {}
             for name, adapter in zip(names, adapters, strict=True):
-                bank, slot = self._slot(name, adapter)
-                if id(bank) in placed:
-                    placed[id(bank)][1].append((name, slot))
-                else:
-                    placed[id(bank)] = (bank, [(name, slot)])
-            result = [(bank, tuple(pairs)) for bank, pairs in placed.values()]
+                self._slot(name, adapter)
+            placed: dict[int, tuple[FactorBank, list[tuple[str, int]]]] = {}
+            for name in names:  # read back after all writes: a release above may have moved slots
+                bank, slot, _ = self._where[name]
+                placed.setdefault(id(bank), (bank, []))[1].append((name, slot))
+            result = [(bank, bank.data, tuple(pairs)) for bank, pairs in placed.values()]
             self._last = (list(adapters), fingerprint, result)  # holds the adapters: their ids stay unique
         return result
 
-    def _slot(self, name: str, adapter: BankedAdapter) -> tuple[FactorBank, int]:
+    def _slot(self, name: str, adapter: BankedAdapter) -> None:
+        """Make `name`'s slot current (written from `adapter` unless its fingerprint is unchanged)."""
         state = _fingerprint([adapter])
         where = self._where.get(name)
         if where is not None and where[2] == state:
-            return where[0], where[1]
-        if where is not None:
-            self._release(name)
+            return
         factors = adapter.factors()
         if factors.t2 is not None or factors.swapped:
             raise ValueError(f"adapter {name!r}: CP or swapped factors have no stacked Linear form")
         key = signature(factors)
+        if where is not None and self._banks.get(key) is not where[0]:  # new shapes: its old slot goes
+            self._release(name)
         with torch.inference_mode(False), torch.no_grad():  # banks are plain tensors, writable in any mode
             bank = self._banks.get(key)
             if bank is None:
                 bank = self._banks[key] = FactorBank(factors)
             slot = bank.write(name, factors, adapter.scale)
         self._where[name] = (bank, slot, state)
-        return bank, slot
 
     def release(self, name: str) -> None:
         with self._lock:

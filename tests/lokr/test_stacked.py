@@ -98,7 +98,7 @@ def test_banks_work_in_and_out_of_inference_mode() -> None:
     _check(model, ["a1", "a3"], mode="inference")
 
 
-@pytest.mark.parametrize("change", ["in_place", "data", "scale", "replace", "parameter"])
+@pytest.mark.parametrize("change", ["in_place", "state_dict", "scale", "replace", "parameter"])
 def test_a_changed_adapter_is_restacked(change: str) -> None:
     model = _net(3, r=2)
     layer = model[0]
@@ -107,8 +107,9 @@ def test_a_changed_adapter_is_restacked(change: str) -> None:
     with torch.no_grad():
         if change == "in_place":
             adapter.lokr_w1.mul_(3.0)
-        elif change == "data":
-            adapter.lokr_w2_a.data = torch.randn_like(adapter.lokr_w2_a)
+        elif change == "state_dict":
+            state = {k: torch.randn_like(v) for k, v in adapter.state_dict().items()}
+            adapter.load_state_dict(state)
         elif change == "scale":
             adapter.scale = 0.25
         elif change == "replace":
@@ -199,3 +200,38 @@ def test_stacked_bytes_are_reported_per_adapter() -> None:
     _check(model, ["a0", "a1"])
     (bank,) = model[0]._banks._banks.values()
     assert bank.data.shape[1] * bank.data.element_size() == info.stacked_nbytes
+
+
+def test_an_adapter_that_changes_shape_moves_bank_and_its_neighbours_keep_their_slots() -> None:
+    model = _net(16, r=2)
+    layer = model[0]
+    names = [f"a{i}" for i in range(16)]
+    _check(model, names)
+    for name in names[8:]:
+        lokr.delete_adapter(model, name)
+    (bank,) = layer._banks._banks.values()
+    assert (bank.capacity, len(bank.names)) == (32, 8)
+    slot_of_a2 = bank.names["a2"]
+    changed = layer.lokr_adapters["a5"]
+    with torch.no_grad():  # a rank-4 w2 now: another bank; leaving the old one shrinks it and moves slots
+        changed.lokr_w2_a = nn.Parameter(torch.randn(changed.lokr_w2_a.shape[0], 4), requires_grad=False)
+        changed.lokr_w2_b = nn.Parameter(torch.randn(4, changed.lokr_w2_b.shape[1]), requires_grad=False)
+    # a2 and a4 are placed before a5 (name order) but sit above it (first-use order: a0 a1 a10 .. a15 a2 ..)
+    _check(model, ["a0", "a2", "a7", "a5", None, [("a4", 0.5), ("a5", 1.0)]])
+    assert len(layer._banks._banks) == 2 and bank.capacity == 16 and bank.names["a2"] != slot_of_a2
+
+
+def test_attached_factors_share_one_buffer_and_one_version_counter() -> None:
+    model = _net(1, r=2)
+    adapter = model[0].lokr_adapters["a0"]
+    params = list(adapter.parameters())
+    buffer = adapter._packed
+    assert all(p.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for p in params)
+    token = adapter.state_token()
+    assert adapter.state_token() == token  # stable while nothing changes
+    with torch.no_grad():
+        params[-1].add_(1.0)
+    assert adapter.state_token() != token
+    moved = adapter.state_token()
+    adapter.double()  # a cast unpacks (new storage); the token still changes, through the per-tensor check
+    assert adapter._packed is None and adapter.state_token() != moved
