@@ -171,6 +171,7 @@ class LoKrLayer(nn.Module):
             raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
         adapter = adapter.to(self.weight.device).train(self.training)
         adapter.pack_()
+        self._banks.release(name)  # a replaced adapter's slot must not be mistaken for the new one's
         self.lokr_adapters[name] = adapter
 
     def remove_adapter(self, name: str) -> None:

@@ -98,7 +98,7 @@ def test_banks_work_in_and_out_of_inference_mode() -> None:
     _check(model, ["a1", "a3"], mode="inference")
 
 
-@pytest.mark.parametrize("change", ["in_place", "state_dict", "scale", "replace", "parameter"])
+@pytest.mark.parametrize("change", ["in_place", "state_dict", "scale", "replace", "attach_over", "parameter"])
 def test_a_changed_adapter_is_restacked(change: str) -> None:
     model = _net(3, r=2)
     layer = model[0]
@@ -112,6 +112,12 @@ def test_a_changed_adapter_is_restacked(change: str) -> None:
             adapter.load_state_dict(state)
         elif change == "scale":
             adapter.scale = 0.25
+        elif change == "attach_over":  # same name, same shapes, same scale, a fresh (packed) buffer
+            fresh = copy.deepcopy(adapter)
+            with torch.no_grad():
+                for p in fresh.parameters():
+                    p.normal_()
+            layer.add_adapter("a1", fresh)
         elif change == "replace":
             lokr.delete_adapter(model, "a1")
             lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, r=2), "a1")
