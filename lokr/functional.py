@@ -7,6 +7,7 @@ Notation (shapes): base weight `(O, I, *k)` with `I = in_channels // groups` for
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,11 +23,11 @@ __all__ = [
     "delta_weight",
     "factored_cost",
     "factorization",
-    "linear_order_costs",
+    "kron_rows",
+    "linear_order",
     "make_kron",
     "make_weight_cp",
     "prefer_factored",
-    "w2_first_is_cheaper",
 ]
 
 FACTOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -204,7 +205,7 @@ def factored_cost(f: Factors, spec: LayerSpec) -> int:
     m2, n2 = spec.out_features // m1, spec.in_features // n1
     k = spec.kernel_numel
     if spec.kind == "linear":
-        cost = min(linear_order_costs(m1, n1, n2, m2, f.w2_rank))
+        cost = linear_order(m1, n1, n2, m2, f.w2_rank)[1]
     else:
         cost = min(n1 * m2 * n2 * k + m1 * n1 * m2, m1 * n1 * n2 + m1 * m2 * n2 * k)
         lowrank = _lowrank_conv_cost(f, spec)
@@ -213,18 +214,50 @@ def factored_cost(f: Factors, spec: LayerSpec) -> int:
     return cost * spec.groups
 
 
-def linear_order_costs(m1: int, n1: int, n2: int, m2: int, rank: int | None) -> tuple[int, int]:
-    """Multiply-adds per token of the factored Linear delta, `(w2 stage first, w1 stage first)`.
+LinearOrder = Literal["w2_first", "w1_first", "sandwich"]
 
-    `rank` is the rank of a LoRA-style `w2` applied as two thin matmuls, None for a full `(m2, n2)` `w2`.
+
+def linear_order(m1: int, n1: int, n2: int, m2: int, rank: int | None) -> tuple[LinearOrder, int]:
+    """The cheapest contraction order of the factored Linear delta `w1 @ X @ w2^T` and its multiply-adds per token.
+
+    `rank` is the rank of a LoRA-style `w2 = w2_a @ w2_b` (None for a full `w2`). `w2_first` / `w1_first` apply
+    `w2` (as one or two thin matmuls) before / after `w1`; `sandwich` (low-rank only) is `w1 @ (X @ w2_b^T) @ w2_a^T`,
+    whose intermediates are all rank-sized.
     """
     c2 = n2 * m2 if rank is None else rank * (n2 + m2)
-    return n1 * c2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * c2
+    costs: dict[LinearOrder, int] = {"w2_first": n1 * c2 + m1 * n1 * m2, "w1_first": m1 * n1 * n2 + m1 * c2}
+    if rank is not None:
+        costs["sandwich"] = rank * (n1 * n2 + m1 * n1 + m1 * m2)
+    order = min(costs, key=costs.__getitem__)
+    return order, costs[order]
 
 
-def w2_first_is_cheaper(m1: int, n1: int, n2: int, m2: int, rank: int | None) -> bool:
-    w2_first, w1_first = linear_order_costs(m1, n1, n2, m2, rank)
-    return w2_first <= w1_first
+def kron_rows(rows: Tensor, w1: Tensor, chain: Sequence[Tensor], order: LinearOrder) -> Tensor:
+    """`rows (G, K, n1, n2) -> (G, K, m1, m2)`: the K rows of group `g` through `kron(w1[g], w2[g])`.
+
+    `w1 (G, m1, n1)`; `w2` as the matrices applied to row vectors, `(G, in, out)` each: `[w2^T]` or, low-rank,
+    `[w2_b^T, w2_a^T]` (the only form `sandwich` takes). G is 1 for one adapter, or one per entry.
+    """
+    g, k, n1, n2 = rows.shape
+    m1 = w1.shape[1]
+    if order == "w2_first":
+        z = _chain(rows.reshape(g, k * n1, n2), chain).view(g, k, n1, -1)
+        return torch.matmul(w1.unsqueeze(1), z)
+    if order == "w1_first":
+        u = torch.matmul(w1.unsqueeze(1), rows)  # (G, K, m1, n2)
+        return _chain(u.reshape(g, k * m1, n2), chain).view(g, k, m1, -1)
+    w2_bt, w2_at = chain
+    r = w2_bt.shape[-1]
+    a = torch.bmm(rows.reshape(g, k * n1, n2), w2_bt).view(g, k, n1, r)
+    b = torch.bmm(w1, a.transpose(1, 2).reshape(g, n1, k * r))  # (G, m1, K*r): one matmul per group
+    return torch.bmm(b.view(g, m1, k, r).transpose(1, 2).reshape(g, k * m1, r), w2_at).view(g, k, m1, -1)
+
+
+def _chain(rows: Tensor, chain: Sequence[Tensor]) -> Tensor:
+    """`rows (G, K, in)` through each `(G, in, out)` matrix: `(G, K, out)`."""
+    for w in chain:
+        rows = torch.bmm(rows, w)
+    return rows
 
 
 def _lowrank_conv_cost(f: Factors, spec: LayerSpec) -> int | None:
@@ -262,27 +295,15 @@ def _linear(x: Tensor, f: Factors, scale: float) -> Tensor:
     """`x (..., n1*n2) -> (..., m1*m2)` as `s * w1 @ X @ w2^T` with X = x viewed `(n1, n2)`."""
     w1 = f.w1_full() * scale
     m1, n1 = w1.shape
-    lead = x.shape[:-1]
     n2 = x.shape[-1] // n1
-    rows = x.reshape(-1, n1, n2)
-    m2 = (f.w2 if f.w2 is not None else f.w2_a).shape[0]  # type: ignore[union-attr]
-    w2_first = w2_first_is_cheaper(m1, n1, n2, m2, f.w2_rank)
-    if w2_first:
-        z = _apply_w2(rows.reshape(-1, n2), f).reshape(rows.shape[0], n1, -1)  # (N, n1, m2)
-        y = torch.matmul(w1, z)  # (N, m1, m2)
-    else:
-        u = torch.matmul(w1, rows)  # (N, m1, n2)
-        y = _apply_w2(u.reshape(-1, n2), f).reshape(rows.shape[0], m1, -1)
-    return y.reshape(*lead, -1)
-
-
-def _apply_w2(rows: Tensor, f: Factors) -> Tensor:
-    """`rows (N, n2) -> rows @ w2^T (N, m2)`, low-rank `w2` as two thin matmuls."""
     if f.w2 is not None:
-        return rows @ f.w2.T
-    assert f.w2_a is not None
-    assert f.w2_b is not None
-    return (rows @ f.w2_b.T) @ f.w2_a.T
+        chain = [f.w2.T]
+    else:
+        assert f.w2_a is not None and f.w2_b is not None
+        chain = [f.w2_b.T, f.w2_a.T]
+    order, _ = linear_order(m1, n1, n2, chain[-1].shape[1], f.w2_rank)
+    y = kron_rows(x.reshape(1, -1, n1, n2), w1.unsqueeze(0), [w.unsqueeze(0) for w in chain], order)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def _conv_fn(spec: LayerSpec):  # type: ignore[no-untyped-def]

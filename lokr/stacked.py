@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .functional import Factors, w2_first_is_cheaper
+from .functional import Factors, LinearOrder, kron_rows, linear_order
 
 __all__ = [
     "BankLayout",
@@ -81,7 +81,7 @@ class BankLayout:
     n2: int
     rank: int | None  # of the `w2` chain when kept low-rank
     full_w2: bool
-    w2_first: bool
+    order: LinearOrder
 
     @classmethod
     def of(cls, f: Factors) -> BankLayout:
@@ -93,7 +93,7 @@ class BankLayout:
         # Building w2 costs FLOPs per token but saves a matmul per step: worth it while it at most doubles them.
         full_w2 = rank is None or m2 * n2 <= 2 * rank * (m2 + n2)
         rank = None if full_w2 else rank
-        return cls(m1, n1, m2, n2, rank, full_w2, w2_first_is_cheaper(m1, n1, n2, m2, rank))
+        return cls(m1, n1, m2, n2, rank, full_w2, linear_order(m1, n1, n2, m2, rank)[0])
 
     @property
     def chain_shapes(self) -> list[tuple[int, int]]:
@@ -202,16 +202,9 @@ class FactorBank:
             w1, *chain = self._split(data.index_select(0, slots.index))
         if slots.coeff is not None:
             w1 = w1 * slots.coeff.to(w1.dtype).view(-1, 1, 1)
-        groups, n1 = w1.shape[0], self.n1  # weight sets: 1 (shared) or E
-        tokens = x.numel() // (groups * n1 * self.n2)  # token rows per weight set
-        rows = x.reshape(groups, tokens * n1, self.n2)
-        if self.layout.w2_first:
-            z = _chain(rows, chain).view(groups, tokens, n1, self.m2)
-            y = torch.matmul(w1.unsqueeze(1), z)  # (G, K, m1, m2)
-        else:
-            u = torch.matmul(w1.unsqueeze(1), rows.view(groups, tokens, n1, self.n2))  # (G, K, m1, n2)
-            y = _chain(u.reshape(groups, tokens * self.m1, self.n2), chain)
-        return y.reshape(*x.shape[:-1], self.m1 * self.m2)
+        groups = w1.shape[0]  # weight sets: 1 (shared) or E
+        rows = x.reshape(groups, -1, self.n1, self.n2)
+        return kron_rows(rows, w1, chain, self.layout.order).reshape(*x.shape[:-1], self.m1 * self.m2)
 
 
 class LayerBanks:
@@ -298,10 +291,3 @@ class LayerBanks:
             self._last = None
             self._banks.clear()
             self._where.clear()
-
-
-def _chain(rows: Tensor, chain: list[Tensor]) -> Tensor:
-    """`rows (G, K, in)` through each `(G, in, out)` matrix: `(G, K, out)`."""
-    for w in chain:
-        rows = torch.bmm(rows, w)
-    return rows

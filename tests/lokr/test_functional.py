@@ -19,6 +19,8 @@ from lokr.functional import (
     apply_delta,
     delta_weight,
     factorization,
+    kron_rows,
+    linear_order,
     make_kron,
     make_weight_cp,
 )
@@ -224,3 +226,25 @@ def test_layer_spec_from_modules() -> None:
     assert (spec.stride, spec.padding, spec.dilation, spec.groups) == ((2, 2), (1, 1), (1, 2), 2)
     with pytest.raises(TypeError):
         LayerSpec.from_module(torch.nn.Embedding(3, 4))
+
+
+@pytest.mark.parametrize("order", ["w2_first", "w1_first", "sandwich"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_every_linear_order_gives_the_kron_product(order: str, groups: int) -> None:
+    torch.manual_seed(0)
+    m1, n1, m2, n2, r, k = 3, 4, 5, 6, 2, 7
+    w1 = torch.randn(groups, m1, n1, dtype=torch.float64)
+    w2_a, w2_b = torch.randn(groups, m2, r, dtype=torch.float64), torch.randn(groups, r, n2, dtype=torch.float64)
+    rows = torch.randn(groups, k, n1, n2, dtype=torch.float64)
+    got = kron_rows(rows, w1, [w2_b.transpose(1, 2), w2_a.transpose(1, 2)], order)  # type: ignore[arg-type]
+    for g in range(groups):
+        dense = torch.kron(w1[g], w2_a[g] @ w2_b[g])  # (m1*m2, n1*n2)
+        want = rows[g].reshape(k, -1) @ dense.T
+        torch.testing.assert_close(got[g].reshape(k, -1), want)
+
+
+def test_linear_order_prefers_the_rank_sized_sandwich_for_low_rank_w2() -> None:
+    order, cost = linear_order(64, 64, 64, 64, 8)  # a 4096x4096 layer, r = 8
+    assert order == "sandwich" and cost == 8 * 3 * 64 * 64
+    assert linear_order(64, 64, 64, 64, None)[0] in ("w2_first", "w1_first")
+    assert linear_order(2, 64, 4, 64, None)[0] == "w1_first"  # w1 shrinks 64 blocks to 2 first
