@@ -43,8 +43,13 @@ def signature(f: Factors) -> tuple[object, ...]:
     """Adapters with equal signatures share a bank: same factor kinds and shapes, dtype and device."""
     parts = (f.w1, f.w1_a, f.w1_b, f.w2, f.w2_a, f.w2_b, f.t2)
     shapes = tuple(None if t is None else tuple(t.shape) for t in parts)
-    first = next(t for t in parts if t is not None)
+    first = _first(f)
     return (*shapes, first.dtype, first.device, f.swapped)
+
+
+def _first(f: Factors) -> Tensor:
+    """A factor tensor of `f` (they share dtype and device)."""
+    return next(t for t in (f.w1, f.w1_a, f.w2, f.w2_a) if t is not None)
 
 
 class BankedAdapter(Protocol):
@@ -109,7 +114,7 @@ class BankLayout:
 
 def stacked_nbytes(f: Factors) -> int:
     """Bytes one adapter's slot takes in its bank (the stacked copy kept beside its parameters)."""
-    element = next(t for t in (f.w1, f.w1_a, f.w2, f.w2_a) if t is not None).element_size()
+    element = _first(f).element_size()
     return BankLayout.of(f).slot_numel * element
 
 
@@ -125,8 +130,7 @@ class FactorBank:
         self.layout = layout = BankLayout.of(first)
         self.m1, self.n1, self.m2, self.n2 = layout.m1, layout.n1, layout.m2, layout.n2
         self._shapes = [(layout.m1, layout.n1), *layout.chain_shapes]
-        w1 = first.w1_full()
-        self.dtype, self.device = w1.dtype, w1.device
+        self.dtype, self.device = _first(first).dtype, _first(first).device
         self.names: dict[str, int] = {}
         self._free = list(range(MIN_CAPACITY - 1, 0, -1))  # popped from the end: lowest slot first
         self.data = torch.zeros((MIN_CAPACITY, layout.slot_numel), dtype=self.dtype, device=self.device)
