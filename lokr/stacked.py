@@ -128,7 +128,6 @@ class FactorBank:
 
     def __init__(self, first: Factors) -> None:
         self.layout = layout = BankLayout.of(first)
-        self.m1, self.n1, self.m2, self.n2 = layout.m1, layout.n1, layout.m2, layout.n2
         self._shapes = [(layout.m1, layout.n1), *layout.chain_shapes]
         self.dtype, self.device = _first(first).dtype, _first(first).device
         self.names: dict[str, int] = {}
@@ -207,8 +206,9 @@ class FactorBank:
         if slots.coeff is not None:
             w1 = w1 * slots.coeff.to(w1.dtype).view(-1, 1, 1)
         groups = w1.shape[0]  # weight sets: 1 (shared) or E
-        rows = x.reshape(groups, -1, self.n1, self.n2)
-        return kron_rows(rows, w1, chain, self.layout.order).reshape(*x.shape[:-1], self.m1 * self.m2)
+        layout = self.layout
+        rows = x.reshape(groups, -1, layout.n1, layout.n2)
+        return kron_rows(rows, w1, chain, layout.order).reshape(*x.shape[:-1], layout.m1 * layout.m2)
 
 
 class LayerBanks:
