@@ -23,6 +23,7 @@ from .backend import LoadedModel, load_causal_lm, resolve_dtype
 from .engine import Engine
 from .errors import HttpError, PayloadTooLargeError, ServiceError, http_error_for
 from .inference import Inference
+from .lm import CausalLMBackend
 from .logs import request_id_var
 from .metrics import Metrics
 from .registry import Registry, TierLimits
@@ -69,14 +70,15 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
 def _start(c: Components, loaded: LoadedModel) -> None:
     """Build engine + registry, preload `--adapter` pairs (operator-trusted paths), start the worker."""
     s = c.settings
-    engine = Engine(loaded, c.metrics, s.max_batch_size, s.max_queue, s.max_prefill_tokens)
+    backend = CausalLMBackend(loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens)
+    engine = Engine(backend, c.metrics, s.max_queue)
     adapter_dtype = None if s.adapter_dtype == "auto" else resolve_dtype(s.adapter_dtype, loaded.device)
     limits = TierLimits(s.max_resident_adapters, s.max_resident_bytes, s.max_host_adapters, s.max_host_bytes)
     registry = Registry(engine, c.metrics, dtype=adapter_dtype, max_bytes=s.max_adapter_bytes, limits=limits)
     for name, source in s.preload_pairs():
         registry.load(name, Path(source))
     c.engine, c.registry = engine, registry
-    c.inference = Inference(engine, registry, c.metrics, s.base_name)
+    c.inference = Inference(engine, backend, registry, c.metrics, s.base_name)
     engine.start()
     log.info("ready: model %s on %s (%s), %d adapters", s.base_name, loaded.device, loaded.dtype, len(registry.names()))
 

@@ -1,64 +1,89 @@
-"""The engine: sole owner of the model. A worker thread keeps a running decode batch; waiting jobs are
-prefilled and join it at step boundaries, finished or cancelled rows leave at once.
+"""The engine: the only writer of the model. One worker thread alternates between applying adapter commands
+(attach / offload / restore / delete, sent by the registry) and running one step of the backend's batch;
+so a forward never sees an adapter appear or vanish mid-flight, and nothing else mutates the model.
 
-Adapter state changes (load / unload) take `model_lock`, which the worker holds for each step, so a
-forward never sees an adapter appear or vanish mid-flight.
+What a step is belongs to the backend (`Backend`): a decode step of a causal LM, a denoising step of a
+diffusion pipeline. The engine only queues jobs, offers them to the backend between steps, runs commands,
+isolates failures and drains.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
 
-from .backend import LoadedModel
-from .errors import ContextLengthError, EngineError, NotReadyError, OverloadedError
-from .generation import BatchRunner, RunningBatch
-from .jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
+import torch
+
+from .errors import NotReadyError, OverloadedError
+from .jobs import ErrorEvent, Event, FinishEvent, Job, fail_jobs
 from .metrics import Metrics
 from .outbox import Outbox
 
-__all__ = ["Engine"]
+__all__ = ["Backend", "Engine"]
 
 log = logging.getLogger("lokr_serve.engine")
+T = TypeVar("T")
+
+
+class Backend(Protocol):
+    """One kind of model behind the engine. Every method but `check` runs on the engine thread."""
+
+    kind: str  # "causal-lm" | "image"
+
+    @property
+    def model(self) -> Any:
+        """The nn.Module adapters attach to (for a pipeline: a container of its components)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def check(self, job: Any) -> None:
+        """Raise a 4xx `ServiceError` if `job` can never run (too long, bad size); any thread."""
+
+    def offer(self, job: Any) -> bool:
+        """Take `job` into the next step if there is room now; False leaves it waiting in the queue."""
+
+    def step(self) -> None:
+        """One forward over the running rows (offered jobs join first); emits events; done rows leave."""
+
+    def jobs(self) -> list[Any]:
+        """Every job offered or running (the engine fails them if `step` raises)."""
+
+    def clear(self) -> None:
+        """Forget every row (after a failed step)."""
 
 
 class Engine:
-    """Owns the model; one worker thread runs a continuous batch of up to `max_batch_size` rows."""
+    """Owns the model through `backend`; one worker thread runs steps and commands in turn."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        metrics: Metrics,
-        max_batch_size: int = 16,
-        max_queue: int = 256,
-        max_prefill_tokens: int = 512,
-    ) -> None:
-        self.loaded = loaded
+    def __init__(self, backend: Backend, metrics: Metrics, max_queue: int = 256) -> None:
+        self.backend = backend
         self.metrics = metrics
-        self.max_batch_size = max_batch_size
-        self.max_prefill_tokens = max_prefill_tokens
-        self.model_lock = threading.RLock()
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self._runner = BatchRunner(loaded.model, loaded.tokenizer, loaded.device, loaded.context_length)
+        self._held: Job | None = None  # taken from the queue but not yet accepted by the backend
+        self._commands: collections.deque[tuple[Callable[[Any], Any], Future[Any]]] = collections.deque()
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._accepting = False
-        self._busy = threading.Event()
+        self._outstanding = 0  # jobs submitted and not yet finished (what `drain` waits for)
+        self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._outbox = Outbox()  # token events leave once per step, not once per row
+        self._outbox = Outbox()  # events leave once per step, not once per row
 
     # ---------------------------------------------------------------------------------- lifecycle
     @property
     def model(self) -> Any:
-        return self.loaded.model
+        return self.backend.model
 
     @property
-    def tokenizer(self) -> Any:
-        return self.loaded.tokenizer
+    def device(self) -> torch.device:
+        return self.backend.device
 
     @property
     def accepting(self) -> bool:
@@ -74,43 +99,81 @@ class Engine:
         self._accepting = False
 
     def drain(self, grace_s: float) -> bool:
-        """Stop accepting, let queued and running jobs finish within `grace_s`; True if all finished."""
+        """Stop accepting and wait up to `grace_s` for every submitted job to finish; True if all did."""
         self._accepting = False
-        deadline = time.monotonic() + grace_s
-        while (not self._queue.empty() or self._busy.is_set()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self._queue.empty() and not self._busy.is_set()
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout=grace_s)
 
     def stop(self) -> None:
         self._accepting = False
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        shutdown = NotReadyError("the server is shutting down")
+        waiting = [self._held] if self._held is not None else []
         while not self._queue.empty():
-            self._queue.get_nowait().finish(ErrorEvent(NotReadyError("the server is shutting down")))
+            waiting.append(self._queue.get_nowait())
+        for job in waiting:
+            job.finish(ErrorEvent(shutdown))
+        while self._commands:
+            _, future = self._commands.popleft()
+            future.set_exception(shutdown)
+
+    # ---------------------------------------------------------------------------------- commands
+    def call(self, fn: Callable[[Any], T]) -> Future[T]:
+        """Run `fn(model)` on the engine thread between two steps; the future holds its result or error.
+
+        Runs at once, on the calling thread, when no worker runs (start-up, tests) or when called from the
+        worker itself.
+        """
+        future: Future[T] = Future()
+        worker = self._thread
+        if worker is None or not worker.is_alive() or threading.current_thread() is worker:
+            _run_into(future, fn, self.backend.model)
+            return future
+        self._commands.append((fn, future))
+        self._wake.set()
+        return future
+
+    def run(self, fn: Callable[[Any], T]) -> T:
+        """`call(fn)` and wait for it (from any thread but the event loop's)."""
+        return self.call(fn).result()
 
     # ---------------------------------------------------------------------------------- submit
-    def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
-        ctx = self.loaded.context_length
-        if prompt_len == 0:
-            raise ContextLengthError("the prompt is empty after tokenisation; send at least one token")
-        if prompt_len + params.max_tokens > ctx:
-            raise ContextLengthError(
-                f"This model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens "
-                f"and max_tokens is {params.max_tokens}; shorten the prompt or lower max_tokens"
-            )
-
     def submit(self, job: Job) -> None:
         if not self._accepting:
             raise NotReadyError("the server is not accepting requests (starting or shutting down)")
-        self.check_fits(len(job.prompt_ids), job.params)
+        self.backend.check(job)
+        self._track(job)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
+            self._untrack()
             raise OverloadedError(
                 f"the request queue is full ({self._queue.maxsize} waiting); retry after a moment"
             ) from None
         self.metrics.queue_depth.set(self._queue.qsize())
+        self._wake.set()
+
+    def _track(self, job: Job) -> None:
+        done = job.on_done
+
+        def on_done(event: Event) -> None:
+            try:
+                done(event)
+            finally:
+                self._untrack()
+
+        job.on_done = on_done
+        with self._idle:
+            self._outstanding += 1
+
+    def _untrack(self) -> None:
+        with self._idle:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.notify_all()
 
     async def stream(self, make_job: Callable[[Callable[[Event], None]], Job]) -> AsyncIterator[Event]:
         """Submit a job and yield its events; leaving early (client gone) cancels the row."""
@@ -136,69 +199,56 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- worker
     def _loop(self) -> None:
-        """Continuous batching: each iteration admits waiting jobs (prefill) and runs one decode step."""
+        """Commands, then admission, then one step; sleeps only while there is nothing to do."""
         self._outbox.bind()
-        batch: RunningBatch | None = None
         try:
             while not self._stop.is_set():
-                batch = self._iterate(batch)
+                self._run_commands()
+                self._offer_waiting()
+                if not self.backend.jobs():
+                    self._outbox.flush()
+                    self._wake.wait(timeout=0.05)
+                    self._wake.clear()
+                    continue
+                self._step()
                 self._outbox.flush()
         finally:
             self._outbox.flush()
 
-    def _iterate(self, batch: RunningBatch | None) -> RunningBatch | None:
-        """Admit what fits, then one decode step."""
-        room = self.max_batch_size - (len(batch) if batch is not None else 0)
-        new = self._take(room if self._runner.can_join(batch) else 0, block=batch is None)
-        if batch is None and not new:
-            return None
-        self._busy.set()
-        with self.model_lock:
-            if new:
-                batch = self._runner.merge(batch, self._admit(new))
-            if batch is not None:
-                self.metrics.batch_size.observe(len(batch))
-                batch = self._step(batch)
-        if batch is None and self._queue.empty():
-            self._outbox.flush()  # before /drain can see the engine idle
-            self._busy.clear()
-        return batch
+    def _run_commands(self) -> None:
+        while self._commands:
+            fn, future = self._commands.popleft()
+            if future.set_running_or_notify_cancel():
+                _run_into(future, fn, self.backend.model)
 
-    def _take(self, room: int, block: bool) -> list[Job]:
-        """Up to `room` live jobs and at most `max_prefill_tokens` prompt tokens (always at least one job)."""
-        jobs: list[Job] = []
-        tokens = 0
-        while len(jobs) < room:
-            try:
-                job = self._queue.get(timeout=0.05) if block and not jobs else self._queue.get_nowait()
-            except queue.Empty:
-                break
+    def _offer_waiting(self) -> None:
+        """Offer queued jobs to the backend until it has no room; cancelled ones finish here."""
+        while True:
+            job = self._held
+            self._held = None
+            if job is None:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
             if job.cancelled.is_set():
-                job.finish(FinishEvent("cancelled", len(job.prompt_ids), 0))
+                job.finish_cancelled()
                 continue
-            jobs.append(job)
-            tokens += len(job.prompt_ids)
-            if tokens >= self.max_prefill_tokens:
+            if not self.backend.offer(job):
+                self._held = job
                 break
-        self.metrics.queue_depth.set(self._queue.qsize())
-        return jobs
+        self.metrics.queue_depth.set(self._queue.qsize() + (self._held is not None))
 
-    def _admit(self, jobs: list[Job]) -> RunningBatch | None:
+    def _step(self) -> None:
         try:
-            return self._runner.admit(jobs)
-        except Exception as exc:  # a failing prefill fails only the jobs it was admitting
-            self._fail(jobs, exc)
-            return None
+            self.backend.step()
+        except Exception as exc:  # a failing step fails the rows it held; the engine keeps serving
+            fail_jobs(self.backend.jobs(), exc)
+            self.backend.clear()
 
-    def _step(self, batch: RunningBatch) -> RunningBatch | None:
-        try:
-            return self._runner.step(batch)
-        except Exception as exc:  # a failing decode step fails the rows of this batch; the engine keeps serving
-            self._fail([row.job for row in batch.rows], exc)
-            return None
 
-    def _fail(self, jobs: list[Job], exc: Exception) -> None:
-        log.error("forward failed for %d rows", len(jobs), exc_info=exc)
-        error = EngineError(f"the forward pass failed for this batch ({type(exc).__name__}); retry the request")
-        for job in jobs:
-            job.finish(ErrorEvent(error))
+def _run_into(future: Future[T], fn: Callable[[Any], T], model: Any) -> None:
+    try:
+        future.set_result(fn(model))
+    except BaseException as exc:
+        future.set_exception(exc)

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -15,6 +16,7 @@ from lokr.batch import RowSpec
 from .engine import Engine
 from .errors import BadRequestError, NotFoundError
 from .jobs import ErrorEvent, Event, FinishEvent, Job, PromptEvent, SamplingParams, TokenEvent, TokenInfo
+from .lm import CausalLMBackend
 from .metrics import Metrics
 from .registry import Registry
 from .schemas import AdapterRef
@@ -45,8 +47,14 @@ class ChoiceResult:
 class Inference:
     """Turns validated requests into jobs on the engine and gathers their events."""
 
-    def __init__(self, engine: Engine, registry: Registry, metrics: Metrics, base_name: str) -> None:
-        self.engine, self.registry, self.metrics, self.base_name = engine, registry, metrics, base_name
+    def __init__(
+        self, engine: Engine, lm: CausalLMBackend, registry: Registry, metrics: Metrics, base_name: str
+    ) -> None:
+        self.engine, self.lm, self.registry, self.metrics, self.base_name = engine, lm, registry, metrics, base_name
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
 
     def select(self, model: str, adapters: Sequence[AdapterRef] | None) -> Selection:
         """`model` = an adapter or the base name; `adapters` composes on the base: `[(name, scale), ...]`."""
@@ -76,8 +84,8 @@ class Inference:
 
     def tokenize(self, prompt: str | list[int], *, special: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.engine.tokenizer(prompt, add_special_tokens=special)["input_ids"])
-        vocab = len(self.engine.tokenizer)
+            return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
+        vocab = len(self.tokenizer)
         if any(t < 0 or t >= vocab for t in prompt):
             raise BadRequestError(f"prompt token ids must be in [0, {vocab})", code="invalid_prompt")
         return list(prompt)
@@ -87,7 +95,7 @@ class Inference:
     ) -> AsyncIterator[tuple[int, Event]]:
         """Events of every choice (index = prompt * n + k), interleaved as they come.
 
-        Callers check `engine.check_fits` first to answer a 400 before streaming; `submit` checks again.
+        Callers check `lm.check_fits` first to answer a 400 before streaming; `submit` checks again.
         """
         out: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         tasks = []

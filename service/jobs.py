@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from lokr.batch import RowSpec
+
+from .errors import EngineError
 
 __all__ = [
     "ErrorEvent",
@@ -20,7 +24,10 @@ __all__ = [
     "SamplingParams",
     "TokenEvent",
     "TokenInfo",
+    "fail_jobs",
 ]
+
+log = logging.getLogger("lokr_serve.engine")
 
 _ids = itertools.count()
 
@@ -100,3 +107,19 @@ class Job:
             self.sink(event)
         finally:
             self.on_done(event)
+
+    def finish_cancelled(self) -> None:
+        """Finish a job whose client went away before it ran."""
+        self.finish(FinishEvent("cancelled", len(self.prompt_ids), 0))
+
+
+class Finishable(Protocol):
+    def finish(self, event: Event) -> None: ...
+
+
+def fail_jobs(jobs: Sequence[Finishable], exc: Exception) -> None:
+    """Fail `jobs` with a 500 that names the failure (the cause is logged); the engine keeps serving."""
+    log.error("forward failed for %d rows", len(jobs), exc_info=exc)
+    error = EngineError(f"the forward pass failed for this batch ({type(exc).__name__}); retry the request")
+    for job in jobs:
+        job.finish(ErrorEvent(error))

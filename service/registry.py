@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ class Registry:
         self._lru: OrderedDict[str, None] = OrderedDict()  # device residents, least recently used first
         self._host_lru: OrderedDict[str, None] = OrderedDict()
         self._cond = threading.Condition()
-        self._pin = engine.loaded.device.type == "cuda"
+        self._pin = engine.device.type == "cuda"
 
     # ---------------------------------------------------------------------------------- queries
     def names(self) -> list[str]:
@@ -159,11 +160,10 @@ class Registry:
                 return
             host = record.host
             parsed = None if host is not None else lokr.read_adapter(record.source, max_bytes=self.max_bytes)
-            with self.engine.model_lock:
-                if host is not None:
-                    lokr.restore_adapter(self.engine.model, host)
-                else:
-                    lokr.attach_adapter(self.engine.model, parsed, record.name, dtype=self.dtype)  # type: ignore[arg-type]
+            if host is not None:
+                self.engine.run(lambda model: lokr.restore_adapter(model, host))
+            else:
+                self.engine.run(lambda model: lokr.attach_adapter(model, parsed, record.name, dtype=self.dtype))  # type: ignore[arg-type]
             with self._cond:
                 record.resident, record.host, record.misses = True, None, record.misses + 1
                 self._host_lru.pop(record.name, None)
@@ -181,8 +181,7 @@ class Registry:
                 victim.resident = False  # a request for it now waits on its lock, then restores it
                 self._lru.pop(victim.name, None)
             try:
-                with self.engine.model_lock:
-                    victim.host = lokr.offload_adapter(self.engine.model, victim.name, pin_memory=self._pin)
+                victim.host = self.engine.run(partial(lokr.offload_adapter, name=victim.name, pin_memory=self._pin))
             finally:
                 victim.lock.release()
             with self._cond:
@@ -222,8 +221,7 @@ class Registry:
             self._pending.add(name)
         try:
             parsed = lokr.read_adapter(path, max_bytes=self.max_bytes)
-            with self.engine.model_lock:
-                info = lokr.attach_adapter(self.engine.model, parsed, name, dtype=self.dtype)
+            info = self.engine.run(lambda model: lokr.attach_adapter(model, parsed, name, dtype=self.dtype))
         except BaseException:
             self.metrics.adapter_loads.labels("failure").inc()
             with self._cond:
@@ -251,8 +249,7 @@ class Registry:
                 raise AdapterBusyError(f"adapter {name!r} is still in use after {timeout_s:.0f}s; try again")
         with record.lock:
             if record.resident:
-                with self.engine.model_lock:
-                    lokr.delete_adapter(self.engine.model, name)
+                self.engine.run(lambda model: lokr.delete_adapter(model, name))
         with self._cond:
             del self._records[name]
             self._lru.pop(name, None)

@@ -69,7 +69,7 @@ async def completions(body: CompletionRequest, c: Deps, request: Request) -> dic
         echo=body.echo,
     )
     for ids in prompts:
-        inf.engine.check_fits(len(ids), params)
+        inf.lm.check_fits(len(ids), params)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         return _sse(_completion_chunks(inf.stream(prompts, body.n, params, sel), meta, body.echo, inf))
@@ -99,7 +99,7 @@ def _logprobs_k(k: int | None, limit: int) -> int | None:
 def _completion_choice(
     r: ChoiceResult, echo: bool, k: int | None, inf: Inference, prompt_ids: list[int]
 ) -> dict[str, Any]:
-    prompt_text = inf.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True) if echo else ""
+    prompt_text = inf.tokenizer.decode(prompt_ids, skip_special_tokens=True) if echo else ""
     infos = (r.prompt_infos or []) + r.token_infos if echo else r.token_infos
     logprobs = _legacy_logprobs(infos) if k is not None else None
     return {"index": r.index, "text": prompt_text + r.text, "logprobs": logprobs, "finish_reason": r.finish_reason}
@@ -133,7 +133,7 @@ async def _completion_chunks(
             raise event.error
         choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
         if isinstance(event, PromptEvent) and echo:
-            choice["text"] = inf.engine.tokenizer.decode([t.id for t in event.tokens], skip_special_tokens=True)
+            choice["text"] = inf.tokenizer.decode([t.id for t in event.tokens], skip_special_tokens=True)
             choice["logprobs"] = _legacy_logprobs(event.tokens) if event.tokens[-1].top is not None else None
         elif isinstance(event, TokenEvent):
             choice["text"] = event.text
@@ -156,9 +156,9 @@ async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict
     k = _logprobs_k(body.top_logprobs if body.logprobs else None, c.settings.max_logprobs)
     if body.logprobs and k is None:
         k = 0
-    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, inf.engine.loaded.context_length - len(ids))
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, inf.lm.context_length - len(ids))
     params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(), k)
-    inf.engine.check_fits(len(ids), params)
+    inf.lm.check_fits(len(ids), params)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         return _sse(_chat_chunks(inf.stream([ids], body.n, params, sel), meta))
@@ -176,7 +176,7 @@ async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict
 
 
 def _chat_prompt(inf: Inference, body: ChatRequest) -> list[int]:
-    tokenizer = inf.engine.tokenizer
+    tokenizer = inf.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise BadRequestError(
             "this model's tokenizer has no chat template; use /v1/completions with a plain prompt",

@@ -13,6 +13,7 @@ from service.backend import LoadedModel
 from service.demo import build_tiny_llama, build_word_tokenizer
 from service.engine import Engine
 from service.jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams, TokenEvent
+from service.lm import CausalLMBackend
 from service.metrics import Metrics
 
 WORDS = ["the", "sea", "is", "blue", "a", "cat", "sat", "on", "mat", "sun", "rose", "over", "hills", "and", "sky"]
@@ -28,7 +29,8 @@ def engine():  # type: ignore[no-untyped-def]
         config = lokr.LoKrConfig(target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, r=2)
         lokr.inject(model, config, name)
     loaded = LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32, 256)
-    eng = Engine(loaded, Metrics(), max_batch_size=8, max_queue=64)
+    metrics = Metrics()
+    eng = Engine(CausalLMBackend(loaded, metrics, max_batch_size=8), metrics, max_queue=64)
     eng.start()
     yield eng
     eng.stop()
@@ -52,7 +54,7 @@ class Collector:
 
 
 def _submit(engine: Engine, prompt: str, selection, max_tokens: int, stop=()) -> Collector:  # type: ignore[no-untyped-def]
-    ids = engine.tokenizer(prompt)["input_ids"]
+    ids = engine.backend.tokenizer(prompt)["input_ids"]
     out = Collector()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=tuple(stop))
     engine.submit(Job(ids, params, selection, out))
@@ -106,7 +108,7 @@ def test_joined_rows_share_steps(engine: Engine) -> None:
 
 
 def test_cancelled_row_leaves_and_others_continue(engine: Engine) -> None:
-    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    ids = engine.backend.tokenizer(PROMPTS[0])["input_ids"]
     out = Collector()
     job = Job(ids, SamplingParams(max_tokens=200, temperature=0), "a", out)
     engine.submit(job)
