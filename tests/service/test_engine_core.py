@@ -1,0 +1,150 @@
+"""The model-agnostic engine core: commands run on the worker between steps, never during one; failures stay
+contained; drain waits for every submitted job. A fake backend records what ran, and when."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from service.engine import Engine
+from service.errors import NotReadyError
+from service.jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
+from service.metrics import Metrics
+
+
+class FakeBackend:
+    """Each job runs `steps` steps; `gate` (when set) holds a step open until the test releases it."""
+
+    kind = "fake"
+
+    def __init__(self, steps: int = 3, room: int = 4) -> None:
+        self.model = torch.nn.Linear(2, 2)
+        self.device = torch.device("cpu")
+        self.steps, self.room = steps, room
+        self.rows: dict[int, int] = {}  # job id -> steps left
+        self.by_id: dict[int, Job] = {}
+        self.log: list[str] = []
+        self.in_step = False
+        self.entered = threading.Event()
+        self.gate: threading.Event | None = None
+        self.explode = False
+
+    def check(self, job: Job) -> None:
+        pass
+
+    def offer(self, job: Job) -> bool:
+        if len(self.rows) >= self.room:
+            return False
+        self.rows[job.id], self.by_id[job.id] = self.steps, job
+        return True
+
+    def step(self) -> None:
+        self.in_step = True
+        self.log.append("step")
+        self.entered.set()
+        try:
+            if self.gate is not None:
+                assert self.gate.wait(30)
+            if self.explode:
+                raise RuntimeError("boom")
+            for jid in list(self.rows):
+                self.rows[jid] -= 1
+                if self.rows[jid] == 0:
+                    del self.rows[jid]
+                    self.by_id.pop(jid).finish(FinishEvent("length", 1, self.steps))
+        finally:
+            self.in_step = False
+
+    def jobs(self) -> list[Job]:
+        return [self.by_id[j] for j in self.rows]
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.by_id.clear()
+
+
+def _job(events: list[Event], done: threading.Event | None = None) -> Job:
+    def sink(event: Event) -> None:
+        events.append(event)
+        if done is not None and isinstance(event, (FinishEvent, ErrorEvent)):
+            done.set()
+
+    return Job([1], SamplingParams(max_tokens=1), None, sink)
+
+
+@pytest.fixture
+def engine():  # type: ignore[no-untyped-def]
+    backend = FakeBackend()
+    eng = Engine(backend, Metrics(), max_queue=8)
+    eng.start()
+    yield eng
+    backend.gate = None
+    eng.stop()
+
+
+def test_commands_run_on_the_worker_between_steps(engine: Engine) -> None:
+    backend: FakeBackend = engine.backend  # type: ignore[assignment]
+    backend.gate = threading.Event()
+    done = threading.Event()
+    engine.submit(_job([], done))
+    assert backend.entered.wait(30)  # a step is open...
+    seen: list[tuple[str, bool]] = []
+    future = engine.call(lambda model: seen.append((threading.current_thread().name, backend.in_step)) or "ok")
+    assert not future.done()  # ...so the command waits for it to end
+    backend.gate.set()
+    assert future.result(timeout=30) == "ok"
+    assert seen == [("lokr-engine", False)]
+    assert done.wait(30)
+
+
+def test_command_errors_reach_the_caller_and_the_engine_keeps_serving(engine: Engine) -> None:
+    def bad(model: Any) -> None:
+        raise ValueError("bad command")
+
+    with pytest.raises(ValueError, match="bad command"):
+        engine.run(bad)
+    done = threading.Event()
+    events: list[Event] = []
+    engine.submit(_job(events, done))
+    assert done.wait(30) and isinstance(events[-1], FinishEvent)
+
+
+def test_failed_step_fails_its_rows_only(engine: Engine) -> None:
+    backend: FakeBackend = engine.backend  # type: ignore[assignment]
+    backend.explode = True
+    failed, events = threading.Event(), []
+    engine.submit(_job(events, failed))
+    assert failed.wait(30) and isinstance(events[-1], ErrorEvent)
+    backend.explode = False
+    done, later = threading.Event(), []
+    engine.submit(_job(later, done))
+    assert done.wait(30) and isinstance(later[-1], FinishEvent)
+
+
+def test_drain_waits_for_a_running_batch(engine: Engine) -> None:
+    backend: FakeBackend = engine.backend  # type: ignore[assignment]
+    backend.gate = threading.Event()
+    done = threading.Event()
+    engine.submit(_job([], done))
+    assert backend.entered.wait(30)  # the queue is empty, the row is inside a step
+    assert engine.drain(0.05) is False  # not idle: a job is outstanding
+    backend.gate.set()
+    assert engine.drain(30) is True and done.is_set()
+
+
+def test_stop_fails_waiting_jobs_and_commands() -> None:
+    backend = FakeBackend(room=0)  # nothing is ever taken: jobs wait in the queue
+    engine = Engine(backend, Metrics(), max_queue=8)
+    engine.start()
+    events: list[Event] = []
+    engine.submit(_job(events))
+    engine.stop()
+    assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, NotReadyError)
+
+
+def test_call_runs_inline_without_a_worker() -> None:
+    engine = Engine(FakeBackend(), Metrics())
+    assert engine.run(lambda model: threading.current_thread() is threading.main_thread())
