@@ -201,3 +201,19 @@ def test_openai_client_reads_the_usage_chunk(clients: dict[str, TestClient]) -> 
     )
     last = list(completions)[-1]
     assert last.choices == [] and last.usage is not None and last.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("k", [None, 0])
+def test_token_infos_only_when_logprobs_are_asked_for(k: int | None) -> None:
+    from service.generation import BatchRunner
+    from service.jobs import Event, Job, SamplingParams, TokenEvent
+
+    tokenizer = build_word_tokenizer(WORDS)
+    model = build_tiny_llama(len(tokenizer), seed=1, pad_token_id=tokenizer.pad_token_id)
+    events: list[Event] = []
+    job = Job(
+        tokenizer(PROMPT)["input_ids"], SamplingParams(max_tokens=6, temperature=0, logprobs=k), None, events.append
+    )
+    BatchRunner(model, tokenizer, torch.device("cpu"), 64).run([job])
+    infos = [info for e in events if isinstance(e, TokenEvent) for info in e.tokens]
+    assert (infos == []) if k is None else (len(infos) >= 1 and all(i.logprob is not None for i in infos))
