@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ import lokr
 from .jobs import FinishEvent, Job, PromptEvent, TokenEvent, TokenInfo
 from .kvcache import can_merge, merge_caches, trim_left
 from .sampling import choose_tokens, make_generator, top_logprobs
-from .textstream import TextStream
+from .textstream import PieceDecoder, TextStream, prompt_pieces
 
 __all__ = ["BatchRunner", "RunningBatch"]
 
@@ -116,12 +118,17 @@ class BatchRunner:
         return batch.select(keep, self.device)
 
     def _step_row(self, row: _Row, token: int, logprobs: Tensor | None) -> str | None:
+        k = row.job.params.logprobs
+        info = None if k is None else self._token_info(row.stream.decoder, token, logprobs, k)
         if token in self.eos_ids:
+            # With logprobs/echo the EOS is a generated token (empty text): scoring clients drop the last entry.
+            if k is not None or row.job.params.echo:
+                row.generated += 1
+                row.hold(None if info is None else replace(info, text=""), "")
             return "stop"
         row.generated += 1
-        text = row.stream.push(token)
-        info = [self._token_info(token, logprobs, row.job.params.logprobs)]
-        row.job.sink(TokenEvent(text, info))
+        row.hold(info, row.stream.push(token))
+        row.job.sink(TokenEvent(row.stream.take(), row.release()))
         if row.stream.stopped:
             return "stop"
         if row.generated >= row.job.params.max_tokens:
@@ -130,27 +137,38 @@ class BatchRunner:
             return "length"
         return None
 
-    def _token_info(self, token: int, logprobs: Tensor | None, k: int | None) -> TokenInfo:
-        text = self.tokenizer.decode([token])
-        if logprobs is None or k is None:
-            return TokenInfo(token, text)
+    @staticmethod
+    def _token_info(decoder: PieceDecoder, token: int, logprobs: Tensor | None, k: int) -> TokenInfo:
+        """`token` with the piece it adds after what `decoder` has seen, its logprob and the top-k alternatives.
+
+        `logprobs`: `(V,)` for this position, or None (the piece alone).
+        """
+        piece = decoder.peek(token)
+        if logprobs is None:
+            return TokenInfo(token, piece)
         values, ids = top_logprobs(logprobs, k)
-        top = {self.tokenizer.decode([t]): v for t, v in zip(ids.tolist(), values.tolist())}
-        return TokenInfo(token, text, float(logprobs[token]), top)
+        top = [TokenInfo(t, decoder.peek(t), v) for t, v in zip(ids.tolist(), values.tolist())]
+        return TokenInfo(token, piece, float(logprobs[token]), top)
 
     def _emit_prompt_logprobs(self, rows: list[_Row], ids: Tensor, logits: Tensor) -> None:
-        """For `echo` rows: each prompt token's logprob given its prefix (None for the first)."""
+        """For `echo` rows: each prompt token's piece and logprob given its prefix (None for the first)."""
         wanted = [i for i, r in enumerate(rows) if r.job.params.echo]
         if not wanted:
             return
         logprobs = torch.log_softmax(logits[wanted, :-1], dim=-1)
         for j, i in enumerate(wanted):
-            job, n = rows[i].job, len(rows[i].job.prompt_ids)
-            start = ids.shape[1] - n
-            infos = [TokenInfo(job.prompt_ids[0], self.tokenizer.decode([job.prompt_ids[0]]))]
-            for pos in range(start, ids.shape[1] - 1):
-                k = job.params.logprobs
-                infos.append(self._token_info(int(ids[i, pos + 1]), logprobs[j, pos] if k is not None else None, k))
+            job, k = rows[i].job, rows[i].job.params.logprobs
+            pieces = prompt_pieces(self.tokenizer, job.prompt_ids)
+            infos = [TokenInfo(job.prompt_ids[0], pieces[0])]
+            if k is None:
+                infos += [TokenInfo(t, p) for t, p in zip(job.prompt_ids[1:], pieces[1:])]
+            else:
+                decoder = PieceDecoder(self.tokenizer, job.prompt_ids[:1])
+                start = ids.shape[1] - len(job.prompt_ids)
+                for token, piece, pos in zip(job.prompt_ids[1:], pieces[1:], range(start, ids.shape[1] - 1)):
+                    info = self._token_info(decoder, token, logprobs[j, pos], k)
+                    infos.append(replace(info, text=piece))
+                    decoder.push(token)
             job.sink(PromptEvent(infos))
 
 
@@ -176,10 +194,30 @@ class RunningBatch:
 
 
 class _Row:
-    """A job's decoding state inside one batch."""
+    """A job's decoding state inside one batch; token infos wait until their text is sent."""
 
     def __init__(self, job: Job, stream: TextStream) -> None:
         self.job, self.stream, self.generated = job, stream, 0
+        self._pending: deque[tuple[int, TokenInfo]] = deque()  # (where its piece starts in the text, info)
+        self._end = 0  # where the next piece starts (before a stop string cuts the text)
+
+    def hold(self, info: TokenInfo | None, piece: str) -> None:
+        if info is not None:
+            self._pending.append((self._end, info))
+        self._end += len(piece)
+
+    def release(self, final: bool = False) -> list[TokenInfo]:
+        """Infos whose piece is sent (every one when `final`), each cut to the sent text (a stop cuts the tail)."""
+        sent, out = self.stream.sent, []
+        while self._pending and (final or self._pending[0][0] + len(self._pending[0][1].text) <= sent):
+            start, info = self._pending.popleft()
+            keep = max(0, min(len(info.text), sent - start))
+            out.append(info if keep == len(info.text) else replace(info, text=info.text[:keep]))
+        return out
 
     def finish(self, reason: str) -> FinishEvent:
-        return FinishEvent(reason, len(self.job.prompt_ids), self.generated, self.stream.flush())
+        text, infos = self.stream.flush(), self.release(final=True)
+        if infos:  # the last infos go out with the last text, so tokens and text stay in step
+            self.job.sink(TokenEvent(text, infos))
+            text = ""
+        return FinishEvent(reason, len(self.job.prompt_ids), self.generated, text)

@@ -47,10 +47,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenInfo:
+    """A token and the text piece it adds (pieces concatenate to the text); `top`: the top-k alternatives."""
+
     id: int
     text: str
     logprob: float | None = None
-    top: dict[str, float] | None = None
+    top: list[TokenInfo] | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ __all__ = [
     "CompletionRequest",
     "ErrorResponse",
     "LoadAdapterRequest",
+    "StreamOptions",
     "VllmLoadRequest",
     "VllmUnloadRequest",
 ]
@@ -26,6 +27,11 @@ class AdapterRef(BaseModel):
     scale: float = Field(1.0, allow_inf_nan=False, ge=-100, le=100)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=256)
@@ -35,6 +41,7 @@ class _Sampling(BaseModel):
     stop: Stop = None
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
 
     def stop_list(self) -> tuple[str, ...]:

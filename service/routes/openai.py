@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -68,13 +69,15 @@ async def completions(body: CompletionRequest, c: Deps, request: Request) -> dic
         logprobs=k,
         echo=body.echo,
     )
+    usage = _include_usage(body)
     for ids in prompts:
         inf.lm.check_fits(len(ids), params)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        return _sse(_completion_chunks(inf.stream(prompts, body.n, params, sel), meta, body.echo, inf))
+        events = inf.stream(prompts, body.n, params, sel)
+        return _stream(events, lambda e: _completion_chunks(e, meta, params), "text_completion", meta, body.n, usage)
     results = await inf.run(prompts, body.n, params, sel)
-    choices = [_completion_choice(r, body.echo, k, inf, prompts[r.index // body.n]) for r in results]
+    choices = [_completion_choice(r, params) for r in results]
     return {"object": "text_completion", **meta, "choices": choices, "usage": _usage(results, body.n)}
 
 
@@ -96,27 +99,50 @@ def _logprobs_k(k: int | None, limit: int) -> int | None:
     return k
 
 
-def _completion_choice(
-    r: ChoiceResult, echo: bool, k: int | None, inf: Inference, prompt_ids: list[int]
-) -> dict[str, Any]:
-    prompt_text = inf.tokenizer.decode(prompt_ids, skip_special_tokens=True) if echo else ""
-    infos = (r.prompt_infos or []) + r.token_infos if echo else r.token_infos
-    logprobs = _legacy_logprobs(infos) if k is not None else None
+def _include_usage(body: CompletionRequest | ChatRequest) -> bool:
+    """Whether the stream ends with OpenAI's usage chunk; `stream_options` needs `stream: true`."""
+    if body.stream_options is None:
+        return False
+    if not body.stream:
+        raise BadRequestError("stream_options is only allowed with `stream: true`", code="invalid_stream_options")
+    return body.stream_options.include_usage
+
+
+def _completion_choice(r: ChoiceResult, params: SamplingParams) -> dict[str, Any]:
+    infos = (r.prompt_infos or []) + r.token_infos if params.echo else r.token_infos
+    prompt_text = "".join(i.text for i in r.prompt_infos or []) if params.echo else ""
+    logprobs = _legacy_logprobs(infos, 0) if params.logprobs is not None else None
     return {"index": r.index, "text": prompt_text + r.text, "logprobs": logprobs, "finish_reason": r.finish_reason}
 
 
-def _legacy_logprobs(infos: list[TokenInfo]) -> dict[str, Any]:
-    """OpenAI's completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
-    offsets, pos = [], 0
+def _legacy_logprobs(infos: list[TokenInfo], offset: int) -> dict[str, Any]:
+    """OpenAI's completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset.
+
+    `tokens` are the text pieces (they concatenate to the text) and `text_offset` indexes into the text, the
+    first piece starting at `offset`. `top_logprobs` maps each alternative's piece to its logprob; pieces two
+    alternatives share (specials decode to "", say) are keyed `token_id:<id>` instead (vLLM's spelling), so
+    no alternative is merged away.
+    """
+    offsets = []
     for info in infos:
-        offsets.append(pos)
-        pos += len(info.text)
+        offsets.append(offset)
+        offset += len(info.text)
     return {
         "tokens": [i.text for i in infos],
-        "token_logprobs": [i.logprob for i in infos],
-        "top_logprobs": [i.top for i in infos],
+        "token_logprobs": [_finite(i.logprob) for i in infos],
+        "top_logprobs": [None if i.top is None else _top_dict(i.top) for i in infos],
         "text_offset": offsets,
     }
+
+
+def _top_dict(top: list[TokenInfo]) -> dict[str, float | None]:
+    counts = Counter(t.text for t in top)
+    return {t.text if counts[t.text] == 1 else f"token_id:{t.id}": _finite(t.logprob) for t in top}
+
+
+def _finite(logprob: float | None) -> float | None:
+    """JSON has no -inf: clamp as OpenAI and vLLM do."""
+    return None if logprob is None else max(logprob, -9999.0)
 
 
 def _usage(results: list[ChoiceResult], n: int) -> dict[str, int]:
@@ -126,24 +152,64 @@ def _usage(results: list[ChoiceResult], n: int) -> dict[str, int]:
 
 
 async def _completion_chunks(
-    events: AsyncIterator[tuple[int, Event]], meta: dict[str, Any], echo: bool, inf: Inference
+    events: AsyncIterator[tuple[int, Event]], meta: dict[str, Any], params: SamplingParams
 ) -> AsyncIterator[dict[str, Any]]:
+    offsets: dict[int, int] = {}  # per choice: where its next token's piece starts (text_offset runs on)
     async for index, event in events:
         if isinstance(event, ErrorEvent):
             raise event.error
         choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
-        if isinstance(event, PromptEvent) and echo:
-            choice["text"] = inf.tokenizer.decode([t.id for t in event.tokens], skip_special_tokens=True)
-            choice["logprobs"] = _legacy_logprobs(event.tokens) if event.tokens[-1].top is not None else None
+        if isinstance(event, PromptEvent) and params.echo:
+            choice["text"] = "".join(t.text for t in event.tokens)
+            tokens = event.tokens
         elif isinstance(event, TokenEvent):
-            choice["text"] = event.text
-            if event.tokens[0].top is not None:
-                choice["logprobs"] = _legacy_logprobs(event.tokens)
+            choice["text"], tokens = event.text, event.tokens
         elif isinstance(event, FinishEvent):
-            choice["text"], choice["finish_reason"] = event.text, event.reason
+            choice["text"], choice["finish_reason"], tokens = event.text, event.reason, []
         else:
             continue
+        if params.logprobs is not None and tokens:
+            choice["logprobs"] = _legacy_logprobs(tokens, offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + sum(len(t.text) for t in tokens)
         yield {"object": "text_completion", **meta, "choices": [choice]}
+
+
+class _StreamUsage:
+    """Counts a stream's tokens from its finish events, for OpenAI's `stream_options.include_usage`."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.finishes = n, dict[int, FinishEvent]()
+
+    async def watch(self, events: AsyncIterator[tuple[int, Event]]) -> AsyncIterator[tuple[int, Event]]:
+        async for index, event in events:
+            if isinstance(event, FinishEvent):
+                self.finishes[index] = event
+            yield index, event
+
+    async def chunks(
+        self, chunks: AsyncIterator[dict[str, Any]], obj: str, meta: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every chunk gets `usage: null`; then one chunk with no choices carries the usage."""
+        async for chunk in chunks:
+            yield {**chunk, "usage": None}
+        prompt = sum(f.prompt_tokens for i, f in self.finishes.items() if i % self.n == 0)
+        completion = sum(f.completion_tokens for f in self.finishes.values())
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        yield {"object": obj, **meta, "choices": [], "usage": usage}
+
+
+def _stream(
+    events: AsyncIterator[tuple[int, Event]],
+    to_chunks: Callable[[AsyncIterator[tuple[int, Event]]], AsyncIterator[dict[str, Any]]],
+    obj: str,
+    meta: dict[str, Any],
+    n: int,
+    include_usage: bool,
+) -> StreamingResponse:
+    if not include_usage:
+        return _sse(to_chunks(events))
+    usage = _StreamUsage(n)
+    return _sse(usage.chunks(to_chunks(usage.watch(events)), obj, meta))
 
 
 # ------------------------------------------------------------------------------------------ chat
@@ -158,10 +224,12 @@ async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict
         k = 0
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, inf.lm.context_length - len(ids))
     params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.stop_list(), k)
+    usage = _include_usage(body)
     inf.lm.check_fits(len(ids), params)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        return _sse(_chat_chunks(inf.stream([ids], body.n, params, sel), meta))
+        events = inf.stream([ids], body.n, params, sel)
+        return _stream(events, lambda e: _chat_chunks(e, meta, k), "chat.completion.chunk", meta, body.n, usage)
     results = await inf.run([ids], body.n, params, sel)
     choices = [
         {
@@ -191,19 +259,17 @@ def _chat_prompt(inf: Inference, body: ChatRequest) -> list[int]:
 
 
 def _chat_logprobs(infos: list[TokenInfo]) -> dict[str, Any]:
-    return {
-        "content": [
-            {
-                "token": i.text,
-                "logprob": i.logprob,
-                "top_logprobs": [{"token": t, "logprob": v} for t, v in (i.top or {}).items()],
-            }
-            for i in infos
-        ]
-    }
+    """Chat logprobs: each token's text piece (spaces kept), its UTF-8 bytes, and its alternatives."""
+
+    def entry(info: TokenInfo) -> dict[str, Any]:
+        return {"token": info.text, "logprob": _finite(info.logprob), "bytes": list(info.text.encode())}
+
+    return {"content": [{**entry(i), "top_logprobs": [entry(t) for t in i.top or []]} for i in infos]}
 
 
-async def _chat_chunks(events: AsyncIterator[tuple[int, Event]], meta: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def _chat_chunks(
+    events: AsyncIterator[tuple[int, Event]], meta: dict[str, Any], k: int | None
+) -> AsyncIterator[dict[str, Any]]:
     started: set[int] = set()
     async for index, event in events:
         if isinstance(event, ErrorEvent):
@@ -212,7 +278,7 @@ async def _chat_chunks(events: AsyncIterator[tuple[int, Event]], meta: dict[str,
             started.add(index)
             yield _chat_chunk(meta, index, {"role": "assistant", "content": ""}, None)
         if isinstance(event, TokenEvent):
-            logprobs = _chat_logprobs(event.tokens) if event.tokens[0].top is not None else None
+            logprobs = _chat_logprobs(event.tokens) if k is not None and event.tokens else None
             yield _chat_chunk(meta, index, {"content": event.text}, None, logprobs)
         elif isinstance(event, FinishEvent):
             yield _chat_chunk(meta, index, {"content": event.text} if event.text else {}, event.reason)
