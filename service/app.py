@@ -55,6 +55,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             if engine is not None:
                 await run_in_threadpool(engine.drain, settings.shutdown_grace_s)
                 await run_in_threadpool(engine.stop)
+            if components.registry is not None:
+                components.registry.close()
 
     app = FastAPI(title="lokr-serve", version="0.1.0", lifespan=lifespan)
     app.state.components = components

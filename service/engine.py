@@ -124,10 +124,13 @@ class Engine:
     def call(self, fn: Callable[[Any], T]) -> Future[T]:
         """Run `fn(model)` on the engine thread between two steps; the future holds its result or error.
 
-        Runs at once, on the calling thread, when no worker runs (start-up, tests) or when called from the
-        worker itself.
+        Runs at once, on the calling thread, when no worker runs yet (start-up, tests) or when called from
+        the worker itself; fails with `NotReadyError` once the engine is stopped.
         """
         future: Future[T] = Future()
+        if self._stop.is_set():  # after `stop` nothing may touch the model, not even inline
+            future.set_exception(NotReadyError("the server is shutting down"))
+            return future
         worker = self._thread
         if worker is None or not worker.is_alive() or threading.current_thread() is worker:
             _run_into(future, fn, self.backend.model)

@@ -7,9 +7,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
-
-from fastapi.concurrency import run_in_threadpool
 
 from lokr.batch import RowSpec
 
@@ -18,7 +17,7 @@ from .errors import BadRequestError, NotFoundError
 from .jobs import ErrorEvent, Event, FinishEvent, Job, PromptEvent, SamplingParams, TokenEvent, TokenInfo
 from .lm import CausalLMBackend
 from .metrics import Metrics
-from .registry import Registry
+from .registry import Lease, Registry
 from .schemas import AdapterRef
 
 __all__ = ["ChoiceResult", "Inference", "Selection"]
@@ -121,31 +120,32 @@ class Inference:
     async def _pump(
         self, index: int, ids: list[int], params: SamplingParams, sel: Selection, out: asyncio.Queue
     ) -> None:
+        """One choice: lease its adapters (bringing them back if needed), then stream its job's events."""
         try:
-            if not self.registry.try_acquire(set(sel.names)):  # a miss: bring adapters back off the event loop
-                await run_in_threadpool(self.registry.acquire, set(sel.names))
+            async with self.registry.lease(sel.names) as lease:
+                await self._generate(index, ids, params, sel, lease, out)
         except Exception as exc:
             await out.put((index, ErrorEvent(exc)))
-            return
 
-        def done(event: Event) -> None:  # on the engine thread, also when the client has gone away
-            self.registry.release(set(sel.names))
+    async def _generate(
+        self, index: int, ids: list[int], params: SamplingParams, sel: Selection, lease: Lease, out: asyncio.Queue
+    ) -> None:
+        def done(release: Callable[[], None], event: Event) -> None:  # engine thread, client gone or not
+            release()
             if isinstance(event, FinishEvent):
                 self.metrics.tokens.labels("prompt", sel.label).inc(event.prompt_tokens)
                 self.metrics.tokens.labels("generated", sel.label).inc(event.completion_tokens)
 
         def make_job(sink: Callable[[Event], None]) -> Job:
-            return Job(ids, params, sel.spec, sink, on_done=done)
+            # the job holds the lease until the engine has finished with its row, after this scope if need be
+            return Job(ids, params, sel.spec, sink, on_done=partial(done, lease.hold()))
 
         started, first = time.perf_counter(), True
-        try:
-            async for event in self.engine.stream(make_job):
-                if first and isinstance(event, TokenEvent):
-                    self.metrics.ttft.labels(sel.label).observe(time.perf_counter() - started)
-                    first = False
-                await out.put((index, event))
-        except Exception as exc:  # pragma: no cover - defensive: never leave the gatherer waiting
-            await out.put((index, ErrorEvent(exc)))
+        async for event in self.engine.stream(make_job):
+            if first and isinstance(event, TokenEvent):
+                self.metrics.ttft.labels(sel.label).observe(time.perf_counter() - started)
+                first = False
+            await out.put((index, event))
 
     async def run(
         self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection

@@ -1,18 +1,22 @@
-"""Adapter lifecycle and memory tiers: device (attached to the model) -> host (offloaded) -> disk (source).
+"""The adapter registry: names, tiers, budgets and leases. It decides; the engine thread applies.
 
-A registered adapter is always answerable: a request for one that is not resident brings it back from
-host memory, or re-reads its source off the engine's critical path. Adapters in use are never evicted.
-Blocking; call from a thread.
+Every change to the model is a command sent with `engine.call` (attach, restore, offload, delete) and runs
+between two steps. Files are read and validated on the caller's thread (load) or on the registry's mover
+threads (bringing an adapter back from disk), never on the engine thread and never under the registry's
+lock. Lifecycle state lives in one `AdapterRecord` per adapter (see `lifecycle`), changed only under
+`_cond`. Budget decisions are pure functions in `tiers`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import shutil
 import threading
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,54 +26,18 @@ import torch
 import lokr
 
 from .engine import Engine
-from .errors import AdapterBusyError, ConflictError, NotFoundError
+from .errors import AdapterBusyError, ConflictError, NotFoundError, NotReadyError
+from .lifecycle import AdapterRecord, Lease, Phase, Tier
 from .metrics import Metrics
+from .tiers import Slot, TierLimits, pick_victims
 
-__all__ = ["AdapterRecord", "Registry", "TierLimits"]
+__all__ = ["AdapterRecord", "Lease", "Registry", "TierLimits"]
 
 log = logging.getLogger("lokr_serve.registry")
 
 
-@dataclass(frozen=True)
-class TierLimits:
-    """Budgets; 0 bytes means no byte limit."""
-
-    device_adapters: int = 128
-    device_bytes: int = 0
-    host_adapters: int = 512
-    host_bytes: int = 0
-
-
-@dataclass
-class AdapterRecord:
-    name: str
-    info: lokr.AdapterInfo
-    source: Path
-    loaded_at: float = field(default_factory=time.time)
-    in_use: int = 0
-    draining: bool = False
-    resident: bool = True
-    host: lokr.OffloadedAdapter | None = None
-    hits: int = 0
-    misses: int = 0
-    owned_dir: Path | None = None  # an upload dir deleted with the adapter
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def tier(self) -> str:
-        return "device" if self.resident else "host" if self.host is not None else "disk"
-
-    def to_dict(self) -> dict[str, Any]:
-        out = self.info.to_dict()
-        out.update(
-            source=str(self.source), loaded_at=int(self.loaded_at), in_use=self.in_use, draining=self.draining,
-            tier=self.tier, resident=self.resident, hits=self.hits, misses=self.misses,
-        )  # fmt: skip
-        return out
-
-
 class Registry:
-    """Which adapters exist, where their tensors live, who uses them; safe load / unload / eviction."""
+    """Which adapters exist, where their tensors live and who leases them; load, unload, tier moves."""
 
     def __init__(
         self,
@@ -79,181 +47,238 @@ class Registry:
         dtype: torch.dtype | None,
         max_bytes: int,
         limits: TierLimits | None = None,
+        movers: int = 2,
     ) -> None:
         self.engine, self.metrics = engine, metrics
         self.dtype, self.max_bytes = dtype, max_bytes
         self.limits = limits or TierLimits()
         self._records: dict[str, AdapterRecord] = {}
-        self._pending: set[str] = set()
-        self._lru: OrderedDict[str, None] = OrderedDict()  # device residents, least recently used first
-        self._host_lru: OrderedDict[str, None] = OrderedDict()
         self._cond = threading.Condition()
+        self._tick = itertools.count(1)
+        self._movers = ThreadPoolExecutor(max_workers=movers, thread_name_prefix="lokr-adapter-mover")
         self._pin = engine.device.type == "cuda"
+
+    def close(self) -> None:
+        """Start no new moves (moves in flight finish)."""
+        self._movers.shutdown(wait=False)
 
     # ---------------------------------------------------------------------------------- queries
     def names(self) -> list[str]:
         with self._cond:
-            return [n for n, r in self._records.items() if not r.draining]
+            return [n for n, r in self._records.items() if r.visible]
 
     def get(self, name: str) -> AdapterRecord:
         with self._cond:
-            record = self._records.get(name)
-            if record is None or record.draining:
-                raise NotFoundError(f"adapter {name!r} is not loaded", code="adapter_not_found")
-            return record
+            return self._visible(name)
 
     def records(self) -> list[AdapterRecord]:
         with self._cond:
-            return [r for r in self._records.values() if not r.draining]
+            return [r for r in self._records.values() if r.visible]
+
+    def _visible(self, name: str) -> AdapterRecord:
+        record = self._records.get(name)
+        if record is None or not record.visible:
+            raise NotFoundError(f"adapter {name!r} is not loaded", code="adapter_not_found")
+        return record
 
     # ---------------------------------------------------------------------------------- leases
-    def try_acquire(self, names: set[str]) -> bool:
-        """Take a lease without any I/O: True if every name is resident (a hit), else nothing is taken."""
-        with self._cond:
-            records = self._lookup(names)
-            if not all(r.resident for r in records):
-                return False
-            for r in records:
-                r.in_use += 1
-                r.hits += 1
-                self._lru.move_to_end(r.name)
-            self.metrics.adapter_cache.labels("hit").inc(len(records))
-            return True
+    @asynccontextmanager
+    async def lease(self, names: Iterable[str]) -> AsyncIterator[Lease]:
+        """`async with registry.lease(names) as lease:` holds `names` for one job.
 
-    def acquire(self, names: set[str]) -> None:
-        """Take a lease on `names` for one job, bringing non-resident ones back (may read from disk)."""
-        with self._cond:
-            records = self._lookup(names)
-            for r in records:
-                r.in_use += 1  # leased before loading: nothing can evict it in between
+        Taken at once (no I/O, no thread hop); non-resident adapters are then brought back, awaiting the
+        move. Given back on leaving the block (cancellation included) unless a job took `lease.hold()`,
+        in which case the last of the two to let go gives it back.
+        """
+        lease = self._take(frozenset(names))
         try:
-            for r in records:
-                self._make_resident(r)
-        except BaseException:
-            self.release(names)
-            raise
-        self._evict_to_budget()
+            await self._bring_back(lease.names)
+            yield lease
+        finally:
+            lease.drop()
 
-    def release(self, names: set[str]) -> None:
+    def _take(self, names: frozenset[str]) -> Lease:
         with self._cond:
-            for n in names:
-                if n in self._records:
-                    self._records[n].in_use -= 1
+            missing = sorted(n for n in names if n not in self._records or not self._records[n].visible)
+            if missing:
+                loaded = sorted(n for n, r in self._records.items() if r.visible)
+                raise NotFoundError(f"adapter(s) {missing} not loaded; loaded: {loaded}", code="adapter_not_found")
+            records = [self._records[n] for n in sorted(names)]
+            for r in records:
+                r.in_use += 1  # leased first: nothing evicts or deletes it from here on
+                r.last_used = next(self._tick)
+                if r.resident:
+                    r.hits += 1
+                else:
+                    r.misses += 1
+            hits = sum(r.resident for r in records)
+        if hits:
+            self.metrics.adapter_cache.labels("hit").inc(hits)
+        return Lease(names, partial(self._give_back, records))
+
+    def _give_back(self, records: list[AdapterRecord]) -> None:
+        with self._cond:
+            for r in records:
+                r.in_use -= 1
             self._cond.notify_all()
 
-    def _lookup(self, names: set[str]) -> list[AdapterRecord]:
-        missing = sorted(n for n in names if n not in self._records or self._records[n].draining)
-        if missing:
-            raise NotFoundError(
-                f"adapter(s) {missing} not loaded; loaded: {sorted(self.names())}", code="adapter_not_found"
-            )
-        return [self._records[n] for n in sorted(names)]
+    async def _bring_back(self, names: frozenset[str]) -> None:
+        for name in sorted(names):
+            with self._cond:
+                record = self._records[name]  # leased: it cannot be gone
+            while (move := self._move_to_device(record)) is not None:
+                await asyncio.shield(asyncio.wrap_future(move))  # the move outlives a cancelled waiter
 
-    # ---------------------------------------------------------------------------------- tiers
-    def _make_resident(self, record: AdapterRecord) -> None:
-        with record.lock:  # one loader per adapter; later callers find it resident
-            if record.resident:
-                with self._cond:
-                    record.hits += 1
-                    self._lru.move_to_end(record.name)
-                self.metrics.adapter_cache.labels("hit").inc()
-                return
-            host = record.host
-            parsed = None if host is not None else lokr.read_adapter(record.source, max_bytes=self.max_bytes)
+    def _move_to_device(self, record: AdapterRecord) -> Future[None] | None:
+        """None if `record` is resident; else the move in flight, or one started now, to wait for."""
+        with self._cond:
+            if record.moving is not None:
+                return record.moving
+            if record.tier is Tier.DEVICE:
+                return None
+            move = record.moving = Future()
+            was = record.tier
+            record.tier = Tier.DEVICE
+        try:
+            self._movers.submit(self._restore, record, move)
+        except RuntimeError:  # shut down
+            with self._cond:
+                record.tier, record.moving = was, None
+                self._cond.notify_all()
+            raise NotReadyError("the server is shutting down") from None
+        return move
+
+    # ---------------------------------------------------------------------------------- tier moves
+    def _restore(self, record: AdapterRecord, move: Future[None]) -> None:
+        """On a mover thread: host copy or source back onto the model, then rebalance the tiers."""
+        host = record.host  # fixed while `moving` is set
+        try:
             if host is not None:
-                self.engine.run(lambda model: lokr.restore_adapter(model, host))
+                info = self.engine.call(partial(_restore_on, offloaded=host)).result()
             else:
-                self.engine.run(lambda model: lokr.attach_adapter(model, parsed, record.name, dtype=self.dtype))  # type: ignore[arg-type]
-            with self._cond:
-                record.resident, record.host, record.misses = True, None, record.misses + 1
-                self._host_lru.pop(record.name, None)
-                self._lru[record.name] = None
-            self.metrics.adapter_cache.labels("miss_host" if host is not None else "miss_disk").inc()
-        self._update_gauges()
+                parsed = lokr.read_adapter(record.source, max_bytes=self.max_bytes)
+                info = self.engine.call(partial(_attach_on, parsed=parsed, name=record.name, dtype=self.dtype)).result()
+        except BaseException as exc:
+            log.warning("could not bring adapter %s back: %s", record.name, exc)
+            self._settle(record, Tier.DISK)  # a host copy that failed to restore is not trusted again
+            move.set_exception(exc)
+            return
+        with self._cond:
+            record.info = info
+        self._settle(record, Tier.DEVICE)
+        self.metrics.adapter_cache.labels("miss_host" if host is not None else "miss_disk").inc()
+        try:
+            self._rebalance()
+        finally:
+            move.set_result(None)
 
-    def _evict_to_budget(self) -> None:
-        """Offload least recently used idle residents until the device budget holds (in-use ones stay)."""
-        while True:
-            with self._cond:
-                victim = self._pick_victim()
-                if victim is None:
-                    break
-                victim.resident = False  # a request for it now waits on its lock, then restores it
-                self._lru.pop(victim.name, None)
-            try:
-                victim.host = self.engine.run(partial(lokr.offload_adapter, name=victim.name, pin_memory=self._pin))
-            finally:
-                victim.lock.release()
-            with self._cond:
-                self._host_lru[victim.name] = None
-                self._trim_host()
+    def _offload(self, record: AdapterRecord, move: Future[None]) -> None:
+        """Detach `record` into host memory; a failure leaves it where the model says it is."""
+        try:
+            host = self.engine.call(partial(lokr.offload_adapter, name=record.name, pin_memory=self._pin)).result()
+        except Exception as exc:
+            log.warning("could not offload adapter %s: %s", record.name, exc)
+            self._settle(record, Tier.DEVICE if self._attached(record.name) else Tier.DISK)
+        else:
+            self._settle(record, Tier.HOST, host)
             self.metrics.adapter_cache.labels("evict_device").inc()
-        self._update_gauges()
+        finally:
+            move.set_result(None)
 
-    def _pick_victim(self) -> AdapterRecord | None:
-        residents = [self._records[n] for n in self._lru]
-        count, size = len(residents), sum(r.info.device_nbytes for r in residents)
-        over = count > self.limits.device_adapters or (0 < self.limits.device_bytes < size)
-        if not over:
-            return None
-        for r in residents:  # least recently used first; the victim's lock is taken (released by the caller)
-            if r.in_use == 0 and r.lock.acquire(blocking=False):
-                return r
-        return None
+    def _attached(self, name: str) -> bool:
+        try:
+            return self.engine.call(lambda model: name in lokr.list_adapters(model)).result()
+        except Exception:
+            return True  # offload_adapter fails before detaching; assume nothing moved
+
+    def _settle(self, record: AdapterRecord, tier: Tier, host: lokr.OffloadedAdapter | None = None) -> None:
+        """A move ended: `record` is now in `tier` (with `host` as its host copy, if any)."""
+        with self._cond:
+            record.tier, record.host, record.moving = tier, host, None
+            self._cond.notify_all()
+
+    def _rebalance(self) -> None:
+        """Offload idle residents beyond the device budget, then drop host copies beyond the host budget.
+
+        Never raises: a failed offload is logged and the budget is retried on the next rebalance.
+        """
+        with self._cond:
+            slots = [self._slot(r) for r in self._records.values() if r.tier is Tier.DEVICE]
+            victims = [self._records[n] for n in pick_victims(slots, self.limits.device)]
+            moves: list[Future[None]] = []
+            for r in victims:
+                r.tier, r.moving = Tier.HOST, Future()
+                moves.append(r.moving)
+        for r, move in zip(victims, moves):
+            self._offload(r, move)
+        self._trim_host()
+        self._update_gauges()
 
     def _trim_host(self) -> None:
-        """Drop host copies (least recently used first) beyond the host budget; their source stays on disk."""
-        while self._host_lru:
-            copies = [self._records[n] for n in self._host_lru]
-            size = sum(r.host.nbytes for r in copies if r.host is not None)
-            if len(copies) <= self.limits.host_adapters and not (0 < self.limits.host_bytes < size):
-                return
-            name, _ = self._host_lru.popitem(last=False)
-            self._records[name].host = None
-            self.metrics.adapter_cache.labels("evict_host").inc()
+        with self._cond:
+            slots = [self._slot(r) for r in self._records.values() if r.tier is Tier.HOST]
+            dropped = pick_victims(slots, self.limits.host)
+            for name in dropped:
+                self._records[name].tier, self._records[name].host = Tier.DISK, None  # the source stays on disk
+        if dropped:
+            self.metrics.adapter_cache.labels("evict_host").inc(len(dropped))
+
+    def _slot(self, r: AdapterRecord) -> Slot:
+        nbytes = r.device_nbytes if r.tier is Tier.DEVICE else r.host.nbytes if r.host is not None else 0
+        movable = r.phase is Phase.LIVE and r.in_use == 0 and r.moving is None
+        return Slot(r.name, nbytes, r.last_used, movable)
 
     # ---------------------------------------------------------------------------------- load / unload
     def load(self, name: str, path: Path, *, owned_dir: Path | None = None) -> AdapterRecord:
-        """Read and validate off the model lock, then attach under it; a failure changes nothing."""
+        """Read and validate on this thread, attach on the engine's; a failure leaves the registry as it was.
+
+        Blocking; call from a thread (or before the engine starts).
+        """
+        record = AdapterRecord(name, path, owned_dir=owned_dir)
         with self._cond:
-            if name in self._records or name in self._pending:
+            if name in self._records:
                 raise ConflictError(f"an adapter named {name!r} is already loaded or loading", code="adapter_exists")
-            self._pending.add(name)
+            self._records[name] = record  # LOADING: reserves the name, invisible
         try:
             parsed = lokr.read_adapter(path, max_bytes=self.max_bytes)
-            info = self.engine.run(lambda model: lokr.attach_adapter(model, parsed, name, dtype=self.dtype))
+            info = self.engine.call(partial(_attach_on, parsed=parsed, name=name, dtype=self.dtype)).result()
         except BaseException:
-            self.metrics.adapter_loads.labels("failure").inc()
             with self._cond:
-                self._pending.discard(name)
+                del self._records[name]
+            self.metrics.adapter_loads.labels("failure").inc()
             raise
-        record = AdapterRecord(name, info, path, owned_dir=owned_dir)
         with self._cond:
-            self._pending.discard(name)
-            self._records[name] = record
-            self._lru[name] = None
+            record.info, record.phase, record.last_used = info, Phase.LIVE, next(self._tick)
         self.metrics.adapter_loads.labels("success").inc()
         log.info("loaded adapter %s from %s (%d modules, %d bytes)", name, path, len(info.modules), info.nbytes)
-        self._evict_to_budget()
+        self._rebalance()
         return record
 
     def unload(self, name: str, timeout_s: float = 60.0) -> None:
-        """Hide `name` from new requests, wait for its running jobs, then free it from every tier."""
+        """Hide `name` from new requests, wait for its leases and any move in flight, then free it.
+
+        Blocking; call from a thread.
+        """
         with self._cond:
-            record = self._records.get(name)
-            if record is None or record.draining:
-                raise NotFoundError(f"adapter {name!r} is not loaded", code="adapter_not_found")
-            record.draining = True
-            if not self._cond.wait_for(lambda: record.in_use == 0, timeout=timeout_s):
-                record.draining = False
+            record = self._visible(name)
+            record.phase = Phase.DRAINING
+            if not self._cond.wait_for(lambda: record.in_use == 0 and record.moving is None, timeout=timeout_s):
+                record.phase = Phase.LIVE
                 raise AdapterBusyError(f"adapter {name!r} is still in use after {timeout_s:.0f}s; try again")
-        with record.lock:
-            if record.resident:
-                self.engine.run(lambda model: lokr.delete_adapter(model, name))
+            record.moving = Future()  # deleting: no one else moves it
+            attached = record.tier is Tier.DEVICE
+        try:
+            if attached:
+                self.engine.call(partial(lokr.delete_adapter, name=name)).result()
+        except BaseException:
+            with self._cond:
+                record.phase, record.moving = Phase.LIVE, None
+                self._cond.notify_all()
+            raise
         with self._cond:
+            record.phase, record.host, record.moving = Phase.GONE, None, None
             del self._records[name]
-            self._lru.pop(name, None)
-            self._host_lru.pop(name, None)
+            self._cond.notify_all()
         if record.owned_dir is not None:
             shutil.rmtree(record.owned_dir, ignore_errors=True)
         self.metrics.adapter_unloads.inc()
@@ -262,9 +287,28 @@ class Registry:
 
     def _update_gauges(self) -> None:
         with self._cond:
-            records = [r for r in self._records.values() if not r.draining]
-        residents = [r for r in records if r.resident]
+            records = [r for r in self._records.values() if r.visible]
+            residents = [r for r in records if r.resident]
+            host = sum(1 for r in records if r.tier is Tier.HOST)
         self.metrics.adapters_registered.set(len(records))
         self.metrics.adapters_resident.set(len(residents))
-        self.metrics.adapter_bytes.set(sum(r.info.device_nbytes for r in residents))
-        self.metrics.adapters_host.set(sum(1 for r in records if r.host is not None))
+        self.metrics.adapter_bytes.set(sum(r.device_nbytes for r in residents))
+        self.metrics.adapters_host.set(host)
+
+
+# -------------------------------------------------------------------------------------- engine commands
+def _attach_on(model: Any, *, parsed: lokr.ParsedAdapter, name: str, dtype: torch.dtype | None) -> lokr.AdapterInfo:
+    """Engine thread: `attach_adapter` validates every module before it changes anything."""
+    return lokr.attach_adapter(model, parsed, name, dtype=dtype)
+
+
+def _restore_on(model: Any, *, offloaded: lokr.OffloadedAdapter) -> lokr.AdapterInfo:
+    """Engine thread: put a host copy back; a restore that fails half-way is taken off again."""
+    try:
+        return lokr.restore_adapter(model, offloaded)
+    except lokr.AdapterExistsError:
+        raise
+    except BaseException:
+        if offloaded.name in lokr.list_adapters(model):
+            lokr.delete_adapter(model, offloaded.name)
+        raise

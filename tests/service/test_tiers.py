@@ -7,9 +7,10 @@ import asyncio
 import httpx
 import pytest
 
+from service.tiers import Budget, Slot, pick_victims
+
 from .conftest import ADMIN_TOKEN, World, ensure_loaded, start_server, stop_server
 
-pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 NAMES = ["alpha", "beta", "gamma"]
 PROMPTS = ["the sea is", "a cat sat on the", "bread and soup"]
@@ -41,6 +42,7 @@ def reference(client: httpx.Client) -> dict[tuple[str, str], tuple[str, list[flo
     return {(m, p): _answer(client.post("/v1/completions", json=_body(m, p))) for m in NAMES for p in PROMPTS}
 
 
+@pytest.mark.e2e
 def test_tiny_budget_evicts_and_brings_back_exactly(world: World, reference) -> None:  # type: ignore[no-untyped-def]
     server = start_server(world, "--max-resident-adapters", "1", "--max-host-adapters", "1")
     try:
@@ -84,3 +86,29 @@ def test_tiny_budget_evicts_and_brings_back_exactly(world: World, reference) -> 
             assert c.post("/v1/completions", json=_body("gamma", PROMPTS[0])).status_code == 404
     finally:
         stop_server(server)
+
+
+# ------------------------------------------------------------------------------------ the policy alone
+def _slot(name: str, last_used: int, movable: bool = True, nbytes: int = 10) -> Slot:
+    return Slot(name, nbytes, last_used, movable)
+
+
+def test_victims_are_least_recently_used_first_until_the_count_fits() -> None:
+    slots = [_slot("c", 3), _slot("a", 1), _slot("b", 2)]
+    assert pick_victims(slots, Budget(3)) == []
+    assert pick_victims(slots, Budget(2)) == ["a"]
+    assert pick_victims(slots, Budget(0)) == ["a", "b", "c"]
+
+
+def test_unmovable_slots_count_but_never_leave() -> None:
+    """Leased, draining or mid-move adapters stay (a draining one is never picked, issue 12)."""
+    slots = [_slot("draining", 1, movable=False), _slot("idle", 2), _slot("leased", 3, movable=False)]
+    assert pick_victims(slots, Budget(2)) == ["idle"]
+    assert pick_victims(slots, Budget(1)) == ["idle"]  # still over: only movable ones can go
+
+
+def test_byte_budget_evicts_until_the_bytes_fit() -> None:
+    slots = [_slot("big", 1, nbytes=70), _slot("small", 2, nbytes=20), _slot("new", 3, nbytes=30)]
+    assert pick_victims(slots, Budget(10, nbytes=100)) == ["big"]
+    assert pick_victims(slots, Budget(10, nbytes=0)) == []  # 0 bytes = no byte limit
+    assert pick_victims(slots, Budget(10, nbytes=30)) == ["big", "small"]

@@ -1,0 +1,254 @@
+"""The registry under the interleavings of issue 12, each driven deterministically by a gate injected into
+an engine command or a file read (no sleeps): unload racing an eviction, a failed eviction while a lease
+brings an adapter back, a client cancelled while its adapter is read, drain racing a job the engine took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import lokr
+from service.app import create_app
+from service.errors import NotFoundError
+from service.jobs import Event, FinishEvent, Job, SamplingParams
+from service.lifecycle import Lease
+from service.routes.deps import Components
+from service.settings import Settings
+
+from .conftest import World
+
+BODY = {"prompt": "the sea is", "max_tokens": 3, "temperature": 0}
+PATIENCE_S = 120.0  # only bounds a hang; nothing asserts on time
+
+
+class Gate:
+    """Wraps a function so that a matching call signals `entered`, then waits for `go`."""
+
+    def __init__(self, real: Callable[..., Any], match: Callable[..., bool] = lambda *a, **k: True) -> None:
+        self.real, self.match = real, match
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.match(*args, **kwargs):
+            self.entered.set()
+            assert self.go.wait(PATIENCE_S), "the test never opened the gate"
+        return self.real(*args, **kwargs)
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(PATIENCE_S), "the gated call never came"
+
+
+def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+    """Run `fn` on a new thread; the future holds its result or its error."""
+    future: Future[Any] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, daemon=True).start()
+    return future
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + PATIENCE_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.005)
+
+
+@dataclass
+class Serving:
+    client: TestClient
+    c: Components
+
+    @property
+    def registry(self) -> Any:
+        return self.c.registry
+
+    def tiers(self) -> dict[str, str]:
+        return {r.name: r.to_dict()["tier"] for r in self.registry.records()}
+
+    def complete(self, model: str) -> Any:
+        return self.client.post("/v1/completions", json={"model": model, **BODY})
+
+
+@contextmanager
+def serving(world: World, **settings: Any) -> Iterator[Serving]:
+    app = create_app(Settings(model=str(world.model_dir), served_model_name="tiny", **settings))
+    with TestClient(app) as client:
+        yield Serving(client, app.state.components)
+
+
+# ------------------------------------------------------------------------------------ the four interleavings
+def test_unload_racing_an_eviction(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """alpha is being offloaded (evicted by beta's load) when DELETE arrives: the unload waits for the move
+    and frees alpha, the eviction does not trip over the vanished record, and later evictions still work."""
+    with serving(world, max_resident_adapters=1, max_host_adapters=1) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+        gate = Gate(lokr.offload_adapter, lambda *a, **k: k.get("name") == "alpha")
+        monkeypatch.setattr(lokr, "offload_adapter", gate)
+        loading = in_thread(s.registry.load, "beta", world.adapters["beta"])
+        gate.wait_entered()  # alpha's offload runs on the engine thread and waits
+        unloading = in_thread(s.registry.unload, "alpha")
+        try:
+            wait_until(lambda: "alpha" not in s.registry.names())  # hidden at once, while the move runs
+            assert not unloading.done()
+        finally:
+            gate.go.set()
+        loading.result(PATIENCE_S)
+        unloading.result(PATIENCE_S)
+        assert s.tiers() == {"beta": "device"}
+        assert s.complete("alpha").status_code == 404
+        s.registry.load("gamma", world.adapters["gamma"])  # evicts beta: later evictions keep working
+        assert s.tiers() == {"beta": "host", "gamma": "device"}
+        assert s.complete("beta").status_code == 200
+        assert s.tiers() == {"beta": "device", "gamma": "host"}
+        s.registry.load("alpha", world.adapters["alpha"])  # the name is free again
+        assert s.tiers()["alpha"] == "device"
+
+
+def test_failed_eviction_while_bringing_back_returns_the_lease(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request for host-tier alpha restores it, and evicting beta then fails: the request is still
+    answered, the lease comes back, DELETE succeeds at once, and beta (still attached) still answers."""
+    with serving(world, max_resident_adapters=1, max_host_adapters=1) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+        s.registry.load("beta", world.adapters["beta"])
+        assert s.tiers() == {"alpha": "host", "beta": "device"}
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("injected offload failure")
+
+        monkeypatch.setattr(lokr, "offload_adapter", broken)
+        response = s.complete("alpha")
+        assert response.status_code == 200, response.text
+        assert s.registry.get("alpha").in_use == 0
+        s.registry.unload("alpha", timeout_s=0)
+        assert s.complete("beta").status_code == 200
+        assert s.tiers() == {"beta": "device"}
+
+
+def test_client_cancelled_while_its_adapter_is_read(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request for disk-tier alpha is cancelled while alpha's file is read: the lease is released at
+    once, the read still completes (alpha becomes resident for the next request), and DELETE succeeds."""
+    with serving(world, max_resident_adapters=1, max_host_adapters=0) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+        s.registry.load("beta", world.adapters["beta"])
+        assert s.tiers() == {"alpha": "disk", "beta": "device"}
+        gate = Gate(lokr.read_adapter)
+        monkeypatch.setattr(lokr, "read_adapter", gate)
+        inference = s.c.inference
+        assert inference is not None
+        params = SamplingParams(max_tokens=2, temperature=0)
+        ids = inference.tokenize("the sea is")
+
+        async def cancel_while_reading() -> None:
+            task = asyncio.ensure_future(inference.run([ids], 1, params, inference.select("alpha", None)))
+            await asyncio.to_thread(gate.wait_entered)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        try:
+            asyncio.run(cancel_while_reading())
+            assert s.registry.get("alpha").in_use == 0
+        finally:
+            gate.go.set()
+        wait_until(lambda: s.registry.get("alpha").resident)
+        assert s.registry.get("alpha").in_use == 0
+        assert s.complete("alpha").status_code == 200
+        assert s.registry.get("alpha").in_use == 0
+        s.registry.unload("alpha", timeout_s=0)
+
+
+class _TakenEvent(threading.Event):
+    """A job's `cancelled` flag whose first read (the engine taking the job) waits at `gate`."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate, self.first = gate, True
+
+    def is_set(self) -> bool:
+        if self.first:
+            self.first = False
+            self.gate()
+        return super().is_set()
+
+
+def test_drain_waits_for_a_job_the_engine_has_taken(world: World) -> None:
+    """Between taking a job off the queue and running it, the queue is empty: drain must still wait."""
+    with serving(world) as s:
+        engine, inference = s.c.engine, s.c.inference
+        assert engine is not None and inference is not None
+        gate = Gate(lambda: None)
+        events: list[Event] = []
+        job = Job(inference.tokenize("the sea is"), SamplingParams(max_tokens=2, temperature=0), None, events.append)
+        job.cancelled = _TakenEvent(gate)
+        engine.submit(job)
+        gate.wait_entered()  # the engine holds the job; the queue is empty
+        try:
+            assert engine.drain(0) is False
+        finally:
+            gate.go.set()
+        assert engine.drain(PATIENCE_S) is True
+        assert isinstance(events[-1], FinishEvent) and events[-1].reason in ("stop", "length")  # it ran
+
+
+# ------------------------------------------------------------------------------------ leases
+def test_a_job_holds_the_lease_past_its_scope(world: World) -> None:
+    """The scope ends (client gone) before the engine finishes the row: released once, by the last holder."""
+    with serving(world) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+
+        async def scope() -> Callable[[], None]:
+            async with s.registry.lease(["alpha"]) as lease:
+                assert s.registry.get("alpha").in_use == 1
+                return lease.hold()
+
+        job_done = asyncio.run(scope())
+        assert s.registry.get("alpha").in_use == 1  # the job still runs
+        job_done()
+        job_done()  # idempotent: given back exactly once
+        assert s.registry.get("alpha").in_use == 0
+
+
+def test_lease_on_an_unknown_name_takes_nothing(world: World) -> None:
+    with serving(world) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+
+        async def take() -> None:
+            async with s.registry.lease(["alpha", "nope"]):
+                raise AssertionError("unreachable")
+
+        with pytest.raises(NotFoundError, match="nope"):
+            asyncio.run(take())
+        assert s.registry.get("alpha").in_use == 0
+        s.registry.unload("alpha", timeout_s=0)
+
+
+@pytest.mark.parametrize("job_first", [False, True])
+def test_lease_gives_back_exactly_once_whatever_the_order(job_first: bool) -> None:
+    given: list[str] = []
+    lease = Lease(frozenset({"a"}), lambda: given.append("back"))
+    job_done = lease.hold()
+    first, second = (job_done, lease.drop) if job_first else (lease.drop, job_done)
+    first()
+    first()
+    assert given == [] and lease.held
+    second()
+    second()
+    assert given == ["back"] and not lease.held
+    with pytest.raises(RuntimeError):
+        lease.hold()
