@@ -51,11 +51,15 @@ def run(settings: Settings, args: Any) -> int:
         if not deployed.is_set():
             raise _Stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def install() -> None:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    install()
     started = not args.address
     local = {"num_cpus": args.num_cpus, "object_store_memory": args.object_store_bytes} if started else {}
     context: Any = ray.init(address=args.address, include_dashboard=False, **local)
+    install()  # again: Ray's core worker installs a fatal-signal handler that would abort on SIGTERM
     _event("ray_started" if started else "ray_joined", address=context.address_info["gcs_address"])
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
