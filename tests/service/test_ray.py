@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from .conftest import ADMIN_TOKEN, World, ensure_loaded, free_port
-
-pytest.importorskip("ray.serve")
-psutil = pytest.importorskip("psutil")
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
