@@ -213,7 +213,11 @@ def write_report(sim: dict[str, Any], real: dict[str, Any] | None, args: argpars
             spread = ", ".join(str(v) for v in sorted(row["per_replica"].values(), reverse=True))
             lines.append(f"| {replicas} | {row['tokens_per_s']:.1f} | {row['requests']} | {spread} |")
         speedup = real["2"]["tokens_per_s"] / real["1"]["tokens_per_s"]
-        lines += ["", f"2 replicas / 1 replica: {speedup:.2f}x (reported, not a target: the box has two cores)."]
+        lines += [
+            "",
+            f"2 replicas / 1 replica: {speedup:.2f}x (reported, not a target: the box has two cores; load average"
+            f" {os.getloadavg()[0]:.1f} when the report was written, other jobs included).",
+        ]
     (args.out / "scaleout.md").write_text("\n".join(lines) + "\n")
     (args.out / "scaleout.json").write_text(json.dumps({"simulation": sim, "ray": real}, indent=2))
     _plot(sim, args.out / "scaleout.png")
