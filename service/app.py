@@ -138,6 +138,7 @@ def _observe(c: Components) -> Callable[[Request, Callable[[Request], Awaitable[
         c.metrics.requests.labels(route, _adapter_label(request), str(response.status_code)).inc()
         c.metrics.latency.labels(route).observe(elapsed)
         response.headers["x-request-id"] = rid[:64]
+        response.headers.setdefault("x-lokr-replica", c.replica)  # a forwarded answer keeps its replica's name
         log.info(
             "%s %s -> %d in %.1f ms",
             request.method,

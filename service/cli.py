@@ -48,10 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     for p in (serve, demo):
         for flag, kwargs in _FLAGS:
             p.add_argument(flag, default=None, **kwargs)
+    ray = sub.add_parser("ray", help="serve as a Ray Serve application, replicas routed by adapter (extra [ray])")
+    for flag, kwargs in _FLAGS + _ray_flags():
+        ray.add_argument(flag, default=None, **kwargs)
     demo.add_argument("--cache-dir", default=None, help="where the demo assets are built and cached")
     inspect = sub.add_parser("inspect", help="print what an adapter dir or file holds")
     inspect.add_argument("source")
     return parser
+
+
+def _ray_flags() -> list[tuple[str, dict[str, Any]]]:
+    from .scaleout.cli import RAY_FLAGS  # no Ray import: the flags are plain data
+
+    return RAY_FLAGS
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -126,6 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args)
     settings = _settings(args)
+    if args.command == "ray":
+        from .logs import configure_logging
+        from .scaleout.cli import run
+
+        configure_logging(settings.log_level, settings.log_json)
+        return run(settings, args)
     if not settings.model:
         print("no --model / LOKR_MODEL given: serving the offline embedded demo", file=sys.stderr)
         args.cache_dir = None

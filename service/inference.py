@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .registry import Lease, Registry
 from .schemas import AdapterRef
 
-__all__ = ["ChoiceResult", "Inference", "Selection"]
+__all__ = ["ChoiceResult", "Inference", "Selection", "select_adapters"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,32 @@ class ChoiceResult:
     token_infos: list[TokenInfo] = field(default_factory=list)
 
 
+def select_adapters(
+    model: str, adapters: Sequence[AdapterRef] | None, known: Collection[str], base_name: str
+) -> Selection:
+    """What a request selects among the `known` adapter names (404 / 400 for unknown names or bad mixes)."""
+    if adapters:
+        if model != base_name:
+            raise BadRequestError(
+                f"`adapters` composes adapters on the base model: set `model` to {base_name!r}",
+                code="invalid_adapters",
+            )
+        pairs = [(a.name, a.scale) for a in adapters]
+        names = frozenset(n for n, _ in pairs)
+        missing = sorted(names - set(known))
+        if missing:
+            raise NotFoundError(f"adapter(s) {missing} not loaded", code="adapter_not_found")
+        return Selection(pairs, names, "+".join(sorted(names)))
+    if model == base_name:
+        return Selection(None, frozenset(), base_name)
+    if model not in known:
+        raise NotFoundError(
+            f"The model {model!r} does not exist; available: {[base_name, *known]}",
+            code="model_not_found",
+        )
+    return Selection(model, frozenset([model]), model)
+
+
 class Inference:
     """Turns validated requests into jobs on the engine and gathers their events."""
 
@@ -57,29 +83,7 @@ class Inference:
 
     def select(self, model: str, adapters: Sequence[AdapterRef] | None) -> Selection:
         """`model` = an adapter or the base name; `adapters` composes on the base: `[(name, scale), ...]`."""
-        if adapters:
-            if model != self.base_name:
-                raise BadRequestError(
-                    f"`adapters` composes adapters on the base model: set `model` to {self.base_name!r}",
-                    code="invalid_adapters",
-                )
-            pairs = [(a.name, a.scale) for a in adapters]
-            names = frozenset(n for n, _ in pairs)
-            self._check_known(names)
-            return Selection(pairs, names, "+".join(sorted(names)))
-        if model == self.base_name:
-            return Selection(None, frozenset(), self.base_name)
-        if model not in self.registry.names():
-            raise NotFoundError(
-                f"The model {model!r} does not exist; available: {[self.base_name, *self.registry.names()]}",
-                code="model_not_found",
-            )
-        return Selection(model, frozenset([model]), model)
-
-    def _check_known(self, names: frozenset[str]) -> None:
-        missing = sorted(names - set(self.registry.names()))
-        if missing:
-            raise NotFoundError(f"adapter(s) {missing} not loaded", code="adapter_not_found")
+        return select_adapters(model, adapters, self.registry.names(), self.base_name)
 
     def tokenize(self, prompt: str | list[int], *, special: bool = True) -> list[int]:
         if isinstance(prompt, str):

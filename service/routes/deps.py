@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -15,7 +17,12 @@ from ..registry import Registry
 from ..security import check_bearer, require_admin
 from ..settings import Settings
 
-__all__ = ["AdminAuth", "ApiAuth", "Components", "Deps"]
+__all__ = ["AdminAuth", "ApiAuth", "Components", "Deps", "process_replica_id"]
+
+
+def process_replica_id() -> str:
+    """A stable name for this server process: `hostname:pid` (Ray replicas use their Serve replica id)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -27,6 +34,7 @@ class Components:
     engine: Engine | None = None
     registry: Registry | None = None
     inference: Inference | None = None
+    replica: str = field(default_factory=process_replica_id)  # sent as `x-lokr-replica`
 
     def running(self) -> tuple[Registry, Inference]:
         """The registry and inference front, or a 503 while the model is still loading."""
