@@ -111,32 +111,39 @@ def _denoiser(tables: dict[str, _Component]) -> str | None:
 
 
 def _target(stem: str, tables: dict[str, _Component]) -> tuple[str | None, str]:
-    """(component, path inside it) for a LyCORIS stem; component None when the pipeline lacks it."""
+    """(component the stem is for, path inside it) for a LyCORIS stem; None when the prefix is unknown."""
     for prefix, role in _PREFIXES.items():
         if stem.startswith(prefix):
             rest = stem[len(prefix) :]
             if role == "denoiser":
-                return _denoiser(tables), rest
+                return _denoiser(tables) or "unet", rest
             if role == "te3":  # SD3's third encoder; Flux keeps its T5 (kohya: lora_te3) as text_encoder_2
-                flux_t5 = "text_encoder_2" if _denoiser(tables) == "transformer" else None
-                return ("text_encoder_3" if "text_encoder_3" in tables else flux_t5), rest
-            return (role if role in tables else None), rest
+                flux = "text_encoder_3" not in tables and _denoiser(tables) == "transformer"
+                return ("text_encoder_2" if flux else "text_encoder_3"), rest
+            return role, rest
     head, _, rest = stem.partition(".")
     if head in COMPONENTS:
-        return (head if head in tables else None), rest
+        return head, rest
     for prefix in _DENOISER_DOTTED:
         if stem.startswith(prefix):
-            return _denoiser(tables), stem[len(prefix) :]
-    return (_denoiser(tables) if "." in stem else None), stem
+            return _denoiser(tables) or "unet", stem[len(prefix) :]
+    return ((_denoiser(tables) or "unet") if "." in stem else None), stem
 
 
-def _resolve_key(key: str, fmt: str, tables: dict[str, _Component]) -> str | None:
+def _resolve_key(key: str, fmt: str, tables: dict[str, _Component]) -> tuple[str | None, str]:
+    """(container module name or None, why not)."""
     if fmt == "peft":  # paths relative to the denoiser, or already prefixed with a component
         head, _, rest = key.partition(".")
-        component, path = (head, rest) if head in tables and rest else (_denoiser(tables), key)
-        return tables[component].dotted.get(path) if component is not None else None
-    component, path = _target(key, tables)
-    return tables[component].lookup(path) if component is not None and path else None
+        component, path = (head, rest) if head in tables and rest else (_denoiser(tables) or "unet", key)
+    else:
+        found, path = _target(key, tables)
+        if found is None:
+            return None, f"no known prefix ({', '.join(_PREFIXES)}, or a dotted module path)"
+        component = found
+    if component not in tables:
+        return None, f"this pipeline has no {component}"
+    name = tables[component].dotted.get(path) if fmt == "peft" else tables[component].lookup(path)
+    return name, f"no such layer in {component}"
 
 
 def resolve_pipeline_modules(container: nn.ModuleDict, parsed: ParsedAdapter) -> dict[str, ModuleWeights]:
@@ -145,16 +152,16 @@ def resolve_pipeline_modules(container: nn.ModuleDict, parsed: ParsedAdapter) ->
     resolved: dict[str, str] = {}
     unknown: list[str] = []
     for key in parsed.modules:
-        name = _resolve_key(key, parsed.format, tables)
+        name, why = _resolve_key(key, parsed.format, tables)
         if name is None:
-            unknown.append(key)
+            unknown.append(f"{key!r} ({why})")
         else:
             resolved[key] = name
     if unknown:
-        shown = ", ".join(repr(k) for k in unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise UnknownModuleError(
             f"{parsed.source}: {len(unknown)} key(s) name no Linear/Conv1d/Conv2d layer of this pipeline "
-            f"(components: {', '.join(tables)}): {shown}; the adapter was made for another architecture"
+            f"(components: {', '.join(tables)}): {shown}; was the adapter made for another model?"
         )
     seen: dict[str, str] = {}
     for key, name in resolved.items():

@@ -8,16 +8,18 @@ compared with ours (unmerged, per-row, through lokr); PEFT LoKr dirs saved by `p
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from lycoris import create_lycoris
+from lycoris import wrapper as lycoris_wrapper
 from torch import nn
 
 import lokr
 
+from .lyco import EVERY_LAYER, MULT, kohya_file, randomise, register_presets, single_thread
 from .pipes import (
     WithTextModel,
     clip,
@@ -30,50 +32,13 @@ from .pipes import (
     sdxl_unet,
 )
 
-kohya = pytest.importorskip("lycoris.kohya")
-lycoris = pytest.importorskip("lycoris")
-
-MULT = 0.7
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-FULL = "lokr-test-full"  # LyCORIS's "full" preset minus its TimestepEmbedding class (clashes with its names)
-EVERY_LAYER = "lokr-test-every-layer"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models: per-op overhead dominates, and a second thread only contends on a shared box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(autouse=True)
 def presets(monkeypatch: pytest.MonkeyPatch) -> None:
-    full = copy.deepcopy(kohya.PRESET["full"])
-    full["unet_target_module"] = [m for m in full["unet_target_module"] if m != "TimestepEmbedding"]
-    every = {**full, "unet_target_module": ["Linear", "Conv2d"], "unet_target_name": []}
-    for name, preset in ((FULL, full), (EVERY_LAYER, every)):
-        monkeypatch.setitem(kohya.PRESET, name, {**preset, "module_algo_map": {}, "name_algo_map": {}})
-
-
-def _randomise(network: nn.Module, seed: int) -> None:
-    """Trained-looking factors (LyCORIS initialises one side to zero); `scalar` (use_scalar) to 0.7."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            p.copy_(torch.full_like(p, 0.7) if name.endswith("scalar") else torch.randn(p.shape, generator=g) * 0.2)
-
-
-def _kohya_file(path: Path, te: Any, unet: nn.Module, dim: int, alpha: float, **options: Any) -> Any:
-    """LyCORIS's kohya network (lora_te*/lora_unet_ keys) applied to `te` / `unet`, randomised and saved."""
-    options.setdefault("preset", FULL)
-    network = kohya.create_network(1.0, dim, alpha, None, te, unet, algo="lokr", **options)
-    network.apply_to(te, unet, apply_text_encoder=te is not None, apply_unet=True)
-    _randomise(network, seed=11)
-    network.set_multiplier(MULT)
-    network.save_weights(str(path), None, {})
-    return network
+    register_presets(monkeypatch)
 
 
 def _wrapped_names(network: Any, *roots: tuple[str, nn.Module]) -> set[str]:
@@ -107,7 +72,7 @@ def test_kohya_sd_file_matches_lycoris(option_set: str, tmp_path: Path) -> None:
     container = nn.ModuleDict({"unet": copy.deepcopy(unet), "text_encoder": copy.deepcopy(te)})
     x = inputs(2, 32)
     base = run_unet(unet, x)
-    network = _kohya_file(tmp_path / "a.safetensors", te, unet, dim, alpha, **options)
+    network = kohya_file(tmp_path / "a.safetensors", te, unet, dim, alpha, **options)
     want_unet, want_te = run_unet(unet, x), run_text(te, x)
 
     info = lokr.attach_adapter(container, lokr.read_adapter(tmp_path / "a.safetensors"), "x")
@@ -125,7 +90,7 @@ def test_sd_text_model_names_and_mixed_rows(tmp_path: Path) -> None:
     container = nn.ModuleDict({"unet": copy.deepcopy(unet), "text_encoder": copy.deepcopy(te)})
     x = inputs(2, 32)
     base_unet, base_te = run_unet(unet, x), run_text(te, x)
-    network = _kohya_file(tmp_path / "a.safetensors", WithTextModel(te), unet, 2, 1.0)
+    network = kohya_file(tmp_path / "a.safetensors", WithTextModel(te), unet, 2, 1.0)
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in network.state_dict())
     want_unet, want_te = run_unet(unet, x), run_text(te, x)
 
@@ -144,10 +109,10 @@ def test_simpletuner_lycoris_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     container = nn.ModuleDict({"unet": copy.deepcopy(unet)})
     x = inputs(2, 32)
     preset = {"target_module": ["Attention", "FeedForward", "ResnetBlock2D"], "target_name": ["conv_in", "conv_out"]}
-    monkeypatch.setitem(lycoris.wrapper.PRESET, "lokr-test-simpletuner", preset)
-    network = lycoris.create_lycoris(unet, MULT, 2, 1.0, algo="lokr", factor=8, preset="lokr-test-simpletuner")
+    monkeypatch.setitem(lycoris_wrapper.PRESET, "lokr-test-simpletuner", preset)
+    network = create_lycoris(unet, MULT, 2, 1.0, algo="lokr", factor=8, preset="lokr-test-simpletuner")
     network.apply_to()
-    _randomise(network, seed=5)
+    randomise(network, seed=5)
     network.save_weights(str(tmp_path / "st.safetensors"), None, {})
     assert all(k.startswith("lycoris_") for k in network.state_dict())
     want = run_unet(unet, x)
@@ -164,7 +129,7 @@ def test_sd_original_layout_every_block_type(tmp_path: Path) -> None:
     unet = sd_unet()
     container = nn.ModuleDict({"unet": copy.deepcopy(unet)})
     x = inputs(2, 32)
-    network = _kohya_file(tmp_path / "o.safetensors", None, original_sd(unet), 2, 1.0, preset=EVERY_LAYER)
+    network = kohya_file(tmp_path / "o.safetensors", None, original_sd(unet), 2, 1.0, preset=EVERY_LAYER)
     want = run_unet(unet, x)
     info = lokr.load_adapter(container, tmp_path / "o.safetensors", "o")
     layers = {f"unet.{n}" for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
@@ -183,7 +148,7 @@ def test_sdxl_one_file_three_components(tmp_path: Path) -> None:
     x = inputs(2, 64, sdxl=True)
     base = run_unet(unet, x)
     tes = [WithTextModel(te1), te2.text_model]
-    network = _kohya_file(
+    network = kohya_file(
         tmp_path / "xl.safetensors", tes, original_sdxl(unet), 2, 1.0, preset=EVERY_LAYER, use_tucker=True
     )
     stems = {k.rpartition(".")[0] for k in network.state_dict()}
