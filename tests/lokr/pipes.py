@@ -202,3 +202,18 @@ class WithTextModel(nn.Module):
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.text_model = encoder
+
+
+def sd15_shaped_unet() -> UNet2DConditionModel:
+    """SD 1.5's block structure (4 levels, 2 layers per block, attention in the upper three) at tiny widths."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=2,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()

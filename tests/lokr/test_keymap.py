@@ -206,3 +206,34 @@ def test_pipeline_modules_shares_components() -> None:
     assert container["unet"] is unet and container["text_encoder"] is te
     with pytest.raises(lokr.TargetError, match="none of the components"):
         lokr.pipeline_modules(object())
+
+
+def test_sd15_block_numbering() -> None:
+    """SD 1.5's real block structure (4 levels, 2 layers each): the checkpoint names every kohya SD file uses."""
+    from lokr.sdxl_names import original_unet_names
+
+    from .pipes import sd15_shaped_unet
+
+    unet = sd15_shaped_unet()
+    names = original_unet_names(unet, [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))])
+    known = {
+        "conv_in": "input_blocks.0.0",
+        "down_blocks.0.attentions.0.proj_in": "input_blocks.1.1.proj_in",
+        "down_blocks.0.resnets.1.conv2": "input_blocks.2.0.out_layers.3",
+        "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
+        "down_blocks.1.resnets.0.conv1": "input_blocks.4.0.in_layers.2",
+        "down_blocks.2.resnets.0.conv_shortcut": "input_blocks.7.0.skip_connection",
+        "down_blocks.2.attentions.1.proj_in": "input_blocks.8.1.proj_in",
+        "down_blocks.3.resnets.1.time_emb_proj": "input_blocks.11.0.emb_layers.1",
+        "mid_block.attentions.0.proj_out": "middle_block.1.proj_out",
+        "mid_block.resnets.1.conv1": "middle_block.2.in_layers.2",
+        "up_blocks.0.resnets.2.conv1": "output_blocks.2.0.in_layers.2",
+        "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",
+        "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+        "up_blocks.2.attentions.0.transformer_blocks.0.ff.net.2": "output_blocks.6.1.transformer_blocks.0.ff.net.2",
+        "up_blocks.3.attentions.2.proj_out": "output_blocks.11.1.proj_out",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_out": "out.2",
+    }
+    assert {k: names[k] for k in known} == known
+    assert len(set(names.values())) == len(names)  # one original name per layer
