@@ -18,6 +18,7 @@ from lycoris import wrapper as lycoris_wrapper
 from torch import nn
 
 import lokr
+from lokr.sdxl_names import original_unet_names
 
 from .lyco import EVERY_LAYER, MULT, kohya_file, randomise, register_presets, single_thread
 from .pipes import (
@@ -28,6 +29,7 @@ from .pipes import (
     original_sdxl,
     run_text,
     run_unet,
+    sd15_shaped_unet,
     sd_unet,
     sdxl_unet,
 )
@@ -210,10 +212,6 @@ def test_pipeline_modules_shares_components() -> None:
 
 def test_sd15_block_numbering() -> None:
     """SD 1.5's real block structure (4 levels, 2 layers each): the checkpoint names every kohya SD file uses."""
-    from lokr.sdxl_names import original_unet_names
-
-    from .pipes import sd15_shaped_unet
-
     unet = sd15_shaped_unet()
     names = original_unet_names(unet, [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))])
     known = {
