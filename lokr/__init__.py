@@ -19,6 +19,7 @@ from .errors import (
 )
 from .formats import ParsedAdapter, read_adapter
 from .functional import factorization, make_kron, make_weight_cp
+from .keymap import pipeline_modules
 from .layer import LoKrAdapter, LoKrLayer
 from .model import (
     AdapterInfo,
@@ -71,6 +72,7 @@ __all__ = [
     "make_weight_cp",
     "merge_adapter",
     "offload_adapter",
+    "pipeline_modules",
     "read_adapter",
     "restore_adapter",
     "save_adapter",

@@ -35,6 +35,7 @@ from .inject import (
     unwrap_module,
     wrap_module,
 )
+from .keymap import is_pipeline, resolve_pipeline_modules
 from .layer import SUPPORTED_LAYERS, LoKrAdapter, LoKrLayer, init_like_peft
 from .stacked import stacked_nbytes
 from .validate import validate_factors
@@ -148,6 +149,8 @@ def attach_adapter(
 
 
 def _resolve_modules(model: nn.Module, parsed: ParsedAdapter) -> dict[str, ModuleWeights]:
+    if is_pipeline(model):  # a diffusers pipeline's components, keyed by component name
+        return resolve_pipeline_modules(model, parsed)
     modules = dict(model_modules(model))
     names = {n for n, m in modules.items() if isinstance(m, (*SUPPORTED_LAYERS, LoKrLayer))}
     all_names = set(modules)
