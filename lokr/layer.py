@@ -66,7 +66,7 @@ class LoKrAdapter(nn.Module):
 
     @property
     def scale(self) -> float:
-        return self.__dict__["_scale"]  # type: ignore[no-any-return]
+        return self.__dict__["_scale"]
 
     @scale.setter
     def scale(self, value: float) -> None:
