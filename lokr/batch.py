@@ -58,8 +58,9 @@ class RowPlan:
     _entries: dict[tuple[tuple[tuple[str, int], ...], torch.device], tuple[Tensor | None, Slots]] = field(
         default_factory=dict, repr=False
     )
-    # Per layer (by id), what its stacked passes compute, prepared when the scope opens (`BankPass` tuples).
-    prepared: dict[int, list[Any]] = field(default_factory=dict, repr=False)
+    _indexes: dict[tuple[tuple[int, ...], torch.device], Tensor] = field(default_factory=dict, repr=False)
+    # Per layer (by id), what its inference forward runs (merge plan, bank passes), prepared as the scope opens.
+    prepared: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec]) -> RowPlan:
@@ -74,6 +75,14 @@ class RowPlan:
             group.whole = len(group.rows) == len(rows)
             group.unit = all(s == 1.0 for s in group.scales)
         return cls(len(rows), groups)
+
+    def row_index(self, values: list[int], device: torch.device) -> Tensor:
+        """`values` as a long tensor on `device`, made once per plan (layers share it)."""
+        key = (tuple(values), device)
+        index = self._indexes.get(key)
+        if index is None:
+            index = self._indexes[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return index
 
     @property
     def adapter_names(self) -> set[str]:

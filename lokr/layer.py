@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .batch import RowPlan, current_plan
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
+from .merged import MergePlan, cheaper, eligible, merged_forward, plan_merge
 from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
@@ -254,21 +255,27 @@ class LoKrLayer(nn.Module):
         return drop if self.spec.kind == "linear" else drop.view(-1, *([1] * len(self.spec.kernel)))
 
     def _forward_rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
-        """Each row of dim 0 gets its own adapter(s): stacked slots on Linear layers at inference, else one
-        gather / delta / scatter per adapter used."""
+        """Each row of dim 0 gets its own adapter(s). At inference: the adapters folded into the weight once
+        per row selection where that is cheaper (`merged`), else the factor banks' batched deltas on Linear
+        layers; otherwise (training, or convs with few positions) one gather / delta / scatter per adapter."""
         if self.merged:
             raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
         if x.shape[0] != plan.num_rows:
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
+        if self._inference():
+            mp, passes = plan.prepared.get(id(self)) or self._prepare(plan)
+            fold = mp is not None and not (args or kwargs) and x.dtype == self.weight.dtype
+            if fold and cheaper(mp, x, self.spec, self.weight):  # type: ignore[arg-type]
+                return merged_forward(self.base_layer, self.spec, x, mp)  # type: ignore[arg-type]
+            if passes is not None:
+                result = self.base_layer(x, *args, **kwargs)
+                for bank, data, rows, slots in passes:
+                    xs = x.to(bank.dtype)
+                    delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, self.spec, data)
+                    result = _accumulate(result, delta) if rows is None else _scatter_add(result, rows, delta)
+                return result.to(previous_dtype)
         result = self.base_layer(x, *args, **kwargs)
-        if self._banked():
-            passes = plan.prepared.get(id(self))
-            for bank, data, rows, slots in self._bank_passes(plan) if passes is None else passes:
-                xs = x.to(bank.dtype)
-                delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, self.spec, data)
-                result = _accumulate(result, delta) if rows is None else _scatter_add(result, rows, delta)
-            return result.to(previous_dtype)
         for name in [name for name in plan.groups if name in self._held]:
             group = plan.groups[name]
             index = None if group.whole else group.index(x.device)
@@ -278,21 +285,31 @@ class LoKrLayer(nn.Module):
             result = _accumulate(result, delta) if index is None else _scatter_add(result, index, delta)
         return result.to(previous_dtype)
 
-    def _banked(self) -> bool:
-        """Per-row batches use the stacked factor banks: Linear layers at inference (no autograd)."""
-        return self.spec.kind == "linear" and not self.training and not torch.is_grad_enabled()
+    def _inference(self) -> bool:
+        """Per-row batches read the factor banks directly at inference (eval mode, no autograd)."""
+        return not self.training and not torch.is_grad_enabled()
 
     def prepare_rows(self, plan: RowPlan) -> None:
-        """Bring the banks up to date for `plan` and record its passes (called as an `adapter_batch` opens:
-        one tight loop over the layers instead of a check in every layer's forward)."""
-        if self._banked():
-            plan.prepared[id(self)] = self._bank_passes(plan)
+        """Record what this layer's forward runs for `plan` (called as an `adapter_batch` opens: one tight
+        loop over the layers instead of work in every layer's forward)."""
+        if self._inference():
+            self._prepare(plan)
 
-    def _bank_passes(self, plan: RowPlan) -> list[BankPass]:
-        """`(bank, data, rows, slots)` for each bank holding an adapter of `plan` on this layer."""
+    def _prepare(self, plan: RowPlan) -> tuple[MergePlan | None, list[BankPass] | None]:
+        """The merge plan (None where the base op cannot take a folded weight) and, on Linear layers, the
+        `(bank, data, rows, slots)` of each bank holding an adapter of `plan`."""
         present = [name for name in plan.groups if name in self._held]
-        placed = self._banks.place(present)
-        return [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
+        mp = None
+        if eligible(self.base_layer):
+            mp = plan_merge(plan, present, self._banks, self.spec, self.weight.device)
+            if any(bank.dtype != self.weight.dtype for bank, *_ in mp.gathers):
+                mp = None
+        passes = None
+        if self.spec.kind == "linear":
+            placed = self._banks.place(present)
+            passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
+        plan.prepared[id(self)] = (mp, passes)
+        return mp, passes
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:
         """`.to()`, `.half()`, `.cuda()`...: the banks go through `fn` and the adapters follow them (an adapter

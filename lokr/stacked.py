@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from .functional import FACTOR_NAMES, LayerSpec, LinearOrder, kron_rows, linear_order
+from .functional import FACTOR_NAMES, Factors, LayerSpec, LinearOrder, factored_cost, kron_rows, linear_order
 
 __all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "slot_nbytes"]
 
@@ -129,6 +129,7 @@ class FactorBank:
         self.slots: dict[str, int] = {}
         self.members: dict[str, BankedAdapter] = {}
         self._free: list[int] = []  # popped from the end: lowest slot first
+        self._cost: dict[LayerSpec, int] = {}
 
     @property
     def capacity(self) -> int:
@@ -227,8 +228,11 @@ class FactorBank:
         rows = x.reshape(w1.shape[0], -1, n1, n2)
         return kron_rows(rows, w1, chain, order).reshape(*x.shape[:-1], m1 * m2)
 
-    def dense(self, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> Tensor:
-        """`(G, *weight_shape)`: each entry's `coeff * dW`, built as PEFT's `get_delta_weight` does."""
+    def kron_operands(
+        self, slots: Slots, spec: LayerSpec, data: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        """`(a, b, shape)` with `dW = (a[e] * b[e]).reshape(weight_shape)` for each entry `e` (its coefficient
+        included), and `shape` the view of the weight that `a[e] * b[e]` broadcasts to, as PEFT lays `dW` out."""
         parts, coeff = self.gather(slots, data)
         w1 = parts["w1"] if "w1" in parts else torch.bmm(parts["w1_a"], parts["w1_b"])
         w1 = w1 * coeff.view(-1, 1, 1)
@@ -241,12 +245,18 @@ class FactorBank:
             w2 = torch.bmm(parts["w2_a"], parts["w2_b"])
         m2 = w2.shape[1]
         w2 = w2.reshape(groups, m2, -1, *spec.kernel)  # (G, m2, n2, *k)
-        n2, pad = w2.shape[2], (1,) * len(spec.kernel)
+        n2, k, pad = w2.shape[2], spec.kernel, (1,) * len(spec.kernel)
         if self.layout.swapped:  # PEFT's Conv1d full-w2 layout: kron(w2, w1[..., None])
-            out = w2.view(groups, m2, 1, n2, 1, *spec.kernel) * w1.view(groups, 1, m1, 1, n1, *pad)
-        else:
-            out = w1.view(groups, m1, 1, n1, 1, *pad) * w2.view(groups, 1, m2, 1, n2, *spec.kernel)
-        return out.reshape(groups, *spec.weight_shape)
+            return w2.view(groups, m2, 1, n2, 1, *k), w1.view(groups, 1, m1, 1, n1, *pad), (m2, m1, n2, n1, *k)
+        return w1.view(groups, m1, 1, n1, 1, *pad), w2.view(groups, 1, m2, 1, n2, *k), (m1, m2, n1, n2, *k)
+
+    def factored_cost(self, spec: LayerSpec) -> int:
+        """Multiply-adds per output position of one member's factored delta on a layer of `spec`."""
+        cost = self._cost.get(spec)
+        if cost is None:
+            parts = {name: t[0] for name, t in self.layout.split(self.data[:1]).items() if name != "scale"}
+            cost = self._cost[spec] = factored_cost(Factors(**parts, swapped=self.layout.swapped), spec)
+        return cost
 
 
 class LayerBanks:
