@@ -58,8 +58,9 @@ class RowPlan:
     _entries: dict[tuple[tuple[tuple[str, int], ...], torch.device], tuple[Tensor | None, Slots]] = field(
         default_factory=dict, repr=False
     )
-    # Per layer (by id), what its stacked passes compute, prepared when the scope opens (`BankPass` tuples).
-    prepared: dict[int, list[Any]] = field(default_factory=dict, repr=False)
+    _indexes: dict[tuple[tuple[int, ...], torch.device], Tensor] = field(default_factory=dict, repr=False)
+    # Per layer (by id), what its inference forward runs (merge plan, bank passes), prepared as the scope opens.
+    prepared: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec]) -> RowPlan:
@@ -75,6 +76,14 @@ class RowPlan:
             group.unit = all(s == 1.0 for s in group.scales)
         return cls(len(rows), groups)
 
+    def row_index(self, values: list[int], device: torch.device) -> Tensor:
+        """`values` as a long tensor on `device`, made once per plan (layers share it)."""
+        key = (tuple(values), device)
+        index = self._indexes.get(key)
+        if index is None:
+            index = self._indexes[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return index
+
     @property
     def adapter_names(self) -> set[str]:
         return set(self.groups)
@@ -82,9 +91,9 @@ class RowPlan:
     def bank_entries(self, pairs: tuple[tuple[str, int], ...], device: torch.device) -> tuple[Tensor | None, Slots]:
         """`(rows, slots)` for one factor bank holding the adapters `pairs` = `((name, slot), ...)`.
 
-        One adapter on every row at scale 1: no rows, one shared slot. At most one of them per row: `rows` is
-        None and the slots are in row order (rows using none of them get the bank's zero slot 0). Otherwise
-        one entry per (row, adapter) pair, to be scattered back by `rows`. Cached per plan and device.
+        One adapter on every row at scale 1: no rows, one shared slot. Exactly one of them on every row: `rows`
+        is None and the slots are in row order. Otherwise one entry per (row, adapter) pair, to be scattered back
+        by `rows`. Cached per plan and device.
         """
         key = (pairs, device)
         cached = self._entries.get(key)
@@ -98,14 +107,12 @@ class RowPlan:
             return None, Slots(pairs[0][1])
         triples = [(r, slot, s) for g, (_, slot) in zip(groups, pairs) for r, s in zip(g.rows, g.scales, strict=True)]
         rows = [r for r, _, _ in triples]
-        if len(set(rows)) == len(rows):  # at most one adapter per row: row order, zero slot for the others
-            slots, scales = [0] * self.num_rows, [1.0] * self.num_rows
-            for r, slot, s in triples:
-                slots[r], scales[r] = slot, s
+        if sorted(rows) == list(range(self.num_rows)):  # one adapter of the bank per row: row order, no scatter
+            triples.sort()
             row_tensor = None
         else:
-            slots, scales = [slot for _, slot, _ in triples], [s for _, _, s in triples]
             row_tensor = torch.tensor(rows, dtype=torch.long, device=device)
+        slots, scales = [slot for _, slot, _ in triples], [s for _, _, s in triples]
         coeff = None if all(s == 1.0 for s in scales) else torch.tensor(scales, dtype=torch.float32, device=device)
         return row_tensor, Slots(0, torch.tensor(slots, dtype=torch.long, device=device), coeff)
 

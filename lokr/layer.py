@@ -5,6 +5,7 @@ One class serves all three layer types; the differences live in `LayerSpec` and 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from .batch import RowPlan, current_plan
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
+from .merged import MergePlan, cheaper, eligible, merged_forward, plan_merge
 from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
@@ -53,8 +55,25 @@ class LoKrAdapter(nn.Module):
             rank_dropout_scale,
         )
         self._dense: tuple[tuple[Any, ...], Tensor] | None = None
-        self._packed: Tensor | None = None  # the buffer the factors view while packed (`pack_`)
         self.origin: tuple[str, str | None] = ("peft", None)  # (format, source) it was read from
+
+    # While attached, the factors are views of the adapter's row in its layer's factor bank (`_home`): one copy.
+    _home: tuple[LayerBanks, str] | None = None
+    _scale: float
+
+    def _set_home(self, home: tuple[LayerBanks, str] | None) -> None:
+        self.__dict__["_home"] = home
+        self._dense = None
+
+    @property
+    def scale(self) -> float:
+        return self.__dict__["_scale"]
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.__dict__["_scale"] = float(value)
+        if self._home is not None:  # the bank row keeps the scale beside the factors
+            self._home[0].set_scale(self._home[1], float(value))
 
     def factors(self) -> Factors:
         """The current factor tensors (read from `_parameters` directly: this runs per layer per step)."""
@@ -70,59 +89,46 @@ class LoKrAdapter(nn.Module):
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def pack_(self, pin_memory: bool = False) -> None:
-        """Re-home the factors as views of one contiguous buffer (same values, names and `requires_grad`).
-
-        An in-place change to any factor then bumps one shared version counter, which is what `state_token`
-        reads: one check per adapter and layer per step instead of one per tensor. Moving or casting the
-        module unpacks it (the parameters get new storage); attaching it to a layer packs it again.
-        """
+    def own_storage_(self, pin_memory: bool = False) -> None:
+        """Re-home the factors (detached from any bank) as views of one buffer of their own, pinned if asked:
+        an offloaded adapter then comes back with one (asynchronous) copy."""
         params = [(name, p) for name, p in self._parameters.items() if p is not None]
-        kinds = {(p.dtype, p.device) for _, p in params}
-        self._packed = None
-        if len(kinds) != 1:
+        if len({(p.dtype, p.device) for _, p in params}) != 1:
             return
         first = params[0][1]
-        size = sum(p.numel() for _, p in params)
-        buffer = torch.empty(size, dtype=first.dtype, device=first.device, pin_memory=pin_memory)
+        buffer = torch.empty(
+            sum(p.numel() for _, p in params), dtype=first.dtype, device=first.device, pin_memory=pin_memory
+        )
         offset = 0
         with torch.no_grad():
-            for name, p in params:
+            for _, p in params:
                 view = buffer[offset : offset + p.numel()].view(p.shape)
                 view.copy_(p)
-                self._parameters[name] = nn.Parameter(view, requires_grad=p.requires_grad)
+                p.data = view
                 offset += p.numel()
-        self._packed = buffer
-        self.drop_cache()
 
-    def state_token(self) -> tuple[object, ...]:
-        """Differs whenever the factors or the scale may have changed (runs per layer per step: cheap when packed).
-
-        Seen: in-place changes (any autograd-visible write), replaced parameters, moves and casts. Not seen:
-        assigning `.data` of a packed parameter (replace the parameter or reload the adapter instead).
-        """
-        packed = self._packed
-        if packed is not None:
-            return (self.scale, packed._version)
-        params = self._parameters.values()
-        return (self.scale, *[(id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None])
-
-    # Whatever gives the factors other storage unpacks them: a token from their own tensors from then on.
+    # Whatever gives the factors other storage (a replaced parameter, a move or a cast) re-homes them.
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        self._packed = None
         super().register_parameter(name, param)
+        if self._home is not None:
+            self._home[0].rehome(self._home[1])
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrAdapter:
-        self._packed = None
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        if self._home is not None:
+            self._home[0].rehome(self._home[1])
+        return self
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # copies and unpickled modules have fresh tensors
-        super().__setstate__(state)
-        self._packed = None
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the bank behind
+        state = self.__dict__.copy()
+        state.pop("_home", None)
+        state["_dense"] = None
+        return state
 
     def cached_delta(self, spec: LayerSpec) -> Tensor:
         """Dense `dW`, rebuilt whenever a factor, the scale, the device or the dtype changed."""
-        key = self.state_token()
+        first = next(p for p in self._parameters.values() if p is not None)  # shares the bank's version counter
+        key = (self.scale, first.data_ptr(), first._version, first.dtype, first.device)
         if self._dense is None or self._dense[0] != key:
             with torch.no_grad():
                 self._dense = (key, delta_weight(self.factors(), spec, self.scale))
@@ -149,7 +155,7 @@ class LoKrLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
-        self._banks = LayerBanks()  # stacked factors of the adapters of a Linear layer, for per-row batches
+        self._banks = LayerBanks()  # the storage of this layer's adapters (their parameters are views of it)
 
     # ---------------------------------------------------------------------------- base-layer facade
     @property
@@ -169,17 +175,20 @@ class LoKrLayer(nn.Module):
         """Attach (or replace) `name`; tensors move to the base layer's device."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
+        if name in self.lokr_adapters:
+            self.remove_adapter(name)
+        if adapter._home is not None:  # attached elsewhere (another layer or name): it gets its own copy here
+            adapter = copy.deepcopy(adapter)
         adapter = adapter.to(self.weight.device).train(self.training)
-        adapter.pack_()
-        self._banks.release(name)  # a replaced adapter's slot must not be mistaken for the new one's
         self.lokr_adapters[name] = adapter
+        self._banks.add(name, adapter)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
+        self._banks.remove(name)
         if name in self.lokr_adapters:
             del self.lokr_adapters[name]
-        self._banks.release(name)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -246,21 +255,27 @@ class LoKrLayer(nn.Module):
         return drop if self.spec.kind == "linear" else drop.view(-1, *([1] * len(self.spec.kernel)))
 
     def _forward_rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
-        """Each row of dim 0 gets its own adapter(s): stacked slots on Linear layers at inference, else one
-        gather / delta / scatter per adapter used."""
+        """Each row of dim 0 gets its own adapter(s). At inference: the adapters folded into the weight once
+        per row selection where that is cheaper (`merged`), else the factor banks' batched deltas on Linear
+        layers; otherwise (training, or convs with few positions) one gather / delta / scatter per adapter."""
         if self.merged:
             raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
         if x.shape[0] != plan.num_rows:
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
+        if self._inference():
+            mp, passes = plan.prepared.get(id(self)) or self._prepare(plan)
+            fold = mp is not None and not (args or kwargs) and x.dtype == self.weight.dtype
+            if fold and cheaper(mp, x, self.spec, self.weight):  # type: ignore[arg-type]
+                return merged_forward(self.base_layer, self.spec, x, mp)  # type: ignore[arg-type]
+            if passes is not None:
+                result = self.base_layer(x, *args, **kwargs)
+                for bank, data, rows, slots in passes:
+                    xs = x.to(bank.dtype)
+                    delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, self.spec, data)
+                    result = _accumulate(result, delta) if rows is None else _scatter_add(result, rows, delta)
+                return result.to(previous_dtype)
         result = self.base_layer(x, *args, **kwargs)
-        if self._banked():
-            passes = plan.prepared.get(id(self))
-            for bank, data, rows, slots in self._bank_passes(plan) if passes is None else passes:
-                xs = x.to(bank.dtype)
-                delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, data)
-                result = _accumulate(result, delta) if rows is None else _scatter_add(result, rows, delta)
-            return result.to(previous_dtype)
         for name in [name for name in plan.groups if name in self._held]:
             group = plan.groups[name]
             index = None if group.whole else group.index(x.device)
@@ -270,30 +285,47 @@ class LoKrLayer(nn.Module):
             result = _accumulate(result, delta) if index is None else _scatter_add(result, index, delta)
         return result.to(previous_dtype)
 
-    def _banked(self) -> bool:
-        """Per-row batches use the stacked factor banks: Linear layers at inference (no autograd)."""
-        return self.spec.kind == "linear" and not self.training and not torch.is_grad_enabled()
+    def _inference(self) -> bool:
+        """Per-row batches read the factor banks directly at inference (eval mode, no autograd)."""
+        return not self.training and not torch.is_grad_enabled()
 
     def prepare_rows(self, plan: RowPlan) -> None:
-        """Bring the banks up to date for `plan` and record its passes (called as an `adapter_batch` opens:
-        one tight loop over the layers instead of a check in every layer's forward)."""
-        if self._banked():
-            plan.prepared[id(self)] = self._bank_passes(plan)
+        """Record what this layer's forward runs for `plan` (called as an `adapter_batch` opens: one tight
+        loop over the layers instead of work in every layer's forward)."""
+        if self._inference():
+            self._prepare(plan)
 
-    def _bank_passes(self, plan: RowPlan) -> list[BankPass]:
-        """`(bank, data, rows, slots)` for each bank holding an adapter of `plan` on this layer."""
+    def _prepare(self, plan: RowPlan) -> tuple[MergePlan | None, list[BankPass] | None]:
+        """The merge plan (None where the base op cannot take a folded weight) and, on Linear layers, the
+        `(bank, data, rows, slots)` of each bank holding an adapter of `plan`."""
         present = [name for name in plan.groups if name in self._held]
-        placed = self._banks.place(present, [self._held[name] for name in present])  # type: ignore[misc]
-        return [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
+        mp = None
+        if eligible(self.base_layer):
+            mp = plan_merge(plan, present, self._banks, self.spec, self.weight.device)
+            if any(bank.dtype != self.weight.dtype for bank, *_ in mp.gathers):
+                mp = None
+        passes = None
+        if self.spec.kind == "linear":
+            placed = self._banks.place(present)
+            passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
+        plan.prepared[id(self)] = (mp, passes)
+        return mp, passes
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:
-        """`.to()`, `.half()`, `.cuda()`...: stacked factors are rebuilt lazily on the new device / dtype."""
-        self._banks.clear()
+        """`.to()`, `.half()`, `.cuda()`...: the banks go through `fn` and the adapters follow them (an adapter
+        whose parameters `fn` then gives other storage anyway is re-homed by its own `_apply`)."""
+        self._banks.apply_(fn)
         return super()._apply(fn, recurse)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Copies and unpickled layers start with empty banks: re-home the (copied) adapters."""
+        super().__setstate__(state)
+        for name, adapter in self._held.items():
+            self._banks.add(name, adapter)  # type: ignore[arg-type]
+
     @property
-    def stacked_nbytes(self) -> int:
-        """Bytes held by this layer's stacked factor banks (capacity included)."""
+    def bank_nbytes(self) -> int:
+        """Bytes held by this layer's factor banks (spare slots included): the device copy of its adapters."""
         return self._banks.nbytes
 
     # ---------------------------------------------------------------------------- merge

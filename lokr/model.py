@@ -37,7 +37,7 @@ from .inject import (
 )
 from .keymap import is_pipeline, resolve_pipeline_modules
 from .layer import SUPPORTED_LAYERS, LoKrAdapter, LoKrLayer, init_like_peft
-from .stacked import stacked_nbytes
+from .stacked import slot_nbytes
 from .validate import validate_factors
 
 __all__ = [
@@ -69,12 +69,10 @@ class AdapterInfo:
     nbytes: int
     dtype: str
     scales: dict[str, float] = field(default_factory=dict)
-    stacked_nbytes: int = 0  # its slots in the Linear layers' factor banks (built for mixed-adapter batches)
-
-    @property
-    def device_nbytes(self) -> int:
-        """What the adapter takes where the model lives: its factors plus their stacked copy."""
-        return self.nbytes + self.stacked_nbytes
+    # What the adapter takes where the model lives: its rows in the layers' factor banks, the one copy of its
+    # factors (plus one scale element per module). 0 for an adapter that is not attached.
+    device_nbytes: int = 0
+    stacked_nbytes: int = 0  # a second, stacked copy: there is none any more (kept for API compatibility)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -85,6 +83,7 @@ class AdapterInfo:
             "num_modules": len(self.modules),
             "num_parameters": self.num_parameters,
             "nbytes": self.nbytes,
+            "device_nbytes": self.device_nbytes,
             "stacked_nbytes": self.stacked_nbytes,
             "dtype": self.dtype,
         }
@@ -299,8 +298,7 @@ def _check_new_name(model: nn.Module, name: str) -> None:
 
 def describe_adapter(model: nn.Module, name: str) -> AdapterInfo:
     """An `AdapterInfo` for an adapter already on `model`."""
-    layers = {n: layer for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters}
-    adapters = {n: layer._adapter(name) for n, layer in layers.items()}
+    adapters = {n: layer._adapter(name) for n, layer in iter_lokr_layers(model) if name in layer.lokr_adapters}
     if not adapters:
         raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
     fmt, source = next(iter(adapters.values())).origin
@@ -315,5 +313,5 @@ def describe_adapter(model: nn.Module, name: str) -> AdapterInfo:
         nbytes=sum(a.nbytes for a in adapters.values()),
         dtype=dtype,
         scales={n: a.scale for n, a in adapters.items()},
-        stacked_nbytes=sum(stacked_nbytes(a.factors()) for n, a in adapters.items() if layers[n].spec.kind == "linear"),
+        device_nbytes=sum(slot_nbytes(a) for a in adapters.values()),
     )

@@ -42,9 +42,9 @@ def offload_adapter(
     for module_name, adapter in modules.items():
         assert isinstance(adapter, LoKrAdapter)
         adapter.drop_cache()
-        adapter.to(device)
+        adapter.to(device)  # off the bank already: `delete_adapter` gave it its own copy
         if pin_memory:
-            adapter.pack_(pin_memory=True)  # one pinned buffer: the way back is one asynchronous copy
+            adapter.own_storage_(pin_memory=True)  # one pinned buffer: the way back is one asynchronous copy
         kept[module_name] = adapter
     return OffloadedAdapter(name, kept)
 

@@ -1,138 +1,135 @@
-"""Persistent stacked factors for the mixed-adapter Linear forward (vLLM-style slots, LoKr maths).
+"""Factor banks: the one device copy of every adapter of a layer, one row (slot) per adapter.
 
-Every adapter of a Linear layer owns a fixed slot (a row) in the `FactorBank` of its factor shapes: its
-factors with the adapter's scale folded into `w1` and, when that is cheap, `w2 = w2_a @ w2_b` built once.
-A step then costs one gather by slot and two batched matmuls per bank, whatever the mix of adapters, and a
-change in which adapters a batch uses never restacks anything. Slot 0 is all zeros: rows that use no
-adapter of a bank point at it, so no per-row mask is needed.
+Adapters of a layer with the same factor names and shapes, dtype and device share a `FactorBank`. Row `slot`
+holds the adapter's scale and then its factors (PEFT's names, flattened in `FACTOR_NAMES` order), and the
+adapter's parameters are views of that row: in-place edits, `load_state_dict`, optimiser steps, merges and
+saves read and write the bank itself, so nothing needs to be kept in sync. A mixed-adapter step gathers the
+factors of all its entries with one `index_select` and runs them through batched matmuls.
 
-Banks are a cache of the adapters' parameters: a slot is rewritten when its adapter's tensors (storage or
-in-place version) or scale change, freed when the adapter leaves the layer, and the whole set is dropped
-when the layer moves device or dtype (`LayerBanks.clear`).
+Banks keep at most ~3% spare slots (`SLACK`); a bank that grows or shrinks gets a new tensor, and every
+member's parameters are re-pointed at it (`p.data = view`, so parameter objects, and optimisers holding
+them, stay valid). A forward holds the tensor it started with, so a concurrent resize cannot free it.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .functional import Factors, LinearOrder, kron_rows, linear_order
+from .functional import FACTOR_NAMES, Factors, LayerSpec, LinearOrder, factored_cost, kron_rows, linear_order
 
-__all__ = [
-    "BankLayout",
-    "BankedAdapter",
-    "FactorBank",
-    "LayerBanks",
-    "Slots",
-    "signature",
-    "stacked_nbytes",
-]
+__all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "slot_nbytes"]
 
-Fingerprint = tuple[object, ...]
-# For a forward: each bank, its `data` at that moment (a later shrink replaces the tensor, so slots read from
-# this one stay valid) and the `(name, slot)` pairs it holds.
+SLACK = 32  # a bank keeps at most max(1, capacity // SLACK) spare slots beyond its members
+
+# For a forward: each bank, its `data` at that moment and the `(name, slot)` pairs it holds.
 PlaceResult = list[tuple["FactorBank", Tensor, tuple[tuple[str, int], ...]]]
-MIN_CAPACITY = 4  # slots per bank, the zero slot included; doubles when full, halves when a quarter full
-
-
-def signature(f: Factors) -> tuple[object, ...]:
-    """Adapters with equal signatures share a bank: same factor kinds and shapes, dtype and device."""
-    parts = (f.w1, f.w1_a, f.w1_b, f.w2, f.w2_a, f.w2_b, f.t2)
-    shapes = tuple(None if t is None else tuple(t.shape) for t in parts)
-    first = _first(f)
-    return (*shapes, first.dtype, first.device, f.swapped)
-
-
-def _first(f: Factors) -> Tensor:
-    """A factor tensor of `f` (they share dtype and device)."""
-    return next(t for t in (f.w1, f.w1_a, f.w2, f.w2_a) if t is not None)
 
 
 class BankedAdapter(Protocol):
-    """What a bank reads of an adapter on one layer (`LoKrAdapter`)."""
+    """What a bank reads and re-points of an adapter (`LoKrAdapter`)."""
 
-    scale: float
+    _parameters: dict[str, nn.Parameter | None]
+    swapped: bool
 
-    def factors(self) -> Factors: ...
+    @property
+    def scale(self) -> float: ...
 
-    def state_token(self) -> tuple[object, ...]: ...
-
-
-def _fingerprint(adapters: list[BankedAdapter]) -> Fingerprint:
-    """Each adapter's state token (this runs per layer per step)."""
-    return tuple([a.state_token() for a in adapters])
+    def _set_home(self, home: tuple[LayerBanks, str] | None) -> None: ...
 
 
 @dataclass(frozen=True)
 class Slots:
-    """Which weights each entry of a batched delta uses: one slot for all (`index` None) or a slot per entry."""
+    """Which rows each entry of a batched delta uses: one slot for all (`index` None) or a slot per entry."""
 
     slot: int = 0
     index: Tensor | None = None  # (E,) long
-    coeff: Tensor | None = None  # (E,) per-entry multiplier; None means 1
+    coeff: Tensor | None = None  # (E,) per-entry multiplier on top of each slot's scale; None means 1
 
 
 @dataclass(frozen=True)
 class BankLayout:
-    """How one signature's factors are stored: sizes, whether `w2` is built full, the cheaper order."""
+    """A row: `[scale, *factors flattened]`; `parts` = `(name, shape, offset)` of each factor, in PEFT order."""
 
-    m1: int
-    n1: int
-    m2: int
-    n2: int
-    rank: int | None  # of the `w2` chain when kept low-rank
-    full_w2: bool
-    order: LinearOrder
+    parts: tuple[tuple[str, tuple[int, ...], int], ...]
+    swapped: bool
 
     @classmethod
-    def of(cls, f: Factors) -> BankLayout:
-        m1, n1 = f.m1, f.n1
-        w2 = f.w2 if f.w2 is not None else f.w2_a
-        assert w2 is not None and (f.w2 is not None or f.w2_b is not None)
-        m2, n2 = w2.shape[0], (f.w2 if f.w2 is not None else f.w2_b).shape[1]  # type: ignore[union-attr]
-        rank = f.w2_rank
-        # Building w2 costs FLOPs per token but saves a matmul per step: worth it while it at most doubles them.
-        full_w2 = rank is None or m2 * n2 <= 2 * rank * (m2 + n2)
-        rank = None if full_w2 else rank
-        return cls(m1, n1, m2, n2, rank, full_w2, linear_order(m1, n1, n2, m2, rank)[0])
+    def of(cls, adapter: BankedAdapter) -> BankLayout:
+        parts, offset = [], 1
+        for name in FACTOR_NAMES:
+            p = adapter._parameters.get(name)
+            if p is not None:
+                parts.append((name, tuple(p.shape), offset))
+                offset += p.numel()
+        return cls(tuple(parts), adapter.swapped)
 
     @property
-    def chain_shapes(self) -> list[tuple[int, int]]:
-        """Per-slot shapes of the `w2` stage (transposed, applied to row vectors)."""
-        if self.rank is None:
-            return [(self.n2, self.m2)]
-        return [(self.n2, self.rank), (self.rank, self.m2)]
+    def row_numel(self) -> int:
+        name, shape, offset = self.parts[-1]
+        return offset + math.prod(shape)
 
     @property
-    def slot_numel(self) -> int:
-        return self.m1 * self.n1 + sum(a * b for a, b in self.chain_shapes)
+    def factor_numel(self) -> int:
+        return self.row_numel - 1
+
+    def split(self, rows: Tensor) -> dict[str, Tensor]:
+        """Views of `rows (G, row_numel)`: `{"scale": (G,), "w1": (G, m1, n1), ...}` (names without `lokr_`)."""
+        views = {"scale": rows[:, 0]}
+        for name, shape, offset in self.parts:
+            views[name[5:]] = rows[:, offset : offset + math.prod(shape)].view(-1, *shape)
+        return views
+
+    def row_views(self, row: Tensor) -> Iterator[tuple[str, Tensor]]:
+        """`(name, view)` of each factor in one row `(row_numel,)`."""
+        for name, shape, offset in self.parts:
+            yield name, row[offset : offset + math.prod(shape)].view(shape)
+
+    def linear_order(self, spec: LayerSpec) -> tuple[int, int, int, int, int | None, LinearOrder]:
+        """`(m1, n1, m2, n2, rank, order)` of a Linear layer's factored delta."""
+        shapes = {name[5:]: shape for name, shape, _ in self.parts}
+        m1 = (shapes["w1"] if "w1" in shapes else shapes["w1_a"])[0]
+        n1 = (shapes["w1"] if "w1" in shapes else shapes["w1_b"])[-1]
+        m2, n2 = spec.out_features // m1, spec.in_features // n1
+        rank = None if "w2" in shapes else shapes["w2_b"][0]
+        return m1, n1, m2, n2, rank, linear_order(m1, n1, n2, m2, rank)[0]
 
 
-def stacked_nbytes(f: Factors) -> int:
-    """Bytes one adapter's slot takes in its bank (the stacked copy kept beside its parameters)."""
-    element = _first(f).element_size()
-    return BankLayout.of(f).slot_numel * element
+def slot_nbytes(adapter: nn.Module) -> int:
+    """Device bytes one adapter takes on one layer: its factors plus its scale (one element)."""
+    params = [p for p in adapter.parameters()]
+    return (sum(p.numel() for p in params) + 1) * params[0].element_size()
+
+
+def _signature(adapter: BankedAdapter) -> tuple[object, ...]:
+    first = next(p for p in adapter._parameters.values() if p is not None)
+    return (BankLayout.of(adapter), first.dtype, first.device)
+
+
+@contextmanager
+def _writable() -> Iterator[None]:
+    """Bank tensors are plain tensors, written outside autograd and outside inference mode."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 class FactorBank:
-    """Factors of up to `capacity - 1` adapters with one signature, at fixed slots (slot 0 = zeros).
+    """The rows of every adapter with one signature on one layer; `data (capacity, row_numel)`."""
 
-    One row of `data (C, slot_numel)` per slot, so a step gathers every factor of its entries at once. A row
-    holds `w1 (m1, n1)` pre-multiplied by the adapter's scale, then the `w2` stage as matrices applied to row
-    vectors (transposed): `(n2, m2)` for a full `w2`, or `(n2, r)` and `(r, m2)` for a low-rank one.
-    """
-
-    def __init__(self, first: Factors) -> None:
-        self.layout = layout = BankLayout.of(first)
-        self._shapes = [(layout.m1, layout.n1), *layout.chain_shapes]
-        self.dtype, self.device = _first(first).dtype, _first(first).device
-        self.names: dict[str, int] = {}
-        self._free = list(range(MIN_CAPACITY - 1, 0, -1))  # popped from the end: lowest slot first
-        self.data = torch.zeros((MIN_CAPACITY, layout.slot_numel), dtype=self.dtype, device=self.device)
+    def __init__(self, layout: BankLayout, dtype: torch.dtype, device: torch.device) -> None:
+        self.layout, self.dtype, self.device = layout, dtype, device
+        self.data = torch.zeros((0, layout.row_numel), dtype=dtype, device=device)
+        self.slots: dict[str, int] = {}
+        self.members: dict[str, BankedAdapter] = {}
+        self._free: list[int] = []  # popped from the end: lowest slot first
+        self._cost: dict[LayerSpec, int] = {}
 
     @property
     def capacity(self) -> int:
@@ -142,73 +139,124 @@ class FactorBank:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    def _split(self, rows: Tensor) -> list[Tensor]:
-        """Views of `rows (G, slot_numel)`: `[w1 (G, m1, n1), *chain (G, in, out)]`."""
-        views, start = [], 0
-        for a, b in self._shapes:
-            views.append(rows[:, start : start + a * b].view(-1, a, b))
-            start += a * b
-        return views
+    def add(self, name: str, adapter: BankedAdapter) -> None:
+        """Copy `adapter`'s scale and factors into a free row and make its parameters views of it."""
+        if not self._free:
+            self._resize(self.capacity + max(1, self.capacity // SLACK))
+        slot = self._free.pop()
+        row = self.data[slot]
+        row[0] = adapter.scale
+        for pname, view in self.layout.row_views(row):
+            view.copy_(adapter._parameters[pname])  # type: ignore[arg-type]
+        self.slots[name], self.members[name] = slot, adapter
+        self._bind(name)
 
-    def write(self, name: str, factors: Factors, scale: float) -> int:
-        """Put `name`'s factors in its slot (a free one if new); returns the slot."""
-        slot = self.names.get(name)
-        if slot is None:
-            if not self._free:
-                self._grow()
-            slot = self.names[name] = self._free.pop()
-        if self.layout.full_w2:
-            parts = [factors.w1_full() * scale, factors.w2_matrix().T]
-        else:
-            assert factors.w2_a is not None and factors.w2_b is not None
-            parts = [factors.w1_full() * scale, factors.w2_b.T, factors.w2_a.T]
-        for view, part in zip(self._split(self.data[slot : slot + 1]), parts, strict=True):
-            view.copy_(part.unsqueeze(0))
-        return slot
-
-    def release(self, name: str) -> None:
-        """Free `name`'s slot; shrink (moving slots) when at most a quarter of the capacity is used."""
-        slot = self.names.pop(name, None)
-        if slot is None:
-            return
-        self.data[slot].zero_()  # freed slots stay zero: nothing of a removed adapter is kept
+    def remove(self, name: str) -> None:
+        """Give `name`'s parameters their own copy, zero its row (nothing of it is kept) and free the slot."""
+        slot, adapter = self.slots.pop(name), self.members.pop(name)
+        base = self.data.untyped_storage().data_ptr()
+        for pname, _, _ in self.layout.parts:
+            p = adapter._parameters.get(pname)
+            if p is not None and p.untyped_storage().data_ptr() == base:
+                p.data = p.data.clone()
+        self.data[slot].zero_()
         self._free.append(slot)
-        if self.capacity > MIN_CAPACITY and len(self.names) + 1 <= self.capacity // 4:
-            self._shrink(self.capacity // 2)
+        spare = len(self._free)
+        if self.slots and spare > max(1, self.capacity // SLACK):
+            self._resize(len(self.slots) + len(self.slots) // SLACK)
 
-    def _grow(self) -> None:
-        """Double the capacity; slots keep their numbers."""
-        old = self.capacity
-        data = self.data.new_zeros((2 * old, self.data.shape[1]))
-        data[:old] = self.data
-        self.data = data
-        self._free = list(range(2 * old - 1, old - 1, -1))
+    def at_home(self, name: str) -> bool:
+        """True while `name`'s parameters are still the views of its row (not replaced, moved or cast)."""
+        adapter, row = self.members[name], self.data[self.slots[name]]
+        return all(
+            (p := adapter._parameters.get(pname)) is not None
+            and p.data_ptr() == view.data_ptr()
+            and p.dtype == view.dtype
+            and p.shape == view.shape
+            for pname, view in self.layout.row_views(row)
+        ) and len([p for p in adapter._parameters.values() if p is not None]) == len(self.layout.parts)
 
-    def _shrink(self, capacity: int) -> None:
-        """`capacity` slots, live slots packed to 1..n in slot order (slot numbers change)."""
-        order = sorted(self.names, key=self.names.__getitem__)
-        index = torch.tensor([0, *(self.names[n] for n in order)], dtype=torch.long, device=self.device)
+    def set_scale(self, name: str, scale: float) -> None:
+        self.data[self.slots[name], 0] = scale
+
+    def apply_(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """`fn` (a module `_apply` function: `.to()`, `.half()`...) on the data; members follow."""
+        self.data = fn(self.data)
+        self.dtype, self.device = self.data.dtype, self.data.device
+        for name in self.members:
+            self._bind(name)
+
+    def _bind(self, name: str) -> None:
+        adapter, row = self.members[name], self.data[self.slots[name]]
+        for pname, view in self.layout.row_views(row):
+            adapter._parameters[pname].data = view  # type: ignore[union-attr]
+
+    def _resize(self, capacity: int) -> None:
+        """A new `data` of `capacity` rows, members packed to the lowest slots in slot order; re-point them."""
+        order = sorted(self.slots, key=self.slots.__getitem__)
         data = self.data.new_zeros((capacity, self.data.shape[1]))
-        data[: index.numel()] = self.data.index_select(0, index)
+        if order:
+            index = torch.tensor([self.slots[n] for n in order], dtype=torch.long, device=self.device)
+            data[: len(order)] = self.data.index_select(0, index)
         self.data = data
-        self.names = {name: i + 1 for i, name in enumerate(order)}
-        self._free = list(range(capacity - 1, len(order), -1))
+        self.slots = {name: i for i, name in enumerate(order)}
+        self._free = list(range(capacity - 1, len(order) - 1, -1))
+        for name in order:
+            self._bind(name)
 
-    def apply(self, x: Tensor, slots: Slots, data: Tensor | None = None) -> Tensor:
-        """`x (E, ..., n1*n2) -> (E, ..., m1*m2)`: entry `e` through `coeff[e] * kron(w1, w2)` of its slot
-        (slots of `data`, by default the bank's current tensor)."""
+    # ---------------------------------------------------------------------------- compute
+    def gather(self, slots: Slots, data: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """The factors of each entry (`(G, ...)`, G = 1 for a shared slot) and its coefficient `(G,)`."""
         data = self.data if data is None else data
-        if slots.index is None:
-            assert slots.coeff is None, "a shared slot takes no per-entry coefficients"
-            w1, *chain = self._split(data[slots.slot : slots.slot + 1])
-        else:
-            w1, *chain = self._split(data.index_select(0, slots.index))
+        rows = data[slots.slot : slots.slot + 1] if slots.index is None else data.index_select(0, slots.index)
+        parts = self.layout.split(rows)
+        coeff = parts.pop("scale")
         if slots.coeff is not None:
-            w1 = w1 * slots.coeff.to(w1.dtype).view(-1, 1, 1)
-        groups = w1.shape[0]  # weight sets: 1 (shared) or E
-        layout = self.layout
-        rows = x.reshape(groups, -1, layout.n1, layout.n2)
-        return kron_rows(rows, w1, chain, layout.order).reshape(*x.shape[:-1], layout.m1 * layout.m2)
+            coeff = coeff * slots.coeff.to(coeff.dtype)
+        return parts, coeff
+
+    def apply(self, x: Tensor, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> Tensor:
+        """Linear: `x (E, ..., n1*n2) -> (E, ..., m1*m2)`, entry `e` through `coeff[e] * kron(w1, w2)` of its slot."""
+        parts, coeff = self.gather(slots, data)
+        m1, n1, m2, n2, rank, order = self.layout.linear_order(spec)
+        w1 = parts["w1"] if "w1" in parts else torch.bmm(parts["w1_a"], parts["w1_b"])
+        w1 = w1 * coeff.view(-1, 1, 1)
+        if rank is None:
+            chain = [parts["w2"].transpose(1, 2)]
+        else:
+            chain = [parts["w2_b"].transpose(1, 2), parts["w2_a"].transpose(1, 2)]
+        rows = x.reshape(w1.shape[0], -1, n1, n2)
+        return kron_rows(rows, w1, chain, order).reshape(*x.shape[:-1], m1 * m2)
+
+    def kron_operands(
+        self, slots: Slots, spec: LayerSpec, data: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        """`(a, b, shape)` with `dW = (a[e] * b[e]).reshape(weight_shape)` for each entry `e` (its coefficient
+        included), and `shape` the view of the weight that `a[e] * b[e]` broadcasts to, as PEFT lays `dW` out."""
+        parts, coeff = self.gather(slots, data)
+        w1 = parts["w1"] if "w1" in parts else torch.bmm(parts["w1_a"], parts["w1_b"])
+        w1 = w1 * coeff.view(-1, 1, 1)
+        groups, (m1, n1) = w1.shape[0], w1.shape[1:]
+        if "w2" in parts:
+            w2 = parts["w2"]
+        elif "t2" in parts:
+            w2 = torch.einsum("g i j k l, g i p, g j r -> g p r k l", parts["t2"], parts["w2_a"], parts["w2_b"])
+        else:
+            w2 = torch.bmm(parts["w2_a"], parts["w2_b"])
+        m2 = w2.shape[1]
+        w2 = w2.reshape(groups, m2, -1, *spec.kernel)  # (G, m2, n2, *k)
+        n2, k, pad = w2.shape[2], spec.kernel, (1,) * len(spec.kernel)
+        if self.layout.swapped:  # PEFT's Conv1d full-w2 layout: kron(w2, w1[..., None])
+            return w2.view(groups, m2, 1, n2, 1, *k), w1.view(groups, 1, m1, 1, n1, *pad), (m2, m1, n2, n1, *k)
+        return w1.view(groups, m1, 1, n1, 1, *pad), w2.view(groups, 1, m2, 1, n2, *k), (m1, m2, n1, n2, *k)
+
+    def factored_cost(self, spec: LayerSpec) -> int:
+        """Multiply-adds per output position of one member's factored delta on a layer of `spec`."""
+        cost = self._cost.get(spec)
+        if cost is None:
+            parts = {name: t[0] for name, t in self.layout.split(self.data[:1]).items() if name != "scale"}
+            cost = self._cost[spec] = factored_cost(Factors(**parts, swapped=self.layout.swapped), spec)
+        return cost
 
 
 class LayerBanks:
@@ -216,13 +264,11 @@ class LayerBanks:
 
     def __init__(self) -> None:
         self._banks: dict[tuple[object, ...], FactorBank] = {}
-        self._where: dict[str, tuple[FactorBank, int, Fingerprint]] = {}  # name -> bank, slot, state
-        self._lock = threading.Lock()
-        # The last `place` call's adapters, their fingerprint and the answer; reset whenever a slot changes.
-        self._last: tuple[list[Any], Fingerprint, PlaceResult] | None = None
+        self._where: dict[str, FactorBank] = {}
+        self._lock = threading.RLock()
 
     def __deepcopy__(self, memo: dict[int, object]) -> LayerBanks:
-        return LayerBanks()  # a cache: the copy rebuilds it from its own adapters
+        return LayerBanks()  # the copy's layer re-homes its own (copied) adapters
 
     def __getstate__(self) -> dict[str, object]:
         return {}
@@ -234,64 +280,71 @@ class LayerBanks:
     def nbytes(self) -> int:
         return sum(bank.nbytes for bank in self._banks.values())
 
-    def place(self, names: list[str], adapters: list[BankedAdapter]) -> PlaceResult:
-        """Banks holding `adapters` (named `names`; Linear factors, no CP core) now, with their data and each
-        one's `(name, slot)` pairs. A slot is rewritten when its adapter's fingerprint changed since it was
-        written."""
-        with self._lock:
-            fingerprint = (names, *_fingerprint(adapters))
-            last = self._last
-            if last is not None and last[0] == adapters and last[1] == fingerprint:
-                return last[2]  # steady decode: the same adapters, unchanged
-            for name, adapter in zip(names, adapters, strict=True):
-                self._slot(name, adapter)
-            placed: dict[int, tuple[FactorBank, list[tuple[str, int]]]] = {}
-            for name in names:  # read back after all writes: a release above may have moved slots
-                bank, slot, _ = self._where[name]
-                placed.setdefault(id(bank), (bank, []))[1].append((name, slot))
-            result = [(bank, bank.data, tuple(pairs)) for bank, pairs in placed.values()]
-            self._last = (list(adapters), fingerprint, result)  # holds the adapters: their ids stay unique
-        return result
+    def bank_of(self, name: str) -> FactorBank | None:
+        return self._where.get(name)
 
-    def _slot(self, name: str, adapter: BankedAdapter) -> None:
-        """Make `name`'s slot current (written from `adapter` unless its fingerprint is unchanged)."""
-        state = _fingerprint([adapter])
-        where = self._where.get(name)
-        if where is not None and where[2] == state:
-            return
-        factors = adapter.factors()
-        if factors.t2 is not None or factors.swapped:
-            raise ValueError(f"adapter {name!r}: CP or swapped factors have no stacked Linear form")
-        key = signature(factors)
-        if where is not None and self._banks.get(key) is not where[0]:  # new shapes: its old slot goes
-            self._release(name)
-        with torch.inference_mode(False), torch.no_grad():  # banks are plain tensors, writable in any mode
+    def add(self, name: str, adapter: BankedAdapter) -> None:
+        """Home `adapter` as `name` (an adapter already there under that name leaves first)."""
+        with self._lock, _writable():
+            self._remove(name)
+            key = _signature(adapter)
             bank = self._banks.get(key)
             if bank is None:
-                bank = self._banks[key] = FactorBank(factors)
-            slot = bank.write(name, factors, adapter.scale)
-        self._where[name] = (bank, slot, state)
+                bank = self._banks[key] = FactorBank(key[0], key[1], key[2])  # type: ignore[arg-type]
+            bank.add(name, adapter)
+            self._where[name] = bank
+            adapter._set_home((self, name))
 
-    def release(self, name: str) -> None:
-        with self._lock:
-            self._release(name)
+    def remove(self, name: str) -> None:
+        """`name` leaves: its parameters get their own storage (same values), its row is zeroed."""
+        with self._lock, _writable():
+            self._remove(name)
 
-    def _release(self, name: str) -> None:
-        self._last = None
-        where = self._where.pop(name, None)
-        if where is None:
+    def _remove(self, name: str) -> None:
+        bank = self._where.pop(name, None)
+        if bank is None:
             return
-        bank = where[0]
-        with torch.inference_mode(False), torch.no_grad():
-            bank.release(name)
-        if not bank.names:
+        adapter = bank.members[name]
+        bank.remove(name)
+        adapter._set_home(None)
+        if not bank.slots:
             self._banks = {k: b for k, b in self._banks.items() if b is not bank}
-        else:  # a shrink may have moved slots
-            for other, slot in bank.names.items():
-                self._where[other] = (bank, slot, self._where[other][2])
 
-    def clear(self) -> None:
+    def rehome(self, name: str) -> None:
+        """After `name`'s parameters were replaced, moved or cast: put them back into (the right) bank."""
         with self._lock:
-            self._last = None
-            self._banks.clear()
-            self._where.clear()
+            bank = self._where.get(name)
+            if bank is None:
+                return
+            if bank.at_home(name):
+                return
+            adapter = bank.members[name]
+            self.add(name, adapter)
+
+    def set_scale(self, name: str, scale: float) -> None:
+        with self._lock, _writable():
+            self._where[name].set_scale(name, scale)
+
+    def place(self, names: list[str]) -> PlaceResult:
+        """Banks holding `names` now, with their data and each one's `(name, slot)` pairs (name order)."""
+        with self._lock:
+            placed: dict[int, tuple[FactorBank, list[tuple[str, int]]]] = {}
+            for name in names:
+                bank = self._where[name]
+                placed.setdefault(id(bank), (bank, []))[1].append((name, bank.slots[name]))
+            return [(bank, bank.data, tuple(pairs)) for bank, pairs in placed.values()]
+
+    def apply_(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """A module `_apply` (`.to()`, `.half()`...): every bank's data through `fn`, members re-pointed."""
+        with self._lock, _writable():
+            banks, self._banks = list(self._banks.values()), {}
+            for bank in banks:
+                bank.apply_(fn)
+                key = (bank.layout, bank.dtype, bank.device)
+                if key not in self._banks:
+                    self._banks[key] = bank
+                    continue
+                for name, adapter in list(bank.members.items()):  # two banks became one signature: merge
+                    self._where.pop(name)
+                    bank.remove(name)
+                    self.add(name, adapter)

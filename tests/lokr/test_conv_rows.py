@@ -1,0 +1,124 @@
+"""Mixed-adapter rows on every layer kind: the folded-weight and per-adapter paths equal per-row dense deltas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lokr
+import lokr.merged
+from lokr.inject import iter_lokr_layers
+
+LAYERS = {
+    "conv2d": lambda: nn.Conv2d(8, 12, 3, padding=1),
+    "conv2d-strided": lambda: nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2),
+    "conv2d-1x1": lambda: nn.Conv2d(8, 12, 1),
+    "conv2d-grouped": lambda: nn.Conv2d(8, 12, 3, groups=2),
+    "conv1d": lambda: nn.Conv1d(8, 12, 3, padding=1),
+    "conv1d-grouped": lambda: nn.Conv1d(8, 12, 3, groups=2),
+    "linear": lambda: nn.Linear(16, 24),
+}
+CONFIGS = {
+    "lowrank": {"r": 2},
+    "full": {"r": 16},  # full w2 (PEFT's swapped layout on Conv1d)
+    "cp": {"r": 2, "use_effective_conv2d": True},
+    "decompose-both": {"r": 1, "decompose_both": True},
+}
+ROWS: list[Any] = ["a0", None, [("a1", 0.5), ("a2", -2.0)], "a1", "a0", [("a0", 1.0), ("a0", 0.25)]]
+
+
+def _model(layer: str, config: dict[str, Any]) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(LAYERS[layer]()).double().eval()
+    for i in range(3):
+        cfg = lokr.LoKrConfig(target_modules=["0"], init_weights=False, alpha=3, **config)
+        lokr.inject(model, cfg, f"a{i}")
+    model.double()
+    return model
+
+
+def _input(layer: str, rows: int) -> torch.Tensor:
+    shape = {"linear": (rows, 3, 16), "conv1d": (rows, 8, 9)}.get(layer.split("-")[0], (rows, 8, 7, 7))
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def _reference(model: nn.Module, rows: list[Any], x: torch.Tensor) -> torch.Tensor:
+    layer = model[0]  # type: ignore[index]
+    spec = layer.spec
+    out = []
+    for i, row in enumerate(rows):
+        want = layer.base_layer(x[i : i + 1])
+        for name, scale in [] if row is None else [(row, 1.0)] if isinstance(row, str) else row:
+            dw = layer.get_delta_weight(name)
+            if spec.kind == "linear":
+                want = want + scale * F.linear(x[i : i + 1], dw)
+            else:
+                conv = F.conv1d if spec.kind == "conv1d" else F.conv2d
+                want = want + scale * conv(
+                    x[i : i + 1], dw, None, spec.stride, spec.padding, spec.dilation, spec.groups
+                )
+        out.append(want)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("path", ["folded", "per-adapter"])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYERS.keys())
+def test_mixed_rows_equal_dense_per_row(
+    layer: str, config: dict[str, Any], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model(layer, config)
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0 if path == "folded" else 10**12)
+    calls: list[int] = []
+    real = lokr.layer.merged_forward
+    monkeypatch.setattr(lokr.layer, "merged_forward", lambda *a: calls.append(1) or real(*a))
+    x = _input(layer, len(ROWS))
+    with torch.no_grad(), lokr.adapter_batch(model, ROWS):
+        got = model(x)
+    with torch.no_grad():
+        want = _reference(model, ROWS, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert bool(calls) == (path == "folded")
+
+
+def test_one_adapter_on_every_row_folds_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("conv2d", {"r": 2})
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    x = _input("conv2d", 4)
+    with torch.no_grad(), lokr.adapter_batch(model, [[("a1", 0.5)]] * 4) as plan:
+        got = model(x)
+    ((mp, _),) = plan.prepared.values()
+    assert mp is not None and mp.terms == 1 and mp.selections[0].rows is None
+    torch.testing.assert_close(got, _reference(model, [[("a1", 0.5)]] * 4, x), rtol=1e-10, atol=1e-10)
+
+
+def test_folding_skips_bases_it_cannot_replay() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, padding_mode="reflect")).eval()
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, r=2), "a")
+    ((_, layer),) = iter_lokr_layers(model)
+    assert not lokr.merged.eligible(layer.base_layer)  # PEFT's delta zero-pads; a folded weight would reflect it
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad(), lokr.adapter_batch(model, ["a", None]):
+        got = model(x)
+    with torch.no_grad():
+        want = layer.base_layer(x[:1]) + F.conv2d(x[:1], layer.get_delta_weight("a"), None, 1, 1)
+    torch.testing.assert_close(got[:1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_cost_model_picks_factored_for_decode_and_folded_for_images() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Conv2d(320, 320, 3, padding=1)).eval()
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "1"], init_weights=False, r=8), "a")
+    layers = dict(iter_lokr_layers(model))
+    plan = lokr.batch.RowPlan.from_rows(["a"] * 2)
+    decisions = {}
+    for name, x in {"0": torch.randn(2, 1, 1024), "1": torch.randn(2, 320, 32, 32)}.items():
+        layer = layers[name]
+        mp, _ = layer._prepare(plan)
+        decisions[name] = lokr.merged.cheaper(mp, x, layer.spec, layer.weight)
+    assert decisions == {"0": False, "1": True}
