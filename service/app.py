@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .registry import Registry, TierLimits
 from .routes import admin, openai, ops
 from .routes.deps import Components
+from .routes.docs import install_docs
 from .schemas import ERROR_RESPONSES
 from .settings import Settings
 
@@ -60,7 +61,8 @@ def create_app(
                 await run_in_threadpool(engine.drain, settings.shutdown_grace_s)
                 await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="lokr-serve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="lokr-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_docs(app)  # Swagger UI from the installed package: /docs works offline
     app.state.components = components
     app.state.loaded = loaded
     for router in (ops.router, openai.router, admin.router):
