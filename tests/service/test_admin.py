@@ -145,3 +145,17 @@ def test_body_without_json_content_type_says_what_to_send(client: httpx.Client, 
     error = _error(client.post(route, content=body, headers=headers), 400)
     assert "content-type: application/json" in error["message"], error
     assert "valid dictionary" not in error["message"]
+
+
+def test_api_keys_without_admin_token_close_admin_even_on_loopback() -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model="unused", host="127.0.0.1", api_key=["k1"]))  # no lifespan: no model needed
+    with_key = TestClient(app).get("/v1/adapters", headers={"Authorization": "Bearer k1"})
+    error = _error(with_key, 403)
+    assert error["code"] == "admin_disabled" and "--admin-token" in error["message"]
+    open_app = create_app(Settings(model="unused", host="127.0.0.1"))  # no keys: loopback admin stays open
+    assert TestClient(open_app).get("/v1/adapters").status_code == 503  # past auth; the model is not loaded

@@ -214,3 +214,21 @@ def test_demo_examples_are_pasteable() -> None:
     assert any("messages" in b for b in bodies)
     assert "from openai import OpenAI" in text and "extra_body" in text
     assert demo.demo_examples("http://h:1/v1", "base", []).count("http://h:1/v1/v1") == 0
+
+
+# ------------------------------------------------------------------------------------------ banner
+def test_banner_states_vocabulary_unk_and_adapter_root(built: demo.DemoAssets) -> None:
+    from service.demo_text import demo_vocabulary
+
+    text = demo.demo_banner(built)
+    words = demo_vocabulary(built.model_dir)
+    assert 100 < len(words) < 200
+    assert f"{len(words)} lower-case words" in text and "<unk>" in text
+    assert str(built.adapters["pirate"].parent) in text
+    tokenizer = transformers.AutoTokenizer.from_pretrained(built.model_dir)
+    examples = demo.demo_examples("http://h:1", built.base_name, list(built.adapters))
+    prompts = re.findall(r'"(?:prompt|content)": "([^"]+)"', examples) + re.findall(r'prompt="([^"]+)"', examples)
+    prompts += re.findall(r'"([a-z ]+)"', text.split("Prompts that work:")[1].splitlines()[0])
+    assert len(prompts) >= 6
+    for prompt in prompts:  # every suggested prompt is made of words the demo knows
+        assert tokenizer.unk_token_id not in tokenizer(prompt)["input_ids"], prompt
