@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch keeps installs fast and small; the runtime requirement stays a range (pyproject.toml).
+# torch is installed once, at the version constraints.txt pins (the runtime requirement stays a range in
+# pyproject.toml). PyPI's Linux torch wheel bundles CUDA (several GB); for the CPU-only wheel (~200 MB) run
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: run test lint typecheck bench install install-dev clean
 
@@ -12,7 +15,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
@@ -27,13 +30,13 @@ run: $(VENV)/.installed
 	$(BIN)/lokr-serve demo $(ARGS)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check lokr service tests bench
+	$(BIN)/ruff check lokr service tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check lokr service tests bench
-	$(BIN)/ruff format --check lokr service tests bench
+	$(BIN)/ruff check lokr service tests bench scripts
+	$(BIN)/ruff format --check lokr service tests bench scripts
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy

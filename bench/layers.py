@@ -4,7 +4,8 @@ All variants of one case share the same base weights and run in one process, int
 (see `bench.report.measure`), under `torch.inference_mode()`, float32, `torch.set_num_threads(--threads)`.
 
     python bench/layers.py                      # full run (~5-10 min on 2 cores)
-    python bench/layers.py --quick --out /tmp/x # smoke test (< 1 min)
+    python bench/layers.py --quick --out /tmp/x # small sizes (about a minute)
+    python bench/layers.py --tiny --out /tmp/x  # smoke test: small layers too (seconds)
     python bench/layers.py --cases linear4096 conv320
 
 Variants per case and size N (tokens for Linear, images for Conv2d):
@@ -67,10 +68,13 @@ class Case:
     unit: str
 
 
-def build_cases(quick: bool) -> dict[str, Case]:
+def build_cases(quick: bool, tiny: bool = False) -> dict[str, Case]:
+    """The three cases; `quick` shrinks sizes, `tiny` also shrinks the layers (a smoke test in seconds)."""
+    quick = quick or tiny
     tokens = (1, 16) if quick else (1, 16, 256, 2048)
-    side = 16 if quick else 64  # conv latent size
+    side = 8 if tiny else 16 if quick else 64  # conv latent size
     images = (1, NUM_MIXED) if quick else (1, 4, NUM_MIXED)
+    hidden, ffn, channels = (256, 704, 32) if tiny else (4096, 11008, 320)
 
     def linear(o: int, i: int) -> Case:
         return Case(
@@ -85,16 +89,16 @@ def build_cases(quick: bool) -> dict[str, Case]:
         )
 
     conv = Case(
-        name="conv320",
-        title=f"Conv2d 320->320 3x3 p1, {side}x{side}",
+        name=f"conv{channels}",
+        title=f"Conv2d {channels}->{channels} 3x3 p1, {side}x{side}",
         kind="conv2d",
-        make_layer=lambda: nn.Conv2d(320, 320, 3, padding=1),
+        make_layer=lambda: nn.Conv2d(channels, channels, 3, padding=1),
         sizes=images,
-        make_input=lambda b: torch.randn(b, 320, side, side),
+        make_input=lambda b: torch.randn(b, channels, side, side),
         positions=lambda b: b * side * side,
         unit="images",
     )
-    cases = [linear(4096, 4096), linear(11008, 4096), conv]
+    cases = [linear(hidden, hidden), linear(ffn, hidden), conv]
     return {c.name: c for c in cases}
 
 
@@ -223,7 +227,8 @@ def evaluate_targets(cases: dict[str, Case], results: dict[str, dict[int, dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, few repeats")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--tiny", action="store_true", help="smoke test: --quick on small layers (seconds)")
     parser.add_argument("--cases", nargs="+", default=None, help="subset of: linear4096 linear11008 conv320")
     parser.add_argument("--budget", type=float, default=None, help="seconds per variant per size (default 2.5)")
     parser.add_argument("--min-repeats", type=int, default=3)
@@ -233,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    budget = args.budget if args.budget is not None else (0.05 if args.quick else 2.5)
-    all_cases = build_cases(args.quick)
+    budget = args.budget if args.budget is not None else (0.01 if args.tiny else 0.05 if args.quick else 2.5)
+    all_cases = build_cases(args.quick, args.tiny)
     selected = args.cases or list(all_cases)
     unknown = [c for c in selected if c not in all_cases]
     if unknown:
@@ -299,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== ratios (medians)\n" + ratio_table)
     print("\n== targets\n" + target_table)
 
-    env = environment(args.threads, {"peft": _peft_version(), "mode": "quick" if args.quick else "full"})
+    env = environment(
+        args.threads, {"peft": _peft_version(), "mode": "tiny" if args.tiny else "quick" if args.quick else "full"}
+    )
     env["budget per variant per size (s)"] = budget
     env["wall time (s)"] = round(elapsed, 1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ __all__ = [
     "LYCORIS_PREFIXES",
     "ModuleWeights",
     "ParsedAdapter",
+    "map_lycoris_stems",
     "read_adapter",
     "read_safetensors",
     "write_peft_dir",
@@ -163,6 +164,8 @@ def _read_lycoris_file(path: Path, max_bytes: int) -> ParsedAdapter:
     modules = {}
     for stem, group in grouped.items():
         alpha_t = group.pop("alpha", None)
+        if "lokr_t2" in group and group["lokr_t2"].dim() == 3:  # Conv1d Tucker core (r, r, k): PEFT's (r, r, k, 1)
+            group["lokr_t2"] = group["lokr_t2"].unsqueeze(-1)
         rank = _lycoris_rank(group)
         if rank == 0:
             raise AdapterFormatError(f"{path}: {stem} has a rank-0 factor (an empty tensor); not a usable LoKr module")
@@ -237,6 +240,27 @@ def resolve_lycoris_name(stem: str, table: Mapping[str, str | None], module_name
         if stem.startswith(prefix) and stem[len(prefix) :] in module_names:
             return stem[len(prefix) :]
     return table.get(stem)
+
+
+def map_lycoris_stems(parsed: ParsedAdapter, module_names: set[str]) -> dict[str, str | None]:
+    """`{key stem: the model's module (None: no such module)}`; refuses a file where two stems name one module.
+
+    Prefixes are interchangeable on one model (`lycoris_x`, `lora_unet_x`; `lora_te1_x`, `lora_te2_x`), so a
+    file holding both would silently lose one of them.
+    """
+    table = lycoris_name_table(module_names)
+    mapped = {stem: resolve_lycoris_name(stem, table, module_names) for stem in parsed.modules}
+    first: dict[str, str] = {}
+    for stem, name in mapped.items():
+        if name is None:
+            continue
+        if name in first:
+            raise AdapterFormatError(
+                f"{parsed.source}: key stems {first[name]!r} and {stem!r} both name module {name!r} of this "
+                "model; keep one of them (a file for one model must not hold two factor sets per module)"
+            )
+        first[name] = stem
+    return mapped
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -12,13 +12,19 @@ from torch import nn
 
 from .batch import RowPlan, RowSpec, selection_scope
 from .config import LoKrConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, AdapterStateError, UnknownModuleError
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    UnknownModuleError,
+)
 from .export import peft_export
 from .formats import (
     DEFAULT_MAX_BYTES,
     ModuleWeights,
     ParsedAdapter,
     lycoris_name_table,
+    map_lycoris_stems,
     read_adapter,
     resolve_lycoris_name,
     write_peft_dir,
@@ -152,19 +158,34 @@ def _resolve_modules(model: nn.Module, parsed: ParsedAdapter) -> dict[str, Modul
         return resolve_pipeline_modules(model, parsed)
     modules = dict(model_modules(model))
     names = {n for n, m in modules.items() if isinstance(m, (*SUPPORTED_LAYERS, LoKrLayer))}
-    all_names = set(modules)
-    table = lycoris_name_table(names) if parsed.format == "lycoris" else {}
+    mapped = map_lycoris_stems(parsed, names) if parsed.format == "lycoris" else {}
     resolved: dict[str, ModuleWeights] = {}
     for key, weights in parsed.modules.items():
-        name = key if parsed.format == "peft" else resolve_lycoris_name(key, table, names)
+        name = key if parsed.format == "peft" else mapped[key]
         if name is None or name not in names:
-            kind = "not a Linear/Conv1d/Conv2d layer" if name in all_names else "not in the base model"
-            raise UnknownModuleError(
-                f"{parsed.source}: module {key!r} is {kind}; the adapter was made for another architecture "
-                f"(e.g. the model has {sorted(names)[:3]})"
-            )
+            raise _target_error(parsed, key, name, modules, names)
         resolved[name] = ModuleWeights(dict(weights.tensors), weights.scale, weights.r, weights.alpha)
     return resolved
+
+
+def _target_error(
+    parsed: ParsedAdapter, key: str, name: str | None, modules: dict[str, nn.Module], names: set[str]
+) -> UnknownModuleError:
+    """Why `key` has no LoKr-capable target: a module of an unsupported type, or no such module at all."""
+    if name is None and parsed.format == "lycoris":  # it may name a module of another type
+        name = resolve_lycoris_name(key, lycoris_name_table(modules), set(modules))
+    module = modules.get(name) if name is not None else None
+    if module is not None:
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        supported = ", ".join(f"torch.nn.{t.__name__}" for t in SUPPORTED_LAYERS)
+        return UnknownModuleError(
+            f"{parsed.source}: module {key!r} is the model's {name!r}, a {kind}, which cannot carry LoKr; "
+            f"supported layer types: {supported}"
+        )
+    return UnknownModuleError(
+        f"{parsed.source}: module {key!r} is not in the base model; the adapter was made for another architecture "
+        f"(e.g. the model has {sorted(names)[:3]})"
+    )
 
 
 def _normalise(name: str, t: torch.Tensor, kind: str) -> torch.Tensor:

@@ -29,25 +29,31 @@ from .metrics import Metrics
 from .registry import Registry, TierLimits
 from .routes import admin, openai, ops
 from .routes.deps import Components
+from .routes.docs import install_docs
 from .schemas import ERROR_RESPONSES
 from .settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "start_components"]
 
 log = logging.getLogger("lokr_serve")
 
 
-def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
-    """The ASGI app. The model is loaded in the lifespan (or `loaded` is used, e.g. in tests)."""
+def create_app(
+    settings: Settings, loaded: LoadedModel | None = None, on_ready: Callable[[], None] | None = None
+) -> FastAPI:
+    """The ASGI app. The model is loaded in the lifespan unless `loaded` is given (the CLI, tests);
+    `start_components` may start it before serving; `on_ready` runs once the app is about to serve."""
     components = Components(settings=settings, metrics=Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if loaded is None:
-            model = await run_in_threadpool(load_causal_lm, str(settings.model), settings.device, settings.dtype)
-        else:
+        if components.engine is None:
             model = loaded
-        await run_in_threadpool(_start, components, model)
+            if model is None:
+                model = await run_in_threadpool(load_causal_lm, str(settings.model), settings.device, settings.dtype)
+            await run_in_threadpool(_start, components, model)
+        if on_ready is not None:
+            on_ready()
         try:
             yield
         finally:
@@ -58,8 +64,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
             if components.registry is not None:
                 components.registry.close()
 
-    app = FastAPI(title="lokr-serve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="lokr-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_docs(app)  # Swagger UI from the installed package: /docs works offline
     app.state.components = components
+    app.state.loaded = loaded
     for router in (ops.router, openai.router, admin.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     if settings.cors_origin:
@@ -67,6 +75,13 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     _install_error_handlers(app)
     app.middleware("http")(_observe(components))
     return app
+
+
+def start_components(app: FastAPI) -> None:
+    """Build the engine and registry and preload `--adapter` pairs now (errors raise here, not in the lifespan)."""
+    components: Components = app.state.components
+    if components.engine is None:
+        _start(components, app.state.loaded)
 
 
 def _start(c: Components, loaded: LoadedModel) -> None:
@@ -90,7 +105,14 @@ def _json_error(err: HttpError) -> JSONResponse:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if _not_json(request, exc):
+            message = (
+                "the request body must be a JSON object sent with the header 'content-type: application/json' "
+                f"(got content-type {request.headers.get('content-type') or 'none'!r}); "
+                "e.g. curl -H 'content-type: application/json' -d '{\"model\": ...}'"
+            )
+            return _json_error(HttpError(400, "invalid_request_error", "invalid_content_type", message))
         parts = []
         for e in exc.errors()[:5]:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
@@ -113,6 +135,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, on_error)
     app.add_exception_handler(lokr.LoKrError, on_error)
     app.add_exception_handler(Exception, on_error)
+
+
+def _not_json(request: Request, exc: RequestValidationError) -> bool:
+    """A JSON route got a body it could not read as JSON (no or another content-type)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body_errors = [e for e in exc.errors() if tuple(e.get("loc", ())) == ("body",)]
+    json_type = content_type == "application/json" or content_type.endswith("+json")
+    return bool(body_errors) and bool(content_type) and not json_type
 
 
 def _observe(c: Components) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:

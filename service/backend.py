@@ -58,7 +58,7 @@ def load_causal_lm(source: str, device: str = "auto", dtype: str = "auto") -> Lo
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
-    model.to(dev)  # type: ignore[arg-type]
+    model.to(dev)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

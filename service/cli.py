@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from .startup import StartupError, bind_socket, check_adapter_sources, check_model_source
 
 __all__ = ["main"]
 
@@ -40,20 +42,34 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+# flags that name the model or its adapters: `demo` brings its own
+_MODEL_FLAGS = ("--model", "--served-model-name", "--adapter", "--adapter-root")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lokr-serve", description="Serve many LoKr adapters on one base model.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a model (every flag is also env LOKR_<FLAG>)")
-    demo = sub.add_parser("demo", help="build (once, offline) a tiny model + adapters and serve them")
-    for p in (serve, demo):
-        for flag, kwargs in _FLAGS:
-            p.add_argument(flag, default=None, **kwargs)
-    ray = sub.add_parser("ray", help="serve as a Ray Serve application, replicas routed by adapter (extra [ray])")
+    serve = sub.add_parser("serve", help="serve a model (every flag is also env LOKR_<FLAG>)", allow_abbrev=False)
+    demo = sub.add_parser(
+        "demo",
+        allow_abbrev=False,  # `--adapter` must not pass for `--adapter-dtype`
+        help="build (once, offline) a tiny model + adapters and serve them",
+        description="Serve the offline demo: a tiny word-level model (about 150 words; others become <unk>) "
+        "and its style adapters. It brings its own model and adapters, so --model/--adapter do not apply.",
+    )
+    for flag, kwargs in _FLAGS:
+        serve.add_argument(flag, default=None, **kwargs)
+        if flag not in _MODEL_FLAGS:
+            demo.add_argument(flag, default=None, **kwargs)
+    ray = sub.add_parser(
+        "ray", help="serve as a Ray Serve application, replicas routed by adapter (extra [ray])", allow_abbrev=False
+    )
     for flag, kwargs in _FLAGS + _ray_flags():
         ray.add_argument(flag, default=None, **kwargs)
     demo.add_argument("--cache-dir", default=None, help="where the demo assets are built and cached")
-    inspect = sub.add_parser("inspect", help="print what an adapter dir or file holds")
+    inspect = sub.add_parser("inspect", help="summarise what an adapter dir or file holds")
     inspect.add_argument("source")
+    inspect.add_argument("--json", action="store_true", help="every module's tensors as JSON (for machines)")
     return parser
 
 
@@ -64,88 +80,108 @@ def _ray_flags() -> list[tuple[str, dict[str, Any]]]:
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from pydantic import ValidationError
+
     from .settings import Settings
 
-    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _ in _FLAGS}
-    given = {k: v for k, v in given.items() if v is not None}
+    names = [flag[2:].replace("-", "_") for flag, _ in _FLAGS]
+    given: dict[str, Any] = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     given.update({k: v for k, v in overrides.items() if k not in given})
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise StartupError(problems) from None
 
 
-def _serve(settings: Any) -> int:
-    from .logs import configure_logging
-    from .server import serve
+def _serve(settings: Any, on_ready: Callable[[], None] | None = None) -> int:
+    """Fail fast (one line) on a missing model dir, adapter or busy port, then load and serve."""
+    check_model_source(str(settings.model))
+    check_adapter_sources(settings.preload_pairs())
+    sock = bind_socket(settings.host, settings.port)
+    try:
+        from .logs import configure_logging
 
-    configure_logging(settings.log_level, settings.log_json)
-    return serve(settings)
+        configure_logging(settings.log_level, settings.log_json)
+        import lokr
+
+        from .errors import ServiceError
+        from .server import serve
+
+        try:
+            return serve(settings, sock, on_ready)
+        except (ServiceError, lokr.LoKrError) as exc:
+            raise StartupError(str(exc)) from exc
+    finally:
+        sock.close()
 
 
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .demo import demo_examples, ensure_demo
+    from .demo import demo_banner, demo_examples, ensure_demo
 
     print("lokr-serve demo: building (first run) or reusing the cached demo model and adapters...", flush=True)
     assets = ensure_demo(Path(args.cache_dir) if args.cache_dir else None)
     pairs = [f"{name}={path}" for name, path in assets.adapters.items()]
+    adapter_root = next(iter(assets.adapters.values())).parent
     settings = _settings(
         args,
         model=str(assets.model_dir),
         served_model_name=assets.base_name,
         adapter=pairs,
-        adapter_root=[str(next(iter(assets.adapters.values())).parent)],
+        adapter_root=[str(adapter_root)],
     )
     host = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
-    print(demo_examples(f"http://{host}:{settings.port}", assets.base_name, list(assets.adapters)), flush=True)
-    return _serve(settings)
+    print(demo_banner(assets), flush=True)
+
+    def ready() -> None:
+        print(demo_examples(f"http://{host}:{settings.port}", assets.base_name, list(assets.adapters)), flush=True)
+
+    return _serve(settings, on_ready=ready)
 
 
-def _inspect(source: str) -> int:
+def _inspect(source: str, as_json: bool) -> int:
     import lokr
+
+    from .describe import adapter_report, adapter_summary
 
     try:
         parsed = lokr.read_adapter(source)
     except lokr.LoKrError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    modules = {
-        name: {
-            "tensors": {k: [list(t.shape), str(t.dtype).removeprefix("torch.")] for k, t in m.tensors.items()},
-            "scale": m.scale,
-        }
-        for name, m in parsed.modules.items()
-    }
-    report = {
-        "format": parsed.format,
-        "source": parsed.source,
-        "num_modules": len(parsed.modules),
-        "nbytes": parsed.nbytes,
-        "config": parsed.config.to_dict() if parsed.config else None,
-        "metadata": parsed.metadata,
-        "modules": modules,
-    }
-    print(json.dumps(report, indent=2))
+    print(json.dumps(adapter_report(parsed), indent=2) if as_json else adapter_summary(parsed))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "inspect":
-        return _inspect(args.source)
-    if args.command == "demo":
-        return _demo(args)
-    settings = _settings(args)
-    if args.command == "ray":
-        from .logs import configure_logging
-        from .scaleout.cli import run
+        return _inspect(args.source, args.json)
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        settings = _settings(args)
+        if args.command == "ray":
+            from .logs import configure_logging
+            from .scaleout.cli import run
 
-        configure_logging(settings.log_level, settings.log_json)
-        return run(settings, args)
-    if not settings.model:
-        print("no --model / LOKR_MODEL given: serving the offline embedded demo", file=sys.stderr)
-        args.cache_dir = None
-        return _demo(args)
-    return _serve(settings)
+            configure_logging(settings.log_level, settings.log_json)
+            return run(settings, args)
+        if not settings.model:
+            if settings.adapter:
+                raise StartupError("--adapter needs --model (without a model the offline demo serves its own)")
+            print("no --model / LOKR_MODEL given: serving the offline embedded demo", file=sys.stderr)
+            args.cache_dir = None
+            return _demo(args)
+        return _serve(settings)
+    except StartupError as exc:
+        print(f"lokr-serve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

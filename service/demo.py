@@ -26,6 +26,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 import lokr
 
+from .demo_text import demo_banner, demo_examples
+
 __all__ = [
     "BASE_CORPUS",
     "BASE_NAME",
@@ -34,6 +36,7 @@ __all__ = [
     "DemoAssets",
     "build_tiny_llama",
     "build_word_tokenizer",
+    "demo_banner",
     "demo_examples",
     "ensure_demo",
     "restyle",
@@ -347,40 +350,3 @@ def _train_adapter(model: torch.nn.Module, name: str, batch: dict[str, Any], out
 
 
 # ------------------------------------------------------------------------------------------ examples
-def demo_examples(base_url: str, base_name: str, adapters: Sequence[str]) -> str:
-    """Ready-to-paste curl and openai-python requests against a running `lokr-serve demo`."""
-    root = base_url.rstrip("/").removesuffix("/v1")
-    first = adapters[0] if adapters else base_name
-    second = adapters[1] if len(adapters) > 1 else first
-    mix = json.dumps([{"name": first, "scale": 1.0}, {"name": second, "scale": 0.5}])
-    chat = '[{"role": "user", "content": "tell me about the sea"}]'
-    return f"""\
-# list the base model and the adapters
-curl -s {root}/v1/models
-
-# completion with one adapter: set "model" to the adapter name ({", ".join(adapters) or "none loaded"})
-curl -s {root}/v1/completions -H 'Content-Type: application/json' \\
-  -d '{{"model": "{first}", "prompt": "the sea", "max_tokens": 16, "temperature": 0}}'
-
-# the base model alone, as a chat
-curl -s {root}/v1/chat/completions -H 'Content-Type: application/json' \\
-  -d '{{"model": "{base_name}", "messages": {chat}, "max_tokens": 16, "temperature": 0}}'
-
-# compose adapters on the base with the "adapters" extension field
-curl -s {root}/v1/completions -H 'Content-Type: application/json' \\
-  -d '{{"model": "{base_name}", "adapters": {mix}, "prompt": "the garden", "max_tokens": 16}}'
-
-# the same from Python (pip install openai)
-from openai import OpenAI
-client = OpenAI(base_url="{root}/v1", api_key="unused")
-print([m.id for m in client.models.list()])
-out = client.completions.create(model="{first}", prompt="the sea", max_tokens=16, temperature=0)
-print(out.choices[0].text)
-chat = client.chat.completions.create(model="{base_name}", messages={chat}, max_tokens=16)
-print(chat.choices[0].message.content)
-mixed = client.completions.create(
-    model="{base_name}", prompt="the garden", max_tokens=16,
-    extra_body={{"adapters": {mix}}},
-)
-print(mixed.choices[0].text)
-"""

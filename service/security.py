@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import AuthError, BadRequestError, ForbiddenError
 
-__all__ = ["check_bearer", "require_admin", "resolve_in_roots", "validate_adapter_name"]
+__all__ = ["check_bearer", "describe_admin_access", "require_admin", "resolve_in_roots", "validate_adapter_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 
@@ -27,14 +27,35 @@ def check_bearer(header: str | None, secrets: Sequence[str], what: str) -> None:
         raise AuthError(f"the bearer token is not valid for {what}")
 
 
-def require_admin(header: str | None, admin_token: str | None, loopback_bind: bool) -> None:
-    """Admin routes: the admin token when one is set; otherwise only on a loopback bind."""
+def require_admin(header: str | None, admin_token: str | None, loopback_bind: bool, api_keys: bool = False) -> None:
+    """Admin routes: the admin token when one is set; otherwise only on a loopback bind without API keys.
+
+    With `--api-key` set, inference needs a key, so an open admin API would be the weaker door: it is closed.
+    """
     if admin_token:
         check_bearer(header, [admin_token], "the admin API")
+    elif api_keys:
+        raise ForbiddenError(
+            "the admin API is disabled: --api-key protects inference but no --admin-token is set; "
+            "start the server with --admin-token (env LOKR_ADMIN_TOKEN) to use it",
+            code="admin_disabled",
+        )
     elif not loopback_bind:
         raise ForbiddenError(
-            "the admin API is disabled: the server listens on a non-loopback address without --admin-token"
+            "the admin API is disabled: the server listens on a non-loopback address without --admin-token",
+            code="admin_disabled",
         )
+
+
+def describe_admin_access(admin_token: str | None, loopback_bind: bool, api_keys: bool) -> str:
+    """One phrase saying how the admin API is protected (logged at start-up); mirrors `require_admin`."""
+    if admin_token:
+        return "needs the --admin-token bearer token"
+    if api_keys:
+        return "disabled (--api-key is set without --admin-token)"
+    if loopback_bind:
+        return "open to local clients without a token (loopback bind, no --admin-token)"
+    return "disabled (non-loopback bind without --admin-token)"
 
 
 def validate_adapter_name(name: object, base_name: str) -> str:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
 
-from .app import create_app
+from .app import create_app, start_components
+from .backend import load_causal_lm, resolve_device
+from .security import describe_admin_access
 from .settings import Settings
 
 __all__ = ["serve"]
+
+log = logging.getLogger("lokr_serve")
 
 
 class _Server(uvicorn.Server):
@@ -23,16 +29,29 @@ class _Server(uvicorn.Server):
         yield
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; then stop accepting, finish in-flight requests, exit 0."""
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
-    )
+def serve(settings: Settings, sock: socket.socket, on_ready: Callable[[], None] | None = None) -> int:
+    """Serve on the already bound `sock` until SIGTERM/SIGINT; then finish in-flight requests, exit 0.
+
+    The model and the `--adapter` preloads are loaded before uvicorn starts, so their errors reach the CLI
+    as exceptions (one line, exit 2) instead of a lifespan traceback.
+    """
+    resolve_device(settings.device)  # `--device cuda` without a GPU fails before anything loads
+    loaded = load_causal_lm(str(settings.model), settings.device, settings.dtype)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def ready() -> None:
+        log.info(
+            "listening on %s (admin API: %s)",
+            url,
+            describe_admin_access(settings.admin_token, settings.loopback_bind, bool(settings.api_key)),
+        )
+        if on_ready is not None:
+            on_ready()
+
+    app = create_app(settings, loaded, on_ready=ready)
+    start_components(app)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
     server = _Server(config)
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -43,5 +62,5 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.run()
+    server.run(sockets=[sock])
     return 0

@@ -93,8 +93,9 @@ async def _save_upload(request: Request, target: Path, limit: int) -> Path:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise BadRequestError(
-            "upload with multipart/form-data (files: adapter_config.json + "
-            "adapter_model.safetensors, or one .safetensors file)",
+            "upload with multipart/form-data (file parts, any field name: adapter_config.json + "
+            "adapter_model.safetensors, or one .safetensors file), e.g. curl -F files=@adapter_config.json "
+            "-F files=@adapter_model.safetensors",
             code="invalid_upload",
         )
     form = await request.form(max_files=4, max_fields=4)
@@ -102,10 +103,7 @@ async def _save_upload(request: Request, target: Path, limit: int) -> Path:
     names = [Path(f.filename or "").name for f in files]
     single = len(files) == 1 and names[0].endswith(".safetensors") and names[0] not in _UPLOAD_NAMES
     if not files or not (single or sorted(names) == sorted(_UPLOAD_NAMES)):
-        raise BadRequestError(
-            f"expected files {list(_UPLOAD_NAMES)} (PEFT) or a single *.safetensors (LyCORIS); got {names}",
-            code="invalid_upload",
-        )
+        raise BadRequestError(_upload_problem(names), code="invalid_upload")
     total = 0
     for upload, filename in zip(files, names):
         with (target / filename).open("wb") as out:
@@ -115,3 +113,16 @@ async def _save_upload(request: Request, target: Path, limit: int) -> Path:
                     raise PayloadTooLargeError(f"upload exceeds the {limit}-byte limit (--max-upload-bytes)")
                 out.write(chunk)
     return target / names[0] if single else target
+
+
+def _upload_problem(names: list[str]) -> str:
+    """What is wrong with the uploaded file names, and what to send instead."""
+    expected = (
+        "send multipart/form-data file parts (any field name, e.g. -F files=@adapter_config.json "
+        "-F files=@adapter_model.safetensors) for a PEFT adapter, or one LyCORIS/kohya .safetensors file"
+    )
+    if names == [_UPLOAD_NAMES[1]]:
+        return f"a PEFT {_UPLOAD_NAMES[1]} needs its {_UPLOAD_NAMES[0]} in the same upload; {expected}"
+    if names == [_UPLOAD_NAMES[0]]:
+        return f"{_UPLOAD_NAMES[0]} came without its {_UPLOAD_NAMES[1]}; {expected}"
+    return f"got files {names or 'none'}; {expected}"

@@ -56,7 +56,9 @@ def api_auth(request: Request) -> None:
 
 def admin_auth(request: Request) -> None:
     settings: Settings = request.app.state.components.settings
-    require_admin(request.headers.get("authorization"), settings.admin_token, settings.loopback_bind)
+    require_admin(
+        request.headers.get("authorization"), settings.admin_token, settings.loopback_bind, bool(settings.api_key)
+    )
 
 
 Deps = Annotated[Components, Depends(get_components)]

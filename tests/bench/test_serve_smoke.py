@@ -1,5 +1,5 @@
 """Smoke test of the serving benchmark: `--quick` starts real servers, runs every scenario kind end to end and
-writes its report and plot (no timings asserted)."""
+writes its report and plot (no timings asserted, no wall-clock limit)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report, plot = out / "serve.md", out / "serve.png"

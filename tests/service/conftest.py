@@ -130,18 +130,15 @@ def start_server(world: World, *extra: str, env: dict[str, str] | None = None) -
         cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=Path.cwd()
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while True:  # no deadline of our own: a shared box may be slow; pytest-timeout guards against a hang
         if process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
                 return Server(url, process, log)
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"server not ready in time:\n{log.read_text()[-3000:]}")
 
 
 def stop_server(server: Server) -> int:

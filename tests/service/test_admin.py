@@ -127,3 +127,35 @@ def test_upload_peft_dir_and_lycoris_file(client: httpx.Client, world: World, tm
     pickle = [("files", ("adapter_model.bin", b"\x80\x04not really", "application/octet-stream"))]
     _error(client.put("/v1/adapters/pickled", files=pickle, headers=AUTH), 400)
     _error(client.put("/v1/adapters/empty", files=[("files", ("x.safetensors", b"", "a/b"))], headers=AUTH), 400)
+
+
+def test_upload_of_peft_weights_alone_asks_for_the_config(client: httpx.Client, world: World) -> None:
+    weights = (world.adapters["gamma"] / "adapter_model.safetensors").read_bytes()
+    files = [("files", ("adapter_model.safetensors", weights, "application/octet-stream"))]
+    error = _error(client.put("/v1/adapters/half", files=files, headers=AUTH), 400)
+    assert "needs its adapter_config.json" in error["message"], error
+    assert "-F files=@adapter_config.json" in error["message"]
+    _error(client.get("/v1/adapters/half", headers=AUTH), 404)
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/adapters"])
+def test_body_without_json_content_type_says_what_to_send(client: httpx.Client, route: str) -> None:
+    body = '{"model": "tiny", "prompt": "the sea", "name": "x", "source": "alpha"}'
+    headers = {**AUTH, "content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends by default
+    error = _error(client.post(route, content=body, headers=headers), 400)
+    assert "content-type: application/json" in error["message"], error
+    assert "valid dictionary" not in error["message"]
+
+
+def test_api_keys_without_admin_token_close_admin_even_on_loopback() -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model="unused", host="127.0.0.1", api_key=["k1"]))  # no lifespan: no model needed
+    with_key = TestClient(app).get("/v1/adapters", headers={"Authorization": "Bearer k1"})
+    error = _error(with_key, 403)
+    assert error["code"] == "admin_disabled" and "--admin-token" in error["message"]
+    open_app = create_app(Settings(model="unused", host="127.0.0.1"))  # no keys: loopback admin stays open
+    assert TestClient(open_app).get("/v1/adapters").status_code == 503  # past auth; the model is not loaded

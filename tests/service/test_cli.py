@@ -8,14 +8,30 @@ import sys
 
 import pytest
 
+import lokr
 from service.settings import Settings
 
 from .conftest import World
 
 
-def test_inspect_prints_adapter_contents(world: World) -> None:
+def test_inspect_summary_is_short_and_readable(world: World) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", "inspect", str(world.adapters["alpha"])],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    text = out.stdout
+    assert not text.lstrip().startswith("{") and len(text.splitlines()) <= 12, text
+    assert "PEFT LoKr directory" in text and "scale: 0.5 on every module" in text
+    tensors = sum(len(m.tensors) for m in lokr.read_adapter(world.adapters["alpha"]).modules.values())
+    assert f"total: 14 modules, {tensors} tensors" in text and "float32" in text
+    # modules grouped by factor shapes, layer indices folded: q/k/v/o share shapes across both layers
+    group = next(line for line in text.splitlines() if "self_attn.q_proj" in line)
+    assert "model.layers.*.self_attn.q_proj" in group and "lokr_w1 (" in group and "lokr_w2 (" in group
+
+
+def test_inspect_json_prints_adapter_contents(world: World) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "inspect", "--json", str(world.adapters["alpha"])],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     report = json.loads(out.stdout)

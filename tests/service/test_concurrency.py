@@ -91,6 +91,17 @@ def test_unload_waits_for_running_requests(client: httpx.Client, server) -> None
     ensure_loaded(client, "gamma")
 
 
+async def _until_all_generating(ac: httpx.AsyncClient, adapter: str, count: int) -> None:
+    """Wait until `count` requests for `adapter` produced their first token (they are running in the engine)."""
+    series = f'lokr_time_to_first_token_seconds_count{{adapter="{adapter}"}}'
+    while True:
+        metrics = (await ac.get("/metrics")).text
+        seen = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series)]
+        if seen and seen[0] >= count:
+            return
+        await asyncio.sleep(0.05)
+
+
 def test_sigterm_finishes_inflight_and_exits_zero(world: World) -> None:
     server = start_server(world, "--adapter", f"alpha={world.adapters['alpha']}", "--shutdown-grace-s", "300")
 
@@ -98,7 +109,7 @@ def test_sigterm_finishes_inflight_and_exits_zero(world: World) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as ac:
             tasks = [asyncio.ensure_future(ac.post("/v1/completions", json={**_body("alpha", p), "max_tokens": 30}))
                      for p in PROMPTS]  # fmt: skip
-            await asyncio.sleep(0.3)
+            await _until_all_generating(ac, "alpha", len(PROMPTS))  # not a fixed sleep: the box may be busy
             server.process.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*tasks, return_exceptions=True))  # type: ignore[arg-type]
 
