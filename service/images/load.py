@@ -43,9 +43,25 @@ class LoadedPipeline:
         return int(w) * self.vae_scale_factor, int(h) * self.vae_scale_factor
 
     @property
+    def default_steps(self) -> int:
+        return int(_call_default(self.pipe, "num_inference_steps", 50))
+
+    @property
+    def default_guidance(self) -> float:
+        return float(_call_default(self.pipe, "guidance_scale", 7.5))
+
+    @property
     def uses_cfg_model(self) -> bool:
         """Classifier-free guidance is possible (no guidance-distilled timestep_cond)."""
         return self.pipe.unet.config.time_cond_proj_dim is None
+
+
+def _call_default(pipe: Any, name: str, fallback: object) -> Any:
+    """The pipeline's own `__call__` default for `name` (e.g. 50 steps, guidance 7.5 for SD, 5.0 for SDXL)."""
+    import inspect
+
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return fallback if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def is_pipeline_dir(source: str | None) -> bool:

@@ -72,18 +72,22 @@ def _row(t: Tensor | None, i: int) -> Tensor | None:
 def denoise(loaded: LoadedPipeline, rows: Sequence[Row]) -> None:
     """One denoiser forward over `rows` (same size), then each row's own scheduler step; advances `index`."""
     pipe = loaded.pipe
-    inputs, timesteps, hidden, specs = [], [], [], []
-    pooled, time_ids = [], []
+    inputs: list[Tensor] = []
+    timesteps: list[Tensor] = []
+    hidden: list[Tensor] = []
+    specs: list[RowSpec] = []
+    pooled: list[Tensor] = []
+    time_ids: list[Tensor] = []
     for row in rows:
         t = row.timestep
         copies = 2 if row.cfg else 1
         x = row.scheduler.scale_model_input(torch.cat([row.latents] * copies), t)
         inputs.append(x)
         timesteps.extend([t] * copies)
-        hidden.extend([row.cond.uncond, row.cond.cond] if row.cfg else [row.cond.cond])
+        hidden.extend(_cfg_pair(row.cond.uncond, row.cond.cond))
         specs.extend([row.job.selection] * copies)
         if loaded.family == "sdxl":
-            pooled.extend([row.cond.uncond_pooled, row.cond.pooled] if row.cfg else [row.cond.pooled])
+            pooled.extend(_cfg_pair(row.cond.uncond_pooled, row.cond.pooled))
             time_ids.extend([_time_ids(row)] * copies)
     added: dict[str, Tensor] | None = None
     if loaded.family == "sdxl":
@@ -103,6 +107,12 @@ def denoise(loaded: LoadedPipeline, rows: Sequence[Row]) -> None:
             offset += 1
         row.latents = row.scheduler.step(pred, row.timestep, row.latents, **row.step_kwargs, return_dict=False)[0]
         row.index += 1
+
+
+def _cfg_pair(uncond: Tensor | None, cond: Tensor | None) -> list[Tensor]:
+    """The rows of one image in the denoiser batch: `[uncond, cond]` with CFG, else `[cond]`."""
+    assert cond is not None
+    return [cond] if uncond is None else [uncond, cond]
 
 
 def _time_ids(row: Row) -> Tensor:

@@ -13,7 +13,9 @@ import torch
 
 __all__ = ["build_clip_tokenizer", "build_tiny_pipeline", "save_tiny_pipeline"]
 
-_MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("r", "e"), ("re", "d</w>")]
+_MERGES = [
+    ("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("r", "e"), ("re", "d</w>"),
+]  # fmt: skip
 
 
 def _byte_chars() -> list[str]:
@@ -35,7 +37,8 @@ def build_clip_tokenizer(model_max_length: int = 16) -> Any:
             tokens.append(merged)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=model_max_length)
+    merges: Any = list(_MERGES)  # (left, right) pairs; the hint says str
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 def _text_config(vocab_size: int, projection: bool) -> Any:
@@ -77,6 +80,7 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
         "out_channels": 4, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 4,
     }  # fmt: skip
+    scheduler: Any
     if kind == "sd":
         unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=4)
         scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)

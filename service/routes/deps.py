@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -14,6 +14,9 @@ from ..metrics import Metrics
 from ..registry import Registry
 from ..security import check_bearer, require_admin
 from ..settings import Settings
+
+if TYPE_CHECKING:
+    from ..images.front import ImageFront
 
 __all__ = ["AdminAuth", "ApiAuth", "Components", "Deps"]
 
@@ -27,6 +30,13 @@ class Components:
     engine: Engine | None = None
     registry: Registry | None = None
     inference: Inference | None = None
+    images: ImageFront | None = None  # an image pipeline's front (then `inference` is None)
+
+    def ready_registry(self) -> Registry:
+        """The registry (any model kind), or a 503 while the model is still loading."""
+        if self.registry is None or (self.inference is None and self.images is None):
+            raise NotReadyError("the model is still loading; retry shortly")
+        return self.registry
 
     def running(self) -> tuple[Registry, Inference]:
         """The registry and inference front, or a 503 while the model is still loading."""

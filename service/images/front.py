@@ -1,0 +1,148 @@
+"""From an image request to engine jobs and back: adapter selection, one job per image, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+
+from ..engine import Engine
+from ..errors import BadRequestError, NotFoundError, ServiceError
+from ..inference import Selection
+from ..jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
+from ..metrics import Metrics
+from ..registry import Registry
+from .backend import ImageBackend, check_spec
+from .rows import ImageJob, ImageSpec, random_seed
+
+__all__ = ["ClientGoneError", "ImageFront", "png_b64", "seed_or_random"]
+
+Disconnected = Callable[[], Awaitable[bool]]
+_NO_TOKENS = SamplingParams(max_tokens=0)
+
+
+class ClientGoneError(ServiceError):
+    """The client closed the connection; its images were cancelled (nobody reads this answer)."""
+
+    status, type, code = 499, "invalid_request_error", "client_closed_request"
+
+
+class ImageFront:
+    """Turns validated image requests into one engine job per image and gathers the PNGs."""
+
+    def __init__(
+        self, engine: Engine, backend: ImageBackend, registry: Registry, metrics: Metrics, base_name: str, max_n: int
+    ) -> None:
+        self.engine, self.backend, self.registry = engine, backend, registry
+        self.metrics, self.base_name, self.max_n = metrics, base_name, max_n
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.backend.loaded.default_size
+
+    def select(self, model: str | None, pairs: Sequence[tuple[str, float]]) -> Selection:
+        """`model` = the base name (or None) or one adapter; `pairs` composes adapters on the base."""
+        model = model or self.base_name
+        loaded = set(self.registry.names())
+        if model != self.base_name:
+            if pairs:
+                raise BadRequestError(
+                    f"`adapters` composes adapters on the base model: set `model` to {self.base_name!r}",
+                    code="invalid_adapters",
+                )
+            if model not in loaded:
+                raise NotFoundError(
+                    f"The model {model!r} does not exist; available: {[self.base_name, *sorted(loaded)]}",
+                    code="model_not_found",
+                )
+            return Selection(model, frozenset([model]), model)
+        if not pairs:
+            return Selection(None, frozenset(), self.base_name)
+        names = frozenset(n for n, _ in pairs)
+        missing = sorted(names - loaded)
+        if missing:
+            raise NotFoundError(f"adapter(s) {missing} not loaded; loaded: {sorted(loaded)}", code="adapter_not_found")
+        return Selection(list(pairs), names, "+".join(sorted(names)))
+
+    def specs(self, spec: ImageSpec, n: int) -> list[ImageSpec]:
+        """Image k of a request gets seed `seed + k` (a random seed when none is given); checked for 400s."""
+        if not 1 <= n <= self.max_n:
+            raise BadRequestError(f"n must be in [1, {self.max_n}]", code="invalid_n")
+        check_spec(self.backend.loaded, spec)
+        return [replace(spec, seed=spec.seed + k) for k in range(n)]
+
+    async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:
+        """PIL images in order; the first error fails the request; a client that leaves cancels every image."""
+        tasks = [asyncio.ensure_future(self._one(spec, sel)) for spec in specs]
+        watcher = asyncio.ensure_future(_watch(disconnected))
+        try:
+            gathered: asyncio.Future[list[Any]] = asyncio.gather(*tasks)
+            waits: list[asyncio.Future[Any]] = [gathered, watcher]
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if gathered not in done:
+                raise ClientGoneError("the client closed the connection; its images were cancelled")
+            return gathered.result()
+        finally:
+            watcher.cancel()
+            for task in tasks:
+                task.cancel()
+            for task in (*tasks, watcher):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _one(self, spec: ImageSpec, sel: Selection) -> Any:
+        names = set(sel.names)
+        if not self.registry.try_acquire(names):  # a miss: bring adapters back off the event loop
+            await self._acquire(names)
+        holder: list[ImageJob] = []
+
+        def done(event: Event) -> None:  # engine thread, also when the client has gone away
+            self.registry.release(names)
+
+        def make_job(sink: Callable[[Event], None]) -> Job:
+            job = ImageJob([], _NO_TOKENS, sel.spec, sink, on_done=done, spec=spec)
+            holder.append(job)
+            return job
+
+        async for event in self.engine.stream(make_job):
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            if isinstance(event, FinishEvent):
+                break
+        return holder[0].image
+
+    async def _acquire(self, names: set[str]) -> None:
+        """`registry.acquire` in a thread; if we are cancelled meanwhile, the lease it takes is given back."""
+        future = asyncio.ensure_future(run_in_threadpool(self.registry.acquire, names))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+
+            def give_back(f: asyncio.Future[None]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.registry.release(names)
+
+            future.add_done_callback(give_back)
+            raise
+
+
+async def _watch(disconnected: Disconnected, every_s: float = 0.25) -> None:
+    while not await disconnected():
+        await asyncio.sleep(every_s)
+
+
+def png_b64(image: Any) -> str:
+    """A PIL image as base64 PNG text."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def seed_or_random(seed: int | None) -> int:
+    return random_seed() if seed is None or seed < 0 else seed
