@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from ..errors import BadRequestError
 from ..routes.deps import ApiAuth, Deps
-from .front import png_b64, seed_or_random
+from .front import png_b64, seed_or_random, until_disconnected
 from .routes import front
 from .rows import ImageSpec
 from .schemas import Txt2ImgRequest
@@ -59,7 +59,7 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
         seed=seed,
     )
     count = body.batch_size * body.n_iter
-    pictures = await images.generate(images.specs(spec, count), sel, request.is_disconnected)
+    pictures = await images.generate(images.specs(spec, count), sel, lambda: until_disconnected(request))
     encoded = [await run_in_threadpool(png_b64, p) for p in pictures]
     seeds = [seed + k for k in range(count)]
     info = {

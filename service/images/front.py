@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from ..engine import Engine
@@ -21,9 +22,9 @@ from ..registry import Registry
 from .backend import ImageBackend, check_spec
 from .rows import ImageJob, ImageSpec, random_seed
 
-__all__ = ["ClientGoneError", "ImageFront", "png_b64", "seed_or_random"]
+__all__ = ["ClientGoneError", "ImageFront", "png_b64", "seed_or_random", "until_disconnected"]
 
-Disconnected = Callable[[], Awaitable[bool]]
+Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 _NO_TOKENS = SamplingParams(max_tokens=0)
 
 
@@ -80,7 +81,7 @@ class ImageFront:
     async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:
         """PIL images in order; the first error fails the request; a client that leaves cancels every image."""
         tasks = [asyncio.ensure_future(self._one(spec, sel)) for spec in specs]
-        watcher = asyncio.ensure_future(_watch(disconnected))
+        watcher = asyncio.ensure_future(disconnected())
         try:
             gathered: asyncio.Future[list[Any]] = asyncio.gather(*tasks)
             waits: list[asyncio.Future[Any]] = [gathered, watcher]
@@ -132,9 +133,14 @@ class ImageFront:
             raise
 
 
-async def _watch(disconnected: Disconnected, every_s: float = 0.25) -> None:
-    while not await disconnected():
-        await asyncio.sleep(every_s)
+async def until_disconnected(request: Request) -> None:
+    """Wait on the request's ASGI channel until it says `http.disconnect` (the body was read already).
+
+    A blocking receive, not `request.is_disconnected()` polling: behind a `BaseHTTPMiddleware` the poll's
+    instantly cancelled receive never sees the disconnect.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def png_b64(image: Any) -> str:

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from ..errors import BadRequestError, NotReadyError
 from ..routes.deps import ApiAuth, Components, Deps
-from .front import ImageFront, png_b64, seed_or_random
+from .front import ImageFront, png_b64, seed_or_random, until_disconnected
 from .rows import ImageSpec
 from .schemas import ImageGenerationRequest
 
@@ -56,7 +56,7 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
         guidance_scale=loaded.default_guidance if body.guidance_scale is None else body.guidance_scale,
         seed=seed_or_random(body.seed),
     )
-    pictures = await images.generate(images.specs(spec, body.n), sel, request.is_disconnected)
+    pictures = await images.generate(images.specs(spec, body.n), sel, lambda: until_disconnected(request))
     data = [{"b64_json": await run_in_threadpool(png_b64, p), "revised_prompt": None} for p in pictures]
     return {"created": int(time.time()), "data": data}
 
