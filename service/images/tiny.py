@@ -11,7 +11,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_clip_tokenizer", "build_tiny_pipeline", "save_tiny_pipeline"]
+__all__ = [
+    "UNET_TARGETS",
+    "build_clip_tokenizer",
+    "build_tiny_pipeline",
+    "inject_peft_lokr",
+    "save_peft_unet_lokr",
+    "save_tiny_pipeline",
+]
+
+# The UNet layers a typical LoKr trains (attention, feed-forward out, resnet convs and time projections).
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "conv1", "conv2"]
+UNET_TARGETS += ["time_emb_proj"]
 
 _MERGES = [
     ("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("r", "e"), ("re", "d</w>"),
@@ -110,4 +121,33 @@ def save_tiny_pipeline(out: Path, kind: str = "sd", seed: int = 0) -> Path:
     """Build and save a tiny pipeline dir (safetensors weights); returns `out`."""
     pipe = build_tiny_pipeline(kind, seed)
     pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def inject_peft_lokr(unet: Any, seed: int, name: str = "default", r: int = 4) -> Any:
+    """peft's LoKr (random factors from `seed`) injected into `unet` in place; returns its peft config."""
+    from peft import LoKrConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    config = LoKrConfig(r=r, alpha=r, target_modules=UNET_TARGETS, init_weights=False)
+    inject_adapter_in_model(config, unet, adapter_name=name)
+    return config
+
+
+def save_peft_unet_lokr(pipeline_dir: Path, out: Path, seed: int) -> Path:
+    """peft's LoKr on the pipeline's UNet, saved as a PEFT dir keyed by the adapter container (`unet.` prefix)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", use_safetensors=True)
+    config = inject_peft_lokr(unet, seed)
+    state = get_peft_model_state_dict(unet)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"base_model.model.unet.{k}": v.contiguous() for k, v in state.items()}
+    save_file(tensors, out / "adapter_model.safetensors")
+    meta = {**config.to_dict(), "target_modules": sorted(config.target_modules), "peft_type": "LOKR"}
+    (out / "adapter_config.json").write_text(json.dumps(meta, default=str))
     return out

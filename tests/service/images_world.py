@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,8 @@ import torch
 
 import lokr
 from service.images.load import LoadedPipeline, load_pipeline
-from service.images.tiny import save_tiny_pipeline
+from service.images.tiny import UNET_TARGETS, inject_peft_lokr, save_peft_unet_lokr, save_tiny_pipeline
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "conv1", "conv2"]
-UNET_TARGETS += ["time_emb_proj"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
@@ -30,32 +27,13 @@ def load(path: Path) -> LoadedPipeline:
 
 
 def peft_unet_adapter(path: Path, out: Path, seed: int) -> Path:
-    """peft's LoKr on the UNet (random factors), saved as a PEFT dir keyed by the container (`unet.` prefix)."""
-    from peft import LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model
-    from safetensors.torch import save_file
-
-    unet = load(path).pipe.unet
-    torch.manual_seed(seed)
-    config = LoKrConfig(r=4, alpha=4, target_modules=UNET_TARGETS, init_weights=False)
-    inject_adapter_in_model(config, unet)
-    state = get_peft_model_state_dict(unet)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"base_model.model.unet.{k}": v.contiguous() for k, v in state.items()}
-    save_file(tensors, out / "adapter_model.safetensors")
-    cfg = config.to_dict()
-    cfg["target_modules"] = sorted(cfg["target_modules"])
-    cfg["peft_type"] = "LOKR"
-    (out / "adapter_config.json").write_text(json.dumps(cfg, default=str))
-    return out
+    return save_peft_unet_lokr(path, out, seed)
 
 
 def peft_reference_pipe(path: Path, seed: int) -> Any:
     """The plain diffusers pipeline with the same peft LoKr injected into its UNet (same seed, same factors)."""
-    from peft import LoKrConfig, inject_adapter_in_model
-
     pipe = load(path).pipe
-    torch.manual_seed(seed)
-    inject_adapter_in_model(LoKrConfig(r=4, alpha=4, target_modules=UNET_TARGETS, init_weights=False), pipe.unet)
+    inject_peft_lokr(pipe.unet, seed)
     return pipe
 
 
