@@ -138,6 +138,7 @@ def test_bad_requests_are_4xx_in_one_shape(http: httpx.Client, path: str, body: 
     assert error["code"] == code and error["message"] and error["type"]
 
 
+@pytest.mark.slow
 def test_disconnect_cancels_the_images(image_server: Server, http: httpx.Client) -> None:
     body = {"model": "ink", "prompt": "a cat", "size": "256x256", "num_inference_steps": 200, "seed": 1}
     with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=image_server.url, timeout=3) as impatient:
