@@ -110,7 +110,7 @@ def run_server(
     args: argparse.Namespace, model: Path, adapters: list[Path], batch: int, distinct: tuple[int, ...]
 ) -> list[dict[str, Any]]:
     """One server, a measurement per entry of `distinct` (how many distinct adapters the requests name)."""
-    proc, url = start(model, adapters, batch, args.out / f"server-batch{batch}.log")
+    proc, url = start(model, adapters, batch, args.work / f"server-batch{batch}.log")
     out = []
     try:
         for n in distinct:
