@@ -22,6 +22,10 @@ import lokr
 from .backend import LoadedModel, load_causal_lm, resolve_dtype
 from .engine import Engine
 from .errors import HttpError, PayloadTooLargeError, ServiceError, http_error_for
+from .images import routers as image_routers
+from .images.backend import ImageBackend
+from .images.front import ImageFront
+from .images.load import LoadedPipeline, is_pipeline_dir, load_pipeline
 from .inference import Inference
 from .lm import CausalLMBackend
 from .logs import request_id_var
@@ -33,24 +37,28 @@ from .routes.docs import install_docs
 from .schemas import ERROR_RESPONSES
 from .settings import Settings
 
-__all__ = ["create_app", "start_components"]
+__all__ = ["create_app", "load_model", "start_components"]
 
 log = logging.getLogger("lokr_serve")
 
 
 def create_app(
-    settings: Settings, loaded: LoadedModel | None = None, on_ready: Callable[[], None] | None = None
+    settings: Settings,
+    loaded: LoadedModel | LoadedPipeline | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The ASGI app. The model is loaded in the lifespan unless `loaded` is given (the CLI, tests);
-    `start_components` may start it before serving; `on_ready` runs once the app is about to serve."""
+    `start_components` may start it before serving; `on_ready` runs once the app is about to serve.
+
+    `--model` a diffusers pipeline dir (`model_index.json`): the image backend and routes, else a causal LM.
+    """
     components = Components(settings=settings, metrics=Metrics())
+    images = isinstance(loaded, LoadedPipeline) or (loaded is None and is_pipeline_dir(settings.model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if components.engine is None:
-            model = loaded
-            if model is None:
-                model = await run_in_threadpool(load_causal_lm, str(settings.model), settings.device, settings.dtype)
+            model = loaded if loaded is not None else await run_in_threadpool(load_model, settings)
             await run_in_threadpool(_start, components, model)
         if on_ready is not None:
             on_ready()
@@ -68,13 +76,20 @@ def create_app(
     install_docs(app)  # Swagger UI from the installed package: /docs works offline
     app.state.components = components
     app.state.loaded = loaded
-    for router in (ops.router, openai.router, admin.router):
+    for router in (ops.router, *image_routers(images), openai.router, admin.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     if settings.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"], allow_headers=["*"])
     _install_error_handlers(app)
     app.middleware("http")(_observe(components))
     return app
+
+
+def load_model(settings: Settings) -> LoadedModel | LoadedPipeline:
+    """`--model` as a diffusers pipeline (a dir with `model_index.json`) or a transformers causal LM."""
+    if is_pipeline_dir(settings.model):
+        return load_pipeline(str(settings.model), settings.device, settings.dtype)
+    return load_causal_lm(str(settings.model), settings.device, settings.dtype)
 
 
 def start_components(app: FastAPI) -> None:
@@ -84,10 +99,14 @@ def start_components(app: FastAPI) -> None:
         _start(components, app.state.loaded)
 
 
-def _start(c: Components, loaded: LoadedModel) -> None:
+def _start(c: Components, loaded: LoadedModel | LoadedPipeline) -> None:
     """Build engine + registry, preload `--adapter` pairs (operator-trusted paths), start the worker."""
     s = c.settings
-    backend = CausalLMBackend(loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens)
+    backend: CausalLMBackend | ImageBackend
+    if isinstance(loaded, LoadedPipeline):
+        backend = ImageBackend(loaded, c.metrics, s.max_batch_size)
+    else:
+        backend = CausalLMBackend(loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens)
     engine = Engine(backend, c.metrics, s.max_queue)
     adapter_dtype = None if s.adapter_dtype == "auto" else resolve_dtype(s.adapter_dtype, loaded.device)
     limits = TierLimits(s.max_resident_adapters, s.max_resident_bytes, s.max_host_adapters, s.max_host_bytes)
@@ -95,7 +114,10 @@ def _start(c: Components, loaded: LoadedModel) -> None:
     for name, source in s.preload_pairs():
         registry.load(name, Path(source))
     c.engine, c.registry = engine, registry
-    c.inference = Inference(engine, backend, registry, c.metrics, s.base_name)
+    if isinstance(backend, ImageBackend):
+        c.images = ImageFront(engine, backend, registry, c.metrics, s.base_name, s.max_n)
+    else:
+        c.inference = Inference(engine, backend, registry, c.metrics, s.base_name)
     engine.start()
     log.info("ready: model %s on %s (%s), %d adapters", s.base_name, loaded.device, loaded.dtype, len(registry.names()))
 

@@ -14,7 +14,7 @@ from .startup import StartupError, bind_socket, check_adapter_sources, check_mod
 __all__ = ["main"]
 
 _FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model", {"help": "transformers causal LM directory or hub id"}),
+    ("--model", {"help": "causal LM dir or hub id, or a diffusers SD / SDXL pipeline dir (model_index.json)"}),
     ("--served-model-name", {"help": "name clients use for the base model (default: the model dir name)"}),
     ("--adapter", {"action": "append", "help": "NAME=SOURCE to load at start (repeatable)"}),
     ("--adapter-root", {"action": "append", "help": "directory admin loads may read from (repeatable)"}),

@@ -11,8 +11,8 @@ from typing import Any
 
 import uvicorn
 
-from .app import create_app, start_components
-from .backend import load_causal_lm, resolve_device
+from .app import create_app, load_model, start_components
+from .backend import resolve_device
 from .security import describe_admin_access
 from .settings import Settings
 
@@ -36,7 +36,7 @@ def serve(settings: Settings, sock: socket.socket, on_ready: Callable[[], None] 
     as exceptions (one line, exit 2) instead of a lifespan traceback.
     """
     resolve_device(settings.device)  # `--device cuda` without a GPU fails before anything loads
-    loaded = load_causal_lm(str(settings.model), settings.device, settings.dtype)
+    loaded = load_model(settings)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 

@@ -27,8 +27,10 @@ def check_model_source(model: str) -> None:
         raise StartupError(f"--model {model}: directory does not exist")
     if not path.is_dir():
         raise StartupError(f"--model {model}: not a directory (expected a transformers model directory)")
-    if not (path / "config.json").is_file():
-        raise StartupError(f"--model {model}: no config.json in it (expected a transformers model directory)")
+    if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+        raise StartupError(
+            f"--model {model}: no config.json (a transformers model) or model_index.json (a diffusers pipeline) in it"
+        )
 
 
 def check_adapter_sources(pairs: Sequence[tuple[str, str]]) -> None:

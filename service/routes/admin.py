@@ -25,7 +25,7 @@ _CHUNK = 1 << 20
 
 
 def _registry(c: Components) -> Registry:
-    return c.running()[0]
+    return c.ready_registry()
 
 
 @router.get("/v1/adapters")

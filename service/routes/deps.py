@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -16,6 +16,9 @@ from ..metrics import Metrics
 from ..registry import Registry
 from ..security import check_bearer, require_admin
 from ..settings import Settings
+
+if TYPE_CHECKING:
+    from ..images.front import ImageFront
 
 __all__ = ["AdminAuth", "ApiAuth", "Components", "Deps", "process_replica_id"]
 
@@ -35,6 +38,13 @@ class Components:
     registry: Registry | None = None
     inference: Inference | None = None
     replica: str = field(default_factory=process_replica_id)  # sent as `x-lokr-replica`
+    images: ImageFront | None = None  # an image pipeline's front (then `inference` is None)
+
+    def ready_registry(self) -> Registry:
+        """The registry (any model kind), or a 503 while the model is still loading."""
+        if self.registry is None or (self.inference is None and self.images is None):
+            raise NotReadyError("the model is still loading; retry shortly")
+        return self.registry
 
     def running(self) -> tuple[Registry, Inference]:
         """The registry and inference front, or a 503 while the model is still loading."""

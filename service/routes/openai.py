@@ -31,10 +31,14 @@ def _inference(c: Components) -> Inference:
 
 @router.get("/v1/models")
 async def list_models(c: Deps) -> dict[str, Any]:
-    """The base model under its served name, and every loaded adapter (parent = base)."""
+    """The base model under its served name, and every loaded adapter (parent = base), with the model's kind."""
     created = int(time.time())
     base = c.settings.base_name
-    data = [{"id": base, "object": "model", "created": created, "owned_by": "lokr-serve", "root": base, "parent": None}]
+    kind = c.engine.backend.kind if c.engine is not None else None
+    data = [
+        {"id": base, "object": "model", "created": created, "owned_by": "lokr-serve", "root": base, "parent": None,
+         "kind": kind}
+    ]  # fmt: skip
     if c.registry is not None:
         for record in c.registry.records():
             data.append(
@@ -45,6 +49,7 @@ async def list_models(c: Deps) -> dict[str, Any]:
                     "owned_by": "lokr-serve",
                     "root": record.source,
                     "parent": base,
+                    "kind": kind,
                 }
             )
     return {"object": "list", "data": data}

@@ -1,0 +1,204 @@
+"""Image serving benchmark: the real `lokr-serve` on a tiny SD pipeline, images/s under concurrent clients.
+
+    python bench/images.py                        # full run (~5-10 min on 2 cores)
+    python bench/images.py --quick --out /tmp/x   # smoke test (tiny sizes, few requests)
+
+Scenarios (each: `--clients` concurrent clients sending `--requests` image requests in total, back to back):
+  batch-8    the server (`--max-batch-size` = clients), 8 peft LoKr adapters on the UNet, request i names adapter i % 8
+  batch-1    the same server, every request names adapter 0
+  single-8   a server with `--max-batch-size 1` (one image at a time), 8 adapters
+  peft-8     no server: a loop that serves each request as weight-patching UIs do: merge the request's peft
+             adapter into the UNet, run the diffusers pipeline, unmerge
+Writes `<out>/images.md`, `<out>/images.png` and `<out>/images.json`; prints the ratios against the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run as a script: make `lokr`, `service` and `bench` importable
+    sys.path.insert(0, str(_ROOT))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from bench.report import environment, markdown_table, plot_loglog  # noqa: E402
+from bench.serve import free_port  # noqa: E402
+from service.images.tiny import inject_peft_lokr, save_peft_unet_lokr, save_tiny_pipeline  # noqa: E402
+
+N_ADAPTERS = 8
+RATIOS = (  # (name, numerator, denominator, target)
+    ("8 adapters / 1 adapter", "batch-8", "batch-1", 0.8),
+    ("batched / one at a time", "batch-8", "single-8", 2.0),
+    ("ours / naive peft patching", "batch-8", "peft-8", 3.0),
+)
+
+
+def prepare(work: Path) -> tuple[Path, list[Path]]:
+    model = work / "tiny-sd"
+    if not (model / "model_index.json").is_file():
+        save_tiny_pipeline(model, "sd", seed=0)
+    adapters = [work / "adapters" / f"a{i}" for i in range(N_ADAPTERS)]
+    for i, path in enumerate(adapters):
+        if not (path / "adapter_model.safetensors").is_file():
+            save_peft_unet_lokr(model, path, seed=100 + i)
+    return model, adapters
+
+
+def start(model: Path, adapters: list[Path], batch: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--served-model-name", "tiny",
+           "--port", str(port), "--device", "cpu", "--max-batch-size", str(batch),
+           "--log-level", "warning"]  # fmt: skip
+    for i, path in enumerate(adapters):
+        cmd += ["--adapter", f"a{i}={path}"]
+    proc = subprocess.Popen(cmd, cwd=_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server not ready")
+
+
+def bodies(args: argparse.Namespace, distinct: int) -> list[dict[str, Any]]:
+    return [
+        {"model": f"a{i % distinct}", "prompt": "a red cat", "size": f"{args.size}x{args.size}",
+         "num_inference_steps": args.steps, "seed": i}
+        for i in range(args.requests)
+    ]  # fmt: skip
+
+
+async def drive(url: str, requests: list[dict[str, Any]], clients: int) -> tuple[float, int]:
+    """Seconds to serve every request with `clients` concurrent clients; and the number of errors.
+
+    Warm-up first: one request per distinct adapter, concurrently (first use of an adapter builds its banks).
+    """
+    queue = list(reversed(requests))
+    errors = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while queue:
+            response = await http.post("/v1/images/generations", json=queue.pop())
+            errors += response.status_code != 200
+
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as http:
+        firsts = {body["model"]: body for body in requests}
+        await asyncio.gather(*(http.post("/v1/images/generations", json=body) for body in firsts.values()))
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return time.perf_counter() - started, errors
+
+
+def run_server(
+    args: argparse.Namespace, model: Path, adapters: list[Path], batch: int, distinct: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """One server, a measurement per entry of `distinct` (how many distinct adapters the requests name)."""
+    proc, url = start(model, adapters, batch, args.work / f"server-batch{batch}.log")
+    out = []
+    try:
+        for n in distinct:
+            seconds, errors = asyncio.run(drive(url, bodies(args, n), args.clients))
+            out.append({"seconds": seconds, "errors": errors, "images": args.requests})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return out
+
+
+def run_peft(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    """One request at a time, weights patched per request: merge the adapter, generate, unmerge."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    for i in range(N_ADAPTERS):
+        inject_peft_lokr(pipe.unet, seed=100 + i, name=f"a{i}")
+    layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    def serve(body: dict[str, Any]) -> None:
+        for layer in layers:
+            layer.merge(adapter_names=[body["model"]])
+        try:
+            pipe(body["prompt"], height=args.size, width=args.size, num_inference_steps=args.steps,
+                 generator=torch.Generator("cpu").manual_seed(body["seed"]))  # fmt: skip
+        finally:
+            for layer in layers:
+                layer.unmerge()
+
+    with torch.inference_mode():
+        requests = bodies(args, N_ADAPTERS)
+        serve(requests[0])  # warm-up
+        started = time.perf_counter()
+        for body in requests:
+            serve(body)
+    return {"seconds": time.perf_counter() - started, "errors": 0, "images": args.requests}
+
+
+def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
+    for r in results.values():
+        r["images_per_s"] = r["images"] / r["seconds"]
+    rows = [[name, r["images"], r["seconds"], r["images_per_s"], r["errors"]] for name, r in results.items()]
+    ratios = []
+    for name, num, den, target in RATIOS:
+        value = results[num]["images_per_s"] / results[den]["images_per_s"]
+        ratios.append([name, value, f">= {target}", "met" if value >= target else "missed"])
+    env = environment()
+    settings = {"clients": args.clients, "requests": args.requests, "size": args.size, "steps": args.steps}
+    lines = [
+        "# Image serving benchmark (tiny SD pipeline, peft LoKr adapters on the UNet)", "",
+        "## Environment", "", *[f"- {k}: {v}" for k, v in env.items()], "",
+        "## Settings", "", *[f"- {k}: {v}" for k, v in settings.items()], "",
+        "## Results", "", markdown_table(["scenario", "images", "seconds", "images/s", "errors"], rows), "",
+        "## Ratios", "", markdown_table(["ratio", "value", "target", ""], ratios), "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 16x16, 1 step, 4 clients, 4 requests")
+    parser.add_argument("--out", type=Path, default=_ROOT / "bench" / "results")
+    parser.add_argument("--work", type=Path, default=_ROOT / "bench" / ".work" / "images")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.requests, args.size, args.steps = 4, 4, 16, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    model, adapters = prepare(args.work)
+    mixed, same = run_server(args, model, adapters, args.clients, (N_ADAPTERS, 1))
+    (single,) = run_server(args, model, adapters, 1, (N_ADAPTERS,))
+    results = {"batch-8": mixed, "batch-1": same, "single-8": single, "peft-8": run_peft(args, model)}
+    text = report(args, results)
+    (args.out / "images.md").write_text(text)
+    (args.out / "images.json").write_text(json.dumps({"results": results}, indent=2))
+    series = {name: [(float(args.clients), r["images_per_s"])] for name, r in results.items()}
+    plot_loglog(args.out / "images.png", {"images/s by scenario": series}, xlabel="concurrent clients",
+                ylabel="images/s", title=f"tiny SD pipeline, {args.size}x{args.size}, {args.steps} steps")  # fmt: skip
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Diffusion pipelines behind the engine: SD / SDXL pipelines with per-row LoKr adapters in every step.
+
+Modules: `load` (pipeline dir -> pipeline + adapter container), `rows` (jobs and per-row scheduler state),
+`steps` (batched text encoding, denoiser step, VAE decode), `backend` (the engine's `Backend`), `front`
+(requests -> jobs), `schemas`, `routes` (OpenAI images), `a1111` (AUTOMATIC1111 txt2img), `tiny` (test
+pipelines). Nothing here imports diffusers at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["routers"]
+
+
+def routers(images: bool) -> list[Any]:
+    """The routers an app of this kind serves: the image APIs, or 400s for them on a causal-LM server."""
+    from . import a1111, routes
+
+    if images:
+        return [routes.lm_refusals, routes.router, a1111.router]
+    return [routes.image_refusals]

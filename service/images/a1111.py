@@ -1,0 +1,84 @@
+"""AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` (adapters as `<lora:NAME:WEIGHT>` tags), `GET /sdapi/v1/loras`."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from ..errors import BadRequestError
+from ..routes.deps import ApiAuth, Deps
+from .front import png_b64, seed_or_random, until_disconnected
+from .routes import front
+from .rows import ImageSpec
+from .schemas import Txt2ImgRequest
+
+__all__ = ["parse_lora_tags", "router"]
+
+router = APIRouter(dependencies=[ApiAuth], tags=["automatic1111"])
+_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """`"a cat <lora:ink:0.8>"` -> `("a cat", [("ink", 0.8)])`; a missing weight is 1.0 (A1111's default)."""
+    pairs: list[tuple[str, float]] = []
+    for match in _TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not abs(value) <= 100:  # NaN too
+            raise BadRequestError(
+                f"<lora:{name}:{weight}>: the weight must be a number in [-100, 100]", code="invalid_lora_tag"
+            )
+        pairs.append((name, value))
+    text = " ".join(_TAG.sub(" ", prompt).split())
+    return text, pairs
+
+
+@router.post("/sdapi/v1/txt2img")
+async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, Any]:
+    """`batch_size * n_iter` images, seeds `seed, seed + 1, ...` (seed -1: random)."""
+    images = front(c)
+    prompt, pairs = parse_lora_tags(body.prompt)
+    sel = images.select(None, pairs)
+    request.scope["lokr_adapter"] = sel.label
+    width, height = images.default_size
+    seed = seed_or_random(body.seed)
+    spec = ImageSpec(
+        prompt=prompt,
+        negative_prompt=body.negative_prompt,
+        width=body.width or width,
+        height=body.height or height,
+        steps=body.steps,
+        guidance_scale=body.cfg_scale,
+        seed=seed,
+    )
+    count = body.batch_size * body.n_iter
+    pictures = await images.generate(images.specs(spec, count), sel, lambda: until_disconnected(request))
+    encoded = [await run_in_threadpool(png_b64, p) for p in pictures]
+    seeds = [seed + k for k in range(count)]
+    info = {
+        "prompt": prompt, "all_prompts": [prompt] * count, "negative_prompt": body.negative_prompt,
+        "seed": seed, "all_seeds": seeds, "width": spec.width, "height": spec.height, "steps": spec.steps,
+        "cfg_scale": spec.guidance_scale, "sd_model_name": c.settings.base_name,
+        "loras": [{"name": n, "weight": w} for n, w in pairs],
+        "sampler_name": type(images.backend.loaded.pipe.scheduler).__name__,
+    }  # fmt: skip
+    return {"images": encoded, "parameters": body.model_dump(), "info": json.dumps(info)}
+
+
+@router.get("/sdapi/v1/loras")
+async def loras(c: Deps) -> list[dict[str, Any]]:
+    """Every loaded adapter, as A1111 lists LoRA/LyCORIS files."""
+    front(c)
+    assert c.registry is not None
+    return [
+        {"name": r.name, "alias": r.name, "path": str(r.source), "metadata": {"format": r.info.format}}
+        for r in c.registry.records()
+        if r.info is not None
+    ]

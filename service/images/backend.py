@@ -1,0 +1,135 @@
+"""`ImageBackend`: the engine's backend for diffusion pipelines. A step = one denoiser forward per image size.
+
+Images join at any step (their prompts are encoded together first), leave when their last timestep is
+done (decoded together), and cancelled ones leave before the next forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from ..errors import BadRequestError
+from ..jobs import FinishEvent, fail_jobs
+from ..metrics import Metrics
+from . import steps
+from .load import LoadedPipeline
+from .rows import ImageJob, ImageSpec, Row, start_row
+
+__all__ = ["MAX_PIXELS", "MAX_STEPS", "ImageBackend", "check_spec"]
+
+log = logging.getLogger("lokr_serve.images")
+MAX_PIXELS = 2048 * 2048
+MAX_STEPS = 200
+
+
+def check_spec(loaded: LoadedPipeline, spec: ImageSpec) -> None:
+    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), too large, or bad step counts."""
+    unit = max(8, loaded.vae_scale_factor * 2)
+    if spec.width % unit or spec.height % unit or spec.width < unit or spec.height < unit:
+        raise BadRequestError(
+            f"size {spec.width}x{spec.height}: width and height must be positive multiples of {unit}",
+            code="invalid_size",
+        )
+    if spec.width * spec.height > MAX_PIXELS:
+        raise BadRequestError(
+            f"size {spec.width}x{spec.height} is over the {MAX_PIXELS}-pixel limit (2048x2048)", code="invalid_size"
+        )
+    if not 1 <= spec.steps <= MAX_STEPS:
+        raise BadRequestError(f"num_inference_steps must be in [1, {MAX_STEPS}]", code="invalid_steps")
+
+
+class ImageBackend:
+    """Up to `max_batch_size` images denoise together, each with its own scheduler and adapters."""
+
+    kind = "image"
+
+    def __init__(self, loaded: LoadedPipeline, metrics: Metrics, max_batch_size: int = 16) -> None:
+        self.loaded, self.metrics, self.max_batch_size = loaded, metrics, max_batch_size
+        self._rows: list[Row] = []
+        self._new: list[ImageJob] = []
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.container
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    # ---------------------------------------------------------------------------------- Backend
+    def check(self, job: ImageJob) -> None:
+        if job.spec is None:
+            raise BadRequestError("an image job needs an ImageSpec")
+        check_spec(self.loaded, job.spec)
+
+    def offer(self, job: ImageJob) -> bool:
+        if len(self._rows) + len(self._new) >= self.max_batch_size:
+            return False
+        self._new.append(job)
+        return True
+
+    def step(self) -> None:
+        """Admit new images, drop cancelled ones, one forward per size, decode and finish the done ones."""
+        self._admit()
+        self._drop_cancelled()
+        by_size: dict[tuple[int, int], list[Row]] = defaultdict(list)
+        for row in self._rows:
+            by_size[row.size].append(row)
+        for rows in by_size.values():
+            self.metrics.batch_size.observe(len(rows))
+            steps.denoise(self.loaded, rows)
+        self._finish_done()
+
+    def jobs(self) -> list[ImageJob]:
+        return [row.job for row in self._rows] + self._new
+
+    def clear(self) -> None:
+        self._rows, self._new = [], []
+
+    # ---------------------------------------------------------------------------------- parts
+    def _admit(self) -> None:
+        new: list[ImageJob] = []
+        for job in self._new:
+            if job.cancelled.is_set():
+                job.finish_cancelled()
+            else:
+                new.append(job)
+        self._new = []
+        if not new:
+            return
+        try:
+            conds = steps.encode(self.loaded, new)
+            self._rows.extend(start_row(self.loaded, job, cond) for job, cond in zip(new, conds))
+        except Exception as exc:  # a failure here fails only the joiners
+            fail_jobs(new, exc)
+
+    def _drop_cancelled(self) -> None:
+        kept = []
+        for row in self._rows:
+            if row.job.cancelled.is_set():
+                row.job.finish(FinishEvent("cancelled", 0, row.index))
+            else:
+                kept.append(row)
+        self._rows = kept
+
+    def _finish_done(self) -> None:
+        done = [row for row in self._rows if row.done]
+        if not done:
+            return
+        self._rows = [row for row in self._rows if not row.done]
+        by_size: dict[tuple[int, int], list[Row]] = defaultdict(list)
+        for row in done:
+            by_size[row.size].append(row)
+        for rows in by_size.values():
+            try:
+                images = steps.decode(self.loaded, rows)
+            except Exception as exc:
+                fail_jobs([row.job for row in rows], exc)
+                continue
+            for row, image in zip(rows, images):
+                row.job.image = image
+                row.job.finish(FinishEvent("stop", 0, row.index))

@@ -1,0 +1,137 @@
+"""From an image request to engine jobs and back: adapter selection, one job per image, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from fastapi import Request
+
+from ..engine import Engine
+from ..errors import BadRequestError, NotFoundError, ServiceError
+from ..inference import Selection
+from ..jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
+from ..metrics import Metrics
+from ..registry import Registry
+from .backend import ImageBackend, check_spec
+from .rows import ImageJob, ImageSpec, random_seed
+
+__all__ = ["ClientGoneError", "ImageFront", "png_b64", "seed_or_random", "until_disconnected"]
+
+Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
+_NO_TOKENS = SamplingParams(max_tokens=0)
+
+
+class ClientGoneError(ServiceError):
+    """The client closed the connection; its images were cancelled (nobody reads this answer)."""
+
+    status, type, code = 499, "invalid_request_error", "client_closed_request"
+
+
+class ImageFront:
+    """Turns validated image requests into one engine job per image and gathers the PNGs."""
+
+    def __init__(
+        self, engine: Engine, backend: ImageBackend, registry: Registry, metrics: Metrics, base_name: str, max_n: int
+    ) -> None:
+        self.engine, self.backend, self.registry = engine, backend, registry
+        self.metrics, self.base_name, self.max_n = metrics, base_name, max_n
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return self.backend.loaded.default_size
+
+    def select(self, model: str | None, pairs: Sequence[tuple[str, float]]) -> Selection:
+        """`model` = the base name (or None) or one adapter; `pairs` composes adapters on the base."""
+        model = model or self.base_name
+        loaded = set(self.registry.names())
+        if model != self.base_name:
+            if pairs:
+                raise BadRequestError(
+                    f"`adapters` composes adapters on the base model: set `model` to {self.base_name!r}",
+                    code="invalid_adapters",
+                )
+            if model not in loaded:
+                raise NotFoundError(
+                    f"The model {model!r} does not exist; available: {[self.base_name, *sorted(loaded)]}",
+                    code="model_not_found",
+                )
+            return Selection(model, frozenset([model]), model)
+        if not pairs:
+            return Selection(None, frozenset(), self.base_name)
+        names = frozenset(n for n, _ in pairs)
+        missing = sorted(names - loaded)
+        if missing:
+            raise NotFoundError(f"adapter(s) {missing} not loaded; loaded: {sorted(loaded)}", code="adapter_not_found")
+        return Selection(list(pairs), names, "+".join(sorted(names)))
+
+    def specs(self, spec: ImageSpec, n: int) -> list[ImageSpec]:
+        """Image k of a request gets seed `seed + k` (a random seed when none is given); checked for 400s."""
+        if not 1 <= n <= self.max_n:
+            raise BadRequestError(f"n must be in [1, {self.max_n}]", code="invalid_n")
+        check_spec(self.backend.loaded, spec)
+        return [replace(spec, seed=spec.seed + k) for k in range(n)]
+
+    async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:
+        """PIL images in order; the first error fails the request; a client that leaves cancels every image."""
+        tasks = [asyncio.ensure_future(self._one(spec, sel)) for spec in specs]
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            gathered: asyncio.Future[list[Any]] = asyncio.gather(*tasks)
+            waits: list[asyncio.Future[Any]] = [gathered, watcher]
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if gathered not in done:
+                raise ClientGoneError("the client closed the connection; its images were cancelled")
+            return gathered.result()
+        finally:
+            watcher.cancel()
+            for task in tasks:
+                task.cancel()
+            for task in (*tasks, watcher):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _one(self, spec: ImageSpec, sel: Selection) -> Any:
+        """Lease the adapters (bringing them back if needed) and run one image; the job co-holds the lease until
+        the engine is done with its rows, also when the client has gone away."""
+        async with self.registry.lease(sel.names) as lease:
+            holder: list[ImageJob] = []
+
+            def make_job(sink: Callable[[Event], None]) -> Job:
+                release = lease.hold()
+                job = ImageJob([], _NO_TOKENS, sel.spec, sink, on_done=lambda event: release(), spec=spec)
+                holder.append(job)
+                return job
+
+            async for event in self.engine.stream(make_job):
+                if isinstance(event, ErrorEvent):
+                    raise event.error
+                if isinstance(event, FinishEvent):
+                    break
+            return holder[0].image
+
+
+async def until_disconnected(request: Request) -> None:
+    """Wait on the request's ASGI channel until it says `http.disconnect` (the body was read already).
+
+    A blocking receive, not `request.is_disconnected()` polling: behind a `BaseHTTPMiddleware` the poll's
+    instantly cancelled receive never sees the disconnect.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def png_b64(image: Any) -> str:
+    """A PIL image as base64 PNG text."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def seed_or_random(seed: int | None) -> int:
+    return random_seed() if seed is None or seed < 0 else seed

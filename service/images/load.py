@@ -1,0 +1,118 @@
+"""Load a diffusers pipeline dir (safetensors only) and the adapter container over its components."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backend import ModelLoadError, resolve_device, resolve_dtype
+
+__all__ = ["ADAPTER_COMPONENTS", "FAMILIES", "LoadedPipeline", "is_pipeline_dir", "load_pipeline"]
+
+# diffusers pipeline class -> our family name; anything else is refused with this list.
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+# Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
+ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline ready to serve: `container` holds the components adapters attach to (ModuleDict)."""
+
+    pipe: Any  # diffusers StableDiffusionPipeline | StableDiffusionXLPipeline
+    container: nn.ModuleDict
+    family: str  # "sd" | "sdxl"
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """`(width, height)` the pipeline draws when none is given: the UNet's sample size x VAE factor."""
+        size = self.pipe.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(w) * self.vae_scale_factor, int(h) * self.vae_scale_factor
+
+    @property
+    def default_steps(self) -> int:
+        return int(_call_default(self.pipe, "num_inference_steps", 50))
+
+    @property
+    def default_guidance(self) -> float:
+        return float(_call_default(self.pipe, "guidance_scale", 7.5))
+
+    @property
+    def uses_cfg_model(self) -> bool:
+        """Classifier-free guidance is possible (no guidance-distilled timestep_cond)."""
+        return self.pipe.unet.config.time_cond_proj_dim is None
+
+
+def _call_default(pipe: Any, name: str, fallback: object) -> Any:
+    """The pipeline's own `__call__` default for `name` (e.g. 50 steps, guidance 7.5 for SD, 5.0 for SDXL)."""
+    import inspect
+
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return fallback if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def is_pipeline_dir(source: str | None) -> bool:
+    return bool(source) and (Path(str(source)) / "model_index.json").is_file()
+
+
+def load_pipeline(source: str, device: str = "auto", dtype: str = "auto") -> LoadedPipeline:
+    """Load an SD 1.x/2.x- or SDXL-style pipeline dir onto the device/dtype; eval mode, no grads."""
+    path = Path(source)
+    cls_name = _pipeline_class(path)
+    _check_safetensors(path)
+    import diffusers
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:  # the named class only: never a custom pipeline's code from the dir
+        pipe = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dt, use_safetensors=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the diffusers pipeline in {path}: {exc}") from exc
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)  # what the pipeline does before decoding (fp16 VAEs overflow)
+    parts = {n: getattr(pipe, n) for n in ADAPTER_COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
+    for module in [*parts.values(), pipe.vae]:
+        module.eval()
+        module.requires_grad_(False)
+    return LoadedPipeline(pipe, nn.ModuleDict(parts), FAMILIES[cls_name], dev, dt)
+
+
+def _pipeline_class(path: Path) -> str:
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}/model_index.json is not readable JSON: {exc}") from exc
+    name = str(index.get("_class_name", ""))
+    if name not in FAMILIES:
+        raise ModelLoadError(
+            f"{path} holds a {name or 'unnamed'} pipeline; lokr-serve serves {sorted(FAMILIES)} "
+            "(Stable Diffusion 1.x/2.x and SDXL style)"
+        )
+    return name
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse component dirs whose weights are pickles only (they would be unpickled)."""
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        files = [f.name for f in sub.iterdir() if f.is_file()]
+        pickled = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+        if pickled and not any(f.endswith(".safetensors") for f in files):
+            raise ModelLoadError(
+                f"{sub} has pickle weights only ({pickled[:2]}); lokr-serve loads safetensors only: "
+                "convert them (e.g. `pipe.save_pretrained(dir, safe_serialization=True)`)"
+            )

@@ -1,0 +1,85 @@
+"""OpenAI's images API on an image server, and clear 400s for routes of the other model kind."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from ..errors import BadRequestError, NotReadyError
+from ..routes.deps import ApiAuth, Components, Deps
+from .front import ImageFront, png_b64, seed_or_random, until_disconnected
+from .rows import ImageSpec
+from .schemas import ImageGenerationRequest
+
+__all__ = ["image_refusals", "lm_refusals", "router"]
+
+router = APIRouter(dependencies=[ApiAuth], tags=["images"])
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def front(c: Components) -> ImageFront:
+    if c.images is None:
+        raise NotReadyError("the pipeline is still loading; retry shortly")
+    images: ImageFront = c.images
+    return images
+
+
+def parse_size(size: str | None, default: tuple[int, int]) -> tuple[int, int]:
+    if size is None or size == "auto":
+        return default
+    match = _SIZE.match(size)
+    if match is None:
+        raise BadRequestError(f'size must be "WIDTHxHEIGHT" (e.g. "512x512"), got {size!r}', code="invalid_size")
+    return int(match.group(1)), int(match.group(2))
+
+
+@router.post("/v1/images/generations")
+async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -> dict[str, Any]:
+    """OpenAI-compatible image generation; image k of the request uses seed `seed + k`."""
+    images = front(c)
+    if body.response_format == "url":
+        raise BadRequestError('response_format "url" is not served; use "b64_json"', code="invalid_response_format")
+    sel = images.select(body.model, [(a.name, a.scale) for a in body.adapters or []])
+    request.scope["lokr_adapter"] = sel.label
+    loaded = images.backend.loaded
+    width, height = parse_size(body.size, images.default_size)
+    spec = ImageSpec(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        width=width,
+        height=height,
+        steps=body.num_inference_steps or loaded.default_steps,
+        guidance_scale=loaded.default_guidance if body.guidance_scale is None else body.guidance_scale,
+        seed=seed_or_random(body.seed),
+    )
+    pictures = await images.generate(images.specs(spec, body.n), sel, lambda: until_disconnected(request))
+    data = [{"b64_json": await run_in_threadpool(png_b64, p), "revised_prompt": None} for p in pictures]
+    return {"created": int(time.time()), "data": data}
+
+
+# ------------------------------------------------------------------------------------------ wrong kind
+lm_refusals = APIRouter(tags=["images"], include_in_schema=False)
+image_refusals = APIRouter(tags=["openai"], include_in_schema=False)
+
+
+@lm_refusals.post("/v1/completions")
+@lm_refusals.post("/v1/chat/completions")
+async def not_a_language_model(c: Deps) -> None:
+    raise BadRequestError(
+        f"{c.settings.base_name!r} is an image pipeline: use POST /v1/images/generations or /sdapi/v1/txt2img",
+        code="wrong_model_kind",
+    )
+
+
+@image_refusals.post("/v1/images/generations")
+@image_refusals.post("/sdapi/v1/txt2img")
+@image_refusals.get("/sdapi/v1/loras")
+async def not_an_image_model(c: Deps) -> None:
+    raise BadRequestError(
+        f"{c.settings.base_name!r} is a causal language model: use /v1/completions or /v1/chat/completions",
+        code="wrong_model_kind",
+    )

@@ -1,0 +1,42 @@
+"""Request bodies of the image routes: OpenAI's images API (plus extensions) and AUTOMATIC1111's txt2img."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..schemas import AdapterRef
+
+__all__ = ["ImageGenerationRequest", "Txt2ImgRequest"]
+
+
+class ImageGenerationRequest(BaseModel):
+    """`POST /v1/images/generations`. OpenAI fields we cannot honour (quality, style) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, min_length=1, max_length=256)
+    prompt: str = Field(min_length=1, max_length=4000)
+    n: int = Field(1, ge=1, le=128)
+    size: str | None = Field(None, max_length=16, description='"WxH", e.g. "512x512"; default: the pipeline\'s')
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    negative_prompt: str | None = Field(None, max_length=4000)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=2**62)
+    adapters: list[AdapterRef] | None = Field(None, max_length=16)
+
+
+class Txt2ImgRequest(BaseModel):
+    """`POST /sdapi/v1/txt2img` (AUTOMATIC1111). Prompt tags `<lora:NAME:WEIGHT>` select adapters."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = Field("", max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    steps: int = Field(20, ge=1, le=1000)
+    cfg_scale: float = Field(7.0, ge=0, le=100, allow_inf_nan=False)
+    seed: int = Field(-1, ge=-1, le=2**62)
+    width: int | None = Field(None, ge=1, le=16384)
+    height: int | None = Field(None, ge=1, le=16384)
+    batch_size: int = Field(1, ge=1, le=128)
+    n_iter: int = Field(1, ge=1, le=16)

@@ -1,0 +1,153 @@
+"""Tiny random SD-style and SDXL-style pipelines built from configs (tests, benchmarks, offline demos).
+
+Nothing is downloaded: the CLIP tokenizer is a byte-level BPE with a handful of merges, the weights come
+from a fixed seed. `save_tiny_pipeline` writes a diffusers pipeline dir (safetensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "UNET_TARGETS",
+    "build_clip_tokenizer",
+    "build_tiny_pipeline",
+    "inject_peft_lokr",
+    "save_peft_unet_lokr",
+    "save_tiny_pipeline",
+]
+
+# The UNet layers a typical LoKr trains (attention, feed-forward out, resnet convs and time projections).
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "conv1", "conv2"]
+UNET_TARGETS += ["time_emb_proj"]
+
+_MERGES = [
+    ("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("r", "e"), ("re", "d</w>"),
+]  # fmt: skip
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2 / CLIP's printable stand-ins for the 256 byte values."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def build_clip_tokenizer(model_max_length: int = 16) -> Any:
+    """A CLIP tokenizer (bytes, bytes + `</w>`, a few merges, CLIP's special tokens); ~530 entries."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars]
+    for merge in _MERGES:
+        merged = "".join(merge)
+        if merged not in tokens:
+            tokens.append(merged)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: Any = list(_MERGES)  # (left, right) pairs; the hint says str
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _text_config(vocab_size: int, projection: bool) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=vocab_size, max_position_embeddings=16, projection_dim=32 if projection else 512,
+        hidden_act="gelu",
+    )  # fmt: skip
+
+
+def _vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+    )  # fmt: skip
+
+
+def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
+    """A random-weight `StableDiffusionPipeline` ("sd") or `StableDiffusionXLPipeline` ("sdxl") on CPU."""
+    from diffusers import (
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    vocab = len(tokenizer)
+    common: dict[str, Any] = {
+        "block_out_channels": (16, 32), "layers_per_block": 1, "sample_size": 16, "in_channels": 4,
+        "out_channels": 4, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 4,
+    }  # fmt: skip
+    scheduler: Any
+    if kind == "sd":
+        unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=4)
+        scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+        return StableDiffusionPipeline(
+            vae=_vae(), text_encoder=CLIPTextModel(_text_config(vocab, False)), tokenizer=tokenizer, unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    if kind == "sdxl":
+        unet = UNet2DConditionModel(
+            **common, attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        )  # fmt: skip
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading",
+        )  # fmt: skip
+        return StableDiffusionXLPipeline(
+            vae=_vae(), text_encoder=CLIPTextModel(_text_config(vocab, True)), tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=build_clip_tokenizer(),
+            unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        )  # fmt: skip
+    raise ValueError(f"kind must be 'sd' or 'sdxl', got {kind!r}")
+
+
+def save_tiny_pipeline(out: Path, kind: str = "sd", seed: int = 0) -> Path:
+    """Build and save a tiny pipeline dir (safetensors weights); returns `out`."""
+    pipe = build_tiny_pipeline(kind, seed)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def inject_peft_lokr(unet: Any, seed: int, name: str = "default", r: int = 4) -> Any:
+    """peft's LoKr (random factors from `seed`) injected into `unet` in place; returns its peft config."""
+    from peft import LoKrConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    config = LoKrConfig(r=r, alpha=r, target_modules=UNET_TARGETS, init_weights=False)
+    inject_adapter_in_model(config, unet, adapter_name=name)
+    return config
+
+
+def save_peft_unet_lokr(pipeline_dir: Path, out: Path, seed: int) -> Path:
+    """peft's LoKr on the pipeline's UNet, saved as a PEFT dir keyed by the adapter container (`unet.` prefix)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", use_safetensors=True)
+    config = inject_peft_lokr(unet, seed)
+    state = get_peft_model_state_dict(unet)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"base_model.model.unet.{k}": v.contiguous() for k, v in state.items()}
+    save_file(tensors, out / "adapter_model.safetensors")
+    meta = {**config.to_dict(), "target_modules": sorted(config.target_modules), "peft_type": "LOKR"}
+    (out / "adapter_config.json").write_text(json.dumps(meta, default=str))
+    return out

@@ -1,0 +1,30 @@
+"""Smoke test of the image benchmark: `--quick` starts real servers and the peft loop, writes report and plot
+(no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_images_quick_writes_report_and_plot(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "images.py"), "--quick", "--out", str(out), "--work", str(work)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "images.png").stat().st_size > 0
+    text = (out / "images.md").read_text()
+    for heading in ("## Environment", "## Settings", "## Results", "## Ratios"):
+        assert heading in text
+    results = json.loads((out / "images.json").read_text())["results"]
+    assert set(results) == {"batch-8", "batch-1", "single-8", "peft-8"}
+    assert all(r["errors"] == 0 and r["images"] > 0 for r in results.values())

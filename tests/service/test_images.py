@@ -1,0 +1,177 @@
+"""The image server end to end: a real uvicorn serving a tiny SD pipeline dir, talked to with httpx and openai."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.backend import ModelLoadError
+from service.images.a1111 import parse_lora_tags
+from service.images.load import load_pipeline
+
+from .conftest import ADMIN_TOKEN, Server, World, start_server, stop_server
+from .images_world import (
+    assert_pixels_close,
+    load,
+    peft_reference_pipe,
+    peft_unet_adapter,
+    pipeline_dir,
+    reference_image,
+)
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+PEFT_SEED = 5
+
+
+@pytest.fixture(scope="module")
+def image_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("image-world")
+    model = pipeline_dir(root, "sd")
+    adapters = {"ink": peft_unet_adapter(model, root / "adapters" / "ink", seed=PEFT_SEED)}
+    return World(root, model, root / "adapters", adapters)
+
+
+@pytest.fixture(scope="module")
+def image_server(image_world: World) -> Iterator[Server]:
+    srv = start_server(image_world, "--adapter", f"ink={image_world.adapters['ink']}", "--device", "cpu")
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def http(image_server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=image_server.url, timeout=300) as c:
+        yield c
+
+
+def png(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(np.int16)
+
+
+def generate(http: httpx.Client, **body: Any) -> list[np.ndarray]:
+    body = {"model": "tiny", "size": "32x32", "num_inference_steps": 3, **body}
+    response = http.post("/v1/images/generations", json=body)
+    assert response.status_code == 200, response.text
+    return [png(d["b64_json"]) for d in response.json()["data"]]
+
+
+def test_openai_client_gets_diffusers_images(image_server: Server, image_world: World) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{image_server.url}/v1", api_key="unused", timeout=300)
+    result = client.images.generate(
+        model="tiny", prompt="a red cat", n=2, size="32x32", response_format="b64_json",  # type: ignore[arg-type]
+        extra_body={"seed": 21, "num_inference_steps": 3, "negative_prompt": "dog"},
+    )  # fmt: skip
+    assert result.data is not None and len(result.data) == 2
+    ref = load(image_world.model_dir).pipe
+    for k, image in enumerate(result.data):
+        assert image.b64_json is not None
+        want = reference_image(ref, "a red cat", 21 + k, negative_prompt="dog")  # seed S + k
+        assert_pixels_close(png(image.b64_json), want)
+
+
+def test_served_peft_adapter_equals_peft_reference(http: httpx.Client, image_world: World) -> None:
+    (served,) = generate(http, model="ink", prompt="the dog", seed=4, guidance_scale=6.0)
+    want = reference_image(peft_reference_pipe(image_world.model_dir, PEFT_SEED), "the dog", 4, guidance_scale=6.0)
+    assert_pixels_close(served, want)
+
+
+def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
+    body = {"prompt": "a red <lora:ink:0.6> cat", "steps": 3, "cfg_scale": 7.5, "seed": 3, "width": 32,
+            "height": 32, "batch_size": 2}  # fmt: skip
+    response = http.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    info = json.loads(answer["info"])
+    assert info["all_seeds"] == [3, 4] and info["prompt"] == "a red cat"
+    assert answer["parameters"]["prompt"] == body["prompt"]
+    same = generate(http, prompt="a red cat", n=2, seed=3, guidance_scale=7.5, adapters=[{"name": "ink", "scale": 0.6}])
+    for got, want in zip(answer["images"], same, strict=True):
+        assert_pixels_close(png(got), want)
+    base = generate(http, prompt="a red cat", seed=3, guidance_scale=7.5)[0]
+    assert np.abs(same[0] - base).max() > 8  # the tag's adapter was applied
+    assert [x["name"] for x in http.get("/sdapi/v1/loras").json()] == ["ink"]
+    models = http.get("/v1/models").json()["data"]
+    assert {(m["id"], m["kind"]) for m in models} == {("tiny", "image"), ("ink", "image")}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v1/images/generations", {"prompt": "a", "size": "33x32"}, 400, "invalid_size"),
+        ("/v1/images/generations", {"prompt": "a", "size": "4096x4096"}, 400, "invalid_size"),
+        ("/v1/images/generations", {"prompt": "a", "size": "big"}, 400, "invalid_size"),
+        ("/v1/images/generations", {"prompt": "a", "num_inference_steps": 0}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "num_inference_steps": 500}, 400, "invalid_steps"),
+        ("/v1/images/generations", {"prompt": "a", "adapters": [{"name": "ink", "scale": 1e9}]}, 400,
+         "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "adapters": [{"name": "nope"}]}, 404, "adapter_not_found"),
+        ("/v1/images/generations", {"prompt": "a", "model": "nope"}, 404, "model_not_found"),
+        ("/v1/images/generations", {"prompt": "a", "response_format": "url"}, 400, "invalid_response_format"),
+        ("/v1/images/generations", {"prompt": "a", "n": 99}, 400, "invalid_n"),
+        ("/sdapi/v1/txt2img", {"prompt": "<lora:nope:1> a"}, 404, "adapter_not_found"),
+        ("/sdapi/v1/txt2img", {"prompt": "<lora:ink:x> a"}, 400, "invalid_lora_tag"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "width": 30, "height": 32}, 400, "invalid_size"),
+        ("/v1/completions", {"model": "tiny", "prompt": "a"}, 400, "wrong_model_kind"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}]}, 400,
+         "wrong_model_kind"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_4xx_in_one_shape(http: httpx.Client, path: str, body: dict, status: int, code: str) -> None:
+    response = http.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+
+
+@pytest.mark.slow
+def test_disconnect_cancels_the_images(image_server: Server, http: httpx.Client) -> None:
+    body = {"model": "ink", "prompt": "a cat", "size": "256x256", "num_inference_steps": 200, "seed": 1}
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=image_server.url, timeout=3) as impatient:
+        impatient.post("/v1/images/generations", json=body)  # minutes of work; the client leaves after 3 s
+    deadline = time.monotonic() + 120  # far less than 200 steps at 256x256 take
+    while http.get("/v1/adapters/ink", headers=AUTH).json()["in_use"] != 0:
+        assert time.monotonic() < deadline, "the cancelled images still hold their adapter"
+        time.sleep(0.2)
+    assert len(generate(http, prompt="a cat", seed=2)) == 1  # and the server serves the next request
+
+
+def test_causal_lm_server_refuses_image_routes(client: httpx.Client) -> None:
+    for method, path in [("POST", "/v1/images/generations"), ("POST", "/sdapi/v1/txt2img"), ("GET", "/sdapi/v1/loras")]:
+        response = client.request(method, path, json={"prompt": "a"} if method == "POST" else None)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "wrong_model_kind"
+    assert {m["kind"] for m in client.get("/v1/models").json()["data"]} == {"causal-lm"}
+
+
+def test_load_refuses_pickle_weights_and_other_pipelines(image_world: World, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "pickled"
+    shutil.copytree(image_world.model_dir, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelLoadError, match="safetensors only"):
+        load_pipeline(str(copy), "cpu", "float32")
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline"):
+        load_pipeline(str(copy), "cpu", "float32")
+
+
+def test_lora_tags() -> None:
+    assert parse_lora_tags("a <lora:ink:0.8> cat <lyco:b> x") == ("a cat x", [("ink", 0.8), ("b", 1.0)])
+    assert parse_lora_tags("plain") == ("plain", [])

@@ -1,0 +1,147 @@
+"""The image backend against plain diffusers: same seed => same latents / pixels (base, peft LoKr on the UNet,
+lokr's adapter on text encoder + UNet vs the same merged); mixed batches equal one-at-a-time runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import lokr
+from service.images import steps
+from service.images.backend import ImageBackend
+from service.images.load import LoadedPipeline
+from service.images.rows import ImageJob, ImageSpec
+from service.jobs import Event, FinishEvent
+from service.metrics import Metrics
+
+from .images_world import (
+    assert_pixels_close,
+    load,
+    merged_reference_pipe,
+    own_adapter,
+    peft_reference_pipe,
+    peft_unet_adapter,
+    pipeline_dir,
+    reference_image,
+    reference_latents,
+)
+
+PROMPTS = ["a red cat", "the dog", "a cat on the red mat"]
+TOL = {"rtol": 1e-3, "atol": 1e-3}  # a batch of other rows changes float sums in the last bits
+
+
+class Run:
+    """Jobs through an `ImageBackend`, job `i` offered before step `joins[i]`; latents kept at decode time."""
+
+    def __init__(self, loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.loaded, self.latents = loaded, {}
+        real = steps.decode
+
+        def keep(loaded: LoadedPipeline, rows: Sequence[Any]) -> list[Any]:
+            for row in rows:
+                self.latents[row.job.id] = row.latents.clone()
+            return real(loaded, rows)
+
+        monkeypatch.setattr(steps, "decode", keep)
+
+    def __call__(self, items: Sequence[tuple[ImageSpec, Any]], joins: Sequence[int] | None = None) -> list[ImageJob]:
+        backend = ImageBackend(self.loaded, Metrics(), max_batch_size=16)
+        events: list[Event] = []
+        jobs = [ImageJob([], None, sel, events.append, spec=spec) for spec, sel in items]  # type: ignore[arg-type]
+        joins = joins or [0] * len(jobs)
+        step = 0
+        while step <= max(joins) or backend.jobs():
+            for job, at in zip(jobs, joins):
+                if at == step:
+                    assert backend.offer(job)
+            backend.step()
+            step += 1
+        assert all(isinstance(e, FinishEvent) and e.reason == "stop" for e in events), events
+        return jobs
+
+    def pixels(self, job: ImageJob) -> np.ndarray:
+        return np.asarray(job.image).astype(np.int16)
+
+
+def spec(
+    prompt: str, seed: int, size: int = 32, steps_: int = 3, guidance: float = 7.5, neg: str | None = None
+) -> ImageSpec:
+    return ImageSpec(prompt, neg, size, size, steps_, guidance, seed)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pipeline_dir(tmp_path_factory.mktemp("images"), "sd")
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pipeline_dir(tmp_path_factory.mktemp("images-xl"), "sdxl")
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_base_equals_diffusers_with_joins_and_sizes(
+    kind: str, sd_dir: Path, sdxl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = sd_dir if kind == "sd" else sdxl_dir
+    run = Run(load(path), monkeypatch)
+    items = [
+        (spec(PROMPTS[0], 7), None),
+        (spec(PROMPTS[1], 8, steps_=4, neg="red"), None),
+        (spec(PROMPTS[2], 9, size=48, guidance=1.0), None),  # no CFG, its own size sub-batch
+    ]
+    jobs = run(items, joins=[0, 1, 2])
+    ref = load(path).pipe
+    for job, (s, _) in zip(jobs, items):
+        kwargs = {"negative_prompt": s.negative_prompt, "guidance_scale": s.guidance_scale}
+        want = reference_latents(ref, s.prompt, s.seed, s.width, s.steps, **kwargs)
+        torch.testing.assert_close(run.latents[job.id], want, **TOL)
+        assert_pixels_close(run.pixels(job), reference_image(ref, s.prompt, s.seed, s.width, s.steps, **kwargs))
+
+
+@pytest.mark.slow
+def test_peft_lokr_unet_and_own_adapter_equal_references(
+    sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    peft_dir = peft_unet_adapter(sd_dir, tmp_path / "peft", seed=5)
+    own_dir = own_adapter(sd_dir, tmp_path / "own", seed=6)
+    loaded = load(sd_dir)
+    lokr.load_adapter(loaded.container, peft_dir, "p")
+    lokr.load_adapter(loaded.container, own_dir, "o")
+    run = Run(loaded, monkeypatch)
+    s = spec(PROMPTS[2], 11)
+    base, p, o = run([(s, None), (s, "p"), (s, "o")])  # one batch, three adapters (CFG rows included)
+    assert np.abs(run.pixels(p) - run.pixels(base)).max() > 8  # the adapters really change the image
+    assert np.abs(run.pixels(o) - run.pixels(base)).max() > 8
+    peft_pipe = peft_reference_pipe(sd_dir, seed=5)
+    torch.testing.assert_close(run.latents[p.id], reference_latents(peft_pipe, s.prompt, s.seed), **TOL)
+    assert_pixels_close(run.pixels(p), reference_image(peft_pipe, s.prompt, s.seed))
+    merged = merged_reference_pipe(sd_dir, own_dir)  # text encoder and UNet both carry the adapter
+    torch.testing.assert_close(run.latents[o.id], reference_latents(merged, s.prompt, s.seed), **TOL)
+    assert_pixels_close(run.pixels(o), reference_image(merged, s.prompt, s.seed))
+
+
+@pytest.mark.slow
+def test_mixed_batch_equals_one_at_a_time(sdxl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own_dir = own_adapter(sdxl_dir, tmp_path / "own", seed=3)
+    loaded = load(sdxl_dir)
+    lokr.load_adapter(loaded.container, own_dir, "a")
+    lokr.load_adapter(loaded.container, own_adapter(sdxl_dir, tmp_path / "own2", seed=4), "b")
+    run = Run(loaded, monkeypatch)
+    items = [
+        (spec(PROMPTS[0], 1), "a"),
+        (spec(PROMPTS[1], 2, guidance=5.0), [("a", 0.5), ("b", 0.8)]),
+        (spec(PROMPTS[2], 3, neg="dog"), None),
+        (spec(PROMPTS[0], 4, size=48), [("b", -0.7)]),
+        (spec(PROMPTS[1], 5, steps_=4), "b"),
+    ]
+    together = run(items, joins=[0, 0, 1, 1, 2])
+    for job, item in zip(together, items):
+        (alone,) = run([item])
+        torch.testing.assert_close(run.latents[job.id], run.latents[alone.id], **TOL)
+        assert_pixels_close(run.pixels(job), run.pixels(alone))
