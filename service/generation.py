@@ -43,7 +43,8 @@ class BatchRunner:
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self.can_trim_logits = "logits_to_keep" in params
-        self.masks = _MaskKind(model.config, getattr(model, "dtype", torch.float32))
+        dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+        self.masks = _MaskKind(getattr(model, "config", None), dtype)
         self.cache = SlotCache(max_rows, max_length=context_length)
         self.decoding: list[_Row] = []  # decoding[i] holds slot i
         self.prefilling: list[_Row] = []  # first come, first prefilled
@@ -255,12 +256,13 @@ class BatchRunner:
 
 
 def plan_chunks(chunks: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
-    """Split `(row, tokens)` chunks into right-padded forwards: widest first, a group grows while its padded
-    size stays within twice its real tokens (a 512-token chunk does not pad 30 short prompts to 512)."""
+    """Split `(row, tokens)` chunks into right-padded forwards, widest first; a chunk joins a group when it is
+    at least half the group's width (so padding at most doubles a forward; a 512-token chunk does not pad 30
+    short prompts to 512)."""
     groups: list[list[tuple[Any, int]]] = []
     for item in sorted(chunks, key=lambda c: -c[1]):
         group = groups[-1] if groups else None
-        if group is not None and group[0][1] * (len(group) + 1) <= 2 * (sum(n for _, n in group) + item[1]):
+        if group is not None and 2 * item[1] >= group[0][1]:
             group.append(item)
         else:
             groups.append([item])
