@@ -11,6 +11,7 @@ from torch import Tensor
 
 import lokr
 
+from .backend import ModelLoadError
 from .jobs import FinishEvent, Job, PromptEvent, TokenEvent, TokenInfo, fail_jobs
 from .kvcache import SlotCache, SlotPlan
 from .sampling import choose_tokens, make_generator, top_logprobs
@@ -284,7 +285,10 @@ class _MaskKind:
         self.sliding = window if self.mixed else None
         unknown = types - {"full_attention", "sliding_attention"}
         if unknown:
-            raise ValueError(f"layer types {sorted(unknown)} have no slot-cache support")
+            raise ModelLoadError(
+                f"this model has {sorted(unknown)} layers; the server's KV cache supports full and sliding-window "
+                "attention layers only"
+            )
 
     def build(self, cache: SlotCache, plan: SlotPlan) -> Tensor | dict[str, Tensor]:
         full = cache.attention_mask(plan, self.dtype, self.additive, self.window)
