@@ -20,6 +20,10 @@ Scenarios (`--scenarios`, names `KIND-N` with N distinct adapters, N = 0 means t
   peft-N    no server: an in-process loop over the same request list, one request at a time, through
             `peft.PeftModel` (`set_adapter(name)` then greedy `generate`); at most `--peft-max-loaded`
             adapters are held in PEFT, others are loaded on demand (LRU) and that load counts in the request
+  limit-0   no server: in-process `generate` over static batches of `--concurrency` rows (no adapters)
+  hf-0      `transformers serve <model dir> --continuous-batching`, the same load generator (text prompts)
+  itl-N     batch-N plus one `--long-prompt`-token prompt sent `--long-after` s into the run; reports the
+            per-token p99 of the other rows while it prefills over the run's p50 (see bench/serve_kinds.py)
 
 Load generator: `--concurrency` clients (httpx.AsyncClient, streaming `/v1/completions`, temperature 0) each
 send requests back to back until `--requests` (per scenario) have been sent or `--duration` / `--time-cap`

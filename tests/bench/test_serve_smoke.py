@@ -21,7 +21,7 @@ def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report, plot = out / "serve.md", out / "serve.png"
