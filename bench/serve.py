@@ -20,6 +20,10 @@ Scenarios (`--scenarios`, names `KIND-N` with N distinct adapters, N = 0 means t
   peft-N    no server: an in-process loop over the same request list, one request at a time, through
             `peft.PeftModel` (`set_adapter(name)` then greedy `generate`); at most `--peft-max-loaded`
             adapters are held in PEFT, others are loaded on demand (LRU) and that load counts in the request
+  limit-0   no server: in-process `generate` over static batches of `--concurrency` rows (no adapters)
+  hf-0      `transformers serve <model dir> --continuous-batching`, the same load generator (text prompts)
+  itl-N     batch-N plus one `--long-prompt`-token prompt sent `--long-after` s into the run; reports the
+            per-token p99 of the other rows while it prefills over the run's p50 (see bench/serve_kinds.py)
 
 Load generator: `--concurrency` clients (httpx.AsyncClient, streaming `/v1/completions`, temperature 0) each
 send requests back to back until `--requests` (per scenario) have been sent or `--duration` / `--time-cap`
@@ -51,7 +55,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,17 +68,31 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.report import environment, markdown_table, measure, plot_loglog  # noqa: E402
+from bench.serve_kinds import hf_serve_command, long_prompt_probe, run_limit  # noqa: E402
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASE_NAME = "bench-llama"
 ADMIN_TOKEN = "bench-admin-token"
-FULL_SCENARIOS = ("batch-1", "batch-16", "batch-128", "batch-1000", "single-16", "peft-16")
-QUICK_SCENARIOS = ("batch-1", "batch-16", "single-16", "peft-16")
-KINDS = ("batch", "single", "peft")
+FULL_SCENARIOS = (
+    "limit-0",
+    "batch-0",
+    "hf-0",
+    "batch-1",
+    "batch-16",
+    "batch-128",
+    "batch-1000",
+    "single-16",
+    "peft-16",
+    "itl-16",
+)
+QUICK_SCENARIOS = ("limit-0", "batch-0", "hf-0", "batch-1", "batch-16", "single-16", "peft-16", "itl-1")
+KINDS = ("batch", "single", "peft", "limit", "hf", "itl")
 # (name, numerator scenario, denominator scenario, target, what it compares)
 RATIOS = (
-    ("16 adapters / 1 adapter", "batch-16", "batch-1", 0.9, "throughput with 16 vs 1 distinct adapters"),
-    ("1000 adapters / 1 adapter", "batch-1000", "batch-1", 0.7, "throughput with 1000 vs 1 distinct adapters"),
+    ("1 adapter / limit", "batch-1", "limit-0", 0.85, "server, 1 adapter vs in-process static-batch generate"),
+    ("16 adapters / 1 adapter", "batch-16", "batch-1", 0.95, "throughput with 16 vs 1 distinct adapters"),
+    ("1000 adapters / 1 adapter", "batch-1000", "batch-1", 0.9, "throughput with 1000 vs 1 distinct adapters"),
+    ("ours / transformers serve", "batch-0", "hf-0", 1.3, "base model: ours vs transformers serve --cb"),
     ("batching / one-at-a-time", "batch-16", "single-16", 3.0, "16 adapters, same clients, max batch vs 1"),
     ("ours / naive peft", "batch-16", "peft-16", 5.0, "16 adapters: server vs PEFT set_adapter loop"),
 )
@@ -95,8 +113,8 @@ class ModelSpec:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
-FULL_MODEL = ModelSpec(hidden=512, layers=4, heads=8, intermediate=1408, words=500, max_positions=512)
-QUICK_MODEL = ModelSpec(hidden=64, layers=2, heads=4, intermediate=128, words=200, max_positions=256)
+FULL_MODEL = ModelSpec(hidden=512, layers=4, heads=8, intermediate=1408, words=500, max_positions=4096)
+QUICK_MODEL = ModelSpec(hidden=64, layers=2, heads=4, intermediate=128, words=200, max_positions=512)
 
 
 @dataclass(frozen=True)
@@ -245,31 +263,42 @@ class Server:
     """A `python -m service.cli serve` subprocess on a free loopback port; stopped with SIGTERM."""
 
     def __init__(
-        self, model_dir: Path, adapter_root: Path, max_batch_size: int, extra: Sequence[str], log_path: Path
+        self,
+        model_dir: Path,
+        adapter_root: Path,
+        max_batch_size: int,
+        extra: Sequence[str],
+        log_path: Path,
+        hf: bool = False,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--served-model-name",
-            BASE_NAME,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--adapter-root",
-            str(adapter_root),
-            "--admin-token",
-            ADMIN_TOKEN,
-            "--max-batch-size",
-            str(max_batch_size),
-            *extra,
-        ]
+        self.ready_path = "/health" if hf else "/ready"
+        self.command = (
+            hf_serve_command(model_dir, self.port)
+            if hf
+            else [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--model",
+                str(model_dir),
+                "--served-model-name",
+                BASE_NAME,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--adapter-root",
+                str(adapter_root),
+                "--admin-token",
+                ADMIN_TOKEN,
+                "--max-batch-size",
+                str(max_batch_size),
+                *extra,
+            ]
+        )
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -284,7 +313,7 @@ class Server:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{self.url}/ready").status_code == 200:
+                    if client.get(f"{self.url}{self.ready_path}").status_code == 200:
                         return time.perf_counter() - t0
                 time.sleep(0.2)
         self.stop()
@@ -387,6 +416,8 @@ async def run_load(
     max_tokens: int,
     deadline_s: float | None,
     timeout_s: float = 600.0,
+    base_name: str = BASE_NAME,
+    as_text: Callable[[list[int]], str] | None = None,
 ) -> Run:
     """Closed loop: `concurrency` clients send the requests in order, back to back, until the list is used up
     or `deadline_s` passed (requests in flight then still finish)."""
@@ -403,10 +434,10 @@ async def run_load(
                 req = next(pending, None)
                 if req is None:
                     break
-                model = BASE_NAME if req.adapter is None else names[req.adapter]
+                model = base_name if req.adapter is None else names[req.adapter]
                 body = {
                     "model": model,
-                    "prompt": req.prompt,
+                    "prompt": req.prompt if as_text is None else as_text(req.prompt),
                     "max_tokens": max_tokens,
                     "temperature": 0,
                     "stream": True,
@@ -651,40 +682,110 @@ def run_scenario(
             on_demand_loads=on_demand,
         )
         info["client_cpu_s"] = round(_self_cpu_s() - cpu0, 2)
+    elif sc.kind == "limit":
+        run, setup_s = run_limit(model_dir, [r.prompt for r in requests], args.concurrency, args.max_tokens)
+        info.update(max_batch=args.concurrency, clients=0, setup_s=round(setup_s, 2))
+        info["client_cpu_s"] = round(_self_cpu_s() - cpu0, 2)
     else:
-        max_batch = args.max_batch_size if sc.kind == "batch" else 1
-        server = Server(model_dir, adapter_root, max_batch, args.server_arg, log_dir / f"server-{sc.name}.log")
-        info.update(max_batch=max_batch, clients=args.concurrency)
-        try:
-            info["startup_s"] = round(server.start(), 2)
-            info["adapter_load_s"] = round(asyncio.run(load_adapters(server.url, names, dirs[: sc.n])), 3)
-            warm = [Request(-1 - i, r.adapter, r.prompt) for i, r in enumerate(requests[: args.concurrency])]
-            asyncio.run(run_load(server.url, warm, names, concurrency=args.concurrency, max_tokens=4, deadline_s=None))
-            m0, cpu_server0, cpu0 = server.metrics(), server.cpu_s(), _self_cpu_s()
-            run = asyncio.run(
-                run_load(
-                    server.url,
-                    requests,
-                    names,
-                    concurrency=args.concurrency,
-                    max_tokens=args.max_tokens,
-                    deadline_s=args.duration or args.time_cap,
-                )
-            )
-            m1, cpu_server1 = server.metrics(), server.cpu_s()
-            info["client_cpu_s"] = round(_self_cpu_s() - cpu0, 2)
-            if cpu_server0 is not None and cpu_server1 is not None:
-                info["server_cpu_s"] = round(cpu_server1 - cpu_server0, 2)
-            count = m1.get("lokr_batch_size_count", 0.0) - m0.get("lokr_batch_size_count", 0.0)
-            if count > 0:
-                info["engine_batches"] = int(count)
-                info["mean_batch_rows"] = (m1["lokr_batch_size_sum"] - m0["lokr_batch_size_sum"]) / count
-        finally:
-            server.stop()
+        run = _run_server(sc, args, model_dir, adapter_root, dirs, requests, log_dir, names, info)
     info.update(summarize(run, args.max_tokens))
+    if "long_sent" in info:
+        info.update(itl_during(run, info.pop("long_sent"), info.pop("long_first")))
     info["load_after"] = os.getloadavg()[0]
     info["texts"] = {r.index: r.text for r in run.results if r.error is None}
     return info
+
+
+def _run_server(
+    sc: Scenario,
+    args: argparse.Namespace,
+    model_dir: Path,
+    adapter_root: Path,
+    dirs: Sequence[Path],
+    requests: Sequence[Request],
+    log_dir: Path,
+    names: list[str],
+    info: dict[str, Any],
+) -> Run:
+    """batch-N, single-N, itl-N: our server; hf-0: transformers serve (text prompts, the model dir as name)."""
+    max_batch = 1 if sc.kind == "single" else args.max_batch_size
+    hf = sc.kind == "hf"
+    server = Server(model_dir, adapter_root, max_batch, args.server_arg, log_dir / f"server-{sc.name}.log", hf=hf)
+    info.update(max_batch=max_batch, clients=args.concurrency)
+    load: dict[str, Any] = {"concurrency": args.concurrency}
+    if hf:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        load.update(base_name=str(model_dir), as_text=lambda ids: tokenizer.decode(ids[1:]))  # it adds <s>
+    try:
+        info["startup_s"] = round(server.start(), 2)
+        info["adapter_load_s"] = round(asyncio.run(load_adapters(server.url, names, dirs[: sc.n])), 3)
+        warm = [Request(-1 - i, r.adapter, r.prompt) for i, r in enumerate(requests[: args.concurrency])]
+        asyncio.run(run_load(server.url, warm, names, max_tokens=4, deadline_s=None, **load))
+        m0, cpu_server0, cpu0 = server.metrics(), server.cpu_s(), _self_cpu_s()
+        deadline = args.duration or args.time_cap
+        if sc.kind == "itl":
+            run = asyncio.run(_with_long_prompt(server.url, requests, names, args, info))
+        else:
+            run = asyncio.run(
+                run_load(server.url, requests, names, max_tokens=args.max_tokens, deadline_s=deadline, **load)
+            )
+        m1, cpu_server1 = server.metrics(), server.cpu_s()
+        info["client_cpu_s"] = round(_self_cpu_s() - cpu0, 2)
+        if cpu_server0 is not None and cpu_server1 is not None:
+            info["server_cpu_s"] = round(cpu_server1 - cpu_server0, 2)
+        count = m1.get("lokr_batch_size_count", 0.0) - m0.get("lokr_batch_size_count", 0.0)
+        if count > 0:
+            info["engine_batches"] = int(count)
+            info["mean_batch_rows"] = (m1["lokr_batch_size_sum"] - m0["lokr_batch_size_sum"]) / count
+    finally:
+        server.stop()
+    return run
+
+
+async def _with_long_prompt(
+    url: str, requests: Sequence[Request], names: list[str], args: argparse.Namespace, info: dict[str, Any]
+) -> Run:
+    """The usual closed loop, and one `--long-prompt`-token prompt sent `--long-after` seconds into it."""
+    rng = random.Random(args.seed + 1)
+    prompt = [2] + [rng.randrange(8, 8 + 200) for _ in range(args.long_prompt - 1)]
+
+    def stamp(sent: float, first: float) -> None:
+        info.update(long_sent=sent, long_first=first, long_ttft_ms=round((first - sent) * 1e3, 1))
+
+    load = run_load(
+        url,
+        requests,
+        names,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        deadline_s=args.duration or args.time_cap,
+    )
+    probe = long_prompt_probe(url, BASE_NAME, prompt, args.long_after, 4, stamp)
+    run, error = await asyncio.gather(load, probe)
+    info["long_error"] = error
+    info["long_prompt_tokens"] = args.long_prompt
+    return run
+
+
+def itl_during(run: Run, start: float, end: float) -> dict[str, Any]:
+    """Per-token gaps of the other requests that end while the long prompt is prefilled (sent .. first token,
+    plus one step), against the whole run's median gap."""
+    gaps = [(b - a) * 1e3 for r in run.results if r.error is None for a, b in zip(r.token_times, r.token_times[1:])]
+    during = [
+        (b - a) * 1e3
+        for r in run.results
+        if r.error is None
+        for a, b in zip(r.token_times, r.token_times[1:])
+        if start <= b <= end + (b - a)
+    ]
+    p50, p99 = percentile(gaps, 50), percentile(during, 99)
+    return {
+        "itl_during_gaps": len(during),
+        "itl_p99_during_ms": None if p99 is None else round(p99, 3),
+        "itl_p99_during_over_p50": None if p99 is None or not p50 else round(p99 / p50, 3),
+    }
 
 
 def output_agreement(by_name: dict[str, dict[str, Any]]) -> list[list[Any]]:
@@ -753,6 +854,11 @@ def ratio_rows(by_name: dict[str, dict[str, Any]]) -> list[list[Any]]:
             rows.append(
                 [label, f"{num} / {den}", value, f">= {target:g}", "yes" if value >= target else "**NO**", what]
             )
+    for name, r in by_name.items():
+        value = r.get("itl_p99_during_over_p50")
+        if r["kind"] == "itl" and value is not None:
+            what = f"per-token p99 while a {r['long_prompt_tokens']}-token prompt prefills / p50 of the run"
+            rows.append(["long prompt p99 / p50", name, value, "<= 3", "yes" if value <= 3 else "**NO**", what])
     return rows
 
 
@@ -856,12 +962,14 @@ def write_report(
 
 def write_plot(out: Path, results: list[dict[str, Any]], title: str) -> None:
     def points(kind: str, key: str) -> list[tuple[float, float]]:
-        return [(float(r["adapters"]), float(r[key])) for r in results if r["kind"] == kind and r.get(key)]
+        rows = [r for r in results if r["kind"] == kind and r.get(key) and r["adapters"] > 0]  # log x axis
+        return [(float(r["adapters"]), float(r[key])) for r in rows]
 
+    # the adapter-count sweep; limit-0, hf-0 and itl-N are in the tables
     labels = {"batch": "batched", "single": "one at a time (max batch 1)", "peft": "naive peft"}
-    throughput = {labels[k]: points(k, "tok_per_s") for k in KINDS}
+    throughput = {labels[k]: points(k, "tok_per_s") for k in labels}
     ttft: dict[str, list[tuple[float, float]]] = {}
-    for k in KINDS:
+    for k in labels:
         ttft[f"{labels[k]} p50"] = points(k, "ttft_p50_ms")
         ttft[f"{labels[k]} p99"] = points(k, "ttft_p99_ms")
     panels = {
@@ -889,6 +997,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length in tokens (default 32)")
     parser.add_argument("--max-tokens", type=int, default=None, help="generated tokens per request (default 32)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="server --max-batch-size for batch-N")
+    parser.add_argument("--long-prompt", type=int, default=None, help="itl-N: long prompt tokens (default 2000)")
+    parser.add_argument("--long-after", type=float, default=None, help="itl-N: send it after s (default 3)")
     parser.add_argument("--peft-max-loaded", type=int, default=32, help="adapters held by PEFT at once (LRU)")
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra server flag, e.g. --server-arg=--log-level=warning"
@@ -916,6 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
     args.time_cap = args.time_cap or (15.0 if quick else 75.0)
     args.prompt_tokens = args.prompt_tokens or (8 if quick else 32)
     args.max_tokens = args.max_tokens or (8 if quick else 32)
+    args.long_prompt = args.long_prompt or (300 if quick else 2000)
+    args.long_after = args.long_after if args.long_after is not None else (1.0 if quick else 3.0)
     try:
         scenarios = [Scenario.parse(s) for s in (args.scenarios or (QUICK_SCENARIOS if quick else FULL_SCENARIOS))]
     except ValueError as exc:
@@ -983,7 +1095,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.duration
         else f"{args.requests} / {args.single_requests} / {args.peft_requests}, sending stops after "
         f"{args.time_cap:g} s (time cap)",
-        "server --max-batch-size (batch-N / single-N)": f"{args.max_batch_size} / 1",
+        "server --max-batch-size (batch-N, itl-N, hf-0 / single-N)": f"{args.max_batch_size} / 1",
+        "itl-N long prompt": f"{args.long_prompt} tokens, sent {args.long_after:g} s into the measured phase",
+        "limit-0": f"in-process `generate`, static batches of {args.concurrency} rows (= clients), no adapters",
+        "hf-0": "`transformers serve <model dir> --continuous-batching` (defaults), text prompts",
         "extra server args": " ".join(args.server_arg) or "none",
         "peft adapters held at once": f"{args.peft_max_loaded} (LRU, on-demand loads count in the request)",
         "torch threads (in-process phases; the server uses torch's default)": args.threads,
@@ -1011,11 +1126,13 @@ def _run_and_print(
     log_dir: Path,
     round_: int,
 ) -> dict[str, Any]:
-    count = {"batch": args.requests, "single": args.single_requests, "peft": args.peft_requests}[sc.kind]
+    count = {"single": args.single_requests, "peft": args.peft_requests}.get(sc.kind, args.requests)
     if sc.kind != "peft":  # the steady window needs more requests than clients
         count = max(count, 2 * args.concurrency)
     if args.duration:
-        count = 100_000
+        count = 100_000 if sc.kind != "limit" else args.concurrency * 8
+    if sc.kind == "limit":  # whole static batches
+        count = -(-count // args.concurrency) * args.concurrency
     requests = make_requests(count, sc.n, args.prompt_tokens, vocab, args.seed)
     rounds = f", round {round_ + 1}/{args.repeats}" if args.repeats > 1 else ""
     print(f"\n== {sc.name}: {sc.n} adapters, {count if not args.duration else 'timed'} requests{rounds}", flush=True)

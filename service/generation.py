@@ -1,4 +1,5 @@
-"""One batch of rows on a causal LM: left-padded prefill, then decode steps; rows leave when done."""
+"""Rows of a causal LM in one slot cache: prompts prefilled in chunks under a token budget, one decode forward
+per step for every decoding row; rows join and leave between steps without copying anyone else's KV."""
 
 from __future__ import annotations
 
@@ -12,99 +13,182 @@ from torch import Tensor
 
 import lokr
 
-from .jobs import FinishEvent, Job, PromptEvent, TokenEvent, TokenInfo
-from .kvcache import can_merge, merge_caches, trim_left
+from .backend import ModelLoadError
+from .jobs import FinishEvent, Job, PromptEvent, TokenEvent, TokenInfo, fail_jobs
+from .kvcache import SlotCache, SlotPlan
 from .sampling import choose_tokens, make_generator, top_logprobs
 from .textstream import PieceDecoder, TextStream, prompt_pieces
 
-__all__ = ["BatchRunner", "RunningBatch"]
+__all__ = ["BatchRunner", "plan_chunks"]
 
 
 class BatchRunner:
-    """Runs `jobs` to completion on `model` with per-row adapters; emits events through each job."""
+    """Runs jobs on `model` with per-row adapters in up to `max_rows` cache slots; emits events through each job.
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, context_length: int) -> None:
+    Decoding rows hold slots `0..n-1` (so a decode forward attends over a view of the cache, no gather);
+    rows still prefilling wait in the highest free slots and move down when their prompt is in.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        context_length: int,
+        max_rows: int = 16,
+        max_prefill_tokens: int = 512,
+    ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.context_length = context_length
+        self.context_length, self.max_rows, self.max_prefill_tokens = context_length, max_rows, max_prefill_tokens
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self.can_trim_logits = "logits_to_keep" in params
+        dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+        self.masks = _MaskKind(getattr(model, "config", None), dtype)
+        self.cache = SlotCache(max_rows, max_length=context_length)
+        self.decoding: list[_Row] = []  # decoding[i] holds slot i
+        self.prefilling: list[_Row] = []  # first come, first prefilled
+
+    # ---------------------------------------------------------------------------------- scheduling
+    @property
+    def free_rows(self) -> int:
+        return self.cache.free_slots
+
+    def rows(self) -> list[_Row]:
+        return self.decoding + self.prefilling
+
+    def add(self, job: Job) -> None:
+        """Give `job` a slot; its prompt is prefilled by the next steps (caller checks `free_rows`)."""
+        job.generator = make_generator(job.params, self.device)
+        row = _Row(job, TextStream(self.tokenizer, job.params.stop, job.prompt_ids), self.cache.take(top=True))
+        self.prefilling.append(row)
 
     def run(self, jobs: list[Job]) -> None:
-        """Generate every job to completion as one batch (no joining); for callers without a scheduler."""
-        batch = self.admit(jobs)
-        while batch is not None:
-            batch = self.step(batch)
+        """Generate every job to completion (for callers without a scheduler; at most `max_rows` jobs)."""
+        for job in jobs:
+            self.add(job)
+        while self.decoding or self.prefilling:
+            self.step()
 
-    def admit(self, jobs: list[Job]) -> RunningBatch | None:
-        """Prefill `jobs` together and pick each row's first token; None when every row already finished."""
-        rows = [_Row(job, TextStream(self.tokenizer, job.params.stop, job.prompt_ids)) for job in jobs]
-        for row in rows:
-            row.job.generator = make_generator(row.job.params, self.device)
-        logits, cache, mask = self._prefill(rows)
-        return self._advance(RunningBatch(rows, cache, mask), logits[:, -1])
+    def step(self) -> None:
+        """One decode forward for the decoding rows, then prompt chunks up to the token budget (a failing
+        prefill fails only its rows); rows that finish leave and free their slots."""
+        self._drop_cancelled()
+        if self.decoding:
+            self._decode()
+        self._prefill()
 
-    def step(self, batch: RunningBatch) -> RunningBatch | None:
-        """Feed every row's last token, pick the next one; finished rows leave and free their KV rows."""
-        last = torch.tensor([[r.stream.ids[-1]] for r in batch.rows], device=self.device)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-        logits = self._forward(batch.rows, last, batch.mask, batch.cache)
-        return self._advance(batch, logits[:, -1])
+    def reset(self) -> None:
+        """Forget every row (after a failed step)."""
+        self.cache = SlotCache(self.max_rows, max_length=self.context_length)
+        self.decoding, self.prefilling = [], []
 
-    def merge(self, running: RunningBatch | None, fresh: RunningBatch | None) -> RunningBatch | None:
-        """Rows of `fresh` join `running` (both between steps: each row's last token not yet fed)."""
-        if running is None:
-            return fresh
-        if fresh is None:
-            return running
-        cache, mask = merge_caches(running.cache, running.mask, fresh.cache, fresh.mask)
-        return RunningBatch(running.rows + fresh.rows, cache, mask)
+    # ---------------------------------------------------------------------------------- decode
+    def _decode(self) -> None:
+        rows = self.decoding
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        plan = self.cache.bind(list(range(len(rows))), [r.length for r in rows], 1, self.device)
+        logits = self._forward(rows, ids, plan, keep=1)[:, -1]
+        for r in rows:
+            r.length += 1
+        self._advance(rows, logits)
 
-    @staticmethod
-    def can_join(batch: RunningBatch | None) -> bool:
-        """New rows can join mid-flight only when the model's KV cache layers can be padded and merged."""
-        return batch is None or can_merge(batch.cache)
+    # ---------------------------------------------------------------------------------- prefill
+    def _prefill(self) -> None:
+        """Prompt chunks under the budget, oldest row first; echo rows (prompt logprobs) go whole, alone."""
+        budget = self.max_prefill_tokens
+        chunks: list[tuple[_Row, int]] = []
+        for row in list(self.prefilling):
+            if budget <= 0:
+                break
+            left = len(row.job.prompt_ids) - row.length
+            if row.job.params.echo:
+                if chunks:
+                    break  # an echo row runs alone, in a later step
+                self._run_group([(row, left)], all_positions=True)
+                return
+            take = min(left, budget)
+            chunks.append((row, take))
+            budget -= take
+        for group in plan_chunks(chunks):
+            self._run_group(group)
 
-    # ----------------------------------------------------------------------------------- forward
-    def _prefill(self, rows: list[_Row]) -> tuple[Tensor, Any, Tensor]:
-        from transformers import DynamicCache
+    def _run_group(self, group: list[tuple[_Row, int]], all_positions: bool = False) -> None:
+        """Feed each row its next `n` prompt tokens in one right-padded forward; rows whose prompt is in
+        pick their first token and start decoding."""
+        group = sorted(group, key=lambda item: item[0].slot)  # ascending slots: usually a view, not a gather
+        rows = [row for row, _ in group]
+        width = max(n for _, n in group)
+        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        for i, (row, n) in enumerate(group):
+            ids[i, :n] = torch.tensor(row.job.prompt_ids[row.length : row.length + n])
+        ids = ids.to(self.device)
+        done = [i for i, (row, n) in enumerate(group) if row.length + n == len(row.job.prompt_ids)]
+        ends = sorted({group[i][1] - 1 for i in done})
+        try:
+            plan = self.cache.bind([r.slot for r in rows], [r.length for r in rows], width, self.device)
+            keep: int | list[int] = list(range(width)) if all_positions else ends or 1
+            logits = self._forward(rows, ids, plan, keep)
+            if all_positions:
+                self._emit_prompt_logprobs(rows, ids, logits)
+        except Exception as exc:  # a prompt that cannot run fails only its own rows
+            for row in rows:
+                self._leave(row, self.prefilling)
+            fail_jobs([r.job for r in rows], exc)
+            return
+        for row, n in group:
+            row.length += n
+        if not done:
+            return
+        finished = [rows[i] for i in done]
+        column = [ends.index(group[i][1] - 1) if not all_positions else group[i][1] - 1 for i in done]
+        for row in finished:
+            self.prefilling.remove(row)
+            self._place(row)
+            self.decoding.append(row)
+        self._advance(finished, logits[torch.tensor(done, device=logits.device), torch.tensor(column)])
 
-        width = max(len(r.job.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r.job.prompt_ids)
-            ids[i, width - n :] = torch.tensor(r.job.prompt_ids)
-            mask[i, width - n :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache()
-        echo = any(r.job.params.echo for r in rows)
-        logits = self._forward(rows, ids, mask, cache, all_positions=echo)
-        self._emit_prompt_logprobs(rows, ids, logits)
-        return logits, cache, mask
+    def _place(self, row: _Row) -> None:
+        """Move a row that finished its prompt into slot `len(decoding)` (swapping with a waiting row)."""
+        target = len(self.decoding)
+        if row.slot == target:
+            return
+        if not self.cache.owns(target):
+            self.cache.move(row.slot, target, row.length)
+        else:
+            other = next(r for r in self.prefilling if r.slot == target)
+            self.cache.swap(row.slot, target, row.length, other.length)
+            other.slot = row.slot
+        row.slot = target
 
-    def _forward(self, rows: list[_Row], ids: Tensor, mask: Tensor, cache: Any, all_positions: bool = False) -> Tensor:
-        """Float32 logits `(B, T, V)`: every input position when `all_positions` (echo scoring), else the last."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+    # ---------------------------------------------------------------------------------- forward
+    def _forward(self, rows: list[_Row], ids: Tensor, plan: SlotPlan, keep: int | list[int]) -> Tensor:
+        """Float32 logits `(B, K, V)` at the positions `keep` (an int: the last `keep` positions)."""
+        mask = self.masks.build(self.cache, plan)
+        kwargs: dict[str, Any] = {self.cache_kwarg: self.cache}
+        if self.can_trim_logits:
+            kwargs["logits_to_keep"] = keep if isinstance(keep, int) else torch.tensor(keep, device=self.device)
         with torch.inference_mode(), lokr.adapter_batch(self.model, [r.job.selection for r in rows]):
-            kwargs: dict[str, Any] = {self.cache_kwarg: cache}
-            if self.can_trim_logits and not all_positions:
-                kwargs["logits_to_keep"] = 1
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-        return out.logits.float()
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=self.cache.positions(plan), use_cache=True, **kwargs
+            )
+        logits = out.logits
+        if not self.can_trim_logits:
+            logits = logits[:, -keep:] if isinstance(keep, int) else logits[:, keep]
+        return logits.float()
 
-    # ----------------------------------------------------------------------------------- per step
-    def _advance(self, batch: RunningBatch, logits: Tensor) -> RunningBatch | None:
-        """Pick one token per row, emit it, drop finished rows (and their KV rows); None when all finished."""
-        rows = batch.rows
+    # ---------------------------------------------------------------------------------- per step
+    def _advance(self, rows: list[_Row], logits: Tensor) -> None:
+        """Pick one token per row `(logits (B, V))`, emit it; finished rows leave (freeing their slots)."""
         tokens = choose_tokens(logits, [r.job.params for r in rows], [r.job.generator for r in rows])
         wants = any(r.job.params.logprobs is not None for r in rows)
         logprobs = torch.log_softmax(logits, dim=-1) if wants else None
-        keep = []
+        leaving = []
         for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            row.last = token
             if row.job.cancelled.is_set():
                 row.job.finish(row.finish("cancelled"))
             elif row.job.params.max_tokens == 0:
@@ -112,10 +196,28 @@ class BatchRunner:
             else:
                 reason = self._step_row(row, token, None if logprobs is None else logprobs[i])
                 if reason is None:
-                    keep.append(i)
-                else:
-                    row.job.finish(row.finish(reason))
-        return batch.select(keep, self.device)
+                    continue
+                row.job.finish(row.finish(reason))
+            leaving.append(row)
+        for row in leaving:
+            self._leave(row, self.decoding)
+
+    def _drop_cancelled(self) -> None:
+        """Rows whose client went away leave before the next forward."""
+        for rows in (self.decoding, self.prefilling):
+            for row in [r for r in rows if r.job.cancelled.is_set()]:
+                row.job.finish(row.finish("cancelled"))
+                self._leave(row, rows)
+
+    def _leave(self, row: _Row, rows: list[_Row]) -> None:
+        """Free `row`'s slot; a decoding row's hole is filled by the last decoding row (one row's KV copied)."""
+        rows.remove(row)
+        self.cache.release(row.slot)
+        if rows is self.decoding and row.slot < len(self.decoding):
+            last = self.decoding.pop()
+            self.cache.move(last.slot, row.slot, last.length)
+            last.slot = row.slot
+            self.decoding.insert(row.slot, last)
 
     def _step_row(self, row: _Row, token: int, logprobs: Tensor | None) -> str | None:
         k = row.job.params.logprobs
@@ -172,32 +274,57 @@ class BatchRunner:
             job.sink(PromptEvent(infos))
 
 
-class RunningBatch:
-    """Rows decoding together, their shared KV cache and their left-padded attention mask `(B, T)`."""
+def plan_chunks(chunks: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
+    """Split `(row, tokens)` chunks into right-padded forwards, widest first; a chunk joins a group when it is
+    at least half the group's width (so padding at most doubles a forward; a 512-token chunk does not pad 30
+    short prompts to 512)."""
+    groups: list[list[tuple[Any, int]]] = []
+    for item in sorted(chunks, key=lambda c: -c[1]):
+        group = groups[-1] if groups else None
+        if group is not None and 2 * item[1] >= group[0][1]:
+            group.append(item)
+        else:
+            groups.append([item])
+    return groups
 
-    def __init__(self, rows: list[_Row], cache: Any, mask: Tensor) -> None:
-        self.rows, self.cache, self.mask = rows, cache, mask
 
-    def __len__(self) -> int:
-        return len(self.rows)
+class _MaskKind:
+    """Which 4D masks a model's layers need (full, sliding window, or both by layer type) and their form."""
 
-    def select(self, keep: list[int], device: torch.device) -> RunningBatch | None:
-        """Keep rows `keep` (indices into `rows`); None when no row is left."""
-        if not keep:
-            return None
-        if len(keep) != len(self.rows):
-            index = torch.tensor(keep, device=device)
-            self.cache.batch_select_indices(index)
-            self.mask = trim_left(self.cache, self.mask.index_select(0, index))
-            self.rows = [self.rows[i] for i in keep]
-        return self
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+        self.additive = impl == "eager"
+        types = set(getattr(config, "layer_types", None) or ())
+        window = getattr(config, "sliding_window", None)
+        self.mixed = "sliding_attention" in types and window is not None
+        everywhere = not types and window is not None and getattr(config, "use_sliding_window", True)
+        self.window = window if everywhere else None
+        self.sliding = window if self.mixed else None
+        unknown = types - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ModelLoadError(
+                f"this model has {sorted(unknown)} layers; the server's KV cache supports full and sliding-window "
+                "attention layers only"
+            )
+
+    def build(self, cache: SlotCache, plan: SlotPlan) -> Tensor | dict[str, Tensor]:
+        full = cache.attention_mask(plan, self.dtype, self.additive, self.window)
+        if not self.mixed:
+            return full
+        sliding = cache.attention_mask(plan, self.dtype, self.additive, self.sliding)
+        return {"full_attention": full, "sliding_attention": sliding}
 
 
 class _Row:
-    """A job's decoding state inside one batch; token infos wait until their text is sent."""
+    """A job's state in the runner: its slot, the positions cached there, the token to feed next; token infos wait
+    until their text is sent."""
 
-    def __init__(self, job: Job, stream: TextStream) -> None:
-        self.job, self.stream, self.generated = job, stream, 0
+    def __init__(self, job: Job, stream: TextStream, slot: int) -> None:
+        self.job, self.stream, self.slot = job, stream, slot
+        self.generated = 0
+        self.length = 0  # positions cached in the slot
+        self.last = -1  # the token chosen last, fed by the next decode forward
         self._pending: deque[tuple[int, TokenInfo]] = deque()  # (where its piece starts in the text, info)
         self._end = 0  # where the next piece starts (before a stop string cuts the text)
 

@@ -1,54 +1,183 @@
-"""KV-cache surgery for continuous batching: merge two left-padded batches, trim, select rows."""
+"""A per-row-slot KV cache for continuous batching: memory is allocated once (grown by doubling), rows own a
+slot, a join writes only its own prompt's keys and values, a leave frees its slot, and no step concatenates.
+
+Layout per layer: keys and values `(slots, kv_heads, capacity, head_dim)`. Row `r` keeps its keys at
+`[slot(r), :, 0:length(r)]`, real positions from 0 (no padding inside a slot). A forward runs a set of rows
+(`bind`): each layer's `update` writes the new keys at each row's own offset and returns the rows' keys up
+to the longest one (a view when the rows hold consecutive slots, as decoding rows always do); the attention
+mask built by `attention_mask` hides every key past a row's own query position.
+
+Why not transformers' `ContinuousBatchingManager` / `PagedAttentionCache`: it packs every request's tokens
+into one flattened row (batch dim 1, `cu_seq_lens`), while per-request adapters (`lokr.adapter_batch`)
+select by batch row; see the README ("KV cache").
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["can_merge", "merge_caches", "pad_left", "trim_left"]
+__all__ = ["SlotCache", "SlotPlan"]
 
 
-def _layers(cache: Any) -> list[Any]:
-    return list(getattr(cache, "layers", []))
+@dataclass(frozen=True)
+class SlotPlan:
+    """One forward's rows: their `slots (B,)` and `starts (B,)` (tokens already cached), `width` new tokens
+    each (right-padded), and `keys` = the key length the forward attends over (max start + width)."""
+
+    slots: Tensor
+    starts: Tensor
+    width: int
+    keys: int
+    first: int | None  # the first slot when `slots` are consecutive (the view path), else None
+    slot_list: tuple[int, ...]
+    start_list: tuple[int, ...]
 
 
-def can_merge(cache: Any) -> bool:
-    """Only plain (non-sliding, non-offloaded) dynamic layers can be padded and concatenated."""
-    from transformers.cache_utils import DynamicLayer
+class SlotCache:
+    """Keys and values of up to `max_rows` rows, all layers; what a model's attention calls `update` on."""
 
-    layers = _layers(cache)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    is_compileable = False
 
+    def __init__(self, max_rows: int, capacity: int = 256, max_length: int | None = None) -> None:
+        self.max_rows = max_rows
+        self.capacity = capacity
+        self.max_length = max_length
+        self.keys: list[Tensor] = []  # per layer (max_rows, kv_heads, capacity, head_dim)
+        self.values: list[Tensor] = []
+        self._free = list(range(max_rows - 1, -1, -1))  # a stack: the lowest free slot is taken first
+        self._plan: SlotPlan | None = None
 
-def pad_left(t: Tensor, width: int, dim: int) -> Tensor:
-    """Prepend `width` zeros along `dim`."""
-    if width == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = width
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    # ------------------------------------------------------------------------------------------ slots
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
 
+    def take(self, top: bool = False) -> int:
+        """Reserve the lowest free slot (the highest with `top`: where rows wait while they prefill)."""
+        if not self._free:
+            raise RuntimeError("no free KV-cache slot")
+        self._free.sort(reverse=True)
+        return self._free.pop(0 if top else -1)
 
-def merge_caches(a: Any, mask_a: Tensor, b: Any, mask_b: Tensor) -> tuple[Any, Tensor]:
-    """Rows of `b` appended after rows of `a`; the shorter side is left-padded (masked out). Mutates `a`."""
-    length = max(mask_a.shape[1], mask_b.shape[1])
-    pad_a, pad_b = length - mask_a.shape[1], length - mask_b.shape[1]
-    for la, lb in zip(_layers(a), _layers(b), strict=True):
-        la.keys = torch.cat([pad_left(la.keys, pad_a, 2), pad_left(lb.keys, pad_b, 2)], dim=0)
-        la.values = torch.cat([pad_left(la.values, pad_a, 2), pad_left(lb.values, pad_b, 2)], dim=0)
-    mask = torch.cat([pad_left(mask_a, pad_a, 1), pad_left(mask_b, pad_b, 1)], dim=0)
-    return a, mask
+    def owns(self, slot: int) -> bool:
+        return slot not in self._free
 
+    def release(self, slot: int) -> None:
+        """Give `slot` back (its contents are left as they are: masks never read past a row's length)."""
+        if slot in self._free or not 0 <= slot < self.max_rows:
+            raise RuntimeError(f"KV-cache slot {slot} is not in use")
+        self._free.append(slot)
 
-def trim_left(cache: Any, mask: Tensor) -> Tensor:
-    """Drop leading columns that every row masks out (left by rows that finished); returns the new mask."""
-    used = mask.any(dim=0).nonzero()
-    start = int(used[0]) if used.numel() else 0
-    if start == 0:
-        return mask
-    for layer in _layers(cache):
-        layer.keys = layer.keys[:, :, start:]
-        layer.values = layer.values[:, :, start:]
-    return mask[:, start:]
+    @torch.inference_mode()
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot `src` into the free slot `dst`; `src` is freed."""
+        self._free.remove(dst)
+        for store in (*self.keys, *self.values):
+            store[dst, :, :length] = store[src, :, :length]
+        self._free.append(src)
+
+    @torch.inference_mode()
+    def swap(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange the cached positions of two used slots."""
+        for store in (*self.keys, *self.values):
+            held = store[a, :, :length_a].clone()
+            store[a, :, :length_b] = store[b, :, :length_b]
+            store[b, :, :length_a] = held
+
+    # ------------------------------------------------------------------------------------------ a forward
+    @torch.inference_mode()
+    def bind(self, slots: list[int], starts: list[int], width: int, device: torch.device) -> SlotPlan:
+        """Set the rows of the next forward: row i writes `width` new positions after its `starts[i]`."""
+        keys = max(starts) + width
+        self._reserve(keys)
+        first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        plan = SlotPlan(
+            torch.tensor(slots, device=device),
+            torch.tensor(starts, device=device),
+            width,
+            keys,
+            first,
+            tuple(slots),
+            tuple(starts),
+        )
+        self._plan = plan
+        return plan
+
+    def attention_mask(self, plan: SlotPlan, dtype: torch.dtype, additive: bool, window: int | None) -> Tensor:
+        """`(B, 1, width, keys)`: query t of row i sees keys `0..starts[i] + t` (the last `window` of them
+        for sliding-window attention). Boolean for SDPA, else additive (0 / dtype min) for eager attention."""
+        query = plan.starts[:, None] + torch.arange(plan.width, device=plan.starts.device)  # (B, T)
+        key = torch.arange(plan.keys, device=plan.starts.device)
+        seen = key[None, None, :] <= query[:, :, None]  # (B, T, K)
+        if window is not None:
+            seen &= key[None, None, :] > query[:, :, None] - window
+        seen = seen[:, None]
+        if not additive:
+            return seen
+        return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, torch.finfo(dtype).min)
+
+    def positions(self, plan: SlotPlan) -> Tensor:
+        """`(B, width)` position ids: each row continues from its own length."""
+        return plan.starts[:, None] + torch.arange(plan.width, device=plan.starts.device)
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Write `(B, kv_heads, width, head_dim)` at each bound row's offset; return `(B, kv_heads, keys,
+        head_dim)`: a view of the store when the rows hold consecutive slots."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("SlotCache.update called outside a bound forward")
+        if layer_idx == len(self.keys):
+            self._allocate(key_states, value_states)
+        out = []
+        for store, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
+            self._write(store, new.to(store.dtype), plan)
+            if plan.first is not None:
+                out.append(store[plan.first : plan.first + len(plan.slots), :, : plan.keys])
+            else:
+                out.append(store.index_select(0, plan.slots)[:, :, : plan.keys])
+        return out[0], out[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._plan.keys if self._plan is not None else 0
+
+    # ------------------------------------------------------------------------------------------ storage
+    @staticmethod
+    def _write(store: Tensor, new: Tensor, plan: SlotPlan) -> None:
+        if plan.width == 1:  # decode: one position per row, one indexed write
+            store[plan.slots, :, plan.starts] = new[:, :, 0]
+            return
+        for i, (slot, start) in enumerate(zip(plan.slot_list, plan.start_list)):  # prefill: a few rows
+            store[slot, :, start : start + plan.width] = new[i]
+
+    def _allocate(self, key_states: Tensor, value_states: Tensor) -> None:
+        _, heads, _, dim = key_states.shape
+        shape_k = (self.max_rows, heads, self.capacity, dim)
+        shape_v = (self.max_rows, value_states.shape[1], self.capacity, value_states.shape[3])
+        # zeros, not empty: masked keys still meet their values in `probs @ V`, and 0 * NaN would be NaN
+        self.keys.append(torch.zeros(shape_k, dtype=key_states.dtype, device=key_states.device))
+        self.values.append(torch.zeros(shape_v, dtype=value_states.dtype, device=value_states.device))
+
+    def _reserve(self, length: int) -> None:
+        """Grow every layer to hold `length` positions (doubling, so growth is amortised O(1) per token)."""
+        if length <= self.capacity:
+            return
+        new = self.capacity
+        while new < length:
+            new *= 2
+        if self.max_length is not None:
+            new = max(length, min(new, self.max_length))
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = old.new_zeros((*old.shape[:2], new, old.shape[3]))
+                grown[:, :, : self.capacity] = old
+                store[i] = grown
+        self.capacity = new
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

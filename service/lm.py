@@ -1,4 +1,5 @@
-"""The causal-LM backend: a continuous decode batch that waiting jobs join (prefilled under a token budget)."""
+"""The causal-LM backend: rows hold KV-cache slots; prompts are prefilled in chunks under a per-step token
+budget while the running rows keep decoding."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import torch
 
 from .backend import LoadedModel
 from .errors import ContextLengthError
-from .generation import BatchRunner, RunningBatch
-from .jobs import Job, SamplingParams, fail_jobs
+from .generation import BatchRunner
+from .jobs import Job, SamplingParams
 from .metrics import Metrics
 
 __all__ = ["CausalLMBackend"]
 
 
 class CausalLMBackend:
-    """Up to `max_batch_size` rows decode together; new jobs are prefilled and join between steps."""
+    """Up to `max_batch_size` rows (decoding or prefilling); offered jobs take a free slot at once and their
+    prompts go in `max_prefill_tokens` tokens per step, interleaved with the decode steps of running rows."""
 
     kind = "causal-lm"
 
@@ -25,10 +27,9 @@ class CausalLMBackend:
     ) -> None:
         self.loaded, self.metrics = loaded, metrics
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
-        self.runner = BatchRunner(loaded.model, loaded.tokenizer, loaded.device, loaded.context_length)
-        self._batch: RunningBatch | None = None
-        self._new: list[Job] = []  # offered since the last step
-        self._new_tokens = 0
+        self.runner = BatchRunner(
+            loaded.model, loaded.tokenizer, loaded.device, loaded.context_length, max_batch_size, max_prefill_tokens
+        )
 
     @property
     def model(self) -> Any:
@@ -61,33 +62,20 @@ class CausalLMBackend:
             )
 
     def offer(self, job: Job) -> bool:
-        """Room: a free row, the cache can take joiners, and this step's prefill budget is not spent."""
-        running = len(self._batch) if self._batch is not None else 0
-        if running + len(self._new) >= self.max_batch_size or not self.runner.can_join(self._batch):
+        """Room: a free KV-cache slot. The prompt itself is prefilled by the next steps, under the budget."""
+        if self.runner.free_rows == 0:
             return False
-        if self._new and self._new_tokens >= self.max_prefill_tokens:
-            return False
-        self._new.append(job)
-        self._new_tokens += len(job.prompt_ids)
+        self.runner.add(job)
         return True
 
     def step(self) -> None:
-        """Prefill the offered jobs (a failure fails only them), merge them in, then one decode step."""
-        new, self._new, self._new_tokens = self._new, [], 0
-        if new:
-            try:
-                fresh = self.runner.admit(new)
-            except Exception as exc:
-                fail_jobs(new, exc)
-                fresh = None
-            self._batch = self.runner.merge(self._batch, fresh)
-        if self._batch is not None:
-            self.metrics.batch_size.observe(len(self._batch))
-            self._batch = self.runner.step(self._batch)
+        """One decode forward over the decoding rows, then prompt chunks up to the token budget."""
+        if self.runner.decoding:
+            self.metrics.batch_size.observe(len(self.runner.decoding))
+        self.runner.step()
 
     def jobs(self) -> list[Job]:
-        running = [row.job for row in self._batch.rows] if self._batch is not None else []
-        return running + self._new
+        return [row.job for row in self.runner.rows()]
 
     def clear(self) -> None:
-        self._batch, self._new, self._new_tokens = None, [], 0
+        self.runner.reset()

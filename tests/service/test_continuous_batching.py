@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -38,7 +39,8 @@ def engine():  # type: ignore[no-untyped-def]
 
 class Collector:
     def __init__(self) -> None:
-        self.text, self.reason, self.tokens, self.done = "", None, 0, threading.Event()
+        self.text, self.tokens, self.done = "", 0, threading.Event()
+        self.reason: str | None = None
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, TokenEvent):
@@ -53,8 +55,14 @@ class Collector:
             self.done.set()
 
 
+def _tokenizer(engine: Engine) -> Any:
+    backend = engine.backend
+    assert isinstance(backend, CausalLMBackend)
+    return backend.tokenizer
+
+
 def _submit(engine: Engine, prompt: str, selection, max_tokens: int, stop=()) -> Collector:  # type: ignore[no-untyped-def]
-    ids = engine.backend.tokenizer(prompt)["input_ids"]
+    ids = _tokenizer(engine)(prompt)["input_ids"]
     out = Collector()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=tuple(stop))
     engine.submit(Job(ids, params, selection, out))
@@ -90,7 +98,7 @@ def test_rows_joining_mid_flight_equal_running_alone(engine: Engine) -> None:
 
 def test_joined_rows_share_steps(engine: Engine) -> None:
     """While a long row runs, later rows are decoded in the same forward (batch sizes > 1 observed)."""
-    before = engine.metrics.batch_size.collect()[0].samples
+    before = list(engine.metrics.batch_size.collect())[0].samples
     count_before = next(s.value for s in before if s.name.endswith("_count"))
     long = _submit(engine, PROMPTS[0], "a", 60)
     while long.tokens < 2:
@@ -98,7 +106,7 @@ def test_joined_rows_share_steps(engine: Engine) -> None:
     short = [_submit(engine, p, "b", 4) for p in PROMPTS]
     assert all(s.done.wait(60) for s in short)
     assert long.done.wait(60)
-    samples = engine.metrics.batch_size.collect()[0].samples
+    samples = list(engine.metrics.batch_size.collect())[0].samples
     count_after = next(s.value for s in samples if s.name.endswith("_count"))
     sum_after = next(s.value for s in samples if s.name.endswith("_sum"))
     assert count_after > count_before
@@ -108,7 +116,7 @@ def test_joined_rows_share_steps(engine: Engine) -> None:
 
 
 def test_cancelled_row_leaves_and_others_continue(engine: Engine) -> None:
-    ids = engine.backend.tokenizer(PROMPTS[0])["input_ids"]
+    ids = _tokenizer(engine)(PROMPTS[0])["input_ids"]
     out = Collector()
     job = Job(ids, SamplingParams(max_tokens=200, temperature=0), "a", out)
     engine.submit(job)

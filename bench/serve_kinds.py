@@ -1,0 +1,109 @@
+"""The serving benchmark's reference rows (used by `bench/serve.py`):
+
+limit-0  no server: the same model's raw batched greedy decode in-process (transformers `generate`, a static
+         batch of `--concurrency` rows of the same prompts, no adapters), in tokens/s; the ceiling the server
+         is compared with
+hf-0     `transformers serve --continuous-batching` (transformers' own OpenAI server, paged attention) on the
+         same model dir, driven by the same load generator (text prompts: its /v1/completions takes strings)
+itl-N    the server with N adapters under the usual load, plus one `--long-prompt`-token prompt sent
+         mid-run: the per-token latency of the other rows (p99 vs p50) shows whether prefill stalls them
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+__all__ = ["hf_serve_command", "long_prompt_probe", "run_limit"]
+
+
+def run_limit(model_dir: Path, prompts: Sequence[list[int]], batch: int, max_tokens: int) -> tuple[Any, float]:
+    """Static batches of `batch` rows through `generate` (greedy, exactly `max_tokens` new tokens each), one
+    after another over `prompts`; returns the results as a `Run` (token times per row) and the load seconds."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.serve import Result, Run
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    setup_s = time.perf_counter() - t0
+    ids = torch.tensor([list(p) for p in prompts[:batch]])
+    warm = max(1, min(4, max_tokens))
+    with torch.inference_mode():  # one short warm-up batch
+        model.generate(ids, max_new_tokens=warm, min_new_tokens=warm, do_sample=False, pad_token_id=1)
+    results: list[Any] = []
+    start = time.perf_counter()
+    for first in range(0, len(prompts) - batch + 1, batch):
+        ids = torch.tensor([list(p) for p in prompts[first : first + batch]])
+        stamps = _StepTimes()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=1,
+                streamer=stamps,
+            )
+        for i in range(batch):
+            results.append(Result(first + i, t, stamps.times[0] if stamps.times else None, time.perf_counter()))
+            results[-1].token_times = list(stamps.times)
+    end = time.perf_counter()
+    return Run(results, start, end, end), setup_s
+
+
+class _StepTimes:
+    """A `generate` streamer that stamps each decode step (its first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def hf_serve_command(model_dir: Path, port: int, max_batch_tokens: int | None = None) -> list[str]:
+    """`transformers serve` pinned to `model_dir` with continuous batching (the venv's console script)."""
+    import shutil
+    import sys
+
+    exe = Path(sys.executable).parent / "transformers"
+    binary = str(exe) if exe.exists() else (shutil.which("transformers") or "transformers")
+    cmd = [binary, "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port)]
+    if max_batch_tokens:
+        cmd += ["--cb-max-batch-tokens", str(max_batch_tokens)]
+    return cmd + ["--log-level", "warning"]
+
+
+async def long_prompt_probe(
+    url: str, model: str, prompt: list[int], after_s: float, max_tokens: int, stamp: Callable[[float, float], None]
+) -> str | None:
+    """After `after_s` seconds, send one long prompt; `stamp(sent, first_token)`; returns an error or None."""
+    await asyncio.sleep(after_s)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    sent = time.perf_counter()
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=600.0) as client,
+        client.stream("POST", "/v1/completions", json=body) as resp,
+    ):
+        if resp.status_code != 200:
+            return f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+        first = None
+        async for line in resp.aiter_lines():
+            if first is None and line.startswith("data: ") and line[6:] != "[DONE]":
+                first = time.perf_counter()
+                stamp(sent, first)
+    return None
