@@ -30,16 +30,20 @@ def setup() -> tuple[Any, Any]:
     return model, tokenizer
 
 
+EOS = 3
+
+
 class Out:
     def __init__(self) -> None:
         self.ids: list[int] = []
-        self.logprobs: list[dict[str, float]] = []
+        self.logprobs: list[dict[int, float | None]] = []
         self.reason: str | None = None
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, TokenEvent):
-            self.ids += [t.id for t in event.tokens]
-            self.logprobs += [t.top or {} for t in event.tokens]
+        if isinstance(event, TokenEvent):  # with logprobs, the EOS that ends a row is a token too: not counted here
+            tokens = [t for t in event.tokens if t.id != EOS]
+            self.ids += [t.id for t in tokens]
+            self.logprobs += [{alt.id: alt.logprob for alt in t.top or []} for t in tokens]
         elif isinstance(event, FinishEvent):
             self.reason = event.reason
 
@@ -49,7 +53,8 @@ def _prompt(n: int, seed: int, vocab: int) -> list[int]:
     return [2] + torch.randint(4, vocab, (n - 1,), generator=gen).tolist()
 
 
-def _job(prompt: list[int], selection: Any, max_tokens: int, logprobs: int | None = None) -> tuple[Job, Out]:
+def _job(prompt: list[int], selection: Any, max_tokens: int, logprobs: int = 0) -> tuple[Job, Out]:
+    """A greedy job; `logprobs` >= 0 so every token event names its token (token infos come only with logprobs)."""
     out = Out()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=logprobs)
     return Job(prompt, params, selection, out), out
@@ -61,7 +66,7 @@ def _reference(model: Any, prompt: list[int], selection: Any, max_tokens: int) -
     with torch.inference_mode(), lokr.adapter_batch(model, [selection]):
         out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=1)
     tokens = out[0, len(prompt) :].tolist()
-    return tokens[: tokens.index(3)] if 3 in tokens else tokens
+    return tokens[: tokens.index(EOS)] if EOS in tokens else tokens
 
 
 def _runner(setup: tuple[Any, Any], rows: int, budget: int) -> BatchRunner:
