@@ -40,6 +40,8 @@ def test_load_describe_list_unload(client: httpx.Client) -> None:
     assert response.status_code == 201, response.text
     info = client.get("/v1/adapters/tmp-one", headers=AUTH).json()
     assert info["name"] == "tmp-one" and info["num_modules"] == 14 and info["format"] == "peft"
+    # one copy of a resident adapter on the device: its factor bytes (+ one scale per module), within 5%
+    assert info["tier"] == "device" and abs(info["device_nbytes"] - info["nbytes"]) <= 0.05 * info["nbytes"]
     names = {a["name"] for a in client.get("/v1/adapters", headers=AUTH).json()["data"]}
     assert "tmp-one" in names
     _error(client.post("/v1/adapters", json={"name": "tmp-one", "source": "alpha"}, headers=AUTH), 409)
