@@ -25,7 +25,26 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+# Class attributes LyCORIS's `apply_preset` overwrites for good (`create_lycoris(..., preset=...)` and the kohya
+# network call it): restored after each test so later tests see LyCORIS's defaults.
+_PRESET_ATTRS = (
+    "ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "LORA_PREFIX",
+    "USE_FNMATCH", "TARGET_EXCLUDE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME",
+    "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+)  # fmt: skip
+
+
+def keep_class_presets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lycoris import LycorisNetwork
+
+    for cls in (LycorisNetwork, kohya.LycorisNetworkKohya):
+        for attr in _PRESET_ATTRS:
+            if attr in vars(cls):
+                monkeypatch.setattr(cls, attr, vars(cls)[attr])
+
+
 def register_presets(monkeypatch: pytest.MonkeyPatch) -> None:
+    keep_class_presets(monkeypatch)
     full = copy.deepcopy(kohya.PRESET["full"])
     full["unet_target_module"] = [m for m in full["unet_target_module"] if m != "TimestepEmbedding"]
     every = {**full, "unet_target_module": ["Linear", "Conv2d"], "unet_target_name": []}
