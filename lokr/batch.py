@@ -59,8 +59,8 @@ class RowPlan:
         default_factory=dict, repr=False
     )
     _indexes: dict[tuple[tuple[int, ...], torch.device], Tensor] = field(default_factory=dict, repr=False)
-    # Per layer (by id), what its inference forward runs (merge plan, bank passes), prepared as the scope opens.
-    prepared: dict[int, tuple[Any, Any]] = field(default_factory=dict, repr=False)
+    # Per layer (by id), what its inference forward needs (`layer._Prepared`), prepared as the scope opens.
+    prepared: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec]) -> RowPlan:

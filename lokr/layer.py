@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .batch import RowPlan, current_plan
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .merged import MergePlan, cheaper, eligible, merged_forward, plan_merge
+from .merged import MergePlan, cheaper, eligible, may_fold, merged_forward, plan_merge
 from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
@@ -264,10 +264,12 @@ class LoKrLayer(nn.Module):
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
         if self._inference():
-            mp, passes = plan.prepared.get(id(self)) or self._prepare(plan)
-            fold = mp is not None and not (args or kwargs) and x.dtype == self.weight.dtype
-            if fold and cheaper(mp, x, self.spec, self.weight):  # type: ignore[arg-type]
-                return merged_forward(self.base_layer, self.spec, x, mp)  # type: ignore[arg-type]
+            prepared = plan.prepared.get(id(self)) or self._prepare(plan)
+            if prepared.foldable and not (args or kwargs) and x.dtype == self.weight.dtype:
+                mp = prepared.merge_plan(self, plan, x)
+                if mp is not None and cheaper(mp, x, self.spec, self.weight):
+                    return merged_forward(self.base_layer, self.spec, x, mp)
+            passes = prepared.passes
             if passes is not None:
                 result = self.base_layer(x, *args, **kwargs)
                 for bank, data, rows, slots in passes:
@@ -295,21 +297,19 @@ class LoKrLayer(nn.Module):
         if self._inference():
             self._prepare(plan)
 
-    def _prepare(self, plan: RowPlan) -> tuple[MergePlan | None, list[BankPass] | None]:
-        """The merge plan (None where the base op cannot take a folded weight) and, on Linear layers, the
-        `(bank, data, rows, slots)` of each bank holding an adapter of `plan`."""
+    def _prepare(self, plan: RowPlan) -> _Prepared:
+        """What this layer's inference forward needs for `plan`: the adapters present, whether the base op can
+        take a folded weight (the merge plan itself is built only when folding may win), and on Linear layers
+        the `(bank, data, rows, slots)` of each bank holding an adapter of `plan`."""
         present = [name for name in plan.groups if name in self._held]
-        mp = None
-        if eligible(self.base_layer):
-            mp = plan_merge(plan, present, self._banks, self.spec, self.weight.device)
-            if any(bank.dtype != self.weight.dtype for bank, *_ in mp.gathers):
-                mp = None
+        placed = self._banks.place(present)
+        foldable = eligible(self.base_layer) and all(bank.dtype == self.weight.dtype for bank, *_ in placed)
+        factored = sum(bank.factored_cost(self.spec) * len(pairs) for bank, _, pairs in placed)
         passes = None
         if self.spec.kind == "linear":
-            placed = self._banks.place(present)
             passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
-        plan.prepared[id(self)] = (mp, passes)
-        return mp, passes
+        prepared = plan.prepared[id(self)] = _Prepared(present, foldable, factored, passes)
+        return prepared
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:
         """`.to()`, `.half()`, `.cuda()`...: the banks go through `fn` and the adapters follow them (an adapter
@@ -371,6 +371,22 @@ class LoKrLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class _Prepared:
+    """One layer's share of an open `adapter_batch`: see `LoKrLayer._prepare`."""
+
+    def __init__(self, present: list[str], foldable: bool, factored: int, passes: list[BankPass] | None) -> None:
+        self.present, self.foldable, self.factored, self.passes = present, foldable, factored, passes
+        self._merge: MergePlan | None = None
+
+    def merge_plan(self, layer: LoKrLayer, plan: RowPlan, x: Tensor) -> MergePlan | None:
+        """The merge plan (built once per block) if folding may beat the factored deltas for `x`, else None."""
+        if self._merge is None:
+            if not may_fold(len(self.present), self.factored, x, layer.spec, layer.weight):
+                return None
+            self._merge = plan_merge(plan, self.present, layer._banks, layer.spec, layer.weight.device)
+        return self._merge
 
 
 def _accumulate(result: Tensor, delta: Tensor) -> Tensor:

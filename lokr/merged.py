@@ -20,7 +20,7 @@ from .batch import RowPlan
 from .functional import LayerSpec
 from .stacked import FactorBank, LayerBanks, Slots
 
-__all__ = ["MergePlan", "cheaper", "eligible", "merged_forward", "plan_merge"]
+__all__ = ["MergePlan", "cheaper", "eligible", "may_fold", "merged_forward", "plan_merge"]
 
 # Cost model, in multiply-adds of a large GEMM: one element of a fused pass over a weight costs about this many
 # (memory-bound), and the factored delta costs about this many times its multiply-adds (small kernels, extra
@@ -80,12 +80,22 @@ def plan_merge(
 
 def cheaper(mp: MergePlan, x: Tensor, spec: LayerSpec, weight: Tensor) -> bool:
     """True when folding the adapters into the weight costs less than the factored deltas for input `x`."""
+    return _fold_wins(mp.terms, mp.factored_cost, x, spec, weight)
+
+
+def may_fold(terms_at_least: int, factored_cost: int, x: Tensor, spec: LayerSpec, weight: Tensor) -> bool:
+    """False when folding cannot win even with the fewest terms (one per adapter present): then no merge plan
+    need be built (decode steps, short prompts), which keeps per-step Python work off that path."""
+    return _fold_wins(terms_at_least, factored_cost, x, spec, weight)
+
+
+def _fold_wins(terms: int, factored_cost: int, x: Tensor, spec: LayerSpec, weight: Tensor) -> bool:
     if spec.kind == "linear":
         positions = x.numel() // max(1, x.shape[-1])
     else:
         positions = x.numel() // max(1, x.shape[1]) // math.prod(spec.stride)
-    folded = mp.terms * weight.numel() * ELEMENT_COST
-    factored = positions * (mp.factored_cost + 8 * spec.out_features) * FACTORED_OVERHEAD
+    folded = terms * weight.numel() * ELEMENT_COST
+    factored = positions * (factored_cost + 8 * spec.out_features) * FACTORED_OVERHEAD
     return folded < factored
 
 
