@@ -1,0 +1,37 @@
+"""One kohya LoKr file written by the real `lycoris-lora` (text-encoder and UNet keys together) served on an SD
+pipeline: the image equals plain diffusers' pipeline with LyCORIS's own network applied at the same multiplier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lokr
+
+from ..lokr.lyco import MULT, kohya_file, register_presets
+from .images_world import assert_pixels_close, load, pipeline_dir, reference_image, reference_latents
+from .test_images_parity import PROMPTS, TOL, Run, spec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"factor": 4}, {"factor": 4, "decompose_both": True, "use_tucker": True}])
+def test_kohya_file_served_equals_pipeline_with_lycoris_network(
+    options: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register_presets(monkeypatch)
+    sd = pipeline_dir(tmp_path, "sd")
+    reference = load(sd).pipe  # LyCORIS wraps its text encoder and UNet in place, at multiplier MULT
+    path = tmp_path / "style.safetensors"
+    kohya_file(path, reference.text_encoder, reference.unet, 4, 2.0, **options)
+    loaded = load(sd)
+    info = lokr.load_adapter(loaded.container, path, "style")
+    assert {m.split(".")[0] for m in info.modules} == {"text_encoder", "unet"}  # one file, both components
+    run = Run(loaded, monkeypatch)
+    s = spec(PROMPTS[2], 11)
+    base, styled = run([(s, None), (s, [("style", MULT)])])  # one batch: a base row beside the adapter's
+    assert np.abs(run.pixels(styled) - run.pixels(base)).max() > 8  # the adapter really changes the image
+    torch.testing.assert_close(run.latents[styled.id], reference_latents(reference, s.prompt, s.seed), **TOL)
+    assert_pixels_close(run.pixels(styled), reference_image(reference, s.prompt, s.seed))
