@@ -6,7 +6,6 @@ One class serves all three layer types; the differences live in `LayerSpec` and 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from .batch import RowPlan, current_plan
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .merged import MergePlan, cheaper, eligible, may_fold, merged_forward, plan_merge
+from .merged import Prepared, cheaper, eligible, merged_forward
 from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
@@ -266,7 +265,7 @@ class LoKrLayer(nn.Module):
         if self._inference():
             prepared = plan.prepared.get(id(self)) or self._prepare(plan)
             if prepared.foldable and not (args or kwargs) and x.dtype == self.weight.dtype:
-                mp = prepared.merge_plan(self, plan, x)
+                mp = prepared.merge_plan(plan, self._banks, self.spec, self.weight, x)
                 if mp is not None and cheaper(mp, x, self.spec, self.weight):
                     return merged_forward(self.base_layer, self.spec, x, mp)
             passes = prepared.passes
@@ -297,7 +296,7 @@ class LoKrLayer(nn.Module):
         if self._inference():
             self._prepare(plan)
 
-    def _prepare(self, plan: RowPlan) -> _Prepared:
+    def _prepare(self, plan: RowPlan) -> Prepared:
         """What this layer's inference forward needs for `plan`: the adapters present, whether the base op can
         take a folded weight (the merge plan itself is built only when folding may win), and on Linear layers
         the `(bank, data, rows, slots)` of each bank holding an adapter of `plan`."""
@@ -308,7 +307,7 @@ class LoKrLayer(nn.Module):
         passes = None
         if self.spec.kind == "linear":
             passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
-        prepared = plan.prepared[id(self)] = _Prepared(present, foldable, factored, passes)
+        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes)
         return prepared
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:
@@ -373,22 +372,6 @@ class LoKrLayer(nn.Module):
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-class _Prepared:
-    """One layer's share of an open `adapter_batch`: see `LoKrLayer._prepare`."""
-
-    def __init__(self, present: list[str], foldable: bool, factored: int, passes: list[BankPass] | None) -> None:
-        self.present, self.foldable, self.factored, self.passes = present, foldable, factored, passes
-        self._merge: MergePlan | None = None
-
-    def merge_plan(self, layer: LoKrLayer, plan: RowPlan, x: Tensor) -> MergePlan | None:
-        """The merge plan (built once per block) if folding may beat the factored deltas for `x`, else None."""
-        if self._merge is None:
-            if not may_fold(len(self.present), self.factored, x, layer.spec, layer.weight):
-                return None
-            self._merge = plan_merge(plan, self.present, layer._banks, layer.spec, layer.weight.device)
-        return self._merge
-
-
 def _accumulate(result: Tensor, delta: Tensor) -> Tensor:
     """`result + delta`, in place when nothing needs the graph and no dtype promotion is involved."""
     if torch.is_grad_enabled() or result.dtype != delta.dtype or result.shape != delta.shape:
@@ -407,26 +390,3 @@ def _scatter_add(result: Tensor, index: Tensor, delta: Tensor) -> Tensor:
 def _per_row(scales: Tensor, like: Tensor) -> Tensor:
     """`(rows,)` scales shaped to broadcast over `like (rows, ...)`."""
     return scales.view(-1, *([1] * (like.dim() - 1)))
-
-
-def init_like_peft(adapter: LoKrAdapter, init_weights: bool | str) -> None:
-    """PEFT's three initialisations, in PEFT's parameter order (same RNG draws as PEFT)."""
-    kaiming = lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # noqa: E731
-    params = dict(adapter.named_parameters())
-    with torch.no_grad():
-        if "lokr_w1" in params:
-            (kaiming if init_weights is not True else nn.init.zeros_)(params["lokr_w1"])
-        else:
-            (kaiming if init_weights is not True else nn.init.zeros_)(params["lokr_w1_a"])
-            kaiming(params["lokr_w1_b"])
-        lycoris = init_weights == "lycoris"
-        if "lokr_w2" in params:
-            (nn.init.zeros_ if lycoris else kaiming)(params["lokr_w2"])
-        elif lycoris:
-            nn.init.zeros_(params["lokr_w2_b"])
-            kaiming(params["lokr_w2_a"])
-        else:
-            kaiming(params["lokr_w2_a"])
-            kaiming(params["lokr_w2_b"])
-        if "lokr_t2" in params:
-            kaiming(params["lokr_t2"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from .batch import RowPlan
 from .functional import LayerSpec
 from .stacked import FactorBank, LayerBanks, Slots
 
-__all__ = ["MergePlan", "cheaper", "eligible", "may_fold", "merged_forward", "plan_merge"]
+__all__ = ["MergePlan", "Prepared", "cheaper", "eligible", "may_fold", "merged_forward", "plan_merge"]
 
 # Cost model, in multiply-adds of a large GEMM: one element of a fused pass over a weight costs about this many
 # (memory-bound), and the factored delta costs about this many times its multiply-adds (small kernels, extra
@@ -45,6 +46,26 @@ class MergePlan:
     gathers: tuple[tuple[FactorBank, Tensor, Slots, tuple[str, ...]], ...]  # bank, data, slots, names
     terms: int  # adapter terms to fold, over all selections
     factored_cost: int  # multiply-adds per output position of the factored deltas of a row (upper bound)
+
+
+class Prepared:
+    """One layer's share of an open `adapter_batch`: the adapters present, whether its base op can take a folded
+    weight, the factored deltas' cost per position, the bank passes of a Linear layer (`layer.BankPass` tuples),
+    and the merge plan, built at most once per block and only where folding may win."""
+
+    def __init__(self, present: list[str], foldable: bool, factored: int, passes: list[Any] | None) -> None:
+        self.present, self.foldable, self.factored, self.passes = present, foldable, factored, passes
+        self._merge: MergePlan | None = None
+
+    def merge_plan(
+        self, plan: RowPlan, banks: LayerBanks, spec: LayerSpec, weight: Tensor, x: Tensor
+    ) -> MergePlan | None:
+        """The merge plan if folding may beat the factored deltas for `x` (or was built already), else None."""
+        if self._merge is None:
+            if not may_fold(len(self.present), self.factored, x, spec, weight):
+                return None
+            self._merge = plan_merge(plan, self.present, banks, spec, weight.device)
+        return self._merge
 
 
 def eligible(base: nn.Module) -> bool:

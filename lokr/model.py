@@ -30,6 +30,7 @@ from .formats import (
     write_peft_dir,
 )
 from .functional import LayerSpec
+from .init import init_like_peft
 from .inject import (
     empty_parameters,
     find_targets,
@@ -42,7 +43,7 @@ from .inject import (
     wrap_module,
 )
 from .keymap import is_pipeline, resolve_pipeline_modules
-from .layer import SUPPORTED_LAYERS, LoKrAdapter, LoKrLayer, init_like_peft
+from .layer import SUPPORTED_LAYERS, LoKrAdapter, LoKrLayer
 from .stacked import slot_nbytes
 from .validate import validate_factors
 

@@ -22,7 +22,6 @@ def test_unet_quick_writes_report_and_plot(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "unet.png").stat().st_size > 0

@@ -92,7 +92,8 @@ def test_one_adapter_on_every_row_folds_once(monkeypatch: pytest.MonkeyPatch) ->
     with torch.no_grad(), lokr.adapter_batch(model, [[("a1", 0.5)]] * 4) as plan:
         got = model(x)
     (prepared,) = plan.prepared.values()
-    mp = prepared.merge_plan(model[0], plan, x)  # built by the forward, which folded
+    layer = model[0]
+    mp = prepared.merge_plan(plan, layer._banks, layer.spec, layer.weight, x)  # built by the forward, which folded
     assert mp is not None and mp.terms == 1 and mp.selections[0].rows is None
     torch.testing.assert_close(got, _reference(model, [[("a1", 0.5)]] * 4, x), rtol=1e-10, atol=1e-10)
 
@@ -120,6 +121,6 @@ def test_cost_model_picks_factored_for_decode_and_folded_for_images() -> None:
     decisions = {}
     for name, x in {"0": torch.randn(2, 1, 1024), "1": torch.randn(2, 320, 32, 32)}.items():
         layer = layers[name]
-        mp = layer._prepare(plan).merge_plan(layer, plan, x)  # None: folding cannot win, no plan is built
+        mp = layer._prepare(plan).merge_plan(plan, layer._banks, layer.spec, layer.weight, x)  # None: cannot win
         decisions[name] = mp is not None and lokr.merged.cheaper(mp, x, layer.spec, layer.weight)
     assert decisions == {"0": False, "1": True}
