@@ -5,24 +5,16 @@ No timings are asserted and no wall-clock limit is set: this box may be shared a
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .run import run_bench
 
 
 @pytest.mark.slow
 def test_layers_quick_writes_report_and_plot(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "layers.py"), "--tiny", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_bench("layers.py", "--tiny", "--out", tmp_path)
     report = tmp_path / "layers.md"
     plot = tmp_path / "layers.png"
     assert report.is_file()

@@ -4,23 +4,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .run import run_bench
 
 
 @pytest.mark.slow
 def test_images_quick_writes_report_and_plot(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "images.py"), "--quick", "--out", str(out), "--work", str(work)],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench("images.py", "--quick", "--out", out, "--work", work)
     assert (out / "images.png").stat().st_size > 0
     text = (out / "images.md").read_text()
     for heading in ("## Environment", "## Settings", "## Results", "## Ratios"):

@@ -4,25 +4,17 @@ writes its report and plot (no timings asserted, no wall-clock limit)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .run import run_bench
 
 
 @pytest.mark.slow
 def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--out", str(out), "--work", str(work)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench("serve.py", "--quick", "--out", out, "--work", work)
     report, plot = out / "serve.md", out / "serve.png"
     assert report.is_file()
     assert plot.is_file() and plot.stat().st_size > 0

@@ -6,24 +6,16 @@ No timings are asserted; it checks that every variant ran and that the served ou
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .run import run_bench
 
 
 @pytest.mark.slow
 def test_unet_quick_writes_report_and_plot(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "unet.py"), "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_bench("unet.py", "--quick", "--out", tmp_path)
     assert (tmp_path / "unet.png").stat().st_size > 0
     text = (tmp_path / "unet.md").read_text()
     for heading in ("## Median milliseconds", "## Ratios", "## Targets", "## Environment"):
