@@ -5,6 +5,7 @@ adapters or scales never fold. `tokens=True` selects per position of a packed se
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -103,3 +104,25 @@ def test_tokens_select_per_position_of_a_packed_sequence() -> None:
     torch.testing.assert_close(packed, per_row, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="positions"):
         _run(model, rows, x[None, :3], fold=0, tokens=True)
+
+
+def test_adapter_batch_walks_the_module_tree_only_after_lokr_rewraps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-step callers pay no module-tree walk: the layer list is cached until lokr wraps or unwraps a module."""
+    inject_module = importlib.import_module("lokr.inject")  # `lokr.inject` is also a function
+    model = _net()
+    walks = []
+    walk = inject_module.iter_lokr_layers
+
+    def counted(m: nn.Module):  # type: ignore[no-untyped-def]
+        walks.append(m)
+        return walk(m)
+
+    monkeypatch.setattr(inject_module, "iter_lokr_layers", counted)
+    x = torch.randn(2, 64)
+    for _ in range(3):
+        _run(model, ["a", "b"], x, fold=0)
+    assert len(walks) <= 1
+    model.add_module("3", nn.Linear(32, 8))
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["3"], init_weights=False, r=2), "c")
+    assert len(lokr.lokr_layers(model)) == 3  # the new wrapper is seen
+    _run(model, ["a", "c"], x, fold=0)
