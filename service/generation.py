@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -187,12 +188,24 @@ class BatchRunner:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         if self.can_trim_logits:
             kwargs["logits_to_keep"] = index
-        with torch.inference_mode(), lokr.adapter_batch(self.model, specs, tokens=True, fold=self.fold):
+        with (
+            torch.inference_mode(),
+            lokr.adapter_batch(self.model, specs, tokens=True, fold=self.fold),
+            self._head_scope([specs[i] for i in keep] if self.can_trim_logits else specs),
+        ):
             out = self.model(
                 input_ids=ids, attention_mask=_NO_MASK, position_ids=step.positions[None], use_cache=True, **kwargs
             )
         logits = out.logits[0] if self.can_trim_logits else out.logits[0, index]
         return logits.float()
+
+    def _head_scope(self, specs: list[RowSpec]) -> AbstractContextManager[Any]:
+        """An adapted output layer sees only the kept positions (`logits_to_keep` slices before it): its own
+        selection, the kept positions' (the innermost scope covering a layer wins)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(head, lokr.LoKrLayer):
+            return nullcontext()
+        return lokr.adapter_batch(head, specs, tokens=True, fold=self.fold)
 
     def _probe_packed(self) -> bool:
         """Packed steps give the row path's logits on this model (else they stay off): a 5-token prompt packed

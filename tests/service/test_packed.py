@@ -44,7 +44,7 @@ def _model(kind: str, vocab: int) -> Any:
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     torch.manual_seed(4)
-    lokr.inject(model, lokr.LoKrConfig(target_modules=["q_proj", "v_proj"], init_weights=False, r=2), "a")
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["q_proj", "v_proj", "lm_head"], init_weights=False, r=2), "a")
     return model
 
 
