@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -120,7 +120,7 @@ class Inference:
 
     async def stream(
         self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
-    ) -> AsyncIterator[tuple[int, Event]]:
+    ) -> AsyncGenerator[tuple[int, Event], None]:
         """`stream_batches`, one event at a time."""
         batches = self.stream_batches(prompts, n, params, sel)
         async with contextlib.aclosing(batches):
@@ -168,19 +168,21 @@ class Inference:
     ) -> list[ChoiceResult]:
         """Gather every choice; the first error fails the whole request."""
         results = [ChoiceResult(i) for i in range(len(prompts) * n)]
-        async for index, event in self.stream(prompts, n, params, sel):
-            result = results[index]
-            if isinstance(event, ErrorEvent):
-                raise event.error
-            if isinstance(event, PromptEvent):
-                result.prompt_infos = event.tokens
-            elif isinstance(event, TokenEvent):
-                result.text += event.text
-                result.token_infos.extend(event.tokens)
-            elif isinstance(event, FinishEvent):
-                result.text += event.text
-                result.finish_reason = event.reason
-                result.prompt_tokens, result.completion_tokens = event.prompt_tokens, event.completion_tokens
+        events = self.stream(prompts, n, params, sel)
+        async with contextlib.aclosing(events):  # an error cancels the other choices now, not when collected
+            async for index, event in events:
+                result = results[index]
+                if isinstance(event, ErrorEvent):
+                    raise event.error
+                if isinstance(event, PromptEvent):
+                    result.prompt_infos = event.tokens
+                elif isinstance(event, TokenEvent):
+                    result.text += event.text
+                    result.token_infos.extend(event.tokens)
+                elif isinstance(event, FinishEvent):
+                    result.text += event.text
+                    result.finish_reason = event.reason
+                    result.prompt_tokens, result.completion_tokens = event.prompt_tokens, event.completion_tokens
         return results
 
 
