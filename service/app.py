@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,15 +18,15 @@ import lokr
 
 from .backend import LoadedModel, load_causal_lm, resolve_dtype
 from .engine import Engine
-from .errors import HttpError, PayloadTooLargeError, ServiceError, http_error_for
+from .errors import HttpError, ServiceError, http_error_for
 from .images import routers as image_routers
 from .images.backend import ImageBackend
 from .images.front import ImageFront
 from .images.load import LoadedPipeline, is_pipeline_dir, load_pipeline
 from .inference import Inference
 from .lm import CausalLMBackend
-from .logs import request_id_var
 from .metrics import Metrics
+from .observe import ObserveMiddleware
 from .registry import Registry, TierLimits
 from .routes import admin, openai, ops
 from .routes.deps import Components
@@ -81,7 +78,7 @@ def create_app(
     if settings.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"], allow_headers=["*"])
     _install_error_handlers(app)
-    app.middleware("http")(_observe(components))
+    app.add_middleware(ObserveMiddleware, components=components)  # outermost of ours: sees every answer
     return app
 
 
@@ -167,49 +164,3 @@ def _not_json(request: Request, exc: RequestValidationError) -> bool:
     body_errors = [e for e in exc.errors() if tuple(e.get("loc", ())) == ("body",)]
     json_type = content_type == "application/json" or content_type.endswith("+json")
     return bool(body_errors) and bool(content_type) and not json_type
-
-
-def _observe(c: Components) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
-    """Request id, body-size limit, latency and request counters, one log line per request."""
-
-    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        token = request_id_var.set(rid[:64])
-        started = time.perf_counter()
-        try:
-            limit = c.settings.max_upload_bytes if request.method == "PUT" else c.settings.max_body_bytes
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                response: Response = _json_error(
-                    http_error_for(PayloadTooLargeError(f"request body over the {limit}-byte limit"))
-                )
-            else:
-                response = await call_next(request)
-        finally:
-            request_id_var.reset(token)
-        route = _route_label(request)
-        elapsed = time.perf_counter() - started
-        c.metrics.requests.labels(route, _adapter_label(request), str(response.status_code)).inc()
-        c.metrics.latency.labels(route).observe(elapsed)
-        response.headers["x-request-id"] = rid[:64]
-        response.headers.setdefault("x-lokr-replica", c.replica)  # a forwarded answer keeps its replica's name
-        log.info(
-            "%s %s -> %d in %.1f ms",
-            request.method,
-            request.url.path,
-            response.status_code,
-            elapsed * 1e3,
-            extra={"request_id": rid[:64]},
-        )
-        return response
-
-    return middleware
-
-
-def _route_label(request: Request) -> str:
-    route: Any = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
-
-
-def _adapter_label(request: Request) -> str:
-    return str(request.scope.get("lokr_adapter", ""))

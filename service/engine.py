@@ -178,19 +178,27 @@ class Engine:
             if self._outstanding == 0:
                 self._idle.notify_all()
 
-    async def stream(self, make_job: Callable[[Callable[[Event], None]], Job]) -> AsyncIterator[Event]:
-        """Submit a job and yield its events; leaving early (client gone) cancels the row."""
+    def sink_to(self, deliver: Callable[[Event], None]) -> Callable[[Event], None]:
+        """A job sink that runs `deliver(event)` on the calling event loop's thread (call it on that loop).
+
+        Events leave the engine thread through the outbox: one loop wake-up per step carries every row's.
+        """
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        post = self._outbox.post
+        return lambda event: post(loop, deliver, event)
 
-        def sink(event: Event) -> None:
-            self._outbox.post(loop, events.put_nowait, event)
-
-        job = make_job(sink)
+    def launch(self, job: Job) -> None:
+        """`submit`, but a refusal (overloaded, not ready, too long) becomes the job's only event."""
         try:
             self.submit(job)
-        except Exception as exc:  # refused: the job reports it as its only event
+        except Exception as exc:
             job.finish(ErrorEvent(exc))
+
+    async def stream(self, make_job: Callable[[Callable[[Event], None]], Job]) -> AsyncIterator[Event]:
+        """Submit a job and yield its events; leaving early (client gone) cancels the row."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job = make_job(self.sink_to(events.put_nowait))
+        self.launch(job)
         try:
             while True:
                 event = await events.get()

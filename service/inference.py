@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -17,7 +17,7 @@ from .errors import BadRequestError, NotFoundError
 from .jobs import ErrorEvent, Event, FinishEvent, Job, PromptEvent, SamplingParams, TokenEvent, TokenInfo
 from .lm import CausalLMBackend
 from .metrics import Metrics
-from .registry import Lease, Registry
+from .registry import Registry
 from .schemas import AdapterRef
 
 __all__ = ["ChoiceResult", "Inference", "Selection", "select_adapters"]
@@ -93,80 +93,126 @@ class Inference:
             raise BadRequestError(f"prompt token ids must be in [0, {vocab})", code="invalid_prompt")
         return list(prompt)
 
-    async def stream(
+    async def stream_batches(
         self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
-    ) -> AsyncIterator[tuple[int, Event]]:
-        """Events of every choice (index = prompt * n + k), interleaved as they come.
+    ) -> AsyncGenerator[list[tuple[int, Event]], None]:
+        """Events of every choice (index = prompt * n + k) in arrival order, as the batches that arrived
+        together (an engine step hands over all its rows' events at once): one wake-up per step, not per event.
 
+        Each choice leases its adapters (bringing them back if needed) and its job goes to the engine; the
+        engine delivers straight into this stream's inbox, no task per choice. Leaving early cancels every job.
         Callers check `lm.check_fits` first to answer a 400 before streaming; `submit` checks again.
         """
-        out: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        tasks = []
-        for p, ids in enumerate(prompts):
-            for k in range(n):
-                seed = None if params.seed is None else params.seed + k
-                job_params = replace(params, seed=seed)
-                tasks.append(asyncio.ensure_future(self._pump(p * n + k, ids, job_params, sel, out)))
+        inbox = _Inbox(len(prompts) * n)
+        jobs: list[Job] = []
         try:
-            finished = 0
-            while finished < len(tasks):
-                index, event = await out.get()
-                if isinstance(event, (FinishEvent, ErrorEvent)):
-                    finished += 1
-                yield index, event
+            for p, ids in enumerate(prompts):
+                for k in range(n):
+                    seed = None if params.seed is None else params.seed + k
+                    job = await self._start(p * n + k, ids, replace(params, seed=seed), sel, inbox)
+                    if job is not None:
+                        jobs.append(job)
+            while not inbox.finished:
+                yield await inbox.take()
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            for job in jobs:
+                job.cancelled.set()
 
-    async def _pump(
-        self, index: int, ids: list[int], params: SamplingParams, sel: Selection, out: asyncio.Queue
-    ) -> None:
-        """One choice: lease its adapters (bringing them back if needed), then stream its job's events."""
+    async def stream(
+        self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
+    ) -> AsyncGenerator[tuple[int, Event], None]:
+        """`stream_batches`, one event at a time."""
+        batches = self.stream_batches(prompts, n, params, sel)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for item in batch:
+                    yield item
+
+    async def _start(
+        self, index: int, ids: list[int], params: SamplingParams, sel: Selection, inbox: _Inbox
+    ) -> Job | None:
+        """Lease one choice's adapters and launch its job; the job co-holds the lease until the engine is done
+        with its row (also after the client has gone). A failed lease is the choice's only event."""
         try:
             async with self.registry.lease(sel.names) as lease:
-                await self._generate(index, ids, params, sel, lease, out)
+                sink = self.engine.sink_to(self._deliver(index, sel.label, inbox))
+                job = Job(ids, params, sel.spec, sink, on_done=partial(self._done, lease.hold(), sel.label))
+                self.engine.launch(job)
+                return job
         except Exception as exc:
-            await out.put((index, ErrorEvent(exc)))
+            inbox.put(index, ErrorEvent(exc))
+            return None
 
-    async def _generate(
-        self, index: int, ids: list[int], params: SamplingParams, sel: Selection, lease: Lease, out: asyncio.Queue
-    ) -> None:
-        def done(release: Callable[[], None], event: Event) -> None:  # engine thread, client gone or not
-            release()
-            if isinstance(event, FinishEvent):
-                self.metrics.tokens.labels("prompt", sel.label).inc(event.prompt_tokens)
-                self.metrics.tokens.labels("generated", sel.label).inc(event.completion_tokens)
-
-        def make_job(sink: Callable[[Event], None]) -> Job:
-            # the job holds the lease until the engine has finished with its row, after this scope if need be
-            return Job(ids, params, sel.spec, sink, on_done=partial(done, lease.hold()))
-
+    def _deliver(self, index: int, label: str, inbox: _Inbox) -> Callable[[Event], None]:
+        """The loop-side end of one choice's sink: time to first token, then into the inbox."""
         started, first = time.perf_counter(), True
-        async for event in self.engine.stream(make_job):
+
+        def deliver(event: Event) -> None:
+            nonlocal first
             if first and isinstance(event, TokenEvent):
-                self.metrics.ttft.labels(sel.label).observe(time.perf_counter() - started)
+                self.metrics.ttft.labels(label).observe(time.perf_counter() - started)
                 first = False
-            await out.put((index, event))
+            inbox.put(index, event)
+
+        return deliver
+
+    def _done(self, release: Callable[[], None], label: str, event: Event) -> None:
+        """The job's last event (engine thread, client gone or not): give the lease back, count tokens."""
+        release()
+        if isinstance(event, FinishEvent):
+            self.metrics.tokens.labels("prompt", label).inc(event.prompt_tokens)
+            self.metrics.tokens.labels("generated", label).inc(event.completion_tokens)
 
     async def run(
         self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
     ) -> list[ChoiceResult]:
         """Gather every choice; the first error fails the whole request."""
         results = [ChoiceResult(i) for i in range(len(prompts) * n)]
-        async for index, event in self.stream(prompts, n, params, sel):
-            result = results[index]
-            if isinstance(event, ErrorEvent):
-                raise event.error
-            if isinstance(event, PromptEvent):
-                result.prompt_infos = event.tokens
-            elif isinstance(event, TokenEvent):
-                result.text += event.text
-                result.token_infos.extend(event.tokens)
-            elif isinstance(event, FinishEvent):
-                result.text += event.text
-                result.finish_reason = event.reason
-                result.prompt_tokens, result.completion_tokens = event.prompt_tokens, event.completion_tokens
+        events = self.stream(prompts, n, params, sel)
+        async with contextlib.aclosing(events):  # an error cancels the other choices now, not when collected
+            async for index, event in events:
+                result = results[index]
+                if isinstance(event, ErrorEvent):
+                    raise event.error
+                if isinstance(event, PromptEvent):
+                    result.prompt_infos = event.tokens
+                elif isinstance(event, TokenEvent):
+                    result.text += event.text
+                    result.token_infos.extend(event.tokens)
+                elif isinstance(event, FinishEvent):
+                    result.text += event.text
+                    result.finish_reason = event.reason
+                    result.prompt_tokens, result.completion_tokens = event.prompt_tokens, event.completion_tokens
         return results
+
+
+class _Inbox:
+    """One request's events from all its choices, filled on the loop thread, taken in batches by one reader."""
+
+    def __init__(self, choices: int) -> None:
+        self._items: list[tuple[int, Event]] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._open = choices  # choices that have not finished (or failed) yet
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has sent its last event and the reader has taken it."""
+        return self._open == 0 and not self._items
+
+    def put(self, index: int, event: Event) -> None:
+        self._items.append((index, event))
+        if isinstance(event, (FinishEvent, ErrorEvent)):
+            self._open -= 1
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> list[tuple[int, Event]]:
+        """Everything that arrived since the last take; waits while there is nothing."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items

@@ -1,4 +1,8 @@
-"""Shared route dependencies: the app's components and the auth checks."""
+"""Shared route dependencies: the app's components and the auth checks.
+
+All `async def`: they never block, and FastAPI runs a plain `def` dependency in its thread pool, two thread
+hops per request on the event loop that the engine thread shares the GIL with.
+"""
 
 from __future__ import annotations
 
@@ -53,18 +57,18 @@ class Components:
         return self.registry, self.inference
 
 
-def get_components(request: Request) -> Components:
+async def get_components(request: Request) -> Components:
     components: Components = request.app.state.components
     return components
 
 
-def api_auth(request: Request) -> None:
+async def api_auth(request: Request) -> None:
     keys = request.app.state.components.settings.api_key
     if keys:
         check_bearer(request.headers.get("authorization"), keys, "this API")
 
 
-def admin_auth(request: Request) -> None:
+async def admin_auth(request: Request) -> None:
     settings: Settings = request.app.state.components.settings
     require_admin(
         request.headers.get("authorization"), settings.admin_token, settings.loopback_bind, bool(settings.api_key)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -79,8 +80,9 @@ async def completions(body: CompletionRequest, c: Deps, request: Request) -> dic
         inf.lm.check_fits(len(ids), params)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        events = inf.stream(prompts, body.n, params, sel)
-        return _stream(events, lambda e: _completion_chunks(e, meta, params), "text_completion", meta, body.n, usage)
+        batches = inf.stream_batches(prompts, body.n, params, sel)
+        chunks = _completion_chunker(meta, params)
+        return _sse(batches, _SseWriter(chunks, "text_completion", meta, len(prompts) * body.n, body.n, usage))
     results = await inf.run(prompts, body.n, params, sel)
     choices = [_completion_choice(r, params) for r in results]
     return {"object": "text_completion", **meta, "choices": choices, "usage": _usage(results, body.n)}
@@ -156,13 +158,11 @@ def _usage(results: list[ChoiceResult], n: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _completion_chunks(
-    events: AsyncIterator[tuple[int, Event]], meta: dict[str, Any], params: SamplingParams
-) -> AsyncIterator[dict[str, Any]]:
+def _completion_chunker(meta: dict[str, Any], params: SamplingParams) -> _Chunker:
+    """Completions stream chunks: one per event (a prompt event only with `echo`)."""
     offsets: dict[int, int] = {}  # per choice: where its next token's piece starts (text_offset runs on)
-    async for index, event in events:
-        if isinstance(event, ErrorEvent):
-            raise event.error
+
+    def chunks(index: int, event: Event) -> list[dict[str, Any]]:
         choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
         if isinstance(event, PromptEvent) and params.echo:
             choice["text"] = "".join(t.text for t in event.tokens)
@@ -172,49 +172,13 @@ async def _completion_chunks(
         elif isinstance(event, FinishEvent):
             choice["text"], choice["finish_reason"], tokens = event.text, event.reason, []
         else:
-            continue
+            return []
         if params.logprobs is not None and tokens:
             choice["logprobs"] = _legacy_logprobs(tokens, offsets.get(index, 0))
         offsets[index] = offsets.get(index, 0) + sum(len(t.text) for t in tokens)
-        yield {"object": "text_completion", **meta, "choices": [choice]}
+        return [{"object": "text_completion", **meta, "choices": [choice]}]
 
-
-class _StreamUsage:
-    """Counts a stream's tokens from its finish events, for OpenAI's `stream_options.include_usage`."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.finishes = n, dict[int, FinishEvent]()
-
-    async def watch(self, events: AsyncIterator[tuple[int, Event]]) -> AsyncIterator[tuple[int, Event]]:
-        async for index, event in events:
-            if isinstance(event, FinishEvent):
-                self.finishes[index] = event
-            yield index, event
-
-    async def chunks(
-        self, chunks: AsyncIterator[dict[str, Any]], obj: str, meta: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Every chunk gets `usage: null`; then one chunk with no choices carries the usage."""
-        async for chunk in chunks:
-            yield {**chunk, "usage": None}
-        prompt = sum(f.prompt_tokens for i, f in self.finishes.items() if i % self.n == 0)
-        completion = sum(f.completion_tokens for f in self.finishes.values())
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        yield {"object": obj, **meta, "choices": [], "usage": usage}
-
-
-def _stream(
-    events: AsyncIterator[tuple[int, Event]],
-    to_chunks: Callable[[AsyncIterator[tuple[int, Event]]], AsyncIterator[dict[str, Any]]],
-    obj: str,
-    meta: dict[str, Any],
-    n: int,
-    include_usage: bool,
-) -> StreamingResponse:
-    if not include_usage:
-        return _sse(to_chunks(events))
-    usage = _StreamUsage(n)
-    return _sse(usage.chunks(to_chunks(usage.watch(events)), obj, meta))
+    return chunks
 
 
 # ------------------------------------------------------------------------------------------ chat
@@ -233,8 +197,9 @@ async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict
     inf.lm.check_fits(len(ids), params)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        events = inf.stream([ids], body.n, params, sel)
-        return _stream(events, lambda e: _chat_chunks(e, meta, k), "chat.completion.chunk", meta, body.n, usage)
+        batches = inf.stream_batches([ids], body.n, params, sel)
+        chunks = _chat_chunker(meta, k)
+        return _sse(batches, _SseWriter(chunks, "chat.completion.chunk", meta, body.n, body.n, usage))
     results = await inf.run([ids], body.n, params, sel)
     choices = [
         {
@@ -272,21 +237,23 @@ def _chat_logprobs(infos: list[TokenInfo]) -> dict[str, Any]:
     return {"content": [{**entry(i), "top_logprobs": [entry(t) for t in i.top or []]} for i in infos]}
 
 
-async def _chat_chunks(
-    events: AsyncIterator[tuple[int, Event]], meta: dict[str, Any], k: int | None
-) -> AsyncIterator[dict[str, Any]]:
+def _chat_chunker(meta: dict[str, Any], k: int | None) -> _Chunker:
+    """Chat stream chunks: a choice's first event is preceded by its `role` chunk."""
     started: set[int] = set()
-    async for index, event in events:
-        if isinstance(event, ErrorEvent):
-            raise event.error
+
+    def chunks(index: int, event: Event) -> list[dict[str, Any]]:
+        out = []
         if index not in started:
             started.add(index)
-            yield _chat_chunk(meta, index, {"role": "assistant", "content": ""}, None)
+            out.append(_chat_chunk(meta, index, {"role": "assistant", "content": ""}, None))
         if isinstance(event, TokenEvent):
             logprobs = _chat_logprobs(event.tokens) if k is not None and event.tokens else None
-            yield _chat_chunk(meta, index, {"content": event.text}, None, logprobs)
+            out.append(_chat_chunk(meta, index, {"content": event.text}, None, logprobs))
         elif isinstance(event, FinishEvent):
-            yield _chat_chunk(meta, index, {"content": event.text} if event.text else {}, event.reason)
+            out.append(_chat_chunk(meta, index, {"content": event.text} if event.text else {}, event.reason))
+        return out
+
+    return chunks
 
 
 def _chat_chunk(
@@ -297,19 +264,76 @@ def _chat_chunk(
 
 
 # ------------------------------------------------------------------------------------------ SSE
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    """Server-sent events like OpenAI's: `data: {json}` per chunk, then `data: [DONE]`.
+_Chunker = Callable[[int, Event], list[dict[str, Any]]]  # one event of one choice -> its stream chunks
+_DONE = "data: [DONE]\n\n"
 
-    An error after the stream started is sent as a final `data: {"error": ...}` event.
+
+class _SseWriter:
+    """A stream's SSE text, like OpenAI's: `data: {json}` per chunk, then `data: [DONE]`.
+
+    With `stream_options.include_usage` every chunk carries `usage: null` and a last chunk with no choices
+    carries the usage (prompts counted once per prompt, not per choice). An error after the stream started
+    is sent as a final `data: {"error": ...}` event (and no usage chunk).
     """
 
+    def __init__(self, chunks: _Chunker, obj: str, meta: dict[str, Any], choices: int, n: int, usage: bool) -> None:
+        self.chunks, self.obj, self.meta, self.n, self.usage = chunks, obj, meta, n, usage
+        self.open = choices  # choices not finished yet
+        self.finishes: dict[int, FinishEvent] = {}
+        self.failed = False
+
+    def batch(self, events: list[tuple[int, Event]]) -> str:
+        """The text for events that arrived together (one socket write instead of one per chunk)."""
+        parts = []
+        for index, event in events:
+            if isinstance(event, ErrorEvent):
+                parts.append(self.error(event.error))
+                break
+            if isinstance(event, FinishEvent):
+                self.finishes[index] = event
+                self.open -= 1
+            parts.extend(self._data(chunk) for chunk in self.chunks(index, event))
+        return "".join(parts)
+
+    @property
+    def done(self) -> bool:
+        return self.failed or self.open <= 0
+
+    def error(self, exc: BaseException) -> str:
+        self.failed = True
+        return f"data: {json.dumps(http_error_for(exc).body())}\n\n"
+
+    def end(self) -> str:
+        if not self.usage or self.failed:
+            return _DONE
+        prompt = sum(f.prompt_tokens for i, f in self.finishes.items() if i % self.n == 0)
+        completion = sum(f.completion_tokens for f in self.finishes.values())
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return f"data: {json.dumps({'object': self.obj, **self.meta, 'choices': [], 'usage': usage})}\n\n{_DONE}"
+
+    def _data(self, chunk: dict[str, Any]) -> str:
+        if self.usage:
+            chunk["usage"] = None
+        return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _sse(batches: AsyncGenerator[list[tuple[int, Event]], None], writer: _SseWriter) -> StreamingResponse:
+    """Stream `batches` of events through `writer`: one write per batch; the last one also ends the stream."""
+
     async def body() -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except Exception as exc:
-            yield f"data: {json.dumps(http_error_for(exc).body())}\n\n"
-        yield "data: [DONE]\n\n"
+        async with contextlib.aclosing(batches):
+            try:
+                async for batch in batches:
+                    text = writer.batch(batch)
+                    if writer.done:
+                        yield text + writer.end()
+                        return
+                    if text:
+                        yield text
+            except Exception as exc:
+                yield writer.error(exc) + _DONE
+                return
+        yield writer.end()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

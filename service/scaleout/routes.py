@@ -12,7 +12,8 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..app import _install_error_handlers, _observe  # the single-process app's own handlers and middleware
+from ..app import _install_error_handlers  # the single-process app's own handlers and middleware
+from ..observe import ObserveMiddleware
 from ..routes.admin import _save_upload
 from ..routes.deps import AdminAuth, ApiAuth
 from ..routes.openai import _STREAMABLE
@@ -38,7 +39,7 @@ def build_ingress_app(ingress: LokrIngress) -> FastAPI:
     for router in (_ops(ingress), _openai(ingress), _admin(ingress)):
         app.include_router(router, responses=ERROR_RESPONSES)
     _install_error_handlers(app)
-    app.middleware("http")(_observe(ingress.components))
+    app.add_middleware(ObserveMiddleware, components=ingress.components)
     return app
 
 

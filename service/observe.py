@@ -1,0 +1,91 @@
+"""The per-request middleware: request id, body-size limit, request metrics, one log line per request.
+
+A plain ASGI middleware rather than `app.middleware("http")`: starlette's `BaseHTTPMiddleware` runs the app in
+a task group of its own and relays every body message through a memory stream, one extra task hop per SSE
+chunk of every stream, on the event loop thread that the engine thread shares the GIL with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import PayloadTooLargeError, http_error_for
+from .logs import request_id_var
+
+if TYPE_CHECKING:
+    from .routes.deps import Components
+
+__all__ = ["ObserveMiddleware"]
+
+log = logging.getLogger("lokr_serve")
+
+
+class ObserveMiddleware:
+    """Tags each HTTP request with an id (`x-request-id`, echoed back, and in log records), answers 413 to a
+    declared body over the limit without reading it, stamps `x-lokr-replica` (a forwarded answer keeps its
+    replica's), and counts the request (route, adapter, status) and its latency to the last body byte."""
+
+    def __init__(self, app: ASGIApp, components: Components) -> None:
+        self.app = app
+        self.c = components
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = _request_headers(scope)
+        rid = (headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex[:16])[:64]
+        started = time.perf_counter()
+        status = 500  # what an exception escaping the app becomes (ServerErrorMiddleware, outside)
+        replica = self.c.replica.encode("latin-1")
+
+        async def send_tagged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                out = MutableHeaders(scope=message)
+                out["x-request-id"] = rid
+                if "x-lokr-replica" not in out:
+                    out.raw.append((b"x-lokr-replica", replica))
+            await send(message)
+
+        token = request_id_var.set(rid)
+        try:
+            too_large = self._too_large(scope["method"], headers.get(b"content-length"))
+            if too_large is not None:
+                await too_large(scope, receive, send_tagged)
+            else:
+                await self.app(scope, receive, send_tagged)
+        finally:
+            request_id_var.reset(token)
+            self._record(scope, status, time.perf_counter() - started, rid)
+
+    def _too_large(self, method: str, declared: bytes | None) -> ASGIApp | None:
+        """The 413 response for a declared body over the limit (PUT: uploads), else None."""
+        limit = self.c.settings.max_upload_bytes if method == "PUT" else self.c.settings.max_body_bytes
+        if declared is None or not declared.isdigit() or int(declared) <= limit:
+            return None
+        err = http_error_for(PayloadTooLargeError(f"request body over the {limit}-byte limit"))
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    def _record(self, scope: Scope, status: int, elapsed: float, rid: str) -> None:
+        route: Any = scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        self.c.metrics.requests.labels(label, str(scope.get("lokr_adapter", "")), str(status)).inc()
+        self.c.metrics.latency.labels(label).observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            path = scope.get("path", "")
+            log.info("%s %s -> %d in %.1f ms", scope["method"], path, status, elapsed * 1e3, extra={"request_id": rid})
+
+
+def _request_headers(scope: Scope) -> dict[bytes, bytes]:
+    """The two request headers the middleware reads (names arrive lower-cased in ASGI)."""
+    wanted = (b"x-request-id", b"content-length")
+    return {name: value for name, value in scope["headers"] if name in wanted}
