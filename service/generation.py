@@ -148,7 +148,7 @@ class BatchRunner:
             self.decoding.append(row)
         if finished:
             self._advance([row for row, _ in finished], torch.stack([lg for _, lg in finished]))
-        self.budget.observe(time.perf_counter() - started, n, sum(w for _, w in chunks))
+        self.budget.observe(time.perf_counter() - started, n + sum(w for _, w in chunks))
 
     def _take_chunks(self, budget: int) -> list[tuple[Row, int]]:
         """Prompt chunks under `budget` tokens, oldest row first; an echo row's prompt goes whole, alone."""

@@ -126,10 +126,15 @@ def test_prefill_budget_sizes_chunks_to_the_measured_stall() -> None:
     budget = PrefillBudget(512, stall=1.5, floor=16)
     assert budget.tokens(0) == 512  # no row decodes: whole chunks
     assert budget.tokens(8) == 16  # nothing measured yet: the floor
-    budget.observe(0.030, decoding=8, prompt_tokens=0)  # a decode step: 30 ms
-    budget.observe(0.030 + 0.064, decoding=8, prompt_tokens=64)  # 1 ms per prompt token on top
-    assert budget.tokens(8) == 45  # 1.5 x 30 ms of prompt tokens
-    budget.observe(0.0, decoding=0, prompt_tokens=1000)  # nothing to learn from a zero-length step
-    assert budget.tokens(8) == 45
+    for tokens in (16, 48, 80, 16, 48):  # steps cost 10 ms + 1 ms per token
+        budget.observe(0.010 + 0.001 * tokens, tokens)
+    fixed, per_token = budget.fit()  # type: ignore[misc]
+    assert abs(fixed - 0.010) < 1e-9 and abs(per_token - 0.001) < 1e-9
+    assert budget.tokens(16) == 39  # 1.5 x (10 ms + 16 x 1 ms) of tokens at 1 ms
+    assert budget.tokens(1000) == 512  # never above the limit
+    steady = PrefillBudget(512, stall=2.0)
+    for _ in range(5):
+        steady.observe(0.032, 32)  # one size only: no fixed cost can be told apart, all per token
+    assert steady.tokens(32) == 64
     assert PrefillBudget(512, stall=0.0).tokens(8) == 512  # fixed chunks
     assert PrefillBudget(32, stall=100.0).tokens(8) == 16  # within [floor, limit] before any measurement
