@@ -262,13 +262,14 @@ class LoKrLayer(nn.Module):
         layers; otherwise (training, or convs with few positions) one gather / delta / scatter per adapter."""
         if self.merged:
             raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
-        if plan.tokens:  # a packed sequence (1, T, ...): one row per position, as a (T, 1, ...) view
+        if plan.tokens:  # a packed sequence (1, T, ...): one row per position, as (T, 1, ...)
             if self.spec.kind != "linear" or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != plan.num_rows:
                 raise ValueError(
                     f"adapter_batch(tokens=True) selects {plan.num_rows} positions of a (1, T, features) input to "
                     f"Linear layers; this {self.spec.kind} layer got {tuple(x.shape)}"
                 )
-            return self._rows(x.transpose(0, 1), plan, *args, **kwargs).transpose(0, 1)
+            rows = self._rows(x.reshape(x.shape[1], 1, *x.shape[2:]), plan, *args, **kwargs)  # contiguous views
+            return rows.reshape(1, rows.shape[0], *rows.shape[2:])
         return self._rows(x, plan, *args, **kwargs)
 
     def _rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
