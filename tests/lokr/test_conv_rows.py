@@ -124,3 +124,28 @@ def test_cost_model_picks_factored_for_decode_and_folded_for_images() -> None:
         mp = layer._prepare(plan).merge_plan(plan, layer._banks, layer.spec, layer.weight, x)  # None: cannot win
         decisions[name] = mp is not None and lokr.merged.cheaper(mp, x, layer.spec, layer.weight)
     assert decisions == {"0": False, "1": True}
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "linear"])
+def test_consecutive_selections_fold_on_slices(layer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows grouped by selection: each selection's op reads a slice of the input, no gather / scatter."""
+    model = _model(layer, {"r": 2})
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    rows: list[Any] = ["a0", "a0", None, [("a1", 0.5), ("a2", -2.0)], [("a1", 0.5), ("a2", -2.0)], "a1"]
+    x = _input(layer, len(rows))
+    calls: list[str] = []  # gathers / scatters of activations (the factor bank's own 2-D gather is not one)
+    for method in ("index_select", "index_copy_"):
+        real = getattr(torch.Tensor, method)
+
+        def counted(self: torch.Tensor, *a: Any, _real: Any = real, _name: str = method) -> torch.Tensor:
+            if self.dim() > 2:
+                calls.append(_name)
+            return _real(self, *a)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    with torch.no_grad(), lokr.adapter_batch(model, rows):
+        got = model(x)
+    monkeypatch.undo()
+    assert not calls
+    with torch.no_grad():
+        torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)

@@ -145,3 +145,24 @@ def test_mixed_batch_equals_one_at_a_time(sdxl_dir: Path, tmp_path: Path, monkey
         (alone,) = run([item])
         torch.testing.assert_close(run.latents[job.id], run.latents[alone.id], **TOL)
         assert_pixels_close(run.pixels(job), run.pixels(alone))
+
+
+def test_rows_of_one_selection_share_one_slice(sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interleaved adapters are regrouped per step, so every folded op reads a slice of the batch (no gather /
+    scatter), and each image still equals its one-at-a-time run."""
+    loaded = load(sd_dir)
+    for name, seed in (("p", 5), ("q", 6)):
+        lokr.load_adapter(loaded.container, peft_unet_adapter(sd_dir, tmp_path / name, seed=seed), name)
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)  # every adapted layer folds
+    mixed = Run(loaded, monkeypatch)
+    items = [(spec(PROMPTS[i % 3], i, steps_=2), "pq"[i % 2]) for i in range(4)]
+    scatters: list[int] = []
+    real = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda self, *a: scatters.append(1) or real(self, *a))
+    together = mixed(items)
+    assert not scatters
+    monkeypatch.undo()
+    single = Run(loaded, monkeypatch)
+    for job, item in zip(together, items):
+        (alone,) = single([item])
+        torch.testing.assert_close(mixed.latents[job.id], single.latents[alone.id], **TOL)
