@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .batch import RowPlan
 from .functional import LayerSpec
-from .stacked import FactorBank, LayerBanks, Slots
+from .stacked import FactorBank, LayerBanks
 
 __all__ = ["MergePlan", "Prepared", "cheaper", "eligible", "may_fold", "merged_forward", "plan_merge"]
 
@@ -47,7 +47,7 @@ class MergePlan:
     """What one layer folds in for one plan: its selections and each bank's slots for the adapters used."""
 
     selections: tuple[Selection, ...]
-    gathers: tuple[tuple[FactorBank, Tensor, Slots, tuple[str, ...]], ...]  # bank, data, slots, names
+    gathers: tuple[tuple[FactorBank, Tensor, tuple[int, ...], tuple[str, ...]], ...]  # bank, data, slots, names
     terms: int  # adapter terms to fold, over all selections
     factored_cost: int  # multiply-adds per output position of the factored deltas of a row (upper bound)
 
@@ -98,8 +98,7 @@ def plan_merge(
     )
     gathers = []
     for bank, data, pairs in banks.place(present):
-        index = plan.row_index([slot for _, slot in pairs], device)
-        gathers.append((bank, data, Slots(0, index), tuple(name for name, _ in pairs)))
+        gathers.append((bank, data, tuple(slot for _, slot in pairs), tuple(name for name, _ in pairs)))
     cost = sum(bank.factored_cost(spec) * len(names) for bank, _, _, names in gathers)
     return MergePlan(selections, tuple(gathers), sum(len(s.terms) for s in selections), cost)
 
@@ -140,7 +139,7 @@ def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -
     bias: Tensor | None = base.bias  # type: ignore[assignment]
     operands: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
     for bank, data, slots, names in mp.gathers:
-        a, b, shape = bank.kron_operands(slots, spec, data)
+        a, b, shape = bank.fold_operands(slots, names, spec, data)
         for i, name in enumerate(names):
             operands[name] = (a[i], b[i], shape)
     spans = [s.span for s in mp.selections if s.span is not None]

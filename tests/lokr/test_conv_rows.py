@@ -149,3 +149,41 @@ def test_consecutive_selections_fold_on_slices(layer: str, monkeypatch: pytest.M
     assert not calls
     with torch.no_grad():
         torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_fold_operands_kept_until_an_adapter_changes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A steady selection does not rebuild its kron operands each step; a factor edit, a new scale or a bank
+    resize (another adapter attached) is seen by the very next forward."""
+    model = _model("conv2d", {"r": 2})
+    layer = model[0]
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    builds: list[int] = []
+    bank = layer._banks.bank_of("a0")
+    real = bank.kron_operands
+    monkeypatch.setattr(bank, "kron_operands", lambda *a: builds.append(1) or real(*a))
+    rows: list[Any] = ["a0", "a0", [("a1", 0.5)], "a2"]
+    x = _input("conv2d", len(rows))
+    context = torch.inference_mode if mode == "inference" else torch.no_grad
+
+    def step() -> torch.Tensor:
+        with context(), lokr.adapter_batch(model, rows):
+            got = model(x)
+        with torch.no_grad():
+            torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
+        return got
+
+    first = step()
+    torch.testing.assert_close(step(), first, rtol=0, atol=0)
+    assert len(builds) == 1
+    with torch.no_grad():
+        layer.lokr_adapters["a1"].lokr_w1.mul_(3.0)  # in place, through the bank row
+    step()
+    layer.lokr_adapters["a2"].scale = -1.5
+    step()
+    assert len(builds) == 3
+    cfg = lokr.LoKrConfig(target_modules=["0"], init_weights=False, alpha=3, r=2)
+    for i in range(3, 6):  # the bank grows: a new data tensor
+        lokr.inject(model, cfg, f"a{i}")
+    model.double()
+    step()
