@@ -19,6 +19,7 @@ from .errors import (
 )
 from .formats import ParsedAdapter, read_adapter
 from .functional import factorization, make_kron, make_weight_cp
+from .inject import lokr_layers
 from .keymap import pipeline_modules
 from .layer import LoKrAdapter, LoKrLayer
 from .model import (
@@ -68,6 +69,7 @@ __all__ = [
     "inject",
     "list_adapters",
     "load_adapter",
+    "lokr_layers",
     "make_kron",
     "make_weight_cp",
     "merge_adapter",

@@ -55,6 +55,8 @@ class RowPlan:
 
     num_rows: int
     groups: dict[str, RowGroup]
+    tokens: bool = False  # rows are the positions of dim 1 of a batch of one (a packed sequence)
+    fold: int = 0  # folded weights each layer may keep for adapters run alone over the whole batch (0: none)
     _entries: dict[tuple[tuple[tuple[str, int], ...], torch.device], tuple[Tensor | None, Slots]] = field(
         default_factory=dict, repr=False
     )
@@ -63,7 +65,7 @@ class RowPlan:
     prepared: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[RowSpec]) -> RowPlan:
+    def from_rows(cls, rows: Sequence[RowSpec], tokens: bool = False, fold: int = 0) -> RowPlan:
         groups: dict[str, RowGroup] = {}
         for i, spec in enumerate(rows):
             for name, scale in _normalise(spec):
@@ -74,7 +76,7 @@ class RowPlan:
         for group in groups.values():  # decided once per batch, not in every layer's forward
             group.whole = len(group.rows) == len(rows)
             group.unit = all(s == 1.0 for s in group.scales)
-        return cls(len(rows), groups)
+        return cls(len(rows), groups, tokens, fold)
 
     def row_index(self, values: list[int], device: torch.device) -> Tensor:
         """`values` as a long tensor on `device`, made once per plan (layers share it)."""

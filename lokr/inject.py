@@ -19,6 +19,7 @@ __all__ = [
     "get_submodule",
     "has_adapter",
     "iter_lokr_layers",
+    "lokr_layers",
     "matches_target",
     "model_modules",
     "parameter_shapes",
@@ -65,6 +66,23 @@ def iter_lokr_layers(model: nn.Module) -> Iterator[tuple[str, LoKrLayer]]:
     for name, module in model_modules(model):
         if isinstance(module, LoKrLayer):
             yield name, module
+
+
+class _Layout:
+    """Bumped whenever lokr wraps or unwraps a module of any model; cached layer lists then rebuild."""
+
+    epoch = 0
+
+
+def lokr_layers(model: nn.Module) -> tuple[LoKrLayer, ...]:
+    """The LoKr wrappers of `model` in module order, cached on the model until lokr next wraps or unwraps a
+    module (so per-step callers do not walk the module tree; modules swapped in by hand are not seen)."""
+    cached = model.__dict__.get("_lokr_layer_cache")
+    if cached is not None and cached[0] == _Layout.epoch:
+        return cached[1]
+    layers = tuple(layer for _, layer in iter_lokr_layers(model))
+    model.__dict__["_lokr_layer_cache"] = (_Layout.epoch, layers)
+    return layers
 
 
 def has_adapter(model: nn.Module, name: str) -> bool:
@@ -169,6 +187,7 @@ def wrap_module(model: nn.Module, name: str) -> LoKrLayer:
     wrapper = LoKrLayer(module)
     wrapper.train(module.training)  # a fresh nn.Module is in training mode; keep the model's eval mode
     setattr(get_submodule(model, parent_name), child, wrapper)
+    _Layout.epoch += 1
     return wrapper
 
 
@@ -178,6 +197,7 @@ def unwrap_module(model: nn.Module, name: str) -> None:
     if isinstance(module, LoKrLayer) and not module.lokr_adapters:
         parent_name, _, child = name.rpartition(".")
         setattr(get_submodule(model, parent_name), child, module.base_layer)
+        _Layout.epoch += 1
 
 
 def parameter_shapes(spec: LayerSpec, config: LoKrConfig, r: int) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .batch import RowPlan, current_plan
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .merged import Prepared, cheaper, eligible, merged_forward
+from .merged import FoldCache, Prepared, base_op, cheaper, eligible, merged_forward
 from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
@@ -126,8 +126,9 @@ class LoKrAdapter(nn.Module):
 
     def cached_delta(self, spec: LayerSpec) -> Tensor:
         """Dense `dW`, rebuilt whenever a factor, the scale, the device or the dtype changed."""
-        first = next(p for p in self._parameters.values() if p is not None)  # shares the bank's version counter
-        key = (self.scale, first.data_ptr(), first._version, first.dtype, first.device)
+        params = [p for p in self._parameters.values() if p is not None]  # each view has its own version counter
+        first = params[0]
+        key = (self.scale, first.data_ptr(), tuple(p._version for p in params), first.dtype, first.device)
         if self._dense is None or self._dense[0] != key:
             with torch.no_grad():
                 self._dense = (key, delta_weight(self.factors(), spec, self.scale))
@@ -155,6 +156,7 @@ class LoKrLayer(nn.Module):
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
         self._banks = LayerBanks()  # the storage of this layer's adapters (their parameters are views of it)
+        self._folds = FoldCache()  # `W + dW` of adapters recently run alone (adapter_batch's `fold`)
 
     # ---------------------------------------------------------------------------- base-layer facade
     @property
@@ -186,6 +188,7 @@ class LoKrLayer(nn.Module):
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged into the base weight; unmerge it first")
         self._banks.remove(name)
+        self._folds.drop(name)
         if name in self.lokr_adapters:
             del self.lokr_adapters[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -259,11 +262,23 @@ class LoKrLayer(nn.Module):
         layers; otherwise (training, or convs with few positions) one gather / delta / scatter per adapter."""
         if self.merged:
             raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
+        if plan.tokens:  # a packed sequence (1, T, ...): one row per position, as a (T, 1, ...) view
+            if self.spec.kind != "linear" or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != plan.num_rows:
+                raise ValueError(
+                    f"adapter_batch(tokens=True) selects {plan.num_rows} positions of a (1, T, features) input to "
+                    f"Linear layers; this {self.spec.kind} layer got {tuple(x.shape)}"
+                )
+            return self._rows(x.transpose(0, 1), plan, *args, **kwargs).transpose(0, 1)
+        return self._rows(x, plan, *args, **kwargs)
+
+    def _rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
         if x.shape[0] != plan.num_rows:
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
         if self._inference():
             prepared = plan.prepared.get(id(self)) or self._prepare(plan)
+            if prepared.hot is not None and not (args or kwargs) and x.dtype == self.weight.dtype:
+                return base_op(self.spec, x, prepared.hot, self.bias).to(previous_dtype)
             if prepared.foldable and not (args or kwargs) and x.dtype == self.weight.dtype:
                 mp = prepared.merge_plan(plan, self._banks, self.spec, self.weight, x)
                 if mp is not None and cheaper(mp, x, self.spec, self.weight):
@@ -307,13 +322,15 @@ class LoKrLayer(nn.Module):
         passes = None
         if self.spec.kind == "linear":
             passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
-        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes)
+        hot = self._folds.hot(plan, self._held, present, placed, self.spec, self.weight) if foldable else None
+        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes, hot)
         return prepared
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:
         """`.to()`, `.half()`, `.cuda()`...: the banks go through `fn` and the adapters follow them (an adapter
         whose parameters `fn` then gives other storage anyway is re-homed by its own `_apply`)."""
         self._banks.apply_(fn)
+        self._folds.drop()
         return super()._apply(fn, recurse)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ Chosen per layer and step by `cheaper`; exact up to float rounding (the base out
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,19 @@ from torch import Tensor, nn
 
 from .batch import RowPlan
 from .functional import LayerSpec
-from .stacked import FactorBank, LayerBanks
+from .stacked import FactorBank, LayerBanks, Slots
 
-__all__ = ["MergePlan", "Prepared", "cheaper", "eligible", "may_fold", "merged_forward", "plan_merge"]
+__all__ = [
+    "FoldCache",
+    "MergePlan",
+    "Prepared",
+    "base_op",
+    "cheaper",
+    "eligible",
+    "may_fold",
+    "merged_forward",
+    "plan_merge",
+]
 
 # Cost model, in multiply-adds of a large GEMM: one element of a fused pass over a weight costs about this many
 # (memory-bound), and the factored delta costs about this many times its multiply-adds (small kernels, extra
@@ -57,8 +68,11 @@ class Prepared:
     weight, the factored deltas' cost per position, the bank passes of a Linear layer (`layer.BankPass` tuples),
     and the merge plan, built at most once per block and only where folding may win."""
 
-    def __init__(self, present: list[str], foldable: bool, factored: int, passes: list[Any] | None) -> None:
+    def __init__(
+        self, present: list[str], foldable: bool, factored: int, passes: list[Any] | None, hot: Tensor | None = None
+    ) -> None:
         self.present, self.foldable, self.factored, self.passes = present, foldable, factored, passes
+        self.hot = hot  # the folded weight when one adapter at scale 1 covers every row and it is cached
         self._merge: MergePlan | None = None
 
     def merge_plan(
@@ -70,6 +84,66 @@ class Prepared:
                 return None
             self._merge = plan_merge(plan, self.present, banks, spec, weight.device)
         return self._merge
+
+
+class FoldCache:
+    """One layer's folded weights `W + dW` of the adapters most recently run alone over a whole batch at scale 1
+    (LRU): a step that uses one such adapter costs the bare layer's op. Each entry costs a copy of the weight.
+    Entries are keyed by the storage and version of the bank and the weight, so an adapter that changed, moved
+    or was replaced in its slot is folded again."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, tuple[tuple[Any, ...], Tensor]] = OrderedDict()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> FoldCache:
+        return FoldCache()
+
+    def weight(
+        self, name: str, adapter: nn.Module, placed: Any, spec: LayerSpec, weight: Tensor, capacity: int
+    ) -> Tensor:
+        """`W + kron(w1, w2) * scale` of `name` (`placed`: its bank, the bank's data and its `((name, slot),)`),
+        made on first use, keeping `capacity`. Its parameters are views of the bank row with their own versions."""
+        bank, data, ((_, slot),) = placed
+        versions = tuple(p._version for p in adapter._parameters.values() if p is not None)
+        key = (id(bank), data.data_ptr(), data._version, slot, weight.data_ptr(), weight._version, versions)
+        hit = self._entries.get(name)
+        if hit is not None and hit[0] == key:
+            self._entries.move_to_end(name)
+            return hit[1]
+        a, b, shape = bank.kron_operands(Slots(slot), spec, data)
+        folded = torch.addcmul(weight.view(shape), a[0], b[0]).view(weight.shape)
+        self._entries[name] = (key, folded)
+        self._entries.move_to_end(name)
+        self.trim(capacity)
+        return folded
+
+    def hot(
+        self, plan: RowPlan, held: dict[str, Any], present: list[str], placed: Any, spec: LayerSpec, weight: Tensor
+    ) -> Tensor | None:
+        """The folded weight when `plan` runs one adapter at scale 1 on every row and may keep folds
+        (`held`: the layer's adapters by name; `placed`: its `LayerBanks.place(present)`)."""
+        self.trim(plan.fold)
+        if plan.fold <= 0 or len(plan.groups) != 1 or len(present) != 1:
+            return None
+        group = plan.groups[present[0]]
+        if not (group.whole and group.unit):
+            return None
+        return self.weight(present[0], held[present[0]], placed[0], spec, weight, plan.fold)
+
+    def trim(self, capacity: int) -> None:
+        while len(self._entries) > capacity:
+            self._entries.popitem(last=False)
+
+    def drop(self, name: str | None = None) -> None:
+        """Forget `name`'s folded weight (every one with None)."""
+        if name is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(name, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self._entries.values())
 
 
 def eligible(base: nn.Module) -> bool:
@@ -144,12 +218,12 @@ def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -
             operands[name] = (a[i], b[i], shape)
     spans = [s.span for s in mp.selections if s.span is not None]
     if 1 < len(spans) == len(mp.selections):
-        ys = [_op(spec, x[lo:hi], _fold(weight, s, operands), bias) for s, (lo, hi) in zip(mp.selections, spans)]
+        ys = [base_op(spec, x[lo:hi], _fold(weight, s, operands), bias) for s, (lo, hi) in zip(mp.selections, spans)]
         return torch.cat(ys)
     out: Tensor | None = None
     for selection in mp.selections:
         rows = selection.rows
-        y = _op(spec, x if rows is None else x.index_select(0, rows), _fold(weight, selection, operands), bias)
+        y = base_op(spec, x if rows is None else x.index_select(0, rows), _fold(weight, selection, operands), bias)
         if rows is None:
             return y
         if out is None:
@@ -171,7 +245,8 @@ def _fold(weight: Tensor, selection: Selection, operands: dict[str, tuple[Tensor
     return folded.view(weight.shape)
 
 
-def _op(spec: LayerSpec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def base_op(spec: LayerSpec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The base layer's op of `spec` with another `weight`."""
     if spec.kind == "linear":
         return F.linear(x, weight, bias)
     conv = F.conv1d if spec.kind == "conv1d" else F.conv2d

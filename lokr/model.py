@@ -37,6 +37,7 @@ from .inject import (
     get_submodule,
     has_adapter,
     iter_lokr_layers,
+    lokr_layers,
     model_modules,
     parameter_shapes,
     unwrap_module,
@@ -260,15 +261,23 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def adapter_batch(model: nn.Module, rows: Sequence[RowSpec]) -> Iterator[RowPlan]:
+def adapter_batch(
+    model: nn.Module, rows: Sequence[RowSpec], *, tokens: bool = False, fold: int = 0
+) -> Iterator[RowPlan]:
     """Inside the block, row `i` of every forward's dim 0 uses `rows[i]`.
 
-    `rows[i]` is None (base), an adapter name, or `[(name, scale), ...]` summed. Visible only to the
-    calling thread / task; gone when the block exits, even on error. Inference forwards (no autograd, eval
-    mode) inside the block use the selected adapters' weights as they were when the block was entered.
+    `rows[i]` is None (base), an adapter name, or `[(name, scale), ...]` summed. With `tokens`, the forwards
+    take a batch of one packed sequence `(1, T, ...)` and `rows[i]` selects for position `i` of dim 1 (several
+    requests' tokens in one row, as a packed continuous-batching step feeds them). Visible only to the calling
+    thread / task; gone when the block exits, even on error. Inference forwards (no autograd, eval mode)
+    inside the block use the selected adapters' weights as they were when the block was entered.
+
+    `fold` > 0: when one adapter at scale 1 covers every row, each layer runs its op on `W + dW`, folded once
+    and kept for the `fold` adapters used so most recently (a copy of each adapted weight per adapter kept),
+    so a batch of one adapter costs the base model's forward. 0 keeps no folded weight.
     """
-    plan = RowPlan.from_rows(rows)
-    layers = [layer for _, layer in iter_lokr_layers(model)]
+    plan = RowPlan.from_rows(rows, tokens=tokens, fold=fold)
+    layers = lokr_layers(model)
     if any(layer.merged for layer in layers):
         raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge_adapter first")
     with selection_scope(layers, plan, lambda name: any(name in layer.lokr_adapters for layer in layers)) as scoped:

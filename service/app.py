@@ -106,7 +106,9 @@ def _start(c: Components, loaded: LoadedModel | LoadedPipeline) -> None:
     if isinstance(loaded, LoadedPipeline):
         backend = ImageBackend(loaded, c.metrics, s.max_batch_size)
     else:
-        backend = CausalLMBackend(loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens)
+        backend = CausalLMBackend(
+            loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens, s.prefill_stall, s.fold_cache
+        )
     engine = Engine(backend, c.metrics, s.max_queue)
     adapter_dtype = None if s.adapter_dtype == "auto" else resolve_dtype(s.adapter_dtype, loaded.device)
     limits = TierLimits(s.max_resident_adapters, s.max_resident_bytes, s.max_host_adapters, s.max_host_bytes)

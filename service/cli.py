@@ -29,6 +29,14 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-batch-size", {"type": int}),
     ("--max-queue", {"type": int, "help": "waiting requests before 503"}),
     ("--max-prefill-tokens", {"type": int, "help": "prompt tokens admitted into the running batch per step"}),
+    (
+        "--prefill-stall",
+        {"type": float, "help": "while rows decode, a step's prompt chunk costs at most this many decode steps"},
+    ),
+    (
+        "--fold-cache",
+        {"type": int, "help": "adapters kept folded into a weight copy for one-adapter steps (0: none)"},
+    ),
     ("--max-resident-adapters", {"type": int, "help": "adapters attached to the model (device tier)"}),
     ("--max-resident-bytes", {"type": int, "help": "bytes of resident adapters (0: no limit)"}),
     ("--max-host-adapters", {"type": int, "help": "offloaded adapters kept in host memory (LRU)"}),

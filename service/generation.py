@@ -1,10 +1,13 @@
-"""Rows of a causal LM in one slot cache: prompts prefilled in chunks under a token budget, one decode forward
-per step for every decoding row; rows join and leave between steps without copying anyone else's KV."""
+"""Rows of a causal LM in one slot cache. On models whose attention runs on SDPA, each step is one packed
+forward: every decoding row's next token and prompt chunks under a token budget (`PrefillBudget`) in one
+sequence (`service.packed`). Otherwise decoding rows run as one batch and prompt chunks in right-padded
+forwards of their own. Rows join and leave between steps without copying anyone else's KV."""
 
 from __future__ import annotations
 
 import inspect
-from collections import deque
+import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -12,14 +15,21 @@ import torch
 from torch import Tensor
 
 import lokr
+from lokr.batch import RowSpec
 
-from .backend import ModelLoadError
-from .jobs import FinishEvent, Job, PromptEvent, TokenEvent, TokenInfo, fail_jobs
+from .jobs import Job, PromptEvent, TokenEvent, TokenInfo, fail_jobs
 from .kvcache import SlotCache, SlotPlan
+from .packed import STEP_KWARG, PackedStep, PrefillBudget, disable_packed, enable_packed
+from .rowstate import MaskKind, Row, plan_chunks
 from .sampling import choose_tokens, make_generator, top_logprobs
 from .textstream import PieceDecoder, TextStream, prompt_pieces
 
 __all__ = ["BatchRunner", "plan_chunks"]
+
+log = logging.getLogger("lokr_serve.engine")
+
+# A packed forward's masks are the packed attention's own: a 4D placeholder makes transformers build none.
+_NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)
 
 
 class BatchRunner:
@@ -37,9 +47,15 @@ class BatchRunner:
         context_length: int,
         max_rows: int = 16,
         max_prefill_tokens: int = 512,
+        prefill_stall: float = 0.0,
+        fold: int = 0,
     ) -> None:
+        """`prefill_stall` > 0: while rows decode, prompt chunks are sized to cost at most that many decode steps'
+        time (measured; packed steps only). `fold`: `lokr.adapter_batch`'s folded weights per layer."""
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.context_length, self.max_rows, self.max_prefill_tokens = context_length, max_rows, max_prefill_tokens
+        self.budget = PrefillBudget(max_prefill_tokens, prefill_stall)
+        self.fold = fold
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -47,23 +63,24 @@ class BatchRunner:
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self.can_trim_logits = "logits_to_keep" in params
         dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
-        self.masks = _MaskKind(getattr(model, "config", None), dtype)
+        self.masks = MaskKind(getattr(model, "config", None), dtype)
         self.cache = SlotCache(max_rows, max_length=context_length)
-        self.decoding: list[_Row] = []  # decoding[i] holds slot i
-        self.prefilling: list[_Row] = []  # first come, first prefilled
+        self.decoding: list[Row] = []  # decoding[i] holds slot i
+        self.prefilling: list[Row] = []  # first come, first prefilled
+        self.packed = enable_packed(model) and self._probe_packed()
 
     # ---------------------------------------------------------------------------------- scheduling
     @property
     def free_rows(self) -> int:
         return self.cache.free_slots
 
-    def rows(self) -> list[_Row]:
+    def rows(self) -> list[Row]:
         return self.decoding + self.prefilling
 
     def add(self, job: Job) -> None:
         """Give `job` a slot; its prompt is prefilled by the next steps (caller checks `free_rows`)."""
         job.generator = make_generator(job.params, self.device)
-        row = _Row(job, TextStream(self.tokenizer, job.params.stop, job.prompt_ids), self.cache.take(top=True))
+        row = Row(job, TextStream(self.tokenizer, job.params.stop, job.prompt_ids), self.cache.take(top=True))
         self.prefilling.append(row)
 
     def run(self, jobs: list[Job]) -> None:
@@ -77,6 +94,9 @@ class BatchRunner:
         """One decode forward for the decoding rows, then prompt chunks up to the token budget (a failing
         prefill fails only its rows); rows that finish leave and free their slots."""
         self._drop_cancelled()
+        if self.packed:
+            self._packed_step()
+            return
         if self.decoding:
             self._decode()
         self._prefill()
@@ -85,6 +105,125 @@ class BatchRunner:
         """Forget every row (after a failed step)."""
         self.cache = SlotCache(self.max_rows, max_length=self.context_length)
         self.decoding, self.prefilling = [], []
+
+    # ---------------------------------------------------------------------------------- packed steps
+    def _packed_step(self) -> None:
+        """One forward: each decoding row's next token and prompt chunks under the budget, packed in one sequence.
+        A failing forward with chunks fails only the chunks' rows; the decoding rows then run alone."""
+        started = time.perf_counter()
+        chunks = self._take_chunks(self.budget.tokens(len(self.decoding)))
+        try:
+            logits = self._packed_forward(self.decoding, chunks)
+        except Exception as exc:
+            if not chunks:
+                raise
+            rows = [row for row, _ in chunks]
+            for row in rows:
+                self._leave(row, self.prefilling)
+            fail_jobs([r.job for r in rows], exc)
+            chunks = []
+            if not self.decoding:
+                return
+            logits = self._packed_forward(self.decoding, chunks)
+        n = len(self.decoding)
+        for row in self.decoding:
+            row.length += 1
+        finished: list[tuple[Row, Tensor]] = []
+        at = n
+        for row, width in chunks:
+            row.length += width
+            if row.job.params.echo:
+                self._emit_prompt_logprobs([row], torch.tensor([row.job.prompt_ids]), logits[None, at : at + width])
+                at += width
+                finished.append((row, logits[at - 1]))
+            elif row.length == len(row.job.prompt_ids):
+                finished.append((row, logits[at]))
+                at += 1
+        if n:
+            self._advance(self.decoding[:n], logits[:n])
+        for row, _ in finished:
+            self.prefilling.remove(row)
+            self._place(row)
+            self.decoding.append(row)
+        if finished:
+            self._advance([row for row, _ in finished], torch.stack([lg for _, lg in finished]))
+        self.budget.observe(time.perf_counter() - started, n, sum(w for _, w in chunks))
+
+    def _take_chunks(self, budget: int) -> list[tuple[Row, int]]:
+        """Prompt chunks under `budget` tokens, oldest row first; an echo row's prompt goes whole, alone."""
+        chunks: list[tuple[Row, int]] = []
+        for row in self.prefilling:
+            left = len(row.job.prompt_ids) - row.length
+            if row.job.params.echo:
+                return chunks or [(row, left)]
+            if budget <= 0:
+                break
+            take = min(left, budget)
+            chunks.append((row, take))
+            budget -= take
+        return chunks
+
+    def _packed_forward(self, rows: list[Row], chunks: list[tuple[Row, int]]) -> Tensor:
+        """Float32 logits `(K, V)`: the decoding rows' next tokens, then per chunk the positions that pick a token
+        (its last, once the prompt is in) or every position (an echo row)."""
+        ids = [r.last for r in rows]
+        specs: list[RowSpec] = [r.job.selection for r in rows]
+        keep = list(range(len(rows)))
+        for row, width in chunks:
+            first = len(ids)
+            ids += row.job.prompt_ids[row.length : row.length + width]
+            specs += [row.job.selection] * width
+            if row.job.params.echo:
+                keep += range(first, first + width)
+            elif row.length + width == len(row.job.prompt_ids):
+                keep.append(first + width - 1)
+        step = self.cache.bind_packed(
+            [r.length for r in rows], [(r.slot, r.length, w) for r, w in chunks], self.masks.windows, self.device
+        )
+        return self._run_packed(torch.tensor([ids], device=self.device), step, specs, keep)
+
+    def _run_packed(self, ids: Tensor, step: PackedStep, specs: list[RowSpec], keep: list[int]) -> Tensor:
+        kwargs: dict[str, Any] = {self.cache_kwarg: self.cache, STEP_KWARG: step}
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        if self.can_trim_logits:
+            kwargs["logits_to_keep"] = index
+        with torch.inference_mode(), lokr.adapter_batch(self.model, specs, tokens=True, fold=self.fold):
+            out = self.model(
+                input_ids=ids, attention_mask=_NO_MASK, position_ids=step.positions[None], use_cache=True, **kwargs
+            )
+        logits = out.logits[0] if self.can_trim_logits else out.logits[0, index]
+        return logits.float()
+
+    def _probe_packed(self) -> bool:
+        """Packed steps give the row path's logits on this model (else they stay off): a 5-token prompt packed
+        alone, then its next token packed with another prompt's chunk, against plain forwards without a cache."""
+        cache, self.cache = self.cache, SlotCache(2, capacity=16)
+        try:
+            first, second = [3, 5, 7, 11, 13], [17, 19, 23]
+            vocab = getattr(getattr(self.model, "config", None), "vocab_size", 32) or 32
+            first, second = [t % vocab for t in first], [t % vocab for t in second]
+            a = self._run_packed(
+                torch.tensor([first]),
+                self.cache.bind_packed([], [(0, 0, 5)], self.masks.windows, self.device),
+                [None] * 5,
+                [4],
+            )
+            step = self.cache.bind_packed([5], [(1, 0, 3)], self.masks.windows, self.device)
+            b = self._run_packed(torch.tensor([[first[0]] + second]), step, [None] * 4, [0, 3])
+            with torch.inference_mode():
+                ref_a = self.model(input_ids=torch.tensor([first + [first[0]]]), use_cache=False).logits[0].float()
+                ref_b = self.model(input_ids=torch.tensor([second]), use_cache=False).logits[0, -1].float()
+            got = torch.cat([a, b])
+            want = torch.stack([ref_a[4], ref_a[5], ref_b])
+            ok = bool((got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3)
+        except Exception as exc:  # any failure means: use the row path
+            log.info("packed steps off (%s: %s); rows are batched instead", type(exc).__name__, exc)
+            ok = False
+        finally:
+            self.cache = cache
+        if not ok:
+            disable_packed(self.model)
+        return ok
 
     # ---------------------------------------------------------------------------------- decode
     def _decode(self) -> None:
@@ -100,7 +239,7 @@ class BatchRunner:
     def _prefill(self) -> None:
         """Prompt chunks under the budget, oldest row first; echo rows (prompt logprobs) go whole, alone."""
         budget = self.max_prefill_tokens
-        chunks: list[tuple[_Row, int]] = []
+        chunks: list[tuple[Row, int]] = []
         for row in list(self.prefilling):
             if budget <= 0:
                 break
@@ -116,7 +255,7 @@ class BatchRunner:
         for group in plan_chunks(chunks):
             self._run_group(group)
 
-    def _run_group(self, group: list[tuple[_Row, int]], all_positions: bool = False) -> None:
+    def _run_group(self, group: list[tuple[Row, int]], all_positions: bool = False) -> None:
         """Feed each row its next `n` prompt tokens in one right-padded forward; rows whose prompt is in
         pick their first token and start decoding."""
         group = sorted(group, key=lambda item: item[0].slot)  # ascending slots: usually a view, not a gather
@@ -151,7 +290,7 @@ class BatchRunner:
             self.decoding.append(row)
         self._advance(finished, logits[torch.tensor(done, device=logits.device), torch.tensor(column)])
 
-    def _place(self, row: _Row) -> None:
+    def _place(self, row: Row) -> None:
         """Move a row that finished its prompt into slot `len(decoding)` (swapping with a waiting row)."""
         target = len(self.decoding)
         if row.slot == target:
@@ -165,13 +304,13 @@ class BatchRunner:
         row.slot = target
 
     # ---------------------------------------------------------------------------------- forward
-    def _forward(self, rows: list[_Row], ids: Tensor, plan: SlotPlan, keep: int | list[int]) -> Tensor:
+    def _forward(self, rows: list[Row], ids: Tensor, plan: SlotPlan, keep: int | list[int]) -> Tensor:
         """Float32 logits `(B, K, V)` at the positions `keep` (an int: the last `keep` positions)."""
         mask = self.masks.build(self.cache, plan)
         kwargs: dict[str, Any] = {self.cache_kwarg: self.cache}
         if self.can_trim_logits:
             kwargs["logits_to_keep"] = keep if isinstance(keep, int) else torch.tensor(keep, device=self.device)
-        with torch.inference_mode(), lokr.adapter_batch(self.model, [r.job.selection for r in rows]):
+        with torch.inference_mode(), lokr.adapter_batch(self.model, [r.job.selection for r in rows], fold=self.fold):
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=self.cache.positions(plan), use_cache=True, **kwargs
             )
@@ -181,7 +320,7 @@ class BatchRunner:
         return logits.float()
 
     # ---------------------------------------------------------------------------------- per step
-    def _advance(self, rows: list[_Row], logits: Tensor) -> None:
+    def _advance(self, rows: list[Row], logits: Tensor) -> None:
         """Pick one token per row `(logits (B, V))`, emit it; finished rows leave (freeing their slots)."""
         tokens = choose_tokens(logits, [r.job.params for r in rows], [r.job.generator for r in rows])
         wants = any(r.job.params.logprobs is not None for r in rows)
@@ -209,7 +348,7 @@ class BatchRunner:
                 row.job.finish(row.finish("cancelled"))
                 self._leave(row, rows)
 
-    def _leave(self, row: _Row, rows: list[_Row]) -> None:
+    def _leave(self, row: Row, rows: list[Row]) -> None:
         """Free `row`'s slot; a decoding row's hole is filled by the last decoding row (one row's KV copied)."""
         rows.remove(row)
         self.cache.release(row.slot)
@@ -219,7 +358,7 @@ class BatchRunner:
             last.slot = row.slot
             self.decoding.insert(row.slot, last)
 
-    def _step_row(self, row: _Row, token: int, logprobs: Tensor | None) -> str | None:
+    def _step_row(self, row: Row, token: int, logprobs: Tensor | None) -> str | None:
         k = row.job.params.logprobs
         info = None if k is None else self._token_info(row.stream.decoder, token, logprobs, k)
         if token in self.eos_ids:
@@ -252,7 +391,7 @@ class BatchRunner:
         top = [TokenInfo(t, decoder.peek(t), v) for t, v in zip(ids.tolist(), values.tolist())]
         return TokenInfo(token, piece, float(logprobs[token]), top)
 
-    def _emit_prompt_logprobs(self, rows: list[_Row], ids: Tensor, logits: Tensor) -> None:
+    def _emit_prompt_logprobs(self, rows: list[Row], ids: Tensor, logits: Tensor) -> None:
         """For `echo` rows: each prompt token's piece and logprob given its prefix (None for the first)."""
         wanted = [i for i, r in enumerate(rows) if r.job.params.echo]
         if not wanted:
@@ -272,79 +411,3 @@ class BatchRunner:
                     infos.append(replace(info, text=piece))
                     decoder.push(token)
             job.sink(PromptEvent(infos))
-
-
-def plan_chunks(chunks: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
-    """Split `(row, tokens)` chunks into right-padded forwards, widest first; a chunk joins a group when it is
-    at least half the group's width (so padding at most doubles a forward; a 512-token chunk does not pad 30
-    short prompts to 512)."""
-    groups: list[list[tuple[Any, int]]] = []
-    for item in sorted(chunks, key=lambda c: -c[1]):
-        group = groups[-1] if groups else None
-        if group is not None and 2 * item[1] >= group[0][1]:
-            group.append(item)
-        else:
-            groups.append([item])
-    return groups
-
-
-class _MaskKind:
-    """Which 4D masks a model's layers need (full, sliding window, or both by layer type) and their form."""
-
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-        self.additive = impl == "eager"
-        types = set(getattr(config, "layer_types", None) or ())
-        window = getattr(config, "sliding_window", None)
-        self.mixed = "sliding_attention" in types and window is not None
-        everywhere = not types and window is not None and getattr(config, "use_sliding_window", True)
-        self.window = window if everywhere else None
-        self.sliding = window if self.mixed else None
-        unknown = types - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise ModelLoadError(
-                f"this model has {sorted(unknown)} layers; the server's KV cache supports full and sliding-window "
-                "attention layers only"
-            )
-
-    def build(self, cache: SlotCache, plan: SlotPlan) -> Tensor | dict[str, Tensor]:
-        full = cache.attention_mask(plan, self.dtype, self.additive, self.window)
-        if not self.mixed:
-            return full
-        sliding = cache.attention_mask(plan, self.dtype, self.additive, self.sliding)
-        return {"full_attention": full, "sliding_attention": sliding}
-
-
-class _Row:
-    """A job's state in the runner: its slot, the positions cached there, the token to feed next; token infos wait
-    until their text is sent."""
-
-    def __init__(self, job: Job, stream: TextStream, slot: int) -> None:
-        self.job, self.stream, self.slot = job, stream, slot
-        self.generated = 0
-        self.length = 0  # positions cached in the slot
-        self.last = -1  # the token chosen last, fed by the next decode forward
-        self._pending: deque[tuple[int, TokenInfo]] = deque()  # (where its piece starts in the text, info)
-        self._end = 0  # where the next piece starts (before a stop string cuts the text)
-
-    def hold(self, info: TokenInfo | None, piece: str) -> None:
-        if info is not None:
-            self._pending.append((self._end, info))
-        self._end += len(piece)
-
-    def release(self, final: bool = False) -> list[TokenInfo]:
-        """Infos whose piece is sent (every one when `final`), each cut to the sent text (a stop cuts the tail)."""
-        sent, out = self.stream.sent, []
-        while self._pending and (final or self._pending[0][0] + len(self._pending[0][1].text) <= sent):
-            start, info = self._pending.popleft()
-            keep = max(0, min(len(info.text), sent - start))
-            out.append(info if keep == len(info.text) else replace(info, text=info.text[:keep]))
-        return out
-
-    def finish(self, reason: str) -> FinishEvent:
-        text, infos = self.stream.flush(), self.release(final=True)
-        if infos:  # the last infos go out with the last text, so tokens and text stay in step
-            self.job.sink(TokenEvent(text, infos))
-            text = ""
-        return FinishEvent(reason, len(self.job.prompt_ids), self.generated, text)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .packed import Chunk, PackedStep
+
 __all__ = ["SlotCache", "SlotPlan"]
 
 
@@ -49,7 +51,7 @@ class SlotCache:
         self.keys: list[Tensor] = []  # per layer (max_rows, kv_heads, capacity, head_dim)
         self.values: list[Tensor] = []
         self._free = list(range(max_rows - 1, -1, -1))  # a stack: the lowest free slot is taken first
-        self._plan: SlotPlan | None = None
+        self._plan: SlotPlan | PackedStep | None = None
 
     # ------------------------------------------------------------------------------------------ slots
     @property
@@ -107,6 +109,40 @@ class SlotCache:
         self._plan = plan
         return plan
 
+    @torch.inference_mode()
+    def bind_packed(
+        self,
+        decode_lengths: list[int],
+        chunks: list[tuple[int, int, int]],
+        windows: tuple[int | None, ...],
+        device: torch.device,
+    ) -> PackedStep:
+        """Set the tokens of the next packed forward: decoding row i (slot i) adds its token at position
+        `decode_lengths[i]`; each `(slot, start, width)` chunk adds `width` prompt tokens from `start`."""
+        slots, positions, packed, first = (
+            list(range(len(decode_lengths))),
+            list(decode_lengths),
+            [],
+            len(decode_lengths),
+        )
+        for slot, start, width in chunks:
+            packed.append(Chunk(first, slot, start, width))
+            slots += [slot] * width
+            positions += range(start, start + width)
+            first += width
+        self._reserve(max(positions) + 1)
+        step = PackedStep(
+            self,
+            len(decode_lengths),
+            torch.tensor(decode_lengths, device=device) + 1,
+            tuple(packed),
+            torch.tensor(slots, device=device),
+            torch.tensor(positions, device=device),
+            windows,
+        )
+        self._plan = step
+        return step
+
     def attention_mask(self, plan: SlotPlan, dtype: torch.dtype, additive: bool, window: int | None) -> Tensor:
         """`(B, 1, width, keys)`: query t of row i sees keys `0..starts[i] + t` (the last `window` of them
         for sliding-window attention). Boolean for SDPA, else additive (0 / dtype min) for eager attention."""
@@ -134,6 +170,10 @@ class SlotCache:
             raise RuntimeError("SlotCache.update called outside a bound forward")
         if layer_idx == len(self.keys):
             self._allocate(key_states, value_states)
+        if isinstance(plan, PackedStep):  # `(1, Hkv, T, D)`: token t goes to its own (slot, position)
+            for store, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
+                store[plan.slots, :, plan.positions] = new[0].transpose(0, 1).to(store.dtype)
+            return key_states, value_states  # the packed attention reads the store itself
         out = []
         for store, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
             self._write(store, new.to(store.dtype), plan)
@@ -144,7 +184,10 @@ class SlotCache:
         return out[0], out[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._plan.keys if self._plan is not None else 0
+        plan = self._plan
+        if isinstance(plan, PackedStep):
+            return int(plan.positions.max()) + 1
+        return plan.keys if plan is not None else 0
 
     # ------------------------------------------------------------------------------------------ storage
     @staticmethod

@@ -23,12 +23,25 @@ class CausalLMBackend:
     kind = "causal-lm"
 
     def __init__(
-        self, loaded: LoadedModel, metrics: Metrics, max_batch_size: int = 16, max_prefill_tokens: int = 512
+        self,
+        loaded: LoadedModel,
+        metrics: Metrics,
+        max_batch_size: int = 16,
+        max_prefill_tokens: int = 512,
+        prefill_stall: float = 0.0,
+        fold_cache: int = 0,
     ) -> None:
         self.loaded, self.metrics = loaded, metrics
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.runner = BatchRunner(
-            loaded.model, loaded.tokenizer, loaded.device, loaded.context_length, max_batch_size, max_prefill_tokens
+            loaded.model,
+            loaded.tokenizer,
+            loaded.device,
+            loaded.context_length,
+            max_batch_size,
+            max_prefill_tokens,
+            prefill_stall=prefill_stall,
+            fold=fold_cache,
         )
 
     @property

@@ -19,10 +19,14 @@ WORDS = ["the", "sea", "is", "blue", "a", "cat", "sat", "on", "mat", "sun", "ros
 CONTEXT = 512
 
 
-@pytest.fixture(scope="module")
-def setup() -> tuple[Any, Any]:
+@pytest.fixture(scope="module", params=["packed", "rows"])
+def setup(request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    """The same model twice: on SDPA (packed steps: one forward per step) and on eager attention (the
+    fallback: decode rows batched, prompt chunks in their own forwards)."""
     tokenizer = build_word_tokenizer(WORDS)
     model = build_tiny_llama(len(tokenizer), seed=5, kv_heads=2, max_position_embeddings=CONTEXT)
+    if request.param == "rows":
+        model.set_attn_implementation("eager")
     for i, name in enumerate(("a", "b")):
         torch.manual_seed(20 + i)
         config = lokr.LoKrConfig(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], init_weights=False, r=2)
@@ -71,7 +75,9 @@ def _reference(model: Any, prompt: list[int], selection: Any, max_tokens: int) -
 
 def _runner(setup: tuple[Any, Any], rows: int, budget: int) -> BatchRunner:
     model, tokenizer = setup
-    return BatchRunner(model, tokenizer, torch.device("cpu"), CONTEXT, max_rows=rows, max_prefill_tokens=budget)
+    runner = BatchRunner(model, tokenizer, torch.device("cpu"), CONTEXT, max_rows=rows, max_prefill_tokens=budget)
+    assert runner.packed == (model.config._attn_implementation != "eager")
+    return runner
 
 
 def test_rows_joining_and_leaving_equal_running_alone(setup: tuple[Any, Any]) -> None:
@@ -150,7 +156,7 @@ def test_long_prompt_is_chunked_between_decode_steps(setup: tuple[Any, Any]) -> 
     finally:
         hook.remove()
     assert len(counts) >= 200 // 32 and set(counts) == {1}  # one token per step for the running row
-    assert max(widths) <= 32
+    assert max(widths) <= 32 + 1  # prompt tokens within the budget (packed: plus the decoding row's token)
     assert short_out.ids == _reference(model, short.prompt_ids, "b", 30)
     assert long_out.ids == _reference(model, long.prompt_ids, "a", 4)
 

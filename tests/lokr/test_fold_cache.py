@@ -1,0 +1,105 @@
+"""`adapter_batch(..., fold=n)`: a batch that runs one adapter at scale 1 on every row uses `W + dW`, folded
+once and kept; the result equals the factored forward, a changed adapter is folded again, and batches of mixed
+adapters or scales never fold. `tokens=True` selects per position of a packed sequence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lokr
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).eval()
+    for name in ("a", "b"):
+        lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "2"], init_weights=False, r=4), name)
+    return model
+
+
+def _run(model: nn.Module, rows: list[object], x: torch.Tensor, fold: int, tokens: bool = False) -> torch.Tensor:
+    with torch.inference_mode(), lokr.adapter_batch(model, rows, fold=fold, tokens=tokens):  # type: ignore[arg-type]
+        return model(x).clone()
+
+
+def _dense(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Each layer as `base(x) + x @ dW^T`, from `get_delta_weight` (PEFT's dense delta)."""
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, lokr.LoKrLayer):
+                x = module.base_layer(x) + F.linear(x, module.get_delta_weight(name))
+            else:
+                x = module(x)
+        return x
+
+
+def _folds(model: nn.Module) -> list[int]:
+    return [len(m._folds._entries) for m in model if isinstance(m, lokr.LoKrLayer)]
+
+
+def test_one_adapter_batches_fold_once_and_stay_exact() -> None:
+    model = _net()
+    x = torch.randn(5, 3, 64)
+    got = _run(model, ["a"] * 5, x, fold=1)
+    torch.testing.assert_close(got, _dense(model, "a", x), rtol=1e-5, atol=1e-5)
+    layer = model[0]
+    stored = layer._folds._entries["a"][1]
+    torch.testing.assert_close(_run(model, ["a"] * 5, x, fold=1), got, rtol=0, atol=0)
+    assert layer._folds._entries["a"][1] is stored  # kept, not folded again
+    assert _folds(model) == [1, 1]
+    torch.testing.assert_close(_run(model, ["b"] * 5, x, fold=1), _dense(model, "b", x), rtol=1e-5, atol=1e-5)
+    assert list(layer._folds._entries) == ["b"]  # capacity 1: the least recent goes
+    _run(model, ["a"] * 5, x, fold=0)
+    assert _folds(model) == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "rows", [["a", "b", "a"], ["a", None, "a"], [[("a", 0.5)]] * 3, [[("a", 1.0), ("b", 1.0)]] * 3]
+)
+def test_mixed_batches_do_not_fold(rows: list[object]) -> None:
+    model = _net()
+    x = torch.randn(3, 2, 64)
+    unfolded = _run(model, rows, x, fold=0)
+    torch.testing.assert_close(_run(model, rows, x, fold=4), unfolded, rtol=0, atol=0)
+    assert _folds(model) == [0, 0]
+
+
+@pytest.mark.parametrize("change", ["in_place", "scale", "replace", "attach_over", "deleted"])
+def test_a_changed_adapter_is_folded_again(change: str) -> None:
+    model = _net()
+    x = torch.randn(4, 64)
+    _run(model, ["a"] * 4, x, fold=2)
+    layer = model[0]
+    adapter = layer.lokr_adapters["a"]
+    with torch.no_grad():
+        if change == "in_place":
+            adapter.lokr_w1.mul_(3.0)
+        elif change == "scale":
+            adapter.scale = 0.25
+        elif change == "attach_over":
+            fresh = copy.deepcopy(adapter)
+            for p in fresh.parameters():
+                p.normal_()
+            layer.add_adapter("a", fresh)
+        else:
+            lokr.delete_adapter(model, "a")
+            if change == "deleted":
+                assert _folds(model) == [0, 0]
+            lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "2"], init_weights=False, r=4), "a")
+    torch.testing.assert_close(_run(model, ["a"] * 4, x, fold=2), _dense(model, "a", x), rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_select_per_position_of_a_packed_sequence() -> None:
+    model = _net()
+    rows: list[object] = ["a", None, "b", [("a", 0.5), ("b", 2.0)], "a"]
+    x = torch.randn(len(rows), 64)
+    per_row = _run(model, rows, x[:, None], fold=0)[:, 0]
+    packed = _run(model, rows, x[None], fold=0, tokens=True)[0]
+    torch.testing.assert_close(packed, per_row, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="positions"):
+        _run(model, rows, x[None, :3], fold=0, tokens=True)
