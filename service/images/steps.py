@@ -85,8 +85,10 @@ def _selection_key(selection: RowSpec) -> object:
 
 
 @torch.inference_mode()
-def denoise(loaded: LoadedPipeline, rows: Sequence[Row]) -> None:
-    """One denoiser forward over `rows` (same size), then each row's own scheduler step; advances `index`."""
+def denoise(loaded: LoadedPipeline, rows: Sequence[Row], fold: int = 0) -> None:
+    """One denoiser forward over `rows` (same size), then each row's own scheduler step; advances `index`.
+
+    `fold`: `lokr.adapter_batch`'s folded weights kept per layer (for steps whose rows use one adapter)."""
     pipe = loaded.pipe
     rows = by_selection(rows)
     inputs: list[Tensor] = []
@@ -110,7 +112,7 @@ def denoise(loaded: LoadedPipeline, rows: Sequence[Row]) -> None:
     if loaded.family == "sdxl":
         added = {"text_embeds": torch.cat(pooled).to(loaded.device), "time_ids": torch.cat(time_ids).to(loaded.device)}
     sample = torch.cat(inputs)
-    with lokr.adapter_batch(loaded.container, specs):
+    with lokr.adapter_batch(loaded.container, specs, fold=fold):
         noise = pipe.unet(sample, torch.stack(timesteps).to(loaded.device), encoder_hidden_states=torch.cat(hidden),
                           added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
     offset = 0
