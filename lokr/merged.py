@@ -43,10 +43,14 @@ FACTORED_OVERHEAD = 3
 
 @dataclass(frozen=True)
 class Selection:
-    """Rows of the batch (None: all) that use exactly `terms` = `((adapter, scale), ...)` on this layer."""
+    """Rows of the batch (None: all) that use exactly `terms` = `((adapter, scale), ...)` on this layer.
+
+    `span` = `(start, stop)` when those rows are consecutive: the op then reads a view of the input, no gather.
+    """
 
     rows: Tensor | None
     terms: tuple[tuple[str, float], ...]
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class MergePlan:
     """What one layer folds in for one plan: its selections and each bank's slots for the adapters used."""
 
     selections: tuple[Selection, ...]
-    gathers: tuple[tuple[FactorBank, Tensor, Slots, tuple[str, ...]], ...]  # bank, data, slots, names
+    gathers: tuple[tuple[FactorBank, Tensor, tuple[int, ...], tuple[str, ...]], ...]  # bank, data, slots, names
     terms: int  # adapter terms to fold, over all selections
     factored_cost: int  # multiply-adds per output position of the factored deltas of a row (upper bound)
 
@@ -163,14 +167,19 @@ def plan_merge(
         by_terms.setdefault(tuple(terms), []).append(r)
     whole = len(by_terms) == 1
     selections = tuple(
-        Selection(None if whole else plan.row_index(rows, device), terms) for terms, rows in by_terms.items()
+        Selection(None if whole else plan.row_index(rows, device), terms, _span(rows))
+        for terms, rows in by_terms.items()
     )
     gathers = []
     for bank, data, pairs in banks.place(present):
-        index = plan.row_index([slot for _, slot in pairs], device)
-        gathers.append((bank, data, Slots(0, index), tuple(name for name, _ in pairs)))
+        gathers.append((bank, data, tuple(slot for _, slot in pairs), tuple(name for name, _ in pairs)))
     cost = sum(bank.factored_cost(spec) * len(names) for bank, _, _, names in gathers)
     return MergePlan(selections, tuple(gathers), sum(len(s.terms) for s in selections), cost)
+
+
+def _span(rows: list[int]) -> tuple[int, int] | None:
+    """`(first, last + 1)` when `rows` (ascending) are consecutive, else None."""
+    return (rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else None
 
 
 def cheaper(mp: MergePlan, x: Tensor, spec: LayerSpec, weight: Tensor) -> bool:
@@ -195,25 +204,26 @@ def _fold_wins(terms: int, factored_cost: int, x: Tensor, spec: LayerSpec, weigh
 
 
 def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -> Tensor:
-    """`base(x)` with each row's adapters folded into the weight (`x` in the weight's dtype)."""
+    """`base(x)` with each row's adapters folded into the weight (`x` in the weight's dtype).
+
+    Where every selection's rows are consecutive (a caller that orders its rows by selection, as the image
+    engine does), each op reads a view of `x` and the outputs are concatenated: no per-selection gather/scatter.
+    """
     weight: Tensor = base.weight  # type: ignore[assignment]
     bias: Tensor | None = base.bias  # type: ignore[assignment]
     operands: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
     for bank, data, slots, names in mp.gathers:
-        a, b, shape = bank.kron_operands(slots, spec, data)
+        a, b, shape = bank.fold_operands(slots, names, spec, data)
         for i, name in enumerate(names):
             operands[name] = (a[i], b[i], shape)
+    spans = [s.span for s in mp.selections if s.span is not None]
+    if 1 < len(spans) == len(mp.selections):
+        ys = [base_op(spec, x[lo:hi], _fold(weight, s, operands), bias) for s, (lo, hi) in zip(mp.selections, spans)]
+        return torch.cat(ys)
     out: Tensor | None = None
     for selection in mp.selections:
-        folded = weight
-        for k, (name, scale) in enumerate(selection.terms):
-            a, b, shape = operands[name]
-            if k == 0:
-                folded = torch.addcmul(weight.view(shape), a, b, value=scale)
-            else:
-                folded.view(shape).addcmul_(a, b, value=scale)
         rows = selection.rows
-        y = base_op(spec, x if rows is None else x.index_select(0, rows), folded.view(weight.shape), bias)
+        y = base_op(spec, x if rows is None else x.index_select(0, rows), _fold(weight, selection, operands), bias)
         if rows is None:
             return y
         if out is None:
@@ -221,6 +231,18 @@ def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -
         out.index_copy_(0, rows, y)
     assert out is not None
     return out
+
+
+def _fold(weight: Tensor, selection: Selection, operands: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]]) -> Tensor:
+    """`weight + sum(scale * dW)` over the selection's terms (a new tensor; `weight` when it has none)."""
+    folded = weight
+    for k, (name, scale) in enumerate(selection.terms):
+        a, b, shape = operands[name]
+        if k == 0:
+            folded = torch.addcmul(weight.view(shape), a, b, value=scale)
+        else:
+            folded.view(shape).addcmul_(a, b, value=scale)
+    return folded.view(weight.shape)
 
 
 def base_op(spec: LayerSpec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -28,7 +28,9 @@ from .functional import FACTOR_NAMES, Factors, LayerSpec, LinearOrder, factored_
 __all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "slot_nbytes"]
 
 SLACK = 32  # a bank keeps at most max(1, capacity // SLACK) spare slots beyond its members
+FOLD_CACHE = 8  # adapter sets whose kron operands a bank keeps between steps (`fold_operands`)
 
+KronOperands = tuple[Tensor, Tensor, tuple[int, ...]]  # (a, b, shape): dW[e] = (a[e] * b[e]).reshape(weight)
 # For a forward: each bank, its `data` at that moment and the `(name, slot)` pairs it holds.
 PlaceResult = list[tuple["FactorBank", Tensor, tuple[tuple[str, int], ...]]]
 
@@ -130,6 +132,10 @@ class FactorBank:
         self.members: dict[str, BankedAdapter] = {}
         self._free: list[int] = []  # popped from the end: lowest slot first
         self._cost: dict[LayerSpec, int] = {}
+        # kron operands of the last few adapter sets folded (with their parameters' versions), valid while
+        # `_folds_of` = (data, its version, inference mode) holds
+        self._folds: dict[tuple[LayerSpec, tuple[int, ...]], tuple[tuple[int, ...], KronOperands]] = {}
+        self._folds_of: tuple[Tensor, int, bool] | None = None
 
     @property
     def capacity(self) -> int:
@@ -183,6 +189,7 @@ class FactorBank:
         """`fn` (a module `_apply` function: `.to()`, `.half()`...) on the data; members follow."""
         self.data = fn(self.data)
         self.dtype, self.device = self.data.dtype, self.data.device
+        self._folds, self._folds_of = {}, None
         for name in self.members:
             self._bind(name)
 
@@ -198,7 +205,7 @@ class FactorBank:
         if order:
             index = torch.tensor([self.slots[n] for n in order], dtype=torch.long, device=self.device)
             data[: len(order)] = self.data.index_select(0, index)
-        self.data = data
+        self.data, self._folds, self._folds_of = data, {}, None
         self.slots = {name: i for i, name in enumerate(order)}
         self._free = list(range(capacity - 1, len(order) - 1, -1))
         for name in order:
@@ -228,9 +235,7 @@ class FactorBank:
         rows = x.reshape(w1.shape[0], -1, n1, n2)
         return kron_rows(rows, w1, chain, order).reshape(*x.shape[:-1], m1 * m2)
 
-    def kron_operands(
-        self, slots: Slots, spec: LayerSpec, data: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    def kron_operands(self, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> KronOperands:
         """`(a, b, shape)` with `dW = (a[e] * b[e]).reshape(weight_shape)` for each entry `e` (its coefficient
         included), and `shape` the view of the weight that `a[e] * b[e]` broadcasts to, as PEFT lays `dW` out."""
         parts, coeff = self.gather(slots, data)
@@ -249,6 +254,38 @@ class FactorBank:
         if self.layout.swapped:  # PEFT's Conv1d full-w2 layout: kron(w2, w1[..., None])
             return w2.view(groups, m2, 1, n2, 1, *k), w1.view(groups, 1, m1, 1, n1, *pad), (m2, m1, n2, n1, *k)
         return w1.view(groups, m1, 1, n1, 1, *pad), w2.view(groups, 1, m2, 1, n2, *k), (m1, m2, n1, n2, *k)
+
+    def fold_operands(
+        self, slots: tuple[int, ...], names: tuple[str, ...], spec: LayerSpec, data: Tensor
+    ) -> KronOperands:
+        """`kron_operands` of the entries at `slots` (adapters `names`), kept from step to step while nothing they
+        read changed: the same `data` tensor at the same version (rows, scales, resizes, moves) and the same
+        version of each member's parameters (in-place edits through them), so a steady selection is not rebuilt."""
+        stamp = (data._version, torch.is_inference_mode_enabled())
+        if self._folds_of is None or self._folds_of[0] is not data or self._folds_of[1:] != stamp:
+            self._folds, self._folds_of = {}, (data, *stamp)
+        versions = self._versions(names)
+        key = (spec, slots)
+        cached = self._folds.get(key)
+        if cached is not None and versions is not None and cached[0] == versions:
+            return cached[1]
+        index = torch.tensor(slots, dtype=torch.long, device=data.device)
+        operands = self.kron_operands(Slots(0, index), spec, data)
+        if versions is not None:
+            if len(self._folds) >= FOLD_CACHE:
+                self._folds.clear()
+            self._folds[key] = (versions, operands)
+        return operands
+
+    def _versions(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
+        """The version counters of `names`' parameters; None when one has left the bank since (no caching)."""
+        out: list[int] = []
+        for name in names:
+            member = self.members.get(name)
+            if member is None:
+                return None
+            out.extend(p._version for p in member._parameters.values() if p is not None)
+        return tuple(out)
 
     def factored_cost(self, spec: LayerSpec) -> int:
         """Multiply-adds per output position of one member's factored delta on a layer of `spec`."""

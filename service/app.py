@@ -101,7 +101,7 @@ def _start(c: Components, loaded: LoadedModel | LoadedPipeline) -> None:
     s = c.settings
     backend: CausalLMBackend | ImageBackend
     if isinstance(loaded, LoadedPipeline):
-        backend = ImageBackend(loaded, c.metrics, s.max_batch_size)
+        backend = ImageBackend(loaded, c.metrics, s.max_batch_size, s.fold_cache)
     else:
         backend = CausalLMBackend(
             loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens, s.prefill_stall, s.fold_cache

@@ -43,12 +43,16 @@ def check_spec(loaded: LoadedPipeline, spec: ImageSpec) -> None:
 
 
 class ImageBackend:
-    """Up to `max_batch_size` images denoise together, each with its own scheduler and adapters."""
+    """Up to `max_batch_size` images denoise together, each with its own scheduler and adapters.
+
+    `fold`: denoiser steps whose rows all use one adapter at scale 1 run on weights with it folded in, kept for
+    the `fold` adapters used most recently (`lokr.adapter_batch`'s `fold`; a copy of each adapted weight each).
+    """
 
     kind = "image"
 
-    def __init__(self, loaded: LoadedPipeline, metrics: Metrics, max_batch_size: int = 16) -> None:
-        self.loaded, self.metrics, self.max_batch_size = loaded, metrics, max_batch_size
+    def __init__(self, loaded: LoadedPipeline, metrics: Metrics, max_batch_size: int = 16, fold: int = 0) -> None:
+        self.loaded, self.metrics, self.max_batch_size, self.fold = loaded, metrics, max_batch_size, fold
         self._rows: list[Row] = []
         self._new: list[ImageJob] = []
 
@@ -81,7 +85,7 @@ class ImageBackend:
             by_size[row.size].append(row)
         for rows in by_size.values():
             self.metrics.batch_size.observe(len(rows))
-            steps.denoise(self.loaded, rows)
+            steps.denoise(self.loaded, rows, self.fold)
         self._finish_done()
 
     def jobs(self) -> list[ImageJob]:

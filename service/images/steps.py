@@ -6,7 +6,7 @@ rows with different adapters and scales share it (both CFG rows of an image use 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from lokr.batch import RowSpec
 from .load import LoadedPipeline
 from .rows import Conditioning, ImageJob, Row
 
-__all__ = ["decode", "denoise", "encode"]
+__all__ = ["by_selection", "decode", "denoise", "encode"]
 
 
 def _needs_cfg(loaded: LoadedPipeline, guidance_scale: float) -> bool:
@@ -68,10 +68,29 @@ def _row(t: Tensor | None, i: int) -> Tensor | None:
     return None if t is None else t[i : i + 1]
 
 
+def by_selection(rows: Sequence[Row]) -> list[Row]:
+    """`rows` reordered so that rows with the same adapter selection are consecutive (first-seen order): each
+    folded layer op then reads one slice of the batch, with no gather / scatter per selection."""
+    groups: dict[object, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(_selection_key(row.job.selection), []).append(row)
+    return [row for group in groups.values() for row in group]
+
+
+def _selection_key(selection: RowSpec) -> object:
+    if selection is None or isinstance(selection, str):
+        return selection
+    pairs = selection.items() if isinstance(selection, Mapping) else selection
+    return tuple(sorted((str(name), float(scale)) for name, scale in pairs))
+
+
 @torch.inference_mode()
-def denoise(loaded: LoadedPipeline, rows: Sequence[Row]) -> None:
-    """One denoiser forward over `rows` (same size), then each row's own scheduler step; advances `index`."""
+def denoise(loaded: LoadedPipeline, rows: Sequence[Row], fold: int = 0) -> None:
+    """One denoiser forward over `rows` (same size), then each row's own scheduler step; advances `index`.
+
+    `fold`: `lokr.adapter_batch`'s folded weights kept per layer (for steps whose rows use one adapter)."""
     pipe = loaded.pipe
+    rows = by_selection(rows)
     inputs: list[Tensor] = []
     timesteps: list[Tensor] = []
     hidden: list[Tensor] = []
@@ -93,7 +112,7 @@ def denoise(loaded: LoadedPipeline, rows: Sequence[Row]) -> None:
     if loaded.family == "sdxl":
         added = {"text_embeds": torch.cat(pooled).to(loaded.device), "time_ids": torch.cat(time_ids).to(loaded.device)}
     sample = torch.cat(inputs)
-    with lokr.adapter_batch(loaded.container, specs):
+    with lokr.adapter_batch(loaded.container, specs, fold=fold):
         noise = pipe.unet(sample, torch.stack(timesteps).to(loaded.device), encoder_hidden_states=torch.cat(hidden),
                           added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
     offset = 0

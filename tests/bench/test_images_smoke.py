@@ -17,8 +17,8 @@ def test_images_quick_writes_report_and_plot(tmp_path: Path) -> None:
     run_bench("images.py", "--quick", "--out", out, "--work", work)
     assert (out / "images.png").stat().st_size > 0
     text = (out / "images.md").read_text()
-    for heading in ("## Environment", "## Settings", "## Results", "## Ratios"):
+    for heading in ("## Environment", "## Settings", "## Results", "## Ratios", "## Denoiser batching ceiling"):
         assert heading in text
     results = json.loads((out / "images.json").read_text())["results"]
-    assert set(results) == {"batch-8", "batch-1", "single-8", "peft-8"}
+    assert set(results) == {"batch-8", "batch-1", "single-8", "peft-8", "peft-set-8"}
     assert all(r["errors"] == 0 and r["images"] > 0 for r in results.values())

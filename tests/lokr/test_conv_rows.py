@@ -124,3 +124,66 @@ def test_cost_model_picks_factored_for_decode_and_folded_for_images() -> None:
         mp = layer._prepare(plan).merge_plan(plan, layer._banks, layer.spec, layer.weight, x)  # None: cannot win
         decisions[name] = mp is not None and lokr.merged.cheaper(mp, x, layer.spec, layer.weight)
     assert decisions == {"0": False, "1": True}
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "linear"])
+def test_consecutive_selections_fold_on_slices(layer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows grouped by selection: each selection's op reads a slice of the input, no gather / scatter."""
+    model = _model(layer, {"r": 2})
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    rows: list[Any] = ["a0", "a0", None, [("a1", 0.5), ("a2", -2.0)], [("a1", 0.5), ("a2", -2.0)], "a1"]
+    x = _input(layer, len(rows))
+    calls: list[str] = []  # gathers / scatters of activations (the factor bank's own 2-D gather is not one)
+    for method in ("index_select", "index_copy_"):
+        real = getattr(torch.Tensor, method)
+
+        def counted(self: torch.Tensor, *a: Any, _real: Any = real, _name: str = method) -> torch.Tensor:
+            if self.dim() > 2:
+                calls.append(_name)
+            return _real(self, *a)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    with torch.no_grad(), lokr.adapter_batch(model, rows):
+        got = model(x)
+    monkeypatch.undo()
+    assert not calls
+    with torch.no_grad():
+        torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_fold_operands_kept_until_an_adapter_changes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A steady selection does not rebuild its kron operands each step; a factor edit, a new scale or a bank
+    resize (another adapter attached) is seen by the very next forward."""
+    model = _model("conv2d", {"r": 2})
+    layer = model[0]
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    builds: list[int] = []
+    bank = layer._banks.bank_of("a0")
+    real = bank.kron_operands
+    monkeypatch.setattr(bank, "kron_operands", lambda *a: builds.append(1) or real(*a))
+    rows: list[Any] = ["a0", "a0", [("a1", 0.5)], "a2"]
+    x = _input("conv2d", len(rows))
+    context = torch.inference_mode if mode == "inference" else torch.no_grad
+
+    def step() -> torch.Tensor:
+        with context(), lokr.adapter_batch(model, rows):
+            got = model(x)
+        with torch.no_grad():
+            torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
+        return got
+
+    first = step()
+    torch.testing.assert_close(step(), first, rtol=0, atol=0)
+    assert len(builds) == 1
+    with torch.no_grad():
+        layer.lokr_adapters["a1"].lokr_w1.mul_(3.0)  # in place, through the bank row
+    step()
+    layer.lokr_adapters["a2"].scale = -1.5
+    step()
+    assert len(builds) == 3
+    cfg = lokr.LoKrConfig(target_modules=["0"], init_weights=False, alpha=3, r=2)
+    for i in range(3, 6):  # the bank grows: a new data tensor
+        lokr.inject(model, cfg, f"a{i}")
+    model.double()
+    step()

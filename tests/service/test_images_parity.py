@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import lokr
+import lokr.merged
+from lokr.inject import iter_lokr_layers
 from service.images import steps
 from service.images.backend import ImageBackend
 from service.images.load import LoadedPipeline
@@ -38,8 +40,8 @@ TOL = {"rtol": 1e-3, "atol": 1e-3}  # a batch of other rows changes float sums i
 class Run:
     """Jobs through an `ImageBackend`, job `i` offered before step `joins[i]`; latents kept at decode time."""
 
-    def __init__(self, loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.loaded, self.latents = loaded, {}
+    def __init__(self, loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch, fold: int = 0) -> None:
+        self.loaded, self.latents, self.fold = loaded, {}, fold
         real = steps.decode
 
         def keep(loaded: LoadedPipeline, rows: Sequence[Any]) -> list[Any]:
@@ -50,7 +52,7 @@ class Run:
         monkeypatch.setattr(steps, "decode", keep)
 
     def __call__(self, items: Sequence[tuple[ImageSpec, Any]], joins: Sequence[int] | None = None) -> list[ImageJob]:
-        backend = ImageBackend(self.loaded, Metrics(), max_batch_size=16)
+        backend = ImageBackend(self.loaded, Metrics(), max_batch_size=16, fold=self.fold)
         events: list[Event] = []
         jobs = [ImageJob([], None, sel, events.append, spec=spec) for spec, sel in items]  # type: ignore[arg-type]
         joins = joins or [0] * len(jobs)
@@ -145,3 +147,45 @@ def test_mixed_batch_equals_one_at_a_time(sdxl_dir: Path, tmp_path: Path, monkey
         (alone,) = run([item])
         torch.testing.assert_close(run.latents[job.id], run.latents[alone.id], **TOL)
         assert_pixels_close(run.pixels(job), run.pixels(alone))
+
+
+def test_rows_of_one_selection_share_one_slice(sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interleaved adapters are regrouped per step, so every folded op reads a slice of the batch (no gather /
+    scatter), and each image still equals its one-at-a-time run."""
+    loaded = load(sd_dir)
+    for name, seed in (("p", 5), ("q", 6)):
+        lokr.load_adapter(loaded.container, peft_unet_adapter(sd_dir, tmp_path / name, seed=seed), name)
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)  # every adapted layer folds
+    mixed = Run(loaded, monkeypatch)
+    items = [(spec(PROMPTS[i % 3], i, steps_=2), "pq"[i % 2]) for i in range(4)]
+    scatters: list[int] = []
+    real = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda self, *a: scatters.append(1) or real(self, *a))
+    together = mixed(items)
+    assert not scatters
+    monkeypatch.undo()
+    single = Run(loaded, monkeypatch)
+    for job, item in zip(together, items):
+        (alone,) = single([item])
+        torch.testing.assert_close(mixed.latents[job.id], single.latents[alone.id], **TOL)
+
+
+def test_one_adapter_steps_run_on_kept_folded_weights(
+    sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `fold`, steps whose rows all use one adapter run on `W + dW` kept between steps (the UNet's adapted
+    layers hold it afterwards); the images equal the peft reference, and a mixed step still folds per selection."""
+    loaded = load(sd_dir)
+    lokr.load_adapter(loaded.container, peft_unet_adapter(sd_dir, tmp_path / "p", seed=5), "p")
+    lokr.load_adapter(loaded.container, peft_unet_adapter(sd_dir, tmp_path / "q", seed=6), "q")
+    run = Run(loaded, monkeypatch, fold=1)
+    s = spec(PROMPTS[2], 11)
+    (alone,) = run([(s, "p")])
+    layers = [layer for _, layer in iter_lokr_layers(loaded.pipe.unet)]
+    assert all(
+        layer._folds.nbytes == layer.weight.numel() * 4 for layer in layers if lokr.merged.eligible(layer.base_layer)
+    )
+    reference = peft_reference_pipe(sd_dir, seed=5)
+    torch.testing.assert_close(run.latents[alone.id], reference_latents(reference, s.prompt, s.seed), **TOL)
+    mixed, _ = run([(s, "p"), (s, "q")])
+    torch.testing.assert_close(run.latents[mixed.id], run.latents[alone.id], **TOL)
