@@ -166,23 +166,10 @@ def _inspect(source: str, as_json: bool) -> int:
     return 0
 
 
-def _quiet_openmp_workers() -> None:
-    """Idle OpenMP workers sleep instead of spinning (unless `OMP_WAIT_POLICY` is set); before torch loads.
-
-    Between two kernels the engine thread runs Python (or waits for the GIL) and torch's workers spin-wait,
-    each taking a core from the event loop thread that streams the tokens (and, on a small box, from the
-    clients). Read once, when the OpenMP runtime loads with torch: so it is set here, not in the app.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "inspect":
         return _inspect(args.source, args.json)
-    if args.command in ("serve", "demo"):
-        _quiet_openmp_workers()
     try:
         if args.command == "demo":
             return _demo(args)

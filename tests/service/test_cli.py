@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -58,14 +57,3 @@ def test_every_flag_reads_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None
     assert settings.model == "/models/m" and settings.admin_token == "secret" and settings.port == 9001
     assert settings.preload_pairs() == [("a", "/x"), ("b", "/y")]
     assert settings.adapter_root == [tmp_path.resolve()]
-
-
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_serve_makes_idle_openmp_workers_sleep_unless_told(given: str | None, expected: str) -> None:
-    """Set before torch loads (the OpenMP runtime reads it once); an operator's own setting wins."""
-    code = "import os; from service import cli; cli._quiet_openmp_workers(); print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given is not None:
-        env["OMP_WAIT_POLICY"] = given
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == expected
