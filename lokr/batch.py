@@ -1,5 +1,7 @@
 """Per-row adapter selection: which adapter(s), at which scale, each row of the next forward uses.
 
+`accumulate` / `scatter_add` / `per_row` add a delta computed for some rows back into the batch's result.
+
 A selection is scoped (`adapter_batch`) and lives in a `ContextVar`, so it is visible only to the
 thread / task that opened the scope, and it is gone when the scope ends, even on error.
 """
@@ -18,7 +20,16 @@ from torch import Tensor
 from .errors import AdapterNotFoundError, ConfigError
 from .stacked import Slots
 
-__all__ = ["RowGroup", "RowPlan", "RowSpec", "current_plan", "selection_scope"]
+__all__ = [
+    "RowGroup",
+    "RowPlan",
+    "RowSpec",
+    "accumulate",
+    "current_plan",
+    "per_row",
+    "scatter_add",
+    "selection_scope",
+]
 
 # One row's selection: None (base model), an adapter name, or (name, scale) pairs summed.
 RowSpec = None | str | Sequence[tuple[str, float]] | Mapping[str, float]
@@ -164,3 +175,24 @@ def selection_scope(layers: Sequence[object], plan: RowPlan, known: Callable[[st
         yield plan
     finally:
         _SCOPES.reset(token)
+
+
+# ------------------------------------------------------------------------------------------ combining rows
+def accumulate(result: Tensor, delta: Tensor) -> Tensor:
+    """`result + delta`, in place when nothing needs the graph and no dtype promotion is involved."""
+    if torch.is_grad_enabled() or result.dtype != delta.dtype or result.shape != delta.shape:
+        return result + delta
+    return result.add_(delta)
+
+
+def scatter_add(result: Tensor, index: Tensor, delta: Tensor) -> Tensor:
+    """`result[index] += delta` (rows of dim 0), promoting dtype like `+`; in place when no graph is needed."""
+    result = result.to(torch.promote_types(result.dtype, delta.dtype))
+    if torch.is_grad_enabled():
+        return result.index_add(0, index, delta.to(result.dtype))
+    return result.index_add_(0, index, delta.to(result.dtype))
+
+
+def per_row(scales: Tensor, like: Tensor) -> Tensor:
+    """`(rows,)` scales shaped to broadcast over `like (rows, ...)`."""
+    return scales.view(-1, *([1] * (like.dim() - 1)))

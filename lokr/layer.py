@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch import RowPlan, current_plan
+from .batch import RowPlan, accumulate, current_plan, per_row, scatter_add
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
 from .merged import FoldCache, Prepared, base_op, cheaper, eligible, merged_forward
@@ -224,7 +224,7 @@ class LoKrLayer(nn.Module):
         for name in self.active_adapters:
             adapter = self._adapter(name)
             if (not self.training) or torch.rand(1) > adapter.module_dropout:
-                result = _accumulate(result, self._delta(adapter, x))
+                result = accumulate(result, self._delta(adapter, x))
         return result.to(previous_dtype)
 
     def _delta(self, adapter: LoKrAdapter, x: Tensor) -> Tensor:
@@ -290,7 +290,7 @@ class LoKrLayer(nn.Module):
                 for bank, data, rows, slots in passes:
                     xs = x.to(bank.dtype)
                     delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, self.spec, data)
-                    result = _accumulate(result, delta) if rows is None else _scatter_add(result, rows, delta)
+                    result = accumulate(result, delta) if rows is None else scatter_add(result, rows, delta)
                 return result.to(previous_dtype)
         result = self.base_layer(x, *args, **kwargs)
         for name in [name for name in plan.groups if name in self._held]:
@@ -298,8 +298,8 @@ class LoKrLayer(nn.Module):
             index = None if group.whole else group.index(x.device)
             delta = self._delta(self._adapter(name), x if index is None else x.index_select(0, index))
             if not group.unit:
-                delta = delta * _per_row(group.scale_tensor(x.device, delta.dtype), delta)
-            result = _accumulate(result, delta) if index is None else _scatter_add(result, index, delta)
+                delta = delta * per_row(group.scale_tensor(x.device, delta.dtype), delta)
+            result = accumulate(result, delta) if index is None else scatter_add(result, index, delta)
         return result.to(previous_dtype)
 
     def _inference(self) -> bool:
@@ -388,23 +388,3 @@ class LoKrLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
-
-
-def _accumulate(result: Tensor, delta: Tensor) -> Tensor:
-    """`result + delta`, in place when nothing needs the graph and no dtype promotion is involved."""
-    if torch.is_grad_enabled() or result.dtype != delta.dtype or result.shape != delta.shape:
-        return result + delta
-    return result.add_(delta)
-
-
-def _scatter_add(result: Tensor, index: Tensor, delta: Tensor) -> Tensor:
-    """`result[index] += delta` (rows of dim 0), promoting dtype like `+`; in place when no graph is needed."""
-    result = result.to(torch.promote_types(result.dtype, delta.dtype))
-    if torch.is_grad_enabled():
-        return result.index_add(0, index, delta.to(result.dtype))
-    return result.index_add_(0, index, delta.to(result.dtype))
-
-
-def _per_row(scales: Tensor, like: Tensor) -> Tensor:
-    """`(rows,)` scales shaped to broadcast over `like (rows, ...)`."""
-    return scales.view(-1, *([1] * (like.dim() - 1)))

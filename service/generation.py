@@ -18,12 +18,12 @@ from torch import Tensor
 import lokr
 from lokr.batch import RowSpec
 
-from .jobs import Job, PromptEvent, TokenEvent, TokenInfo, fail_jobs
+from .jobs import Job, TokenEvent, fail_jobs
 from .kvcache import SlotCache, SlotPlan
 from .packed import STEP_KWARG, PackedStep, PrefillBudget, disable_packed, enable_packed
-from .rowstate import MaskKind, Row, plan_chunks
-from .sampling import choose_tokens, make_generator, top_logprobs
-from .textstream import PieceDecoder, TextStream, prompt_pieces
+from .rowstate import MaskKind, Row, emit_prompt_logprobs, plan_chunks, token_info
+from .sampling import choose_tokens, make_generator
+from .textstream import TextStream
 
 __all__ = ["BatchRunner", "plan_chunks"]
 
@@ -134,7 +134,9 @@ class BatchRunner:
         for row, width in chunks:
             row.length += width
             if row.job.params.echo:
-                self._emit_prompt_logprobs([row], torch.tensor([row.job.prompt_ids]), logits[None, at : at + width])
+                emit_prompt_logprobs(
+                    self.tokenizer, [row], torch.tensor([row.job.prompt_ids]), logits[None, at : at + width]
+                )
                 at += width
                 finished.append((row, logits[at - 1]))
             elif row.length == len(row.job.prompt_ids):
@@ -285,7 +287,7 @@ class BatchRunner:
             keep: int | list[int] = list(range(width)) if all_positions else ends or 1
             logits = self._forward(rows, ids, plan, keep)
             if all_positions:
-                self._emit_prompt_logprobs(rows, ids, logits)
+                emit_prompt_logprobs(self.tokenizer, rows, ids, logits)
         except Exception as exc:  # a prompt that cannot run fails only its own rows
             for row in rows:
                 self._leave(row, self.prefilling)
@@ -373,7 +375,7 @@ class BatchRunner:
 
     def _step_row(self, row: Row, token: int, logprobs: Tensor | None) -> str | None:
         k = row.job.params.logprobs
-        info = None if k is None else self._token_info(row.stream.decoder, token, logprobs, k)
+        info = None if k is None else token_info(row.stream.decoder, token, logprobs, k)
         if token in self.eos_ids:
             # With logprobs/echo the EOS is a generated token (empty text): scoring clients drop the last entry.
             if k is not None or row.job.params.echo:
@@ -390,37 +392,3 @@ class BatchRunner:
         if len(row.job.prompt_ids) + row.generated >= self.context_length:
             return "length"
         return None
-
-    @staticmethod
-    def _token_info(decoder: PieceDecoder, token: int, logprobs: Tensor | None, k: int) -> TokenInfo:
-        """`token` with the piece it adds after what `decoder` has seen, its logprob and the top-k alternatives.
-
-        `logprobs`: `(V,)` for this position, or None (the piece alone).
-        """
-        piece = decoder.peek(token)
-        if logprobs is None:
-            return TokenInfo(token, piece)
-        values, ids = top_logprobs(logprobs, k)
-        top = [TokenInfo(t, decoder.peek(t), v) for t, v in zip(ids.tolist(), values.tolist())]
-        return TokenInfo(token, piece, float(logprobs[token]), top)
-
-    def _emit_prompt_logprobs(self, rows: list[Row], ids: Tensor, logits: Tensor) -> None:
-        """For `echo` rows: each prompt token's piece and logprob given its prefix (None for the first)."""
-        wanted = [i for i, r in enumerate(rows) if r.job.params.echo]
-        if not wanted:
-            return
-        logprobs = torch.log_softmax(logits[wanted, :-1], dim=-1)
-        for j, i in enumerate(wanted):
-            job, k = rows[i].job, rows[i].job.params.logprobs
-            pieces = prompt_pieces(self.tokenizer, job.prompt_ids)
-            infos = [TokenInfo(job.prompt_ids[0], pieces[0])]
-            if k is None:
-                infos += [TokenInfo(t, p) for t, p in zip(job.prompt_ids[1:], pieces[1:])]
-            else:
-                decoder = PieceDecoder(self.tokenizer, job.prompt_ids[:1])
-                start = ids.shape[1] - len(job.prompt_ids)
-                for token, piece, pos in zip(job.prompt_ids[1:], pieces[1:], range(start, ids.shape[1] - 1)):
-                    info = self._token_info(decoder, token, logprobs[j, pos], k)
-                    infos.append(replace(info, text=piece))
-                    decoder.push(token)
-            job.sink(PromptEvent(infos))

@@ -1,5 +1,6 @@
-"""A runner's per-row state (`Row`), which attention masks a model needs (`MaskKind`) and how prompt chunks
-group into right-padded forwards (`plan_chunks`, the row path)."""
+"""A runner's per-row state (`Row`), which attention masks a model needs (`MaskKind`), how prompt chunks
+group into right-padded forwards (`plan_chunks`, the row path), and token infos for logprobs (`token_info`,
+`emit_prompt_logprobs`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch
 from torch import Tensor
 
 from .backend import ModelLoadError
-from .jobs import FinishEvent, Job, TokenEvent, TokenInfo
+from .jobs import FinishEvent, Job, PromptEvent, TokenEvent, TokenInfo
 from .kvcache import SlotCache, SlotPlan
-from .textstream import TextStream
+from .sampling import top_logprobs
+from .textstream import PieceDecoder, TextStream, prompt_pieces
 
-__all__ = ["MaskKind", "Row", "plan_chunks"]
+__all__ = ["MaskKind", "Row", "emit_prompt_logprobs", "plan_chunks", "token_info"]
 
 
 def plan_chunks(chunks: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
@@ -96,3 +98,38 @@ class Row:
             self.job.sink(TokenEvent(text, infos))
             text = ""
         return FinishEvent(reason, len(self.job.prompt_ids), self.generated, text)
+
+
+def token_info(decoder: PieceDecoder, token: int, logprobs: Tensor | None, k: int) -> TokenInfo:
+    """`token` with the piece it adds after what `decoder` has seen, its logprob and the top-k alternatives.
+
+    `logprobs`: `(V,)` for this position, or None (the piece alone).
+    """
+    piece = decoder.peek(token)
+    if logprobs is None:
+        return TokenInfo(token, piece)
+    values, ids = top_logprobs(logprobs, k)
+    top = [TokenInfo(t, decoder.peek(t), v) for t, v in zip(ids.tolist(), values.tolist())]
+    return TokenInfo(token, piece, float(logprobs[token]), top)
+
+
+def emit_prompt_logprobs(tokenizer: Any, rows: list[Row], ids: Tensor, logits: Tensor) -> None:
+    """For `echo` rows: each prompt token's piece and logprob given its prefix (None for the first)."""
+    wanted = [i for i, r in enumerate(rows) if r.job.params.echo]
+    if not wanted:
+        return
+    logprobs = torch.log_softmax(logits[wanted, :-1], dim=-1)
+    for j, i in enumerate(wanted):
+        job, k = rows[i].job, rows[i].job.params.logprobs
+        pieces = prompt_pieces(tokenizer, job.prompt_ids)
+        infos = [TokenInfo(job.prompt_ids[0], pieces[0])]
+        if k is None:
+            infos += [TokenInfo(t, p) for t, p in zip(job.prompt_ids[1:], pieces[1:])]
+        else:
+            decoder = PieceDecoder(tokenizer, job.prompt_ids[:1])
+            start = ids.shape[1] - len(job.prompt_ids)
+            for token, piece, pos in zip(job.prompt_ids[1:], pieces[1:], range(start, ids.shape[1] - 1)):
+                info = token_info(decoder, token, logprobs[j, pos], k)
+                infos.append(replace(info, text=piece))
+                decoder.push(token)
+        job.sink(PromptEvent(infos))
