@@ -19,7 +19,7 @@ import lokr
 from lokr.batch import RowSpec
 
 from .jobs import Job, TokenEvent, fail_jobs
-from .kvcache import SlotCache, SlotPlan
+from .kvcache import SlotCache, SlotPlan, default_budget
 from .packed import STEP_KWARG, PackedStep, PrefillBudget, disable_packed, enable_packed
 from .rowstate import MaskKind, Row, emit_prompt_logprobs, plan_chunks, token_info
 from .sampling import choose_tokens, make_generator
@@ -65,7 +65,7 @@ class BatchRunner:
         self.can_trim_logits = "logits_to_keep" in params
         dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
         self.masks = MaskKind(getattr(model, "config", None), dtype)
-        self.cache = SlotCache(max_rows, max_length=context_length)
+        self.cache = self._new_cache()
         self.decoding: list[Row] = []  # decoding[i] holds slot i
         self.prefilling: list[Row] = []  # first come, first prefilled
         self.packed = enable_packed(model) and self._probe_packed()
@@ -104,8 +104,14 @@ class BatchRunner:
 
     def reset(self) -> None:
         """Forget every row (after a failed step)."""
-        self.cache = SlotCache(self.max_rows, max_length=self.context_length)
+        self.cache = self._new_cache()
         self.decoding, self.prefilling = [], []
+
+    def _new_cache(self) -> SlotCache:
+        """Slots for `max_rows` rows, the whole context reserved up front where it fits (see `SlotCache`)."""
+        layers = int(getattr(getattr(self.model, "config", None), "num_hidden_layers", 1) or 1)
+        budget = default_budget(torch.device(self.device))
+        return SlotCache(self.max_rows, max_length=self.context_length, budget_bytes=budget, layers=layers)
 
     # ---------------------------------------------------------------------------------- packed steps
     def _packed_step(self) -> None:

@@ -225,3 +225,49 @@ def test_plan_chunks_does_not_pad_short_prompts_to_a_long_chunk() -> None:
     groups = plan_chunks([("long", 512), ("s1", 30), ("s2", 20), ("s3", 32)])
     assert groups == [[("long", 512)], [("s3", 32), ("s1", 30), ("s2", 20)]]
     assert plan_chunks([]) == []
+
+
+def test_a_long_prompt_mid_run_never_reallocates_the_store(setup: tuple[Any, Any]) -> None:
+    """The whole context is reserved with the first forward (it fits the budget), so a prompt longer than any
+    before it only zeroes the positions it reaches; a cache without a budget doubles instead, copying only the
+    positions in use, and both give `generate`'s tokens."""
+    model, tokenizer = setup
+    vocab = len(tokenizer)
+    for budget in (None, 1):  # 1 byte: nothing fits, the store starts at 16 positions and doubles
+        runner = _runner(setup, rows=2, budget=64)
+        if budget is not None:
+            runner.cache = SlotCache(2, capacity=16, max_length=CONTEXT, budget_bytes=budget, layers=2)
+        short, short_out = _job(_prompt(5, 41, vocab), "a", 40)
+        long, long_out = _job(_prompt(300, 42, vocab), "b", 4)
+        runner.add(short)
+        runner.step()
+        storage = [t.data_ptr() for t in (*runner.cache.keys, *runner.cache.values)]
+        assert runner.cache.capacity == (CONTEXT if budget is None else 16)
+        runner.add(long)
+        while runner.rows():
+            runner.step()
+        moved = [t.data_ptr() for t in (*runner.cache.keys, *runner.cache.values)] != storage
+        assert moved == (budget is not None)
+        assert short_out.ids == _reference(model, short.prompt_ids, "a", 40)
+        assert long_out.ids == _reference(model, long.prompt_ids, "b", 4)
+
+
+def test_positions_no_forward_reached_are_zeroed_before_use(setup: tuple[Any, Any]) -> None:
+    """The reserved store is not zeroed up front: garbage (here NaN) past the furthest position any forward
+    reached is zeroed as forwards reach it, so masked keys never meet NaN values."""
+    model, tokenizer = setup
+    vocab = len(tokenizer)
+    runner = _runner(setup, rows=3, budget=16)
+    first, first_out = _job(_prompt(4, 51, vocab), None, 30)
+    runner.add(first)
+    runner.step()
+    reached = runner.cache._clean
+    with torch.inference_mode():
+        for store in (*runner.cache.keys, *runner.cache.values):
+            store[:, :, reached:] = float("nan")
+    second, second_out = _job(_prompt(90, 52, vocab), "a", 6)
+    runner.add(second)
+    while runner.rows():
+        runner.step()
+    assert first_out.ids == _reference(model, first.prompt_ids, None, 30)
+    assert second_out.ids == _reference(model, second.prompt_ids, "a", 6)
