@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .packed import Chunk, PackedStep
+from .packed import Chunk, PackedStep, split_decode
 
 __all__ = ["SlotCache", "SlotPlan", "default_budget"]
 
@@ -160,10 +160,13 @@ class SlotCache:
             positions += range(start, start + width)
             first += width
         self._reserve(max(positions) + 1)
+        span, long = split_decode([n + 1 for n in decode_lengths]) if decode_lengths else (0, ())
         step = PackedStep(
             self,
             len(decode_lengths),
             torch.tensor(decode_lengths, device=device) + 1,
+            span,
+            long,
             tuple(packed),
             torch.tensor(slots, device=device),
             torch.tensor(positions, device=device),

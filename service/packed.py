@@ -47,13 +47,17 @@ class PackedStep:
     """One packed forward over a `SlotCache` (`cache` is Any: the cache module imports this one).
 
     Tokens `0..decode-1` are the decoding rows (token i: slot i, attending to `decode_keys[i]` keys); `chunks`
-    follow. `slots (T,)` and `positions (T,)` say where each token's keys go. `windows[layer]` is the
+    follow. The decoding rows attend together over the first `decode_span` keys of their slots, except the
+    `(row, keys)` in `decode_long`, which attend alone over their own keys (see `split_decode`).
+    `slots (T,)` and `positions (T,)` say where each token's keys go. `windows[layer]` is the
     sliding window of that layer (None: full attention).
     """
 
     cache: Any
     decode: int
     decode_keys: Tensor
+    decode_span: int
+    decode_long: tuple[tuple[int, int], ...]
     chunks: tuple[Chunk, ...]
     slots: Tensor
     positions: Tensor
@@ -72,16 +76,23 @@ class PackedStep:
         out = query.new_empty((self.tokens, heads, dim))
         n = self.decode
         if n:
-            longest = int(self.decode_keys.max())
+            span = self.decode_span
             q = query[0, :, :n].transpose(0, 1).reshape(n, heads // groups, groups, dim)  # (n, Hkv, G, D)
             o = F.scaled_dot_product_attention(
                 q,
-                keys[:n, :, :longest],
-                values[:n, :, :longest],
-                attn_mask=self._decode_mask(longest, window),
+                keys[:n, :, :span],
+                values[:n, :, :span],
+                attn_mask=self._decode_mask(span, window),
                 scale=scaling,
             )
             out[:n] = o.reshape(n, heads, dim)
+            for row, length in self.decode_long:  # far longer than the rest: alone, over its own keys
+                start = 0 if window is None else max(0, length - window)
+                o = F.scaled_dot_product_attention(
+                    q[row : row + 1], keys[row : row + 1, :, start:length], values[row : row + 1, :, start:length],
+                    scale=scaling,
+                )  # fmt: skip
+                out[row] = o.reshape(heads, dim)
         for chunk in self.chunks:
             end = chunk.start + chunk.width
             q = query[:, :, chunk.first : chunk.first + chunk.width]  # (1, H, w, D)
@@ -119,6 +130,22 @@ class PackedStep:
                 seen &= pos[None, :] > query[:, None] - window
             self._masks[key] = seen[None, None]
         return self._masks[key]
+
+
+def split_decode(lengths: list[int], alone_cost: int = 256) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """`(span, long)`: decoding rows with `lengths[i]` keys attend together over `span` keys, except the rows
+    in `long` (`(row, keys)`), which attend alone. Chosen to minimise the keys read, a row alone counting
+    `alone_cost` extra keys (its own call): one 2,000-token row among short ones no longer makes every row
+    read 2,000 keys."""
+    order = sorted(lengths)
+    n = len(order)
+    best, span, above = n * order[-1], order[-1], 0  # above: keys of the rows past row i (alone)
+    for i in range(n - 2, -1, -1):
+        above += order[i + 1] + alone_cost
+        cost = (i + 1) * order[i] + above
+        if cost < best:
+            best, span = cost, order[i]
+    return span, tuple((row, length) for row, length in enumerate(lengths) if length > span)
 
 
 class PrefillBudget:

@@ -238,7 +238,7 @@ def test_a_long_prompt_mid_run_never_reallocates_the_store(setup: tuple[Any, Any
         if budget is not None:
             runner.cache = SlotCache(2, capacity=16, max_length=CONTEXT, budget_bytes=budget, layers=2)
         short, short_out = _job(_prompt(5, 41, vocab), "a", 40)
-        long, long_out = _job(_prompt(300, 42, vocab), "b", 4)
+        long, long_out = _job(_prompt(400, 42, vocab), "b", 4)  # then decodes alone (split_decode)
         runner.add(short)
         runner.step()
         storage = [t.data_ptr() for t in (*runner.cache.keys, *runner.cache.values)]

@@ -12,10 +12,11 @@ import torch
 import transformers
 
 import lokr
+from service import kvcache
 from service.demo import build_word_tokenizer
 from service.generation import BatchRunner
 from service.jobs import Event, Job, SamplingParams, TokenEvent
-from service.packed import PackedStep, PrefillBudget
+from service.packed import PackedStep, PrefillBudget, split_decode
 
 EOS = 3
 WORDS = ["the", "sea", "is", "blue", "a", "cat", "sat", "on", "mat", "sun", "rose", "over", "hills", "and", "sky"]
@@ -65,8 +66,15 @@ def _reference(model: Any, prompt: list[int], selection: Any, n: int) -> list[in
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize(("kind", "packed"), [("mistral", True), ("qwen2", True), ("gemma2", False)])
-def test_packed_steps_on_attention_variants(kind: str, packed: bool) -> None:
+@pytest.mark.parametrize(
+    ("kind", "packed", "alone"),
+    [("mistral", True, 0), ("mistral", True, 256), ("qwen2", True, 0), ("gemma2", False, 0)],
+)
+def test_packed_steps_on_attention_variants(
+    kind: str, packed: bool, alone: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`alone` 0: every decoding row longer than the shortest attends alone (`split_decode`), windows included."""
+    monkeypatch.setattr(kvcache, "split_decode", lambda lengths: split_decode(lengths, alone_cost=alone))
     tokenizer = build_word_tokenizer(WORDS)
     model = _model(kind, len(tokenizer))
     runner = BatchRunner(model, tokenizer, torch.device("cpu"), 256, max_rows=3, max_prefill_tokens=8)
@@ -138,3 +146,11 @@ def test_prefill_budget_sizes_chunks_to_the_measured_stall() -> None:
     assert steady.tokens(32) == 64
     assert PrefillBudget(512, stall=0.0).tokens(8) == 512  # fixed chunks
     assert PrefillBudget(32, stall=100.0).tokens(8) == 16  # within [floor, limit] before any measurement
+
+
+def test_split_decode_reads_each_long_row_alone() -> None:
+    assert split_decode([40, 41, 39, 2000]) == (41, ((3, 2000),))
+    assert split_decode([40, 41, 39, 60]) == (60, ())  # close lengths: one call over the longest
+    assert split_decode([7]) == (7, ())
+    span, long = split_decode([30] * 16 + [900, 1500])
+    assert span == 30 and long == ((16, 900), (17, 1500))
