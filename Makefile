@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# torch goes through pip (it finds the CPU wheel on this disk, and TORCH_INDEX applies to it alone); the rest
+# through uv, with torch already installed: pip's resolver took about 3 of CI's 14 minutes, uv takes under 1.
+UV = $(BIN)/uv pip install -q --python $(BIN)/python
 # torch is installed once, at the version constraints.txt pins (the runtime requirement stays a range in
 # pyproject.toml). PyPI's Linux torch wheel bundles CUDA (several GB); for the CPU-only wheel (~200 MB) run
 # `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
@@ -16,11 +19,12 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c constraints.txt -e .
+	$(BIN)/pip install -q -c constraints.txt uv
+	$(UV) -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml constraints.txt
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(UV) -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
