@@ -11,13 +11,22 @@ import pytest
 import torch
 
 import lokr
-from lokr.errors import UnknownModuleError
+from lokr.errors import UnknownModuleError, UnsupportedAdapterError
 from lokr.inject import iter_lokr_layers
 from service.errors import BadRequestError
 from service.images.backend import check_spec
 from service.images.tiny_flux import save_peft_flux_lokr
 
-from .flux_world import MULT, lycoris_flux_file, peft_flux_reference, register_linear_preset, with_extra_key
+from ..lokr.lyco import EVERY_LAYER, kohya_file, register_presets
+from .flux_world import (
+    MULT,
+    bfl_twin,
+    lycoris_flux_file,
+    peft_flux_reference,
+    register_linear_preset,
+    twin_to_diffusers,
+    with_extra_key,
+)
 from .images_world import assert_pixels_close, load, pipeline_dir, reference_image, reference_latents
 from .test_images_parity import PROMPTS, TOL, Run, spec
 
@@ -95,3 +104,44 @@ def test_flux_refuses_unknown_modules_and_negative_prompts(
     with pytest.raises(BadRequestError, match="negative_prompt"):
         check_spec(loaded, spec(PROMPTS[0], 1, neg="blurry"))
     check_spec(loaded, spec(PROMPTS[0], 1, neg=""))  # A1111 sends "" when there is none
+
+
+def test_kohya_bfl_layout_file_splits_fused_layers_exactly(
+    flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sd-scripts' Flux keys (BFL's layout, `lora_unet_double_blocks_0_img_attn_qkv`, ...) written by LyCORIS's kohya
+    network on a BFL-named twin of the transformer: fused qkv / linear1 / final modulation rows split onto diffusers'
+    layers; the image equals diffusers with the twin's merged weights unfused into it. Factors whose rows do not
+    split at the layer boundaries are refused, naming the key."""
+    register_presets(monkeypatch)
+    reference = load(flux_dir).pipe
+    twin = bfl_twin(reference.transformer)
+    path = tmp_path / "bfl.safetensors"
+    kohya_file(path, None, twin, 4, 2.0, factor=7, preset=EVERY_LAYER)  # w2 rows divide every q/k/v/MLP bound
+    twin_to_diffusers(twin, reference.transformer)
+    loaded = load(flux_dir)
+    linears = [n for n, m in loaded.pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    info = lokr.load_adapter(loaded.container, path, "bfl")
+    assert sorted(info.modules) == sorted(f"transformer.{n}" for n in linears)
+    run = Run(loaded, monkeypatch)
+    s = spec(PROMPTS[1], 13, guidance=4.0)
+    base, styled = run([(s, None), (s, [("bfl", MULT)])])
+    assert np.abs(run.pixels(styled) - run.pixels(base)).max() > 8
+    torch.testing.assert_close(
+        run.latents[styled.id], reference_latents(reference, s.prompt, s.seed, guidance_scale=4.0), **TOL
+    )
+    assert_pixels_close(run.pixels(styled), reference_image(reference, s.prompt, s.seed, guidance_scale=4.0))
+    kohya_file(
+        tmp_path / "f4.safetensors",
+        None,
+        bfl_twin(load(flux_dir).pipe.transformer),
+        4,
+        2.0,
+        factor=4,
+        preset=EVERY_LAYER,
+    )
+    with pytest.raises(
+        UnsupportedAdapterError, match=r"lora_unet_(double_blocks_0_(img|txt)_attn_qkv|single_blocks_0_linear1)"
+    ):
+        lokr.load_adapter(loaded.container, tmp_path / "f4.safetensors", "f4")
+    assert lokr.list_adapters(loaded.container) == ["bfl"]
