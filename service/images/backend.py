@@ -1,4 +1,5 @@
-"""`ImageBackend`: the engine's backend for diffusion pipelines. A step = one denoiser forward per image size.
+"""`ImageBackend`: the engine's backend for diffusion pipelines. A step = one denoiser forward per image size
+(and text length).
 
 Images join at any step (their prompts are encoded together first), leave when their last timestep is
 done (decoded together), and cancelled ones leave before the next forward.

@@ -20,6 +20,7 @@ __all__ = [
     "LINEAR_PRESET",
     "MULT",
     "lycoris_flux_file",
+    "lycoris_networks_file",
     "peft_flux_reference",
     "register_linear_preset",
     "with_extra_key",
@@ -33,8 +34,29 @@ def register_linear_preset(monkeypatch: pytest.MonkeyPatch) -> None:
     from lycoris import config
 
     keep_class_presets(monkeypatch)
-    monkeypatch.setitem(config.PRESET, LINEAR_PRESET, {"target_module": ["Linear"], "module_algo_map": {},
-                                                       "name_algo_map": {}})  # fmt: skip
+    for prefix in ("lycoris", "lora_te1", "lora_te3"):
+        preset = {"target_module": ["Linear"], "module_algo_map": {}, "name_algo_map": {}, "lora_prefix": prefix}
+        monkeypatch.setitem(config.PRESET, _preset(prefix), preset)
+
+
+def _preset(prefix: str) -> str:
+    return LINEAR_PRESET if prefix == "lycoris" else f"{LINEAR_PRESET}-{prefix}"
+
+
+def lycoris_networks_file(path: Path, parts: list[tuple[str, nn.Module]], seed: int = 11) -> Path:
+    """One file holding `create_lycoris` LoKr networks on several modules, each under its key prefix
+    (`lycoris` / `lora_te1` / `lora_te3`), applied in place at multiplier MULT with randomised factors."""
+    from lycoris import create_lycoris
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (prefix, module) in enumerate(parts):
+        network = create_lycoris(module, MULT, 4, 2.0, algo="lokr", factor=4, preset=_preset(prefix))
+        network.apply_to()
+        randomise(network, seed + i)
+        tensors.update({k: v.detach().clone().contiguous() for k, v in network.state_dict().items()})
+    save_file(tensors, str(path))
+    return path
 
 
 def lycoris_flux_file(path: Path, transformer: nn.Module, seed: int = 11, **options: Any) -> Any:

@@ -22,6 +22,7 @@ from .flux_world import (
     MULT,
     bfl_twin,
     lycoris_flux_file,
+    lycoris_networks_file,
     peft_flux_reference,
     register_linear_preset,
     twin_to_diffusers,
@@ -67,6 +68,29 @@ def test_flux_rows_equal_diffusers_base_lycoris_and_peft(
         torch.testing.assert_close(run.latents[job.id], want, **TOL)
         assert_pixels_close(run.pixels(job), reference_image(pipe, sp.prompt, sp.seed, sp.width, sp.steps, **kwargs))
     assert np.abs(run.pixels(pe) - run.pixels(base)).max() > 8
+
+
+def test_one_file_for_clip_t5_and_transformer(flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lora_te1_` (CLIP), `lora_te3_` (sd-scripts' name for T5: Flux's `text_encoder_2`) and `lycoris_` keys in
+    one file load as one adapter across the three components; the image equals diffusers with LyCORIS's three
+    networks applied."""
+    register_linear_preset(monkeypatch)
+    reference = load(flux_dir).pipe
+    parts = [
+        ("lora_te1", reference.text_encoder),
+        ("lora_te3", reference.text_encoder_2),
+        ("lycoris", reference.transformer),
+    ]
+    path = lycoris_networks_file(tmp_path / "all.safetensors", parts)
+    loaded = load(flux_dir)
+    info = lokr.load_adapter(loaded.container, path, "all")
+    assert {m.split(".")[0] for m in info.modules} == {"text_encoder", "text_encoder_2", "transformer"}
+    run = Run(loaded, monkeypatch)
+    s = spec(PROMPTS[0], 21, guidance=3.5)
+    base, styled = run([(s, None), (s, [("all", MULT)])])
+    assert np.abs(run.pixels(styled) - run.pixels(base)).max() > 8
+    torch.testing.assert_close(run.latents[styled.id], reference_latents(reference, s.prompt, s.seed), **TOL)
+    assert_pixels_close(run.pixels(styled), reference_image(reference, s.prompt, s.seed))
 
 
 def test_flux_mixed_batch_equals_one_at_a_time(flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
