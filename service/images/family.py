@@ -24,7 +24,7 @@ from .rows import Conditioning, ImageJob, ImageSpec, Row
 if TYPE_CHECKING:
     from .load import LoadedPipeline
 
-__all__ = ["DenoiserBatch", "Family", "StableDiffusion", "family_ops", "step_kwargs"]
+__all__ = ["DenoiserBatch", "Family", "StableDiffusion", "denoiser", "family_ops", "step_kwargs"]
 
 
 @dataclass
@@ -232,5 +232,6 @@ def family_ops(name: str) -> Family:
 
 
 def denoiser(loaded: LoadedPipeline, family: Family) -> nn.Module:
+    """The pipeline's denoiser module (`unet` or `transformer`)."""
     module: nn.Module = getattr(loaded.pipe, family.denoiser)
     return module
