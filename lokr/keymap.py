@@ -12,7 +12,9 @@ Accepted key stems (LyCORIS / kohya files):
     <component>.<dotted path>                                 -> that component
     diffusion_model.<dotted path>, <dotted path>              -> the denoiser
 Denoiser paths may use diffusers' names or the original LDM / SGM layout (`input_blocks_4_1_...`, see
-`sdxl_names`); text-encoder paths may include `text_model` or not (transformers 4 vs 5 CLIPTextModel).
+`sdxl_names`), or on a Flux transformer BFL's layout (`double_blocks_0_img_attn_proj`; fused layers such as
+`..._img_attn_qkv` split into diffusers' layers where the factors allow it, see `flux_names`); text-encoder paths
+may include `text_model` or not (transformers 4 vs 5 CLIPTextModel).
 PEFT directories hold paths relative to the denoiser (or prefixed with a component name).
 """
 
@@ -25,6 +27,7 @@ from typing import TypeGuard
 from torch import nn
 
 from .errors import TargetError, UnexpectedKeysError, UnknownModuleError
+from .flux_names import fused_rows, original_flux_names, split_rows
 from .formats import ModuleWeights, ParsedAdapter
 from .inject import model_modules
 from .layer import SUPPORTED_LAYERS, LoKrLayer
@@ -83,7 +86,9 @@ class _Component:
 def _aliases(container: nn.ModuleDict, component: str, relative: list[str]) -> Iterable[tuple[str, str]]:
     """(alias, relative name) pairs besides the names themselves."""
     if component in DENOISERS:
-        for name, original in original_unet_names(container[component], relative).items():
+        originals = original_unet_names(container[component], relative)
+        originals.update(original_flux_names(container[component], relative))
+        for name, original in originals.items():
             yield original, name
     elif component in TEXT_ENCODERS:  # CLIPTextModel lost its `text_model` level in transformers 5
         for name in relative:
@@ -146,12 +151,34 @@ def _resolve_key(key: str, fmt: str, tables: dict[str, _Component]) -> tuple[str
     return name, f"no such layer in {component}"
 
 
+def _fused(
+    container: nn.ModuleDict, parsed: ParsedAdapter, key: str, tables: dict[str, _Component]
+) -> dict[str, ModuleWeights] | None:
+    """`{container name: weights}` for a fused layer of BFL's Flux layout (split by rows); None for other keys."""
+    if parsed.format == "peft":
+        return None
+    component, path = _target(key, tables)
+    if component not in DENOISERS or component not in container:
+        return None
+    rows = fused_rows(container[component], path)
+    if rows is None:
+        return None
+    w = parsed.modules[key]
+    parts = split_rows(f"{parsed.source}: {key}", dict(w.tensors), rows)
+    return {f"{component}.{name}": ModuleWeights(t, w.scale, w.r, w.alpha) for name, t in parts.items()}
+
+
 def resolve_pipeline_modules(container: nn.ModuleDict, parsed: ParsedAdapter) -> dict[str, ModuleWeights]:
     """`{container module name: weights}` for every module of `parsed`; refuses unknown and duplicate keys."""
     tables = _components(container)
     resolved: dict[str, str] = {}
+    split: dict[str, tuple[str, ModuleWeights]] = {}  # container name -> (fused key, its part's weights)
     unknown: list[str] = []
     for key in parsed.modules:
+        parts = _fused(container, parsed, key, tables)
+        if parts is not None:
+            split.update({name: (key, weights) for name, weights in parts.items()})
+            continue
         name, why = _resolve_key(key, parsed.format, tables)
         if name is None:
             unknown.append(f"{key!r} ({why})")
@@ -163,7 +190,7 @@ def resolve_pipeline_modules(container: nn.ModuleDict, parsed: ParsedAdapter) ->
             f"{parsed.source}: {len(unknown)} key(s) name no Linear/Conv1d/Conv2d layer of this pipeline "
             f"(components: {', '.join(tables)}): {shown}; was the adapter made for another model?"
         )
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {name: key for name, (key, _) in split.items()}
     for key, name in resolved.items():
         if name in seen:
             raise UnexpectedKeysError(
@@ -171,4 +198,10 @@ def resolve_pipeline_modules(container: nn.ModuleDict, parsed: ParsedAdapter) ->
                 "a file must hold one set of factors per module"
             )
         seen[name] = key
-    return {resolved[key]: ModuleWeights(dict(w.tensors), w.scale, w.r, w.alpha) for key, w in parsed.modules.items()}
+    out = {
+        resolved[key]: ModuleWeights(dict(w.tensors), w.scale, w.r, w.alpha)
+        for key, w in parsed.modules.items()
+        if key in resolved
+    }
+    out.update({name: weights for name, (_, weights) in split.items()})
+    return out

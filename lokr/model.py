@@ -16,6 +16,7 @@ from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterStateError,
+    ConfigError,
     UnknownModuleError,
 )
 from .export import peft_export
@@ -149,6 +150,7 @@ def attach_adapter(
         target_dtype = dtype or _serving_dtype(weights)
         weights.tensors = {k: _normalise(k, t, spec.kind).to(target_dtype) for k, t in weights.tensors.items()}
         adapters[name] = _new_adapter(weights, parsed.config)
+        _check_scale(name, adapters[name].scale)
         adapters[name].origin = (parsed.format, parsed.source)
     for name, adapter in adapters.items():  # nothing below can fail on valid input
         wrap_module(model, name).add_adapter(adapter_name, adapter)
@@ -200,6 +202,12 @@ def _normalise(name: str, t: torch.Tensor, kind: str) -> torch.Tensor:
 def _serving_dtype(weights: ModuleWeights) -> torch.dtype:
     dtypes = {t.dtype for t in weights.tensors.values()}
     return torch.float64 if dtypes == {torch.float64} else torch.float32
+
+
+def _check_scale(name: str, scale: float) -> None:
+    """Refuse a scale the float32 banks cannot hold (a finite alpha / r can still overflow float32)."""
+    if not abs(scale) <= torch.finfo(torch.float32).max:
+        raise ConfigError(f"{name}: its scale {scale:g} (alpha / r) is outside float32's range; check the alpha")
 
 
 def _new_adapter(weights: ModuleWeights, config: LoKrConfig | None) -> LoKrAdapter:

@@ -1,9 +1,10 @@
-"""Diffusion pipelines behind the engine: SD / SDXL pipelines with per-row LoKr adapters in every step.
+"""Diffusion pipelines behind the engine: SD / SDXL / Flux pipelines with per-row LoKr adapters in every step.
 
 Modules: `load` (pipeline dir -> pipeline + adapter container), `rows` (jobs and per-row scheduler state),
-`steps` (batched text encoding, denoiser step, VAE decode), `backend` (the engine's `Backend`), `front`
-(requests -> jobs), `schemas`, `routes` (OpenAI images), `a1111` (AUTOMATIC1111 txt2img), `tiny` (test
-pipelines). Nothing here imports diffusers at import time.
+`family` (what differs per pipeline family; SD / SDXL) and `flux` (Flux), `steps` (batched text encoding,
+denoiser step, VAE decode), `backend` (the engine's `Backend`), `front` (requests -> jobs), `schemas`, `routes`
+(OpenAI images), `a1111` (AUTOMATIC1111 txt2img), `tiny` / `tiny_flux` (test pipelines). Nothing here imports
+diffusers at import time.
 """
 
 from __future__ import annotations

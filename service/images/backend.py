@@ -1,4 +1,5 @@
-"""`ImageBackend`: the engine's backend for diffusion pipelines. A step = one denoiser forward per image size.
+"""`ImageBackend`: the engine's backend for diffusion pipelines. A step = one denoiser forward per image size
+(and text length).
 
 Images join at any step (their prompts are encoded together first), leave when their last timestep is
 done (decoded together), and cancelled ones leave before the next forward.
@@ -27,7 +28,8 @@ MAX_STEPS = 200
 
 
 def check_spec(loaded: LoadedPipeline, spec: ImageSpec) -> None:
-    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), too large, or bad step counts."""
+    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), too large, bad step counts, or what
+    the pipeline's family cannot honour (Flux: a negative prompt)."""
     unit = max(8, loaded.vae_scale_factor * 2)
     if spec.width % unit or spec.height % unit or spec.width < unit or spec.height < unit:
         raise BadRequestError(
@@ -40,6 +42,7 @@ def check_spec(loaded: LoadedPipeline, spec: ImageSpec) -> None:
         )
     if not 1 <= spec.steps <= MAX_STEPS:
         raise BadRequestError(f"num_inference_steps must be in [1, {MAX_STEPS}]", code="invalid_steps")
+    loaded.ops.check(spec)
 
 
 class ImageBackend:
@@ -77,13 +80,14 @@ class ImageBackend:
         return True
 
     def step(self) -> None:
-        """Admit new images, drop cancelled ones, one forward per size, decode and finish the done ones."""
+        """Admit new images, drop cancelled ones, one forward per size (and text length), decode and finish the
+        done ones."""
         self._admit()
         self._drop_cancelled()
-        by_size: dict[tuple[int, int], list[Row]] = defaultdict(list)
+        groups: dict[tuple[int, int, int], list[Row]] = defaultdict(list)
         for row in self._rows:
-            by_size[row.size].append(row)
-        for rows in by_size.values():
+            groups[row.batch_key].append(row)
+        for rows in groups.values():
             self.metrics.batch_size.observe(len(rows))
             steps.denoise(self.loaded, rows, self.fold)
         self._finish_done()

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..backend import ModelLoadError, resolve_device, resolve_dtype
 
+if TYPE_CHECKING:
+    from .family import Family
+
 __all__ = ["ADAPTER_COMPONENTS", "FAMILIES", "LoadedPipeline", "is_pipeline_dir", "load_pipeline"]
 
 # diffusers pipeline class -> our family name; anything else is refused with this list.
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -25,11 +28,18 @@ _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 class LoadedPipeline:
     """A pipeline ready to serve: `container` holds the components adapters attach to (ModuleDict)."""
 
-    pipe: Any  # diffusers StableDiffusionPipeline | StableDiffusionXLPipeline
+    pipe: Any  # diffusers StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
     container: nn.ModuleDict
-    family: str  # "sd" | "sdxl"
+    family: str  # "sd" | "sdxl" | "flux"
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def ops(self) -> Family:
+        """The family's encode / start / denoiser-batch / decode parts (`family.Family`)."""
+        from .family import family_ops
+
+        return family_ops(self.family)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -37,10 +47,8 @@ class LoadedPipeline:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        """`(width, height)` the pipeline draws when none is given: the UNet's sample size x VAE factor."""
-        size = self.pipe.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        return int(w) * self.vae_scale_factor, int(h) * self.vae_scale_factor
+        """`(width, height)` the pipeline draws when none is given (SD: the UNet's sample size x VAE factor)."""
+        return self.ops.default_size(self.pipe)
 
     @property
     def default_steps(self) -> int:
@@ -52,8 +60,8 @@ class LoadedPipeline:
 
     @property
     def uses_cfg_model(self) -> bool:
-        """Classifier-free guidance is possible (no guidance-distilled timestep_cond)."""
-        return self.pipe.unet.config.time_cond_proj_dim is None
+        """Classifier-free guidance rows are possible (SD without a guidance-distilled timestep_cond; not Flux)."""
+        return self.ops.uses_cfg(self.pipe)
 
 
 def _call_default(pipe: Any, name: str, fallback: object) -> Any:
@@ -69,7 +77,7 @@ def is_pipeline_dir(source: str | None) -> bool:
 
 
 def load_pipeline(source: str, device: str = "auto", dtype: str = "auto") -> LoadedPipeline:
-    """Load an SD 1.x/2.x- or SDXL-style pipeline dir onto the device/dtype; eval mode, no grads."""
+    """Load an SD 1.x/2.x-, SDXL- or Flux-style pipeline dir onto the device/dtype; eval mode, no grads."""
     path = Path(source)
     cls_name = _pipeline_class(path)
     _check_safetensors(path)
@@ -101,7 +109,7 @@ def _pipeline_class(path: Path) -> str:
     if name not in FAMILIES:
         raise ModelLoadError(
             f"{path} holds a {name or 'unnamed'} pipeline; lokr-serve serves {sorted(FAMILIES)} "
-            "(Stable Diffusion 1.x/2.x and SDXL style)"
+            "(Stable Diffusion 1.x/2.x, SDXL and Flux style)"
         )
     return name
 

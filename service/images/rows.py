@@ -1,4 +1,4 @@
-"""Image jobs and the per-row denoising state (own scheduler instance, timestep index, latents, generator)."""
+"""Image jobs and the per-row denoising state (own scheduler instance, timestep index, latents, step kwargs)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..jobs import Job
@@ -38,7 +37,8 @@ class ImageJob(Job):
 
 @dataclass
 class Conditioning:
-    """Text conditioning of one image. `cond`/`uncond`: `(1, L, D)`; SDXL pooled: `(1, P)`; uncond None = no CFG."""
+    """Text conditioning of one image. `cond`/`uncond`: `(1, L, D)`; SDXL / Flux pooled: `(1, P)`; uncond None = no
+    CFG (always for Flux, whose `cond` is T5's and `pooled` CLIP's)."""
 
     cond: Tensor
     uncond: Tensor | None
@@ -54,7 +54,7 @@ class Row:
     spec: ImageSpec
     cond: Conditioning
     scheduler: Any
-    latents: Tensor  # (1, C, h, w)
+    latents: Tensor  # (1, C, h, w); Flux: packed (1, h/2 * w/2, 4C)
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
 
@@ -71,6 +71,11 @@ class Row:
         return self.spec.width, self.spec.height
 
     @property
+    def batch_key(self) -> tuple[int, int, int]:
+        """Rows with equal keys share a denoiser forward: same size and text length."""
+        return self.spec.width, self.spec.height, int(self.cond.cond.shape[1])
+
+    @property
     def cfg(self) -> bool:
         return self.cond.uncond is not None
 
@@ -80,37 +85,5 @@ def random_seed() -> int:
 
 
 def start_row(loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
-    """A fresh scheduler from the pipeline's config, its timesteps, and the latents diffusers would draw.
-
-    Latents: `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))` times the
-    scheduler's initial sigma, as `pipe(..., generator=...)` draws them; the generator then feeds
-    stochastic schedulers' steps, as in the pipeline.
-    """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    assert job.spec is not None
-    spec, pipe = job.spec, loaded.pipe
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(spec.steps, device=loaded.device)
-    if loaded.family == "sdxl" and hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    generator = torch.Generator("cpu").manual_seed(spec.seed)
-    f = loaded.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
-    latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
-    latents = latents * scheduler.init_noise_sigma
-    step_kwargs = _step_kwargs(scheduler, generator)
-    return Row(job, spec, cond, scheduler, latents, step_kwargs)
-
-
-def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
-    """`eta=0` and the generator where the scheduler's `step` takes them (the pipeline's extra_step_kwargs)."""
-    import inspect
-
-    params = set(inspect.signature(scheduler.step).parameters)
-    out: dict[str, Any] = {}
-    if "eta" in params:
-        out["eta"] = 0.0
-    if "generator" in params:
-        out["generator"] = generator
-    return out
+    """A fresh row for `job`: its family's scheduler, timesteps and the initial latents diffusers would draw."""
+    return loaded.ops.start(loaded, job, cond)

@@ -1,7 +1,7 @@
-"""Tiny random SD-style and SDXL-style pipelines built from configs (tests, benchmarks, offline demos).
+"""Tiny random SD-style, SDXL-style and Flux-style pipelines built from configs (tests, benchmarks, demos).
 
 Nothing is downloaded: the CLIP tokenizer is a byte-level BPE with a handful of merges, the weights come
-from a fixed seed. `save_tiny_pipeline` writes a diffusers pipeline dir (safetensors).
+from a fixed seed (Flux: `tiny_flux`). `save_tiny_pipeline` writes a diffusers pipeline dir (safetensors).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ __all__ = [
     "build_clip_tokenizer",
     "build_tiny_pipeline",
     "inject_peft_lokr",
+    "save_peft_lokr",
     "save_peft_unet_lokr",
     "save_tiny_pipeline",
 ]
@@ -73,7 +74,8 @@ def _vae() -> Any:
 
 
 def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
-    """A random-weight `StableDiffusionPipeline` ("sd") or `StableDiffusionXLPipeline` ("sdxl") on CPU."""
+    """A random-weight `StableDiffusionPipeline` ("sd"), `StableDiffusionXLPipeline` ("sdxl") or `FluxPipeline`
+    ("flux") on CPU."""
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
@@ -83,6 +85,10 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if kind == "flux":
+        from .tiny_flux import build_tiny_flux
+
+        return build_tiny_flux(seed)
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer()
     vocab = len(tokenizer)
@@ -114,7 +120,7 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=build_clip_tokenizer(),
             unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip
-    raise ValueError(f"kind must be 'sd' or 'sdxl', got {kind!r}")
+    raise ValueError(f"kind must be 'sd', 'sdxl' or 'flux', got {kind!r}")
 
 
 def save_tiny_pipeline(out: Path, kind: str = "sd", seed: int = 0) -> Path:
@@ -124,29 +130,36 @@ def save_tiny_pipeline(out: Path, kind: str = "sd", seed: int = 0) -> Path:
     return out
 
 
-def inject_peft_lokr(unet: Any, seed: int, name: str = "default", r: int = 4) -> Any:
-    """peft's LoKr (random factors from `seed`) injected into `unet` in place; returns its peft config."""
+def inject_peft_lokr(model: Any, seed: int, name: str = "default", r: int = 4, targets: list[str] | None = None) -> Any:
+    """peft's LoKr (random factors from `seed`) injected into `model` (a UNet unless `targets` says otherwise) in
+    place; returns its peft config."""
     from peft import LoKrConfig, inject_adapter_in_model
 
     torch.manual_seed(seed)
-    config = LoKrConfig(r=r, alpha=r, target_modules=UNET_TARGETS, init_weights=False)
-    inject_adapter_in_model(config, unet, adapter_name=name)
+    config = LoKrConfig(r=r, alpha=r, target_modules=targets or UNET_TARGETS, init_weights=False)
+    inject_adapter_in_model(config, model, adapter_name=name)
     return config
 
 
 def save_peft_unet_lokr(pipeline_dir: Path, out: Path, seed: int) -> Path:
     """peft's LoKr on the pipeline's UNet, saved as a PEFT dir keyed by the adapter container (`unet.` prefix)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", use_safetensors=True)
+    return save_peft_lokr(unet, "unet", UNET_TARGETS, out, seed)
+
+
+def save_peft_lokr(model: Any, component: str, targets: list[str], out: Path, seed: int) -> Path:
+    """peft's LoKr injected into `model` (the pipeline's `component`), saved as a PEFT dir with container keys."""
     import json
 
-    from diffusers import UNet2DConditionModel
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", use_safetensors=True)
-    config = inject_peft_lokr(unet, seed)
-    state = get_peft_model_state_dict(unet)
+    config = inject_peft_lokr(model, seed, targets=targets)
+    state = get_peft_model_state_dict(model)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"base_model.model.unet.{k}": v.contiguous() for k, v in state.items()}
+    tensors = {f"base_model.model.{component}.{k}": v.contiguous() for k, v in state.items()}
     save_file(tensors, out / "adapter_model.safetensors")
     meta = {**config.to_dict(), "target_modules": sorted(config.target_modules), "peft_type": "LOKR"}
     (out / "adapter_config.json").write_text(json.dumps(meta, default=str))

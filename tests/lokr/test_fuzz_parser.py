@@ -371,3 +371,14 @@ def test_valid_inputs_load(model: nn.Module, workdir: Path) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(VALID_CONFIG))
     (folder / "adapter_model.safetensors").write_bytes(PEFT_WEIGHTS)
     assert _try_load(model, folder) == "ok"
+
+
+def test_scale_beyond_float32_is_refused_before_anything_attaches(model: nn.Module, workdir: Path) -> None:
+    """A finite alpha whose alpha / r overflows float32 (found by the pattern fuzz above, example set depending on
+    the modules loaded) is a ConfigError, not a RuntimeError half-way through attaching the adapter."""
+    folder = workdir / "huge-alpha"
+    folder.mkdir()
+    config = {**VALID_CONFIG, "alpha_pattern": {"down_blocks.0.to_q": -2.199784542449925e222}}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter_model.safetensors").write_bytes(PEFT_WEIGHTS)
+    assert _try_load(model, folder) == "ConfigError"

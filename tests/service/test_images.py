@@ -167,7 +167,7 @@ def test_load_refuses_pickle_weights_and_other_pipelines(image_world: World, tmp
     with pytest.raises(ModelLoadError, match="safetensors only"):
         load_pipeline(str(copy), "cpu", "float32")
     index = json.loads((copy / "model_index.json").read_text())
-    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
     with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline"):
         load_pipeline(str(copy), "cpu", "float32")
 

@@ -1,0 +1,237 @@
+"""What differs between pipeline families, behind one small interface; SD 1.x/2.x and SDXL here, Flux in `flux`.
+
+A `Family` encodes prompts, starts a row (its latents and own scheduler), builds the denoiser's inputs for a
+batch of rows and splits its output into one noise prediction per row, and turns finished rows' latents into
+what the VAE decodes. `steps` drives them: the adapter batches, the scheduler steps, the decode itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+import lokr
+from lokr.batch import RowSpec
+
+from .rows import Conditioning, ImageJob, ImageSpec, Row
+
+if TYPE_CHECKING:
+    from .load import LoadedPipeline
+
+__all__ = ["DenoiserBatch", "Family", "StableDiffusion", "denoiser", "family_ops", "step_kwargs"]
+
+
+@dataclass
+class DenoiserBatch:
+    """One denoiser forward: `specs[i]` is batch row i's adapter selection, `kwargs` the denoiser's inputs."""
+
+    specs: list[RowSpec]
+    kwargs: dict[str, Any]
+
+
+class Family(ABC):
+    """The per-family parts of serving a pipeline (stateless; one instance per family)."""
+
+    denoiser = "unet"  # the pipeline attribute holding the denoiser
+
+    @abstractmethod
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        """`(width, height)` in pixels the pipeline draws when none is given."""
+
+    def uses_cfg(self, pipe: Any) -> bool:
+        """Whether a guidance scale above 1 means classifier-free guidance rows."""
+        return False
+
+    def check(self, spec: ImageSpec) -> None:
+        """Raise `BadRequestError` for what this family cannot honour (beyond the shared size / step checks)."""
+        return None
+
+    @abstractmethod
+    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
+        """Every prompt of `jobs` encoded in one batch per text encoder, each job under its own adapters."""
+
+    @abstractmethod
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
+        """A row with its own scheduler (timesteps set) and the initial latents diffusers draws for its seed."""
+
+    @abstractmethod
+    def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
+        """The denoiser's inputs for `rows` (same size and text length), each row at its own timestep."""
+
+    @abstractmethod
+    def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
+        """The denoiser's `output` for `batch(rows)` as one noise prediction per row, shaped like its latents."""
+
+    @abstractmethod
+    def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
+        """Finished rows' latents (same size) as the VAE decodes them: `(B, C, h, w)`, unscaled, in its dtype."""
+
+
+def step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    """`eta=0` and the generator where the scheduler's `step` takes them (SD's extra_step_kwargs)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    out: dict[str, Any] = {}
+    if "eta" in params:
+        out["eta"] = 0.0
+    if "generator" in params:
+        out["generator"] = generator
+    return out
+
+
+class StableDiffusion(Family):
+    """SD 1.x/2.x (`xl=False`) and SDXL (`xl=True`): a UNet, CLIP encoder(s), classifier-free guidance rows."""
+
+    def __init__(self, xl: bool) -> None:
+        self.xl = xl
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        size = pipe.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(w) * int(pipe.vae_scale_factor), int(h) * int(pipe.vae_scale_factor)
+
+    def uses_cfg(self, pipe: Any) -> bool:
+        """Classifier-free guidance is possible (no guidance-distilled timestep_cond)."""
+        return pipe.unet.config.time_cond_proj_dim is None
+
+    def _needs_cfg(self, loaded: LoadedPipeline, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0 and self.uses_cfg(loaded.pipe)
+
+    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
+        """A negative prompt of None is "" (SD) or, where the SDXL pipeline zeroes empty prompts, zeros."""
+        texts: list[str] = []
+        specs: list[RowSpec] = []
+        plan: list[tuple[int, int | None]] = []  # per job: (prompt index, negative index | None = zeros / no CFG)
+        zero_neg = self.xl and bool(loaded.pipe.config.get("force_zeros_for_empty_prompt", False))
+        for job in jobs:
+            assert job.spec is not None
+            p = len(texts)
+            texts.append(job.spec.prompt)
+            specs.append(job.selection)
+            neg: int | None = None
+            if self._needs_cfg(loaded, job.spec.guidance_scale) and not (zero_neg and job.spec.negative_prompt is None):
+                neg = len(texts)
+                texts.append(job.spec.negative_prompt or "")
+                specs.append(job.selection)
+            plan.append((p, neg))
+        with lokr.adapter_batch(loaded.container, specs):
+            out = loaded.pipe.encode_prompt(texts, device=loaded.device, num_images_per_prompt=1,
+                                            do_classifier_free_guidance=False)  # fmt: skip
+        embeds: Tensor = out[0]
+        pooled: Tensor | None = out[2] if self.xl else None
+        result = []
+        for job, (p, n) in zip(jobs, plan):
+            assert job.spec is not None
+            cond = Conditioning(embeds[p : p + 1], None, _row(pooled, p))
+            if self._needs_cfg(loaded, job.spec.guidance_scale):
+                cond.uncond = embeds[n : n + 1] if n is not None else torch.zeros_like(cond.cond)
+                if pooled is not None:
+                    cond.uncond_pooled = _row(pooled, n) if n is not None else torch.zeros_like(pooled[p : p + 1])
+            result.append(cond)
+        return result
+
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
+        """Latents: `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))` times the
+        scheduler's initial sigma, as `pipe(..., generator=...)` draws them; the generator then feeds
+        stochastic schedulers' steps, as in the pipeline."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        assert job.spec is not None
+        spec, pipe = job.spec, loaded.pipe
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(spec.steps, device=loaded.device)
+        if self.xl and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        f = loaded.vae_scale_factor
+        shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
+        latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        return Row(job, spec, cond, scheduler, latents, step_kwargs(scheduler, generator))
+
+    def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
+        """Both CFG rows of an image (uncond first) use the image's adapters; SDXL adds pooled embeds + time ids."""
+        inputs: list[Tensor] = []
+        timesteps: list[Tensor] = []
+        hidden: list[Tensor] = []
+        specs: list[RowSpec] = []
+        pooled: list[Tensor] = []
+        time_ids: list[Tensor] = []
+        for row in rows:
+            t = row.timestep
+            copies = 2 if row.cfg else 1
+            inputs.append(row.scheduler.scale_model_input(torch.cat([row.latents] * copies), t))
+            timesteps.extend([t] * copies)
+            hidden.extend(_cfg_pair(row.cond.uncond, row.cond.cond))
+            specs.extend([row.job.selection] * copies)
+            if self.xl:
+                pooled.extend(_cfg_pair(row.cond.uncond_pooled, row.cond.pooled))
+                time_ids.extend([_time_ids(row)] * copies)
+        added: dict[str, Tensor] | None = None
+        if self.xl:
+            dev = loaded.device
+            added = {"text_embeds": torch.cat(pooled).to(dev), "time_ids": torch.cat(time_ids).to(dev)}
+        kwargs = {"sample": torch.cat(inputs), "timestep": torch.stack(timesteps).to(loaded.device),
+                  "encoder_hidden_states": torch.cat(hidden), "added_cond_kwargs": added}  # fmt: skip
+        return DenoiserBatch(specs, kwargs)
+
+    def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
+        preds, offset = [], 0
+        for row in rows:
+            if row.cfg:
+                uncond, text = output[offset : offset + 1], output[offset + 1 : offset + 2]
+                preds.append(uncond + row.spec.guidance_scale * (text - uncond))
+                offset += 2
+            else:
+                preds.append(output[offset : offset + 1])
+                offset += 1
+        return preds
+
+    def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
+        vae = loaded.pipe.vae
+        latents = torch.cat([row.latents for row in rows]).to(vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if self.xl and mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            m = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+            s = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+            return latents * s / vae.config.scaling_factor + m
+        return latents / vae.config.scaling_factor
+
+
+def _row(t: Tensor | None, i: int) -> Tensor | None:
+    return None if t is None else t[i : i + 1]
+
+
+def _cfg_pair(uncond: Tensor | None, cond: Tensor | None) -> list[Tensor]:
+    """The rows of one image in the denoiser batch: `[uncond, cond]` with CFG, else `[cond]`."""
+    assert cond is not None
+    return [cond] if uncond is None else [uncond, cond]
+
+
+def _time_ids(row: Row) -> Tensor:
+    """SDXL's micro-conditioning `(1, 6)`: original size, crop (0, 0), target size, as the pipeline's defaults."""
+    h, w = row.spec.height, row.spec.width
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=row.cond.cond.dtype)
+
+
+def family_ops(name: str) -> Family:
+    """The `Family` of a family name ("sd", "sdxl", "flux")."""
+    if name == "flux":
+        from .flux import Flux
+
+        return Flux()
+    if name in ("sd", "sdxl"):
+        return StableDiffusion(xl=name == "sdxl")
+    raise ValueError(f"unknown pipeline family {name!r}")
+
+
+def denoiser(loaded: LoadedPipeline, family: Family) -> nn.Module:
+    """The pipeline's denoiser module (`unet` or `transformer`)."""
+    module: nn.Module = getattr(loaded.pipe, family.denoiser)
+    return module

@@ -1,0 +1,125 @@
+"""Flux-style pipelines (`FluxPipeline`: a DiT `transformer`, CLIP `text_encoder`, T5 `text_encoder_2`, flow matching).
+
+Each row does what `FluxPipeline.__call__` does for one image: CLIP pooled + T5 embeddings, latents drawn with
+the row's generator and packed 2x2, sigmas `linspace(1, 1/steps, steps)` shifted by `mu` for the image's
+sequence length, the distilled guidance embedding, `timestep / 1000`. The transformer takes a `(B,)` timestep
+and guidance, so rows at different steps (and guidance) share a forward; text / image position ids are shared,
+so rows in one forward have the same size and text length. True CFG (a negative prompt) is not served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import lokr
+from lokr.batch import RowSpec
+
+from ..errors import BadRequestError
+from .family import DenoiserBatch, Family
+from .rows import Conditioning, ImageJob, ImageSpec, Row
+
+if TYPE_CHECKING:
+    from .load import LoadedPipeline
+
+__all__ = ["Flux"]
+
+
+class Flux(Family):
+    """`FluxPipeline` rows: packed latents `(1, N, 4C)` with `N = (H/2f) * (W/2f)`, no CFG rows."""
+
+    denoiser = "transformer"
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+        return side, side
+
+    def check(self, spec: ImageSpec) -> None:
+        if spec.negative_prompt:
+            raise BadRequestError(
+                "negative_prompt is not supported on Flux pipelines: they are guidance-distilled (guidance_scale "
+                "sets the distilled guidance) and true classifier-free guidance is not served; leave it out",
+                code="invalid_request",
+            )
+
+    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
+        """T5 embeddings `(1, L, D)` (L = the pipeline's max_sequence_length, 512) and CLIP pooled `(1, P)`."""
+        texts: list[str] = []
+        specs: list[RowSpec] = []
+        for job in jobs:
+            assert job.spec is not None
+            texts.append(job.spec.prompt)
+            specs.append(job.selection)
+        with lokr.adapter_batch(loaded.container, specs):
+            embeds, pooled, _ = loaded.pipe.encode_prompt(texts, device=loaded.device, num_images_per_prompt=1)
+        return [Conditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(jobs))]
+
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
+        """Latents: `randn_tensor((1, C, 2*(H//2f), 2*(W//2f)), generator=Generator("cpu").manual_seed(seed))`
+        packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        from diffusers.utils.torch_utils import randn_tensor
+
+        assert job.spec is not None
+        spec, pipe = job.spec, loaded.pipe
+        h, w = _latent_size(loaded, spec)
+        channels = pipe.transformer.config.in_channels // 4
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        latents = randn_tensor((1, channels, h, w), generator=generator, device=loaded.device, dtype=cond.cond.dtype)
+        latents = pipe._pack_latents(latents, 1, channels, h, w)
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        config = scheduler.config
+        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / spec.steps, spec.steps).tolist()
+        mu = calculate_shift(
+            latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+        )  # fmt: skip
+        retrieve_timesteps(scheduler, spec.steps, loaded.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return Row(job, spec, cond, scheduler, latents)  # the pipeline steps without a generator
+
+    def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
+        """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)`."""
+        pipe = loaded.pipe
+        latents = torch.cat([row.latents for row in rows])
+        timestep = torch.stack([row.timestep for row in rows]).to(loaded.device, latents.dtype)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance = torch.tensor([row.spec.guidance_scale for row in rows], dtype=torch.float32)
+            guidance = guidance.to(loaded.device)
+        embeds = torch.cat([row.cond.cond for row in rows])
+        pooled = torch.cat([_pooled(row) for row in rows])
+        text_dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.transformer.dtype
+        text_ids = torch.zeros(embeds.shape[1], 3).to(device=loaded.device, dtype=text_dtype)
+        h, w = _latent_size(loaded, rows[0].spec)
+        image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, loaded.device, embeds.dtype)
+        kwargs = {"hidden_states": latents, "timestep": timestep / 1000, "guidance": guidance,
+                  "pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": text_ids,
+                  "img_ids": image_ids}  # fmt: skip
+        return DenoiserBatch([row.job.selection for row in rows], kwargs)
+
+    def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
+        return [output[i : i + 1] for i in range(len(rows))]
+
+    def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
+        """Unpacked `(B, C, h, w)`, then `latents / scaling_factor + shift_factor` as the pipeline decodes."""
+        pipe, spec = loaded.pipe, rows[0].spec
+        latents = torch.cat([row.latents for row in rows])
+        latents = pipe._unpack_latents(latents, spec.height, spec.width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        return latents.to(pipe.vae.device, pipe.vae.dtype)
+
+
+def _latent_size(loaded: LoadedPipeline, spec: ImageSpec) -> tuple[int, int]:
+    """`(h, w)` of the unpacked latents: even, as the pipeline rounds them for the 2x2 packing."""
+    f = loaded.vae_scale_factor
+    return 2 * (spec.height // (f * 2)), 2 * (spec.width // (f * 2))
+
+
+def _pooled(row: Row) -> Tensor:
+    assert row.cond.pooled is not None
+    return row.cond.pooled

@@ -1,0 +1,87 @@
+"""A tiny random Flux-style pipeline built from configs (DiT denoiser, CLIP + T5 text encoders, flow matching).
+
+Nothing is downloaded: the T5 tokenizer is a Unigram model over a few words and the letters, the CLIP one is
+`tiny.build_clip_tokenizer`'s; weights come from a fixed seed. The VAE has 4 latent channels, so the
+transformer sees 16 channels (4 x 2x2 packing), as diffusers' own Flux tests build it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FLUX_TARGETS", "build_t5_tokenizer", "build_tiny_flux", "save_peft_flux_lokr"]
+
+# The transformer layers a typical Flux LoKr trains: attention (image and text streams), MLPs, norms' linears.
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+FLUX_TARGETS += ["ff.net.2", "ff_context.net.2", "proj_mlp", "proj_out", "norm1.linear", "norm.linear"]
+
+_WORDS = ["a", "red", "cat", "the", "dog", "on", "mat", "lighthouse", "at", "dusk", "blue", "sky"]
+
+
+def build_t5_tokenizer() -> Any:
+    """A T5 tokenizer (Unigram over pad / eos / unk, a few words and single letters); ~40 entries."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(_WORDS)]
+    pieces += [("\u2581", -30.0)] + [(c, -20.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def _t5(vocab_size: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config)
+
+
+def _flux_vae() -> Any:
+    """Flux's VAE shape in miniature: no quant convs, a shift and scaling factor."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+    )  # fmt: skip
+
+
+def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> Any:
+    """A random-weight `FluxPipeline` on CPU (one double-stream and two single-stream blocks, width 16)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from .tiny import _text_config, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    return FluxPipeline(
+        scheduler=scheduler, vae=_flux_vae(), text_encoder=CLIPTextModel(_text_config(len(tokenizer), False)),
+        tokenizer=tokenizer, text_encoder_2=_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2, transformer=transformer,
+    )  # fmt: skip
+
+
+def save_peft_flux_lokr(pipeline_dir: Path, out: Path, seed: int) -> Path:
+    """peft's LoKr on the pipeline's Flux transformer (`FLUX_TARGETS`), saved as a PEFT dir (`transformer.` keys)."""
+    from diffusers import FluxTransformer2DModel
+
+    from .tiny import save_peft_lokr
+
+    transformer = FluxTransformer2DModel.from_pretrained(pipeline_dir, subfolder="transformer", use_safetensors=True)
+    return save_peft_lokr(transformer, "transformer", FLUX_TARGETS, out, seed)
