@@ -148,10 +148,11 @@ class Engine:
         if not self._accepting:
             raise NotReadyError("the server is not accepting requests (starting or shutting down)")
         self.backend.check(job)
-        self._track(job)
+        done = self._track(job)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
+            job.on_done = done  # never queued: its caller finishes it, and that must not count it out again
             self._untrack()
             raise OverloadedError(
                 f"the request queue is full ({self._queue.maxsize} waiting); retry after a moment"
@@ -159,7 +160,8 @@ class Engine:
         self.metrics.queue_depth.set(self._queue.qsize())
         self._wake.set()
 
-    def _track(self, job: Job) -> None:
+    def _track(self, job: Job) -> Callable[[Event], None]:
+        """Count `job` in until it finishes; returns its own `on_done` (the one wrapped)."""
         done = job.on_done
 
         def on_done(event: Event) -> None:
@@ -171,6 +173,7 @@ class Engine:
         job.on_done = on_done
         with self._idle:
             self._outstanding += 1
+        return done
 
     def _untrack(self) -> None:
         with self._idle:

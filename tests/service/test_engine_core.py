@@ -148,3 +148,27 @@ def test_stop_fails_waiting_jobs_and_commands() -> None:
 def test_call_runs_inline_without_a_worker() -> None:
     engine = Engine(FakeBackend(), Metrics())
     assert engine.run(lambda model: threading.current_thread() is threading.main_thread())
+
+
+def test_a_refused_launch_is_counted_out_once() -> None:
+    """A job refused because the queue is full finishes with its error, and `drain` still sees the engine idle
+    once the queued job is done (it used to count the refused job out twice, so drain waited its whole grace)."""
+    backend = FakeBackend(room=0)  # nothing is taken yet: the first job holds the only queue place
+    engine = Engine(backend, Metrics(), max_queue=1)
+    engine.start()
+    try:
+        first: list[Event] = []
+        engine.submit(_job(first))
+        refused: list[Event] = []
+        engine.launch(_job(refused))
+        assert isinstance(refused[-1], ErrorEvent)
+        backend.gate = threading.Event()
+        backend.room = 4
+        assert backend.entered.wait(30)  # the first job is in a step: one job outstanding, not zero
+        assert engine.drain(0.05) is False
+        backend.gate.set()
+        assert engine.drain(30) is True
+        assert isinstance(first[-1], FinishEvent)
+    finally:
+        backend.gate = None
+        engine.stop()
