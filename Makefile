@@ -9,6 +9,9 @@ UV = $(BIN)/uv pip install -q --python $(BIN)/python
 # pyproject.toml). PyPI's Linux torch wheel bundles CUDA (several GB); for the CPU-only wheel (~200 MB) run
 # `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_SPEC ?= torch==2.13.0
+# The suite runs in TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so its fixtures are built
+# once), each single-threaded: most tests wait on a server or a subprocess. On 2 cores: 604 s against 845 s serial.
+TEST_WORKERS ?= 2
 TORCH_INDEX ?=
 
 .PHONY: run test lint typecheck bench install install-dev clean
@@ -36,7 +39,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check lokr service tests bench scripts
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check lokr service tests bench scripts
