@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1)
     max_prefill_tokens: int = Field(512, ge=1)
-    prefill_stall: float = Field(1.5, ge=0)
+    prefill_stall: float = Field(1.0, ge=0)
     fold_cache: int = Field(1, ge=0)
     max_resident_adapters: int = Field(128, ge=1)
     max_resident_bytes: int = Field(0, ge=0)
