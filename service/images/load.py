@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +35,9 @@ class LoadedPipeline:
     device: torch.device
     dtype: torch.dtype
 
-    @property
+    @cached_property
     def ops(self) -> Family:
-        """The family's encode / start / denoiser-batch / decode parts (`family.Family`)."""
+        """The family's encode / start / denoiser-batch / decode parts (`family.Family`), made once."""
         from .family import family_ops
 
         return family_ops(self.family)
