@@ -32,6 +32,7 @@ from .routes import admin, openai, ops
 from .routes.deps import Components
 from .routes.docs import install_docs
 from .schemas import ERROR_RESPONSES
+from .scratch import run_in_scratch_thread
 from .settings import Settings
 
 __all__ = ["create_app", "load_model", "start_components"]
@@ -55,8 +56,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if components.engine is None:
-            model = loaded if loaded is not None else await run_in_threadpool(load_model, settings)
-            await run_in_threadpool(_start, components, model)
+            model = loaded
+            if model is None:  # in a thread that exits: see service.scratch
+                model = await run_in_threadpool(run_in_scratch_thread, load_model, settings)
+            await run_in_threadpool(run_in_scratch_thread, _start, components, model)
         if on_ready is not None:
             on_ready()
         try:

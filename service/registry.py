@@ -29,6 +29,7 @@ from .engine import Engine
 from .errors import AdapterBusyError, ConflictError, NotFoundError, NotReadyError
 from .lifecycle import AdapterRecord, Lease, Phase, Tier
 from .metrics import Metrics
+from .scratch import run_in_scratch_thread
 from .tiers import Slot, TierLimits, pick_victims
 
 __all__ = ["AdapterRecord", "Lease", "Registry", "TierLimits"]
@@ -156,7 +157,7 @@ class Registry:
             if host is not None:
                 info = self.engine.call(partial(_restore_on, offloaded=host)).result()
             else:
-                parsed = lokr.read_adapter(record.source, max_bytes=self.max_bytes)
+                parsed = run_in_scratch_thread(lokr.read_adapter, record.source, max_bytes=self.max_bytes)
                 info = self.engine.call(partial(_attach_on, parsed=parsed, name=record.name, dtype=self.dtype)).result()
         except BaseException as exc:
             log.warning("could not bring adapter %s back: %s", record.name, exc)
@@ -240,7 +241,7 @@ class Registry:
                 raise ConflictError(f"an adapter named {name!r} is already loaded or loading", code="adapter_exists")
             self._records[name] = record  # LOADING: reserves the name, invisible
         try:
-            parsed = lokr.read_adapter(path, max_bytes=self.max_bytes)
+            parsed = run_in_scratch_thread(lokr.read_adapter, path, max_bytes=self.max_bytes)
             info = self.engine.call(partial(_attach_on, parsed=parsed, name=name, dtype=self.dtype)).result()
         except BaseException:
             with self._cond:

@@ -13,6 +13,7 @@ import uvicorn
 
 from .app import create_app, load_model, start_components
 from .backend import resolve_device
+from .scratch import run_in_scratch_thread
 from .security import describe_admin_access
 from .settings import Settings
 
@@ -36,7 +37,7 @@ def serve(settings: Settings, sock: socket.socket, on_ready: Callable[[], None] 
     as exceptions (one line, exit 2) instead of a lifespan traceback.
     """
     resolve_device(settings.device)  # `--device cuda` without a GPU fails before anything loads
-    loaded = load_model(settings)
+    loaded = run_in_scratch_thread(load_model, settings)  # see service.scratch: no OpenMP team left behind
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
@@ -50,7 +51,7 @@ def serve(settings: Settings, sock: socket.socket, on_ready: Callable[[], None] 
             on_ready()
 
     app = create_app(settings, loaded, on_ready=ready)
-    start_components(app)
+    run_in_scratch_thread(start_components, app)  # `--adapter` preloads read files and attach
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
     server = _Server(config)
 
