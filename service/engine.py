@@ -248,7 +248,12 @@ class Engine:
             if job.cancelled.is_set():
                 job.finish_cancelled()
                 continue
-            if not self.backend.offer(job):
+            try:
+                taken = self.backend.offer(job)
+            except Exception as exc:  # a job the backend cannot take fails alone; the worker keeps serving
+                job.finish(ErrorEvent(exc))
+                continue
+            if not taken:
                 self._held = job
                 break
         self.metrics.queue_depth.set(self._queue.qsize() + (self._held is not None))

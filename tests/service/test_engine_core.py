@@ -31,11 +31,14 @@ class FakeBackend:
         self.entered = threading.Event()
         self.gate: threading.Event | None = None
         self.explode = False
+        self.refuse: set[int] = set()  # job ids whose offer raises
 
     def check(self, job: Job) -> None:
         pass
 
     def offer(self, job: Job) -> bool:
+        if job.id in self.refuse:
+            raise ValueError("cannot take this row")
         if len(self.rows) >= self.room:
             return False
         self.rows[job.id], self.by_id[job.id] = self.steps, job
@@ -122,6 +125,20 @@ def test_failed_step_fails_its_rows_only(engine: Engine) -> None:
     done, later = threading.Event(), []
     engine.submit(_job(later, done))
     assert done.wait(30) and isinstance(later[-1], FinishEvent)
+
+
+def test_a_job_the_backend_cannot_take_fails_alone(engine: Engine) -> None:
+    """An error while admitting a row fails that job and is counted out; the worker thread lives on."""
+    backend: FakeBackend = engine.backend  # type: ignore[assignment]
+    failed, events = threading.Event(), []
+    bad = _job(events, failed)
+    backend.refuse.add(bad.id)
+    engine.submit(bad)
+    assert failed.wait(30) and isinstance(events[-1], ErrorEvent)
+    done, later = threading.Event(), []
+    engine.submit(_job(later, done))
+    assert done.wait(30) and isinstance(later[-1], FinishEvent)
+    assert engine.drain(30) is True
 
 
 def test_drain_waits_for_a_running_batch(engine: Engine) -> None:
