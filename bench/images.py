@@ -1,19 +1,24 @@
 """Image serving benchmark: the real `lokr-serve` on a tiny SD pipeline, images/s under concurrent clients.
 
-    python bench/images.py                        # full run (~5-10 min on 2 cores)
+    python bench/images.py                        # full run (~2 min a round on 2 cores)
+    python bench/images.py --repeats 3            # 3 interleaved rounds; medians reported
+    python bench/images.py --pipeline flux        # the tiny Flux pipeline (DiT, T5 + CLIP) instead of SD
     python bench/images.py --quick --out /tmp/x   # smoke test (tiny sizes, few requests)
 
 Scenarios (each: `--clients` concurrent clients sending `--requests` image requests in total, back to back):
-  batch-8    the server (`--max-batch-size` = clients), 8 peft LoKr adapters on the UNet, request i names adapter i % 8
+  batch-8    the server (`--max-batch-size` = clients), 8 peft LoKr adapters on the denoiser (SD's UNet, Flux's
+             transformer), request i names adapter i % 8
   batch-1    the same server, every request names adapter 0
   single-8   a server with `--max-batch-size 1` (one image at a time), 8 adapters
   peft-8     no server: a loop that serves each request as weight-patching UIs do: merge the request's peft
              adapter into the UNet, run the diffusers pipeline, unmerge
   peft-set-8 no server: peft's 8 LoKr adapters injected once, `set_adapter` per request (unmerged), the pipeline
              call a user would write
-The naive baselines' ratio is taken against the faster of the two. Then the denoiser's own batching ceiling on
-this machine: the bare UNet's step per image (both CFG rows) at 1 image vs `--clients` images in one forward,
-and its FLOPs per image-step; no server can batch its way past that ratio on the same hardware.
+The naive baselines' ratio is taken against the faster of the two. With `--repeats N` the scenarios run N times,
+in rounds (each round runs every scenario once; batch-8 and batch-1 swap order every round), and each scenario's
+median is reported. Then the denoiser's own batching ceiling on this machine: the bare denoiser's step per image
+(SD: both CFG rows; Flux: one row, guidance distilled) at 1 image vs `--clients` images in one forward, and its
+FLOPs per image-step; no server can batch its way past that ratio on the same hardware.
 Writes `<out>/images.md`, `<out>/images.png` and `<out>/images.json`; prints the ratios against the issue's targets.
 """
 
@@ -22,9 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +44,13 @@ import torch  # noqa: E402
 
 from bench.report import environment, markdown_table, plot_loglog  # noqa: E402
 from bench.serve import free_port  # noqa: E402
-from service.images.tiny import inject_peft_lokr, save_peft_unet_lokr, save_tiny_pipeline  # noqa: E402
+from service.images.tiny import (  # noqa: E402
+    UNET_TARGETS,
+    inject_peft_lokr,
+    save_peft_unet_lokr,
+    save_tiny_pipeline,
+)
+from service.images.tiny_flux import FLUX_TARGETS, build_tiny_flux, save_peft_flux_lokr  # noqa: E402
 
 N_ADAPTERS = 8
 RATIOS = (  # (name, numerator, denominator, target); "naive" = the faster of peft-8 and peft-set-8
@@ -49,14 +62,45 @@ RATIOS = (  # (name, numerator, denominator, target); "naive" = the faster of pe
 )
 
 
-def prepare(work: Path) -> tuple[Path, list[Path]]:
-    model = work / "tiny-sd"
+@dataclass(frozen=True)
+class Kind:
+    """What differs between the pipelines: how to build them and their adapters, and the naive baseline's
+    pipeline class, denoiser and adapter targets."""
+
+    name: str
+    rows_per_image: int  # denoiser rows per image per step: 2 with classifier-free guidance
+
+    def build(self, out: Path) -> None:
+        if self.name == "flux":
+            build_tiny_flux(seed=0).save_pretrained(out, safe_serialization=True)
+        else:
+            save_tiny_pipeline(out, "sd", seed=0)
+
+    def save_adapter(self, model: Path, out: Path, seed: int) -> None:
+        (save_peft_flux_lokr if self.name == "flux" else save_peft_unet_lokr)(model, out, seed=seed)
+
+    def pipeline(self, model: Path) -> tuple[Any, torch.nn.Module, list[str]]:
+        """The plain diffusers pipeline, its denoiser and the peft targets on it."""
+        from diffusers import FluxPipeline, StableDiffusionPipeline
+
+        if self.name == "flux":
+            pipe = FluxPipeline.from_pretrained(model, use_safetensors=True)
+            return pipe, pipe.transformer, FLUX_TARGETS
+        pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True)
+        return pipe, pipe.unet, UNET_TARGETS
+
+
+KINDS = {"sd": Kind("sd", 2), "flux": Kind("flux", 1)}
+
+
+def prepare(work: Path, kind: Kind) -> tuple[Path, list[Path]]:
+    model = work / f"tiny-{kind.name}"
     if not (model / "model_index.json").is_file():
-        save_tiny_pipeline(model, "sd", seed=0)
-    adapters = [work / "adapters" / f"a{i}" for i in range(N_ADAPTERS)]
+        kind.build(model)
+    adapters = [work / f"adapters-{kind.name}" / f"a{i}" for i in range(N_ADAPTERS)]
     for i, path in enumerate(adapters):
         if not (path / "adapter_model.safetensors").is_file():
-            save_peft_unet_lokr(model, path, seed=100 + i)
+            kind.save_adapter(model, path, seed=100 + i)
     return model, adapters
 
 
@@ -136,14 +180,13 @@ def run_server(
 def run_peft(args: argparse.Namespace, model: Path, merge: bool) -> dict[str, Any]:
     """One request at a time through the plain diffusers pipeline with peft's LoKr adapters injected once: the
     request's adapter merged into the weights and unmerged after (`merge`), or selected with `set_adapter`."""
-    from diffusers import StableDiffusionPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True)
+    pipe, denoiser, targets = args.kind.pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     for i in range(N_ADAPTERS):
-        inject_peft_lokr(pipe.unet, seed=100 + i, name=f"a{i}")
-    layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+        inject_peft_lokr(denoiser, seed=100 + i, name=f"a{i}", targets=targets)
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
 
     def serve(body: dict[str, Any]) -> None:
         for layer in layers:
@@ -168,22 +211,13 @@ def run_peft(args: argparse.Namespace, model: Path, merge: bool) -> dict[str, An
 
 
 def denoiser_ceiling(args: argparse.Namespace, model: Path, rounds: int = 5) -> dict[str, float]:
-    """The bare UNet (no adapters) at this size: ms per image-step (2 CFG rows) at 1 image and at `clients`
-    images per forward (median of interleaved rounds), their ratio, and MFLOPs per image-step."""
+    """The bare denoiser (no adapters) at this size: ms per image-step at 1 image and at `clients` images per
+    forward (median of interleaved rounds), their ratio, and MFLOPs per image-step."""
     import statistics
 
-    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", use_safetensors=True).eval()
-    latent = args.size // 2 ** (len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
-    width = unet.config.cross_attention_dim
-
-    def step(images: int) -> None:
-        rows = 2 * images
-        unet(torch.randn(rows, unet.config.in_channels, latent, latent), torch.full((rows,), 500),
-             encoder_hidden_states=torch.randn(rows, 16, width))  # fmt: skip
-
+    step = _flux_step(args, model) if args.kind.name == "flux" else _unet_step(args, model)
     times: dict[int, list[float]] = {1: [], args.clients: []}
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
@@ -200,10 +234,65 @@ def denoiser_ceiling(args: argparse.Namespace, model: Path, rounds: int = 5) -> 
             "mflop_per_image_step": counter.get_total_flops() / 1e6}  # fmt: skip
 
 
+def _latent_side(args: argparse.Namespace, model: Path) -> int:
+    levels = len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"]) - 1
+    return int(args.size // 2**levels)
+
+
+def _unet_step(args: argparse.Namespace, model: Path) -> Any:
+    """`step(images)`: one UNet forward over both CFG rows of `images` images."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", use_safetensors=True).eval()
+    side, width = _latent_side(args, model), unet.config.cross_attention_dim
+
+    def step(images: int) -> None:
+        rows = 2 * images
+        unet(torch.randn(rows, unet.config.in_channels, side, side), torch.full((rows,), 500),
+             encoder_hidden_states=torch.randn(rows, 16, width))  # fmt: skip
+
+    return step
+
+
+def _flux_step(args: argparse.Namespace, model: Path) -> Any:
+    """`step(images)`: one Flux transformer forward over `images` packed latents (2x2 patches), 16 T5 tokens."""
+    from diffusers import FluxTransformer2DModel
+
+    t = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", use_safetensors=True).eval()
+    side = _latent_side(args, model) // 2
+    seq, text = side * side, 16
+    img_ids = torch.zeros(side, side, 3)  # (0, row, column) per packed latent, as FluxPipeline makes them
+    img_ids[..., 1] += torch.arange(side)[:, None]
+    img_ids[..., 2] += torch.arange(side)[None, :]
+    img_ids = img_ids.reshape(seq, 3)
+
+    def step(images: int) -> None:
+        t(hidden_states=torch.randn(images, seq, t.config.in_channels), timestep=torch.full((images,), 0.5),
+          encoder_hidden_states=torch.randn(images, text, t.config.joint_attention_dim),
+          pooled_projections=torch.randn(images, t.config.pooled_projection_dim),
+          guidance=torch.full((images,), 3.5) if t.config.guidance_embeds else None,
+          img_ids=img_ids, txt_ids=torch.zeros(text, 3))  # fmt: skip
+
+    return step
+
+
+def median_results(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each scenario's median run by images/s, with every run's images/s."""
+    out = {}
+    for name, seen in runs.items():
+        for r in seen:
+            r["images_per_s"] = r["images"] / r["seconds"]
+        ordered = sorted(seen, key=lambda r: r["images_per_s"])
+        out[name] = {**ordered[(len(ordered) - 1) // 2], "runs": [r["images_per_s"] for r in seen]}
+        out[name]["images_per_s"] = statistics.median(r["images_per_s"] for r in seen)
+    return out
+
+
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], ceiling: dict[str, float]) -> str:
-    for r in results.values():
-        r["images_per_s"] = r["images"] / r["seconds"]
-    rows = [[name, r["images"], r["seconds"], r["images_per_s"], r["errors"]] for name, r in results.items()]
+    def runs(r: dict[str, Any]) -> str:
+        return " / ".join(f"{v:.3g}" for v in r["runs"])
+
+    rows = [[name, r["images"], r["seconds"], r["images_per_s"], runs(r), r["errors"]] for name, r in results.items()]
     speed = {name: r["images_per_s"] for name, r in results.items()}
     speed["naive"] = max(speed["peft-8"], speed["peft-set-8"])
     ratios = []
@@ -211,49 +300,68 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], ceiling
         value = speed[num] / speed[den]
         ratios.append([name, value, f">= {target}", "met" if value >= target else "missed"])
     env = environment()
-    settings = {"clients": args.clients, "requests": args.requests, "size": args.size, "steps": args.steps,
+    settings = {"pipeline": args.kind.name, "clients": args.clients, "requests": args.requests, "size": args.size,
+                "steps": args.steps, "rounds (interleaved; medians)": args.repeats,
                 "server --fold-cache": "server default" if args.fold_cache is None else args.fold_cache}  # fmt: skip
+    denoiser = "transformer" if args.kind.name == "flux" else "UNet"
     lines = [
-        "# Image serving benchmark (tiny SD pipeline, peft LoKr adapters on the UNet)", "",
-        "## Environment", "", *[f"- {k}: {v}" for k, v in env.items()], "",
+        f"# Image serving benchmark (tiny {args.kind.name.upper()} pipeline, peft LoKr adapters on the {denoiser})",
+        "", "## Environment", "", *[f"- {k}: {v}" for k, v in env.items()], "",
         "## Settings", "", *[f"- {k}: {v}" for k, v in settings.items()], "",
-        "## Results", "", markdown_table(["scenario", "images", "seconds", "images/s", "errors"], rows), "",
+        "## Results", "", "images/s is the median over the rounds (`runs`: every round's); seconds and errors are "
+        "the median run's.", "",
+        markdown_table(["scenario", "images", "seconds", "images/s", "runs", "errors"], rows), "",
         "## Ratios", "", markdown_table(["ratio", "value", "target", ""], ratios), "",
-        "## Denoiser batching ceiling (bare UNet, in process)", "",
+        f"## Denoiser batching ceiling (bare {denoiser}, in process)", "",
         markdown_table(["measure", "value"], [[k, v] for k, v in ceiling.items()]), "",
         f"One forward of {args.clients} images vs {args.clients} forwards of one image: the most batching can buy "
-        "the denoiser on this machine (both naive baselines run it one image at a time at bare-UNet speed).", "",
+        "the denoiser on this machine (both naive baselines run it one image at a time at bare-denoiser speed).", "",
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def run_round(args: argparse.Namespace, model: Path, adapters: list[Path], k: int) -> dict[str, dict[str, Any]]:
+    """Every scenario once; batch-8 and batch-1 (one server) swap order every other round."""
+    order = (N_ADAPTERS, 1) if k % 2 == 0 else (1, N_ADAPTERS)
+    by_distinct = dict(zip(order, run_server(args, model, adapters, args.clients, order), strict=True))
+    (single,) = run_server(args, model, adapters, 1, (N_ADAPTERS,))
+    return {"batch-8": by_distinct[N_ADAPTERS], "batch-1": by_distinct[1], "single-8": single,
+            "peft-8": run_peft(args, model, merge=True), "peft-set-8": run_peft(args, model, merge=False)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 16x16, 1 step, 4 clients, 4 requests")
+    parser.add_argument("--pipeline", choices=sorted(KINDS), default="sd")
     parser.add_argument("--out", type=Path, default=_ROOT / "bench" / "results")
     parser.add_argument("--work", type=Path, default=_ROOT / "bench" / ".work" / "images")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the scenarios (medians reported)")
     parser.add_argument("--fold-cache", type=int, default=None, help="the servers' --fold-cache (default: theirs)")
     args = parser.parse_args(argv)
+    args.kind = KINDS[args.pipeline]
     if args.quick:
         args.clients, args.requests, args.size, args.steps = 4, 4, 16, 1
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    model, adapters = prepare(args.work)
-    mixed, same = run_server(args, model, adapters, args.clients, (N_ADAPTERS, 1))
-    (single,) = run_server(args, model, adapters, 1, (N_ADAPTERS,))
-    results = {"batch-8": mixed, "batch-1": same, "single-8": single, "peft-8": run_peft(args, model, merge=True),
-               "peft-set-8": run_peft(args, model, merge=False)}  # fmt: skip
+    model, adapters = prepare(args.work, args.kind)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for k in range(args.repeats):
+        for name, result in run_round(args, model, adapters, k).items():
+            runs.setdefault(name, []).append(result)
+    results = median_results(runs)
     ceiling = denoiser_ceiling(args, model)
     text = report(args, results, ceiling)
-    (args.out / "images.md").write_text(text)
-    (args.out / "images.json").write_text(json.dumps({"results": results, "ceiling": ceiling}, indent=2))
+    stem = "images" if args.kind.name == "sd" else f"images-{args.kind.name}"
+    (args.out / f"{stem}.md").write_text(text)
+    (args.out / f"{stem}.json").write_text(json.dumps({"results": results, "ceiling": ceiling}, indent=2))
     series = {name: [(float(args.clients), r["images_per_s"])] for name, r in results.items()}
-    plot_loglog(args.out / "images.png", {"images/s by scenario": series}, xlabel="concurrent clients",
-                ylabel="images/s", title=f"tiny SD pipeline, {args.size}x{args.size}, {args.steps} steps")  # fmt: skip
+    title = f"tiny {args.kind.name} pipeline, {args.size}x{args.size}, {args.steps} steps"
+    plot_loglog(args.out / f"{stem}.png", {"images/s by scenario": series}, xlabel="concurrent clients",
+                ylabel="images/s", title=title)  # fmt: skip
     print(text)
     return 0
 
