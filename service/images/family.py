@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import lokr
 from lokr.batch import RowSpec
 
+from ..errors import BadRequestError
 from .rows import Conditioning, ImageJob, ImageSpec, Row
 
 if TYPE_CHECKING:
@@ -94,6 +95,14 @@ class StableDiffusion(Family):
         size = pipe.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
         return int(w) * int(pipe.vae_scale_factor), int(h) * int(pipe.vae_scale_factor)
+
+    def check(self, spec: ImageSpec) -> None:
+        if spec.true_cfg_scale != 1.0:
+            raise BadRequestError(
+                "true_cfg_scale applies to Flux pipelines; on Stable Diffusion, guidance_scale sets classifier-free "
+                "guidance: leave true_cfg_scale out",
+                code="invalid_request",
+            )
 
     def uses_cfg(self, pipe: Any) -> bool:
         """Classifier-free guidance is possible (no guidance-distilled timestep_cond)."""

@@ -4,7 +4,9 @@ Each row does what `FluxPipeline.__call__` does for one image: CLIP pooled + T5 
 the row's generator and packed 2x2, sigmas `linspace(1, 1/steps, steps)` shifted by `mu` for the image's
 sequence length, the distilled guidance embedding, `timestep / 1000`. The transformer takes a `(B,)` timestep
 and guidance, so rows at different steps (and guidance) share a forward; text / image position ids are shared,
-so rows in one forward have the same size and text length. True CFG (a negative prompt) is not served.
+so rows in one forward have the same size and text length. True CFG (`true_cfg_scale` > 1 with a negative prompt,
+as the pipeline's own arguments) adds the image's negative row to the same forward, combined as
+`neg + true_cfg_scale * (pos - neg)`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ __all__ = ["Flux"]
 
 
 class Flux(Family):
-    """`FluxPipeline` rows: packed latents `(1, N, 4C)` with `N = (H/2f) * (W/2f)`, no CFG rows."""
+    """`FluxPipeline` rows: packed latents `(1, N, 4C)` with `N = (H/2f) * (W/2f)`; a negative row with true CFG."""
 
     denoiser = "transformer"
 
@@ -39,24 +41,40 @@ class Flux(Family):
         return side, side
 
     def check(self, spec: ImageSpec) -> None:
-        if spec.negative_prompt:
+        if spec.negative_prompt and spec.true_cfg_scale <= 1.0:
             raise BadRequestError(
-                "negative_prompt is not supported on Flux pipelines: they are guidance-distilled (guidance_scale "
-                "sets the distilled guidance) and true classifier-free guidance is not served; leave it out",
+                "negative_prompt on a Flux pipeline takes effect only with true_cfg_scale above 1 (true "
+                "classifier-free guidance, two transformer rows per image; guidance_scale is the distilled "
+                "guidance): set true_cfg_scale, e.g. 4.0, or leave negative_prompt out",
                 code="invalid_request",
             )
 
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
-        """T5 embeddings `(1, L, D)` (L = the pipeline's max_sequence_length, 512) and CLIP pooled `(1, P)`."""
+        """T5 embeddings `(1, L, D)` (L = the pipeline's max_sequence_length, 512) and CLIP pooled `(1, P)`; with
+        true CFG, the negative prompt's too, under the same adapters."""
         texts: list[str] = []
         specs: list[RowSpec] = []
+        negatives: list[int | None] = []  # per job: the index of its negative text, None without true CFG
         for job in jobs:
             assert job.spec is not None
             texts.append(job.spec.prompt)
             specs.append(job.selection)
+            negatives.append(None)
+        for k, job in enumerate(jobs):
+            assert job.spec is not None
+            if _true_cfg(job.spec):
+                negatives[k] = len(texts)
+                texts.append(job.spec.negative_prompt or "")
+                specs.append(job.selection)
         with lokr.adapter_batch(loaded.container, specs):
             embeds, pooled, _ = loaded.pipe.encode_prompt(texts, device=loaded.device, num_images_per_prompt=1)
-        return [Conditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(jobs))]
+        out = []
+        for i, n in enumerate(negatives):
+            cond = Conditioning(embeds[i : i + 1], None, pooled[i : i + 1])
+            if n is not None:
+                cond.uncond, cond.uncond_pooled = embeds[n : n + 1], pooled[n : n + 1]
+            out.append(cond)
+        return out
 
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
         """Latents: `randn_tensor((1, C, 2*(H//2f), 2*(W//2f)), generator=Generator("cpu").manual_seed(seed))`
@@ -83,16 +101,19 @@ class Flux(Family):
         return Row(job, spec, cond, scheduler, latents)  # the pipeline steps without a generator
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
-        """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)`."""
+        """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)`. An image
+        with true CFG has two rows, positive then negative, at its timestep and guidance."""
         pipe = loaded.pipe
-        latents = torch.cat([row.latents for row in rows])
-        timestep = torch.stack([row.timestep for row in rows]).to(loaded.device, latents.dtype)
+        copies = [2 if row.cfg else 1 for row in rows]
+        latents = torch.cat([row.latents for row, c in zip(rows, copies) for _ in range(c)])
+        timestep = torch.stack([row.timestep for row, c in zip(rows, copies) for _ in range(c)])
+        timestep = timestep.to(loaded.device, latents.dtype)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
-            guidance = torch.tensor([row.spec.guidance_scale for row in rows], dtype=torch.float32)
-            guidance = guidance.to(loaded.device)
-        embeds = torch.cat([row.cond.cond for row in rows])
-        pooled = torch.cat([_pooled(row) for row in rows])
+            scales = [row.spec.guidance_scale for row, c in zip(rows, copies) for _ in range(c)]
+            guidance = torch.tensor(scales, dtype=torch.float32).to(loaded.device)
+        embeds = torch.cat([t for row in rows for t in _pair(row.cond.cond, row.cond.uncond)])
+        pooled = torch.cat([t for row in rows for t in _pair(_pooled(row), row.cond.uncond_pooled)])
         text_dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.transformer.dtype
         text_ids = torch.zeros(embeds.shape[1], 3).to(device=loaded.device, dtype=text_dtype)
         h, w = _latent_size(loaded, rows[0].spec)
@@ -100,10 +121,21 @@ class Flux(Family):
         kwargs = {"hidden_states": latents, "timestep": timestep / 1000, "guidance": guidance,
                   "pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": text_ids,
                   "img_ids": image_ids}  # fmt: skip
-        return DenoiserBatch([row.job.selection for row in rows], kwargs)
+        return DenoiserBatch([row.job.selection for row, c in zip(rows, copies) for _ in range(c)], kwargs)
 
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
-        return [output[i : i + 1] for i in range(len(rows))]
+        """`neg + true_cfg_scale * (pos - neg)` for an image with true CFG, as `FluxPipeline` combines them."""
+        preds, at = [], 0
+        for row in rows:
+            pos = output[at : at + 1]
+            if row.cfg:
+                neg = output[at + 1 : at + 2]
+                preds.append(neg + row.spec.true_cfg_scale * (pos - neg))
+                at += 2
+            else:
+                preds.append(pos)
+                at += 1
+        return preds
 
     def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
         """Unpacked `(B, C, h, w)`, then `latents / scaling_factor + shift_factor` as the pipeline decodes."""
@@ -118,6 +150,15 @@ def _latent_size(loaded: LoadedPipeline, spec: ImageSpec) -> tuple[int, int]:
     """`(h, w)` of the unpacked latents: even, as the pipeline rounds them for the 2x2 packing."""
     f = loaded.vae_scale_factor
     return 2 * (spec.height // (f * 2)), 2 * (spec.width // (f * 2))
+
+
+def _true_cfg(spec: ImageSpec) -> bool:
+    """As `FluxPipeline`: a negative prompt given (even "") and `true_cfg_scale` above 1."""
+    return spec.negative_prompt is not None and spec.true_cfg_scale > 1.0
+
+
+def _pair(pos: Tensor, neg: Tensor | None) -> list[Tensor]:
+    return [pos] if neg is None else [pos, neg]
 
 
 def _pooled(row: Row) -> Tensor:

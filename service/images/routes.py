@@ -55,6 +55,7 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
         steps=body.num_inference_steps or loaded.default_steps,
         guidance_scale=loaded.default_guidance if body.guidance_scale is None else body.guidance_scale,
         seed=seed_or_random(body.seed),
+        true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
     )
     pictures = await images.generate(images.specs(spec, body.n), sel, lambda: until_disconnected(request))
     data = [{"b64_json": await run_in_threadpool(png_b64, p), "revised_prompt": None} for p in pictures]

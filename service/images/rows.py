@@ -25,6 +25,7 @@ class ImageSpec:
     steps: int
     guidance_scale: float
     seed: int
+    true_cfg_scale: float = 1.0  # Flux: > 1 with a negative prompt runs true classifier-free guidance
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ImageJob(Job):
 @dataclass
 class Conditioning:
     """Text conditioning of one image. `cond`/`uncond`: `(1, L, D)`; SDXL / Flux pooled: `(1, P)`; uncond None = no
-    CFG (always for Flux, whose `cond` is T5's and `pooled` CLIP's)."""
+    CFG (Flux: `cond` is T5's and `pooled` CLIP's; `uncond` only for true CFG)."""
 
     cond: Tensor
     uncond: Tensor | None

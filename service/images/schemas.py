@@ -23,6 +23,14 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=4000)
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    true_cfg_scale: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="Flux pipelines: true classifier-free guidance with negative_prompt when above 1 (diffusers' "
+        "true_cfg_scale; two transformer rows per image); guidance_scale stays the distilled guidance",
+    )
     seed: int | None = Field(None, ge=0, le=2**62)
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
 

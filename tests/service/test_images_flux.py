@@ -4,6 +4,7 @@ concurrent rows equal their one-at-a-time runs; keys for modules the transformer
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from lokr.errors import UnknownModuleError, UnsupportedAdapterError
 from lokr.inject import iter_lokr_layers
 from service.errors import BadRequestError
 from service.images.backend import check_spec
+from service.images.family import StableDiffusion
 from service.images.tiny_flux import save_peft_flux_lokr
 
 from ..lokr.lyco import EVERY_LAYER, kohya_file, register_presets
@@ -125,9 +127,34 @@ def test_flux_refuses_unknown_modules_and_negative_prompts(
     with pytest.raises(UnknownModuleError, match=missing):
         lokr.load_adapter(loaded.container, bad, "bad")
     assert not list(iter_lokr_layers(loaded.container))  # nothing of the file was loaded
-    with pytest.raises(BadRequestError, match="negative_prompt"):
-        check_spec(loaded, spec(PROMPTS[0], 1, neg="blurry"))
+    with pytest.raises(BadRequestError, match="true_cfg_scale"):
+        check_spec(loaded, spec(PROMPTS[0], 1, neg="blurry"))  # ignored by diffusers without true CFG: refused
     check_spec(loaded, spec(PROMPTS[0], 1, neg=""))  # A1111 sends "" when there is none
+    check_spec(loaded, replace(spec(PROMPTS[0], 1, neg="blurry"), true_cfg_scale=4.0))
+    with pytest.raises(BadRequestError, match="true_cfg_scale applies to Flux"):
+        StableDiffusion(xl=False).check(replace(spec(PROMPTS[0], 1), true_cfg_scale=4.0))
+
+
+def test_true_cfg_rows_equal_diffusers(flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`true_cfg_scale` with a negative prompt (peft's LoKr on the transformer, and the base model with "" as the
+    negative) shares forwards with a plain row, rows joining at different steps; each image equals
+    `FluxPipeline(..., negative_prompt=..., true_cfg_scale=...)` and true CFG really changes it."""
+    loaded = load(flux_dir)
+    lokr.load_adapter(loaded.container, save_peft_flux_lokr(flux_dir, tmp_path / "peft", PEFT_SEED), "pe")
+    run = Run(loaded, monkeypatch)
+    plain = spec(PROMPTS[0], 31, guidance=3.5)
+    styled = replace(spec(PROMPTS[1], 32, guidance=3.5, neg="blurry, dark"), true_cfg_scale=4.0)
+    empty = replace(spec(PROMPTS[2], 33, steps_=4, guidance=2.0, neg=""), true_cfg_scale=2.5)
+    a, b, c = run([(plain, "pe"), (styled, "pe"), (empty, None)], joins=[0, 1, 0])
+    (without,) = run([(replace(styled, true_cfg_scale=1.0, negative_prompt=None), "pe")])
+    assert np.abs(run.pixels(b) - run.pixels(without)).max() > 8
+    peft_pipe, base_pipe = peft_flux_reference(flux_dir, PEFT_SEED), load(flux_dir).pipe
+    for job, pipe, sp in [(a, peft_pipe, plain), (b, peft_pipe, styled), (c, base_pipe, empty)]:
+        kwargs = {"guidance_scale": sp.guidance_scale, "negative_prompt": sp.negative_prompt,
+                  "true_cfg_scale": sp.true_cfg_scale}  # fmt: skip
+        want = reference_latents(pipe, sp.prompt, sp.seed, sp.width, sp.steps, **kwargs)
+        torch.testing.assert_close(run.latents[job.id], want, **TOL)
+        assert_pixels_close(run.pixels(job), reference_image(pipe, sp.prompt, sp.seed, sp.width, sp.steps, **kwargs))
 
 
 def test_kohya_bfl_layout_file_splits_fused_layers_exactly(

@@ -1,5 +1,6 @@
 """A Flux pipeline dir served end to end (real uvicorn, httpx): images equal plain diffusers' with the LyCORIS
-network applied; a negative prompt and a file with a key for a module the transformer lacks are 400s."""
+network applied, with and without true CFG; a negative prompt without `true_cfg_scale` and a file with a key for
+a module the transformer lacks are 400s."""
 
 from __future__ import annotations
 
@@ -45,7 +46,15 @@ def test_flux_dir_served_over_http(flux_world: tuple[World, Any]) -> None:
             (served,) = [png(d["b64_json"]) for d in response.json()["data"]]
             assert_pixels_close(served, reference_image(reference, "a red cat", 4, guidance_scale=5.0))
             refused = http.post("/v1/images/generations", json={**body, "negative_prompt": "blurry"})
-            assert refused.status_code == 400 and "negative_prompt" in refused.json()["error"]["message"]
+            assert refused.status_code == 400 and "true_cfg_scale" in refused.json()["error"]["message"]
+            cfg = {**body, "negative_prompt": "blurry", "true_cfg_scale": 3.0}
+            response = http.post("/v1/images/generations", json=cfg)
+            assert response.status_code == 200, response.text
+            (served,) = [png(d["b64_json"]) for d in response.json()["data"]]
+            want = reference_image(
+                reference, "a red cat", 4, guidance_scale=5.0, negative_prompt="blurry", true_cfg_scale=3.0
+            )
+            assert_pixels_close(served, want)
             bad = http.post("/v1/adapters", json={"name": "bad", "source": "bad.safetensors"}, headers=AUTH)
             assert bad.status_code == 400 and MISSING in bad.json()["error"]["message"], bad.text
             models = {m["id"] for m in http.get("/v1/models").json()["data"]}
