@@ -255,12 +255,13 @@ def _unet_step(args: argparse.Namespace, model: Path) -> Any:
 
 
 def _flux_step(args: argparse.Namespace, model: Path) -> Any:
-    """`step(images)`: one Flux transformer forward over `images` packed latents (2x2 patches), 16 T5 tokens."""
+    """`step(images)`: one Flux transformer forward over `images` packed latents (2x2 patches) and 512 T5 tokens
+    (`FluxPipeline` pads the prompt to its `max_sequence_length`, 512)."""
     from diffusers import FluxTransformer2DModel
 
     t = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", use_safetensors=True).eval()
     side = _latent_side(args, model) // 2
-    seq, text = side * side, 16
+    seq, text = side * side, 512
     img_ids = torch.zeros(side, side, 3)  # (0, row, column) per packed latent, as FluxPipeline makes them
     img_ids[..., 1] += torch.arange(side)[:, None]
     img_ids[..., 2] += torch.arange(side)[None, :]
