@@ -57,6 +57,7 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
         steps=body.steps,
         guidance_scale=body.cfg_scale,
         seed=seed,
+        true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
     )
     count = body.batch_size * body.n_iter
     pictures = await images.generate(images.specs(spec, count), sel, lambda: until_disconnected(request))

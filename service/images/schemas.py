@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..schemas import AdapterRef
 
 __all__ = ["ImageGenerationRequest", "Txt2ImgRequest"]
+
+
+def _true_cfg_field() -> Any:
+    return Field(
+        None,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="Flux pipelines: true classifier-free guidance with negative_prompt when above 1 (diffusers' "
+        "true_cfg_scale; two transformer rows per image); the guidance scale stays the distilled guidance",
+    )
 
 
 class ImageGenerationRequest(BaseModel):
@@ -23,14 +34,7 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=4000)
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
-    true_cfg_scale: float | None = Field(
-        None,
-        ge=0,
-        le=100,
-        allow_inf_nan=False,
-        description="Flux pipelines: true classifier-free guidance with negative_prompt when above 1 (diffusers' "
-        "true_cfg_scale; two transformer rows per image); guidance_scale stays the distilled guidance",
-    )
+    true_cfg_scale: float | None = _true_cfg_field()
     seed: int | None = Field(None, ge=0, le=2**62)
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
 
@@ -43,6 +47,7 @@ class Txt2ImgRequest(BaseModel):
     negative_prompt: str = Field("", max_length=4000)
     steps: int = Field(20, ge=1, le=1000)
     cfg_scale: float = Field(7.0, ge=0, le=100, allow_inf_nan=False)
+    true_cfg_scale: float | None = _true_cfg_field()  # an extension: Flux's true CFG (cfg_scale is its guidance)
     seed: int = Field(-1, ge=-1, le=2**62)
     width: int | None = Field(None, ge=1, le=16384)
     height: int | None = Field(None, ge=1, le=16384)

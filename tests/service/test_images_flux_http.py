@@ -55,6 +55,11 @@ def test_flux_dir_served_over_http(flux_world: tuple[World, Any]) -> None:
                 reference, "a red cat", 4, guidance_scale=5.0, negative_prompt="blurry", true_cfg_scale=3.0
             )
             assert_pixels_close(served, want)
+            tagged = {"prompt": f"a red <lora:ly:{MULT}> cat", "negative_prompt": "blurry", "true_cfg_scale": 3.0,
+                      "cfg_scale": 5.0, "steps": 3, "seed": 4, "width": 32, "height": 32}  # fmt: skip
+            response = http.post("/sdapi/v1/txt2img", json=tagged)  # AUTOMATIC1111's API, the same extension
+            assert response.status_code == 200, response.text
+            assert_pixels_close(png(response.json()["images"][0]), want)
             bad = http.post("/v1/adapters", json={"name": "bad", "source": "bad.safetensors"}, headers=AUTH)
             assert bad.status_code == 400 and MISSING in bad.json()["error"]["message"], bad.text
             models = {m["id"] for m in http.get("/v1/models").json()["data"]}
