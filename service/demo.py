@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 import lokr
 
 from .demo_text import demo_banner, demo_examples
+from .scratch import torch_threads
 
 __all__ = [
     "BASE_CORPUS",
@@ -277,7 +278,7 @@ def _build(out: Path, seed: int = 0) -> None:
     styled = {style: [restyle(s, style) for s in BASE_CORPUS] for style in STYLE_RULES}
     texts = [*BASE_CORPUS, *(s for corpus in styled.values() for s in corpus)]
     tokenizer = build_word_tokenizer(texts, lowercase=True)
-    with _one_thread(), torch.random.fork_rng(devices=[]):
+    with torch_threads(1), torch.random.fork_rng(devices=[]):  # tiny matmuls: one thread, no OpenMP sync
         torch.manual_seed(seed)
         model = build_tiny_llama(len(tokenizer), seed=seed)
         model.requires_grad_(True)
@@ -295,17 +296,6 @@ def _build(out: Path, seed: int = 0) -> None:
         "build_seconds": round(time.perf_counter() - started, 2),
     }
     (out / MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls run far faster on one intra-op thread (no OpenMP sync); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _batch(tokenizer: transformers.PreTrainedTokenizerFast, texts: Sequence[str]) -> dict[str, torch.Tensor]:

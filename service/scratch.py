@@ -10,11 +10,14 @@ its team, so model loads and adapter file reads run in one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["run_in_scratch_thread"]
+import torch
+
+__all__ = ["run_in_scratch_thread", "torch_threads"]
 
 T = TypeVar("T")
 
@@ -36,3 +39,14 @@ def run_in_scratch_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if not ok:
         raise value
     return value
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block (process-wide), restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.scratch import run_in_scratch_thread
+from service.scratch import run_in_scratch_thread, torch_threads
 
 TASKS = Path("/proc/self/task")
 
@@ -54,12 +54,8 @@ def _settle(expected: int) -> int:
 def two_torch_threads() -> Iterator[None]:
     if not TASKS.is_dir() or not torch.backends.openmp.is_available():
         pytest.skip("needs Linux /proc and torch built with OpenMP")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.usefixtures("two_torch_threads")
