@@ -1,17 +1,30 @@
-"""`run_in_scratch_thread`: results and errors come back, and a parallel torch op leaves no OpenMP team behind."""
+"""`run_in_scratch_thread`: results and errors come back, a parallel torch op leaves no OpenMP team behind, and
+the model loads (CLI and app lifespan) and adapter file reads run in one."""
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
+import lokr
+from service import app as app_module
+from service import server
+from service.engine import Engine
+from service.metrics import Metrics
+from service.registry import Registry
 from service.scratch import run_in_scratch_thread, torch_threads
+from service.settings import Settings
+
+from .test_engine_core import FakeBackend
 
 TASKS = Path("/proc/self/task")
 
@@ -38,16 +51,17 @@ def _parallel_op() -> None:
     torch.ones(1 << 20).exp_()
 
 
-def _os_threads() -> int:
-    return len(os.listdir(TASKS))
+def _os_threads() -> set[int]:
+    """This process's OS thread ids (threads that are exiting may still be listed; only new ids are compared)."""
+    return {int(tid) for tid in os.listdir(TASKS)}
 
 
-def _settle(expected: int) -> int:
-    """The OS thread count once it reaches `expected` (workers exit asynchronously), or after 10 s."""
+def _settle(before: set[int]) -> set[int]:
+    """The thread ids not in `before` once none are left (workers exit asynchronously), or after 10 s."""
     deadline = time.monotonic() + 10
-    while (n := _os_threads()) != expected and time.monotonic() < deadline:
+    while (new := _os_threads() - before) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return n
+    return new
 
 
 @pytest.fixture
@@ -73,7 +87,8 @@ def test_a_thread_that_stays_keeps_its_openmp_team() -> None:
     thread.start()
     ran.wait()
     try:
-        assert _os_threads() == before + 2  # the thread and its OpenMP worker
+        new = _os_threads() - before
+        assert thread.native_id in new and len(new) == 2  # the thread and its OpenMP worker
     finally:
         release.set()
         thread.join()
@@ -83,4 +98,49 @@ def test_a_thread_that_stays_keeps_its_openmp_team() -> None:
 def test_a_scratch_thread_leaves_no_openmp_team() -> None:
     before = _os_threads()
     run_in_scratch_thread(_parallel_op)
-    assert _settle(before) == before
+    assert _settle(before) == set()
+
+
+class _Stop(Exception):
+    """Raised by a stand-in once it has recorded its thread."""
+
+
+def _recording(seen: list[threading.Thread]) -> Any:
+    def record(*args: Any, **kwargs: Any) -> None:
+        seen.append(threading.current_thread())
+        raise _Stop
+
+    return record
+
+
+def _ran_in_a_scratch_thread(seen: list[threading.Thread]) -> bool:
+    (thread,) = seen
+    thread.join(10)
+    return thread is not threading.current_thread() and thread.name.startswith("lokr-scratch") and not thread.is_alive()
+
+
+def test_the_cli_loads_the_model_in_a_scratch_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[threading.Thread] = []
+    monkeypatch.setattr(server, "load_model", _recording(seen))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        with pytest.raises(_Stop):
+            server.serve(Settings(model="unused", served_model_name="tiny", device="cpu"), sock)
+    assert _ran_in_a_scratch_thread(seen)
+
+
+def test_the_app_lifespan_loads_the_model_in_a_scratch_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[threading.Thread] = []
+    monkeypatch.setattr(app_module, "load_model", _recording(seen))
+    with pytest.raises(_Stop), TestClient(app_module.create_app(Settings(model="unused", served_model_name="t"))):
+        pass
+    assert _ran_in_a_scratch_thread(seen)
+
+
+def test_adapter_files_are_read_in_a_scratch_thread(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[threading.Thread] = []
+    monkeypatch.setattr(lokr, "read_adapter", _recording(seen))
+    registry = Registry(Engine(FakeBackend(), Metrics()), Metrics(), dtype=None, max_bytes=1 << 20)
+    with pytest.raises(_Stop):
+        registry.load("a", tmp_path)
+    assert _ran_in_a_scratch_thread(seen) and registry.names() == []
