@@ -52,20 +52,17 @@ class Flux(Family):
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
         """T5 embeddings `(1, L, D)` (L = the pipeline's max_sequence_length, 512) and CLIP pooled `(1, P)`; with
         true CFG, the negative prompt's too, under the same adapters."""
-        texts: list[str] = []
-        specs: list[RowSpec] = []
+        image_specs = [job.spec for job in jobs if job.spec is not None]
+        texts = [spec.prompt for spec in image_specs]
+        specs: list[RowSpec] = [job.selection for job in jobs]
         negatives: list[int | None] = []  # per job: the index of its negative text, None without true CFG
-        for job in jobs:
-            assert job.spec is not None
-            texts.append(job.spec.prompt)
+        for job, spec in zip(jobs, image_specs, strict=True):
+            if not _true_cfg(spec):
+                negatives.append(None)
+                continue
+            negatives.append(len(texts))
+            texts.append(spec.negative_prompt or "")
             specs.append(job.selection)
-            negatives.append(None)
-        for k, job in enumerate(jobs):
-            assert job.spec is not None
-            if _true_cfg(job.spec):
-                negatives[k] = len(texts)
-                texts.append(job.spec.negative_prompt or "")
-                specs.append(job.selection)
         with lokr.adapter_batch(loaded.container, specs):
             embeds, pooled, _ = loaded.pipe.encode_prompt(texts, device=loaded.device, num_images_per_prompt=1)
         out = []
@@ -104,13 +101,15 @@ class Flux(Family):
         """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)`. An image
         with true CFG has two rows, positive then negative, at its timestep and guidance."""
         pipe = loaded.pipe
-        copies = [2 if row.cfg else 1 for row in rows]
-        latents = torch.cat([row.latents for row, c in zip(rows, copies) for _ in range(c)])
-        timestep = torch.stack([row.timestep for row, c in zip(rows, copies) for _ in range(c)])
-        timestep = timestep.to(loaded.device, latents.dtype)
+
+        def per_row(values: Sequence[Any]) -> list[Any]:  # one value per image, repeated for its negative row
+            return [v for v, row in zip(values, rows, strict=True) for _ in range(2 if row.cfg else 1)]
+
+        latents = torch.cat(per_row([row.latents for row in rows]))
+        timestep = torch.stack(per_row([row.timestep for row in rows])).to(loaded.device, latents.dtype)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
-            scales = [row.spec.guidance_scale for row, c in zip(rows, copies) for _ in range(c)]
+            scales = per_row([row.spec.guidance_scale for row in rows])
             guidance = torch.tensor(scales, dtype=torch.float32).to(loaded.device)
         embeds = torch.cat([t for row in rows for t in _pair(row.cond.cond, row.cond.uncond)])
         pooled = torch.cat([t for row in rows for t in _pair(_pooled(row), row.cond.uncond_pooled)])
@@ -121,7 +120,7 @@ class Flux(Family):
         kwargs = {"hidden_states": latents, "timestep": timestep / 1000, "guidance": guidance,
                   "pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": text_ids,
                   "img_ids": image_ids}  # fmt: skip
-        return DenoiserBatch([row.job.selection for row, c in zip(rows, copies) for _ in range(c)], kwargs)
+        return DenoiserBatch(per_row([row.job.selection for row in rows]), kwargs)
 
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
         """`neg + true_cfg_scale * (pos - neg)` for an image with true CFG, as `FluxPipeline` combines them."""
