@@ -110,7 +110,7 @@ class BatchRunner:
     def _new_cache(self) -> SlotCache:
         """Slots for `max_rows` rows, the whole context reserved up front where it fits (see `SlotCache`)."""
         layers = int(getattr(getattr(self.model, "config", None), "num_hidden_layers", 1) or 1)
-        budget = default_budget(torch.device(self.device))
+        budget = default_budget(self.device)
         return SlotCache(self.max_rows, max_length=self.context_length, budget_bytes=budget, layers=layers)
 
     # ---------------------------------------------------------------------------------- packed steps
