@@ -187,3 +187,50 @@ def test_fold_operands_kept_until_an_adapter_changes(mode: str, monkeypatch: pyt
         lokr.inject(model, cfg, f"a{i}")
     model.double()
     step()
+
+
+EQUAL_SELECTIONS: dict[str, list[Any]] = {
+    "one-term-each": ["a0", "a0", [("a1", 0.5)], [("a1", 0.5)], "a2", "a2"],
+    "base-and-sums": ["a0", "a0", None, None, [("a1", 0.5), ("a2", -2.0)], [("a1", 0.5), ("a2", -2.0)]],
+}
+
+
+@pytest.mark.parametrize("rows", EQUAL_SELECTIONS.values(), ids=EQUAL_SELECTIONS.keys())
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYERS.keys())
+def test_equal_small_selections_run_as_one_op(
+    layer: str, config: dict[str, Any], rows: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Equal-sized selections whose ops are small run as one grouped conv / batched matmul, not one op each."""
+    model = _model(layer, config)
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    ops: list[str] = []
+    for name in ("stacked_op", "base_op"):
+        real = getattr(lokr.merged, name)
+        monkeypatch.setattr(lokr.merged, name, lambda *a, _real=real, _name=name: ops.append(_name) or _real(*a))
+    x = _input(layer, len(rows))
+    with torch.no_grad(), lokr.adapter_batch(model, rows):
+        got = model(x)
+    assert ops == ["stacked_op"]
+    with torch.no_grad():
+        torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "conv2d-strided", "conv2d-grouped", "conv1d", "linear", "conv2d-1x1"])
+def test_large_selections_run_apart(layer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the size where a grouped kernel loses, each selection keeps its own op (pointwise convs excepted:
+    their stacked form is a matmul, which wins at every size measured)."""
+    model = _model(layer, {"r": 2})
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    monkeypatch.setattr(lokr.merged, "STACK_MAX_MACS", 0)
+    ops: list[str] = []
+    for name in ("stacked_op", "base_op"):
+        real = getattr(lokr.merged, name)
+        monkeypatch.setattr(lokr.merged, name, lambda *a, _real=real, _name=name: ops.append(_name) or _real(*a))
+    rows = EQUAL_SELECTIONS["one-term-each"]
+    x = _input(layer, len(rows))
+    with torch.no_grad(), lokr.adapter_batch(model, rows):
+        got = model(x)
+    assert ops == (["stacked_op"] if layer == "conv2d-1x1" else ["base_op"] * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
