@@ -219,11 +219,11 @@ def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -
     """
     weight: Tensor = base.weight  # type: ignore[assignment]
     bias: Tensor | None = base.bias  # type: ignore[assignment]
-    operands: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
+    operands: dict[str, _Operand] = {}
     for bank, data, slots, names in mp.gathers:
-        a, b, shape = bank.fold_operands(slots, names, spec, data)
+        kron = bank.fold_operands(slots, names, spec, data)
         for i, name in enumerate(names):
-            operands[name] = (a[i], b[i], shape)
+            operands[name] = _Operand(kron, i)
     spans = [s.span for s in mp.selections if s.span is not None]
     if 1 < len(spans) == len(mp.selections):
         if _stackable(spec, x, weight, spans):
@@ -243,11 +243,20 @@ def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -
     return out
 
 
-def _fold(weight: Tensor, selection: Selection, operands: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]]) -> Tensor:
+@dataclass(frozen=True)
+class _Operand:
+    """One adapter's term: entry `index` of its bank's kron operands `(a, b, shape)` (`FactorBank.fold_operands`)."""
+
+    kron: tuple[Tensor, Tensor, tuple[int, ...]]
+    index: int
+
+
+def _fold(weight: Tensor, selection: Selection, operands: dict[str, _Operand]) -> Tensor:
     """`weight + sum(scale * dW)` over the selection's terms (a new tensor; `weight` when it has none)."""
     folded = weight
     for k, (name, scale) in enumerate(selection.terms):
-        a, b, shape = operands[name]
+        (a_all, b_all, shape), i = operands[name].kron, operands[name].index
+        a, b = a_all[i], b_all[i]
         if k == 0:
             folded = torch.addcmul(weight.view(shape), a, b, value=scale)
         else:
@@ -272,20 +281,22 @@ def _stackable(spec: LayerSpec, x: Tensor, weight: Tensor, spans: list[tuple[int
     return positions * weight.numel() <= STACK_MAX_MACS
 
 
-def _fold_all(
-    weight: Tensor, selections: tuple[Selection, ...], operands: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]]
-) -> Tensor:
-    """`(S, *weight.shape)`: each selection's folded weight; when every selection has one term of the same
-    factor layout (the usual case), all of them in one fused multiply-add."""
-    ops = [operands[s.terms[0][0]] for s in selections if len(s.terms) == 1]
-    first = ops[0] if ops else None
-    if first is not None and len(ops) == len(selections) and all(_same_layout(op, first) for op in ops):
-        a, b = torch.stack([op[0] for op in ops]), torch.stack([op[1] for op in ops])
-        scales = [s.terms[0][1] for s in selections]
-        if any(scale != 1.0 for scale in scales):
-            a = a * torch.tensor(scales, dtype=a.dtype, device=a.device).view(-1, *([1] * (a.dim() - 1)))
-        return torch.addcmul(weight.view(first[2]), a, b).view(len(selections), *weight.shape)
-    return torch.stack([_fold(weight, s, operands) for s in selections])
+def _fold_all(weight: Tensor, selections: tuple[Selection, ...], operands: dict[str, _Operand]) -> Tensor:
+    """`(S, *weight.shape)`: each selection's folded weight; when every selection has one term from the same
+    bank (the usual case), all of them in one fused multiply-add over that bank's operands."""
+    terms = [operands[s.terms[0][0]] for s in selections if len(s.terms) == 1]
+    kron = terms[0].kron if terms else None
+    if kron is None or len(terms) != len(selections) or any(t.kron is not kron for t in terms):
+        return torch.stack([_fold(weight, s, operands) for s in selections])
+    a, b, shape = kron
+    order = [t.index for t in terms]
+    if order != list(range(a.shape[0])):  # the bank lists its adapters in name order, selections in row order
+        index = torch.tensor(order, dtype=torch.long, device=a.device)
+        a, b = a.index_select(0, index), b.index_select(0, index)
+    scales = [s.terms[0][1] for s in selections]
+    if any(scale != 1.0 for scale in scales):
+        a = a * torch.tensor(scales, dtype=a.dtype, device=a.device).view(-1, *([1] * (a.dim() - 1)))
+    return torch.addcmul(weight.view(shape), a, b).view(len(selections), *weight.shape)
 
 
 def _pointwise(spec: LayerSpec) -> bool:
@@ -298,10 +309,6 @@ def _pointwise(spec: LayerSpec) -> bool:
         and spec.padding in ((0,) * len(ones), "valid")
         and spec.groups == 1
     )
-
-
-def _same_layout(op: tuple[Tensor, Tensor, tuple[int, ...]], other: tuple[Tensor, Tensor, tuple[int, ...]]) -> bool:
-    return op[2] == other[2] and op[0].shape == other[0].shape and op[1].shape == other[1].shape
 
 
 def stacked_op(spec: LayerSpec, x: Tensor, weights: Tensor, bias: Tensor | None) -> Tensor:
@@ -325,7 +332,7 @@ def stacked_op(spec: LayerSpec, x: Tensor, weights: Tensor, bias: Tensor | None)
     y = conv(
         grouped,
         weights.reshape(-1, *weights.shape[2:]),
-        None if bias is None else bias.repeat(count),
+        None if bias is None else bias.expand(count, -1).reshape(-1),
         spec.stride,
         spec.padding,
         spec.dilation,
