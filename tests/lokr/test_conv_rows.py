@@ -216,13 +216,15 @@ def test_equal_small_selections_run_as_one_op(
         torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("limit", ["STACK_MAX_MACS", "STACK_MAX_BYTES"])
 @pytest.mark.parametrize("layer", ["conv2d", "conv2d-strided", "conv2d-grouped", "conv1d", "linear", "conv2d-1x1"])
-def test_large_selections_run_apart(layer: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above the size where a grouped kernel loses, each selection keeps its own op (pointwise convs excepted:
-    their stacked form is a matmul, which wins at every size measured)."""
+def test_large_selections_run_apart(layer: str, limit: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the size where a grouped kernel loses, or when the selections' folded weights would not fit the
+    budget, each selection keeps its own op (pointwise convs stack at any size: their stacked form is a matmul,
+    which won at every size measured)."""
     model = _model(layer, {"r": 2})
     monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
-    monkeypatch.setattr(lokr.merged, "STACK_MAX_MACS", 0)
+    monkeypatch.setattr(lokr.merged, limit, 0)
     ops: list[str] = []
     for name in ("stacked_op", "base_op"):
         real = getattr(lokr.merged, name)
@@ -231,6 +233,6 @@ def test_large_selections_run_apart(layer: str, monkeypatch: pytest.MonkeyPatch)
     x = _input(layer, len(rows))
     with torch.no_grad(), lokr.adapter_batch(model, rows):
         got = model(x)
-    assert ops == (["stacked_op"] if layer == "conv2d-1x1" else ["base_op"] * 3)
+    assert ops == (["stacked_op"] if layer == "conv2d-1x1" and limit == "STACK_MAX_MACS" else ["base_op"] * 3)
     with torch.no_grad():
         torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
