@@ -276,6 +276,8 @@ class LoKrLayer(nn.Module):
         if x.shape[0] != plan.num_rows:
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
+        if not plan.groups:
+            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         if self._inference():
             prepared = plan.prepared.get(id(self)) or self._prepare(plan)
             if prepared.hot is not None and not (args or kwargs) and x.dtype == self.weight.dtype:

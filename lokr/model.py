@@ -289,8 +289,9 @@ def adapter_batch(
     if any(layer.merged for layer in layers):
         raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge_adapter first")
     with selection_scope(layers, plan, lambda name: any(name in layer.lokr_adapters for layer in layers)) as scoped:
-        for layer in layers:
-            layer.prepare_rows(scoped)
+        if plan.groups:  # base rows only: every layer runs its base op, nothing to prepare
+            for layer in layers:
+                layer.prepare_rows(scoped)
         yield scoped
 
 

@@ -195,6 +195,18 @@ def test_selection_is_not_visible_in_another_thread(mlp: nn.Module) -> None:
     torch.testing.assert_close(results["holder"], adapted, **TOL)
 
 
+def test_base_rows_run_base_ops_and_prepare_nothing(mlp: nn.Module) -> None:
+    """A batch of base rows only (a base-model step of the server) skips every layer's per-step preparation."""
+    x = torch.randn(3, 12)
+    with torch.inference_mode(), lokr.adapter_batch(mlp, [None] * 3) as plan:
+        y = mlp(x)
+    assert plan.prepared == {}
+    with torch.no_grad():
+        torch.testing.assert_close(y, _selection(mlp, None)(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rows"), lokr.adapter_batch(mlp, [None] * 3):
+        mlp(torch.randn(2, 12))
+
+
 def test_unknown_adapter_raises(mlp: nn.Module) -> None:
     with pytest.raises(lokr.AdapterNotFoundError, match="nope"), lokr.adapter_batch(mlp, ["a", "nope"]):
         pass
