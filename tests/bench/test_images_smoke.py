@@ -46,3 +46,16 @@ def test_rounds_report_each_scenarios_median() -> None:
     assert result["runs"] == [2.0, 8.0, 4.0] and result["images_per_s"] == 4.0 and result["seconds"] == 2.0
     two = median_results({"x": [{"images": 4, "seconds": s, "errors": 0} for s in (1.0, 2.0)]})["x"]
     assert two["images_per_s"] == 3.0 and two["runs"] == [4.0, 2.0]
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
+    from bench.images import paired_ratio
+
+    results = {
+        "batch-8": {"runs": [2.0, 6.0, 5.0]},
+        "batch-1": {"runs": [8.0, 6.0, 5.5]},
+        "peft-8": {"runs": [1.0, 3.0, 2.0]},
+        "peft-set-8": {"runs": [2.0, 1.0, 2.5]},
+    }
+    assert paired_ratio(results, "batch-8", "batch-1") == 5.0 / 5.5  # rounds: 0.25, 1.0, 0.909...
+    assert paired_ratio(results, "batch-8", "naive") == 2.0  # naive per round: 2, 3, 2.5
