@@ -202,20 +202,25 @@ def may_fold(terms_at_least: int, factored_cost: int, x: Tensor, spec: LayerSpec
 
 
 def _fold_wins(terms: int, factored_cost: int, x: Tensor, spec: LayerSpec, weight: Tensor) -> bool:
-    if spec.kind == "linear":
-        positions = x.numel() // max(1, x.shape[-1])
-    else:
-        positions = x.numel() // max(1, x.shape[1]) // math.prod(spec.stride)
+    positions = _positions(spec, x)
     folded = terms * weight.numel() * ELEMENT_COST
     factored = positions * (factored_cost + 8 * spec.out_features) * FACTORED_OVERHEAD
     return folded < factored
+
+
+def _positions(spec: LayerSpec, x: Tensor) -> int:
+    """Output positions of the layer's op on `x` (rows x tokens, or rows x output pixels up to padding)."""
+    if spec.kind == "linear":
+        return x.numel() // max(1, x.shape[-1])
+    return x.numel() // max(1, x.shape[1]) // math.prod(spec.stride)
 
 
 def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -> Tensor:
     """`base(x)` with each row's adapters folded into the weight (`x` in the weight's dtype).
 
     Where every selection's rows are consecutive (a caller that orders its rows by selection, as the image
-    engine does), each op reads a view of `x` and the outputs are concatenated: no per-selection gather/scatter.
+    engine does), each op reads a view of `x` and the outputs are concatenated: no per-selection gather/scatter;
+    equal-sized selections whose ops are small run as one stacked op (`stacked_op`) instead.
     """
     weight: Tensor = base.weight  # type: ignore[assignment]
     bias: Tensor | None = base.bias  # type: ignore[assignment]
@@ -255,8 +260,9 @@ def _fold(weight: Tensor, selection: Selection, operands: dict[str, _Operand]) -
     """`weight + sum(scale * dW)` over the selection's terms (a new tensor; `weight` when it has none)."""
     folded = weight
     for k, (name, scale) in enumerate(selection.terms):
-        (a_all, b_all, shape), i = operands[name].kron, operands[name].index
-        a, b = a_all[i], b_all[i]
+        op = operands[name]
+        a_all, b_all, shape = op.kron
+        a, b = a_all[op.index], b_all[op.index]
         if k == 0:
             folded = torch.addcmul(weight.view(shape), a, b, value=scale)
         else:
@@ -274,11 +280,7 @@ def _stackable(spec: LayerSpec, x: Tensor, weight: Tensor, spans: list[tuple[int
         return False
     if _pointwise(spec):
         return True
-    features = x.shape[-1] if spec.kind == "linear" else x.shape[1]
-    positions = x.numel() // max(1, features) // len(spans)
-    if spec.kind != "linear":
-        positions //= math.prod(spec.stride)
-    return positions * weight.numel() <= STACK_MAX_MACS
+    return _positions(spec, x) // len(spans) * weight.numel() <= STACK_MAX_MACS
 
 
 def _fold_all(weight: Tensor, selections: tuple[Selection, ...], operands: dict[str, _Operand]) -> Tensor:
