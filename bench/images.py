@@ -42,7 +42,7 @@ if str(_ROOT) not in sys.path:  # run as a script: make `lokr`, `service` and `b
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from bench.report import environment, markdown_table, plot_loglog  # noqa: E402
+from bench.report import environment, markdown_table, paired_ratio, plot_loglog  # noqa: E402
 from bench.serve import free_port  # noqa: E402
 from service.images.tiny import (  # noqa: E402
     UNET_TARGETS,
@@ -289,16 +289,11 @@ def median_results(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
     return out
 
 
-def paired_ratio(results: dict[str, dict[str, Any]], num: str, den: str) -> float:
-    """The median over rounds of each round's `num` / `den` images/s: the rounds are interleaved, so pairing
-    them cancels the drift of a shared machine between rounds ("naive": the faster peft baseline each round)."""
-
-    def per_round(name: str) -> list[float]:
-        if name == "naive":
-            return [max(a, b) for a, b in zip(results["peft-8"]["runs"], results["peft-set-8"]["runs"], strict=True)]
-        return list(results[name]["runs"])
-
-    return statistics.median(n / d for n, d in zip(per_round(num), per_round(den), strict=True))
+def round_speeds(results: dict[str, dict[str, Any]], name: str) -> list[float]:
+    """Each round's images/s of scenario `name` ("naive": the faster peft baseline of each round)."""
+    if name == "naive":
+        return [max(a, b) for a, b in zip(results["peft-8"]["runs"], results["peft-set-8"]["runs"], strict=True)]
+    return list(results[name]["runs"])
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], ceiling: dict[str, float]) -> str:
@@ -311,7 +306,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], ceiling
     ratios = []
     for name, num, den, target in RATIOS:
         value = speed[num] / speed[den]
-        paired = paired_ratio(results, num, den)
+        paired = paired_ratio(round_speeds(results, num), round_speeds(results, den))
         ratios.append([name, f"{value:.3f}", f"{paired:.3f}", f">= {target}", "met" if value >= target else "missed"])
     env = environment()
     settings = {"pipeline": args.kind.name, "clients": args.clients, "requests": args.requests, "size": args.size,

@@ -128,6 +128,12 @@ def environment(threads: int | None = None, extra: Mapping[str, Any] | None = No
 
 
 # --------------------------------------------------------------------------------------------- output
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median of each round's own ratio. Rounds are interleaved, so pairing each round's figures cancels the
+    drift of a shared machine between rounds (the ratio of the medians does not)."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, floatfmt: str = ".3g") -> str:
     """A GitHub markdown table; floats formatted with `floatfmt`, None as an em dash."""
 

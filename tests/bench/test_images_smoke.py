@@ -49,7 +49,8 @@ def test_rounds_report_each_scenarios_median() -> None:
 
 
 def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
-    from bench.images import paired_ratio
+    from bench.images import round_speeds
+    from bench.report import paired_ratio
 
     results = {
         "batch-8": {"runs": [2.0, 6.0, 5.0]},
@@ -57,5 +58,7 @@ def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
         "peft-8": {"runs": [1.0, 3.0, 2.0]},
         "peft-set-8": {"runs": [2.0, 1.0, 2.5]},
     }
-    assert paired_ratio(results, "batch-8", "batch-1") == 5.0 / 5.5  # rounds: 0.25, 1.0, 0.909...
-    assert paired_ratio(results, "batch-8", "naive") == 2.0  # naive per round: 2, 3, 2.5
+    speeds = {name: round_speeds(results, name) for name in ("batch-8", "batch-1", "naive")}
+    assert speeds["naive"] == [2.0, 3.0, 2.5]  # the faster peft baseline of each round
+    assert paired_ratio(speeds["batch-8"], speeds["batch-1"]) == 5.0 / 5.5  # rounds: 0.25, 1.0, 0.909...
+    assert paired_ratio(speeds["batch-8"], speeds["naive"]) == 2.0

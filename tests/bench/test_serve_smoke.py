@@ -32,3 +32,21 @@ def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
     assert by_name["itl-1"]["long_error"] is None and by_name["itl-1"]["itl_during_gaps"] >= 0
     for label in ("1 adapter / limit", "ours / transformers serve", "long prompt p99 / p50"):
         assert label in text
+
+
+def test_ratio_rows_give_the_paired_ratio_of_interleaved_rounds() -> None:
+    """`measured` is the ratio of the median runs; `paired` the median of the rounds' own ratios."""
+    from bench.serve import RATIO_HEADERS, ratio_rows
+
+    def scenario(kind: str, runs: list[float], median: float) -> dict[str, object]:
+        return {"kind": kind, "tok_per_s": median, "tok_per_s_runs": runs}
+
+    by_name = {
+        "batch-1": scenario("batch", [500.0, 600.0, 400.0], 500.0),
+        "batch-16": scenario("batch", [490.0, 480.0, 400.0], 480.0),
+        "limit-0": {"kind": "limit", "tok_per_s": 1000.0},  # one run, no per-round figures
+    }
+    rows = {row[0]: dict(zip(RATIO_HEADERS, row, strict=True)) for row in ratio_rows(by_name)}
+    assert rows["16 adapters / 1 adapter"]["measured"] == 480.0 / 500.0
+    assert rows["16 adapters / 1 adapter"]["paired"] == 490.0 / 500.0  # rounds: 0.98, 0.8, 1.0
+    assert rows["1 adapter / limit"]["paired"] == ""
