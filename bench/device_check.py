@@ -18,6 +18,7 @@ the exit status is 1 when one fails:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -157,6 +158,8 @@ def decode_speed(
     import lokr
 
     model = _load(model_dir, device, dtype)
+    params = inspect.signature(model.forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
     names = [f"a{i}" for i in range(min(MIXED_ADAPTERS, len(dirs)))]
     for name, path in zip(names, dirs, strict=False):
         lokr.load_adapter(model, path, name, dtype=dtype)
@@ -167,12 +170,13 @@ def decode_speed(
         step = torch.randint(4, model.config.vocab_size, (b, 1), generator=gen).to(device)
         with torch.inference_mode():
             cache = DynamicCache()
-            model(input_ids=prefix, use_cache=True, past_key_values=cache)
+            model(input_ids=prefix, use_cache=True, **{cache_kwarg: cache})
+            assert cache.get_seq_length() == 64, "the model did not fill the cache it was given"
 
             def run(rows: list[Any], cache: Any = cache, step: torch.Tensor = step) -> Callable[[], None]:
                 def one() -> None:
                     with lokr.adapter_batch(model, rows, fold=1):
-                        model(input_ids=step, use_cache=True, past_key_values=cache)
+                        model(input_ids=step, use_cache=True, **{cache_kwarg: cache})
                     cache.crop(-1)
 
                 return one
