@@ -21,7 +21,6 @@ import argparse
 import inspect
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ if str(_ROOT) not in sys.path:  # run as a script: make `lokr`, `service` and `b
 
 import torch  # noqa: E402
 
-from bench.report import environment, markdown_table  # noqa: E402
+from bench.report import environment, markdown_table, measure  # noqa: E402
 from bench.serve import FULL_MODEL, QUICK_MODEL, AdapterSpec, ensure_adapters, ensure_model  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,20 +132,14 @@ def check_tier_and_memory(
     ]
 
 
-def _median_ms(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Interleaved repeats of every function; the median milliseconds of each."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(2):
-        for fn in fns.values():
-            fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+def _synced(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """`fn`, then wait for the device: `measure`'s wall clock then covers the work queued on a GPU."""
+
+    def run() -> None:
+        fn()
+        _sync(device)
+
+    return run
 
 
 def decode_speed(
@@ -182,7 +175,11 @@ def decode_speed(
                 return one
 
             mixed = [names[i % len(names)] for i in range(b)]
-            ms = _median_ms({"base": run([None] * b), "one": run([names[0]] * b), "mixed": run(mixed)}, repeats, device)
+            fns = {"base": run([None] * b), "one": run([names[0]] * b), "mixed": run(mixed)}
+            timed = measure(
+                {k: _synced(f, device) for k, f in fns.items()}, min_repeats=repeats, max_repeats=repeats, warmup=2
+            )
+            ms = {k: t.median_ms for k, t in timed.items()}
         out.append({"rows": b, **{f"{k}_ms": v for k, v in ms.items()}, "mixed_over_one": ms["mixed"] / ms["one"]})
     return out
 
