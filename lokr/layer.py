@@ -11,13 +11,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch import RowPlan, accumulate, current_plan, per_row, scatter_add
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .merged import FoldCache, Prepared, base_op, cheaper, eligible, merged_forward
+from .merged import FoldCache, Prepared, base_op, cheaper, eligible, folded_weight, merged_forward
 from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
@@ -218,14 +217,25 @@ class LoKrLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        folded = self._fold_active(x) if not (args or kwargs) else None
+        if folded is not None:
+            return base_op(self.spec, x, folded, self.bias).to(previous_dtype)
+        result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             adapter = self._adapter(name)
             if (not self.training) or torch.rand(1) > adapter.module_dropout:
                 result = accumulate(result, self._delta(adapter, x))
         return result.to(previous_dtype)
+
+    def _fold_active(self, x: Tensor) -> Tensor | None:
+        """At inference, `W + dW` of the active adapters where one op on it is cheaper than the factored deltas."""
+        if not (self.active_adapters and self._inference() and x.dtype == self.weight.dtype):
+            return None
+        if not eligible(self.base_layer):
+            return None
+        return folded_weight(self._banks, self.active_adapters, self.spec, self.weight, x)
 
     def _delta(self, adapter: LoKrAdapter, x: Tensor) -> Tensor:
         """`layer(x; dW)` in the adapter's dtype; rank dropout (training only) masks output channels."""
@@ -234,19 +244,12 @@ class LoKrLayer(nn.Module):
         if prefer_factored(factors, self.spec):
             out = apply_delta(x, factors, self.spec, adapter.scale)
         elif torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters()):
-            out = self._dense_apply(x, delta_weight(factors, self.spec, adapter.scale))
+            out = base_op(self.spec, x, delta_weight(factors, self.spec, adapter.scale), None)
         else:
-            out = self._dense_apply(x, adapter.cached_delta(self.spec))
+            out = base_op(self.spec, x, adapter.cached_delta(self.spec), None)
         if self.training and adapter.rank_dropout:
             out = out * self._rank_mask(adapter, out)
         return out
-
-    def _dense_apply(self, x: Tensor, weight: Tensor) -> Tensor:
-        spec = self.spec
-        if spec.kind == "linear":
-            return F.linear(x, weight)
-        conv = F.conv1d if spec.kind == "conv1d" else F.conv2d
-        return conv(x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups)
 
     def _rank_mask(self, adapter: LoKrAdapter, out: Tensor) -> Tensor:
         """PEFT's row mask over output channels (CPU RNG, same draw order as PEFT)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "base_op",
     "cheaper",
     "eligible",
+    "folded_weight",
     "may_fold",
     "merged_forward",
     "plan_merge",
@@ -224,11 +226,7 @@ def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -
     """
     weight: Tensor = base.weight  # type: ignore[assignment]
     bias: Tensor | None = base.bias  # type: ignore[assignment]
-    operands: dict[str, _Operand] = {}
-    for bank, data, slots, names in mp.gathers:
-        kron = bank.fold_operands(slots, names, spec, data)
-        for i, name in enumerate(names):
-            operands[name] = _Operand(kron, i)
+    operands = _operands(mp.gathers, spec)
     spans = [s.span for s in mp.selections if s.span is not None]
     if 1 < len(spans) == len(mp.selections):
         if _stackable(spec, x, weight, spans):
@@ -246,6 +244,35 @@ def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -
         out.index_copy_(0, rows, y)
     assert out is not None
     return out
+
+
+def folded_weight(banks: LayerBanks, names: list[str], spec: LayerSpec, weight: Tensor, x: Tensor) -> Tensor | None:
+    """`W + dW` of the adapters `names` (each at its own scale) when one op on it costs less than the base op plus
+    their factored deltas on `x` (convs, long inputs), else None. Built for this call only: nothing is kept but
+    the kron operands (`FactorBank.fold_operands`): one pass over the weight, and no copy of it stays allocated."""
+    placed = banks.place(names)
+    if not placed or any(bank.dtype != weight.dtype for bank, _, _ in placed):
+        return None
+    factored = sum(bank.factored_cost(spec) * len(pairs) for bank, _, pairs in placed)
+    if not _fold_wins(len(names), factored, x, spec, weight):
+        return None
+    for name in names:  # factors given new storage behind the bank's back (`p.data = ...`) go back to it first
+        banks.rehome(name)
+    placed = banks.place(names)
+    gathers = [(bank, data, tuple(s for _, s in pairs), tuple(n for n, _ in pairs)) for bank, data, pairs in placed]
+    return _fold(weight, Selection(None, tuple((name, 1.0) for name in names)), _operands(gathers, spec))
+
+
+def _operands(
+    gathers: Iterable[tuple[FactorBank, Tensor, tuple[int, ...], tuple[str, ...]]], spec: LayerSpec
+) -> dict[str, _Operand]:
+    """Each adapter's kron operands, by name, from `(bank, data, slots, names)` gathers."""
+    operands: dict[str, _Operand] = {}
+    for bank, data, slots, names in gathers:
+        kron = bank.fold_operands(slots, names, spec, data)
+        for i, name in enumerate(names):
+            operands[name] = _Operand(kron, i)
+    return operands
 
 
 @dataclass(frozen=True)

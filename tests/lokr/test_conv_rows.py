@@ -236,3 +236,74 @@ def test_large_selections_run_apart(layer: str, limit: str, monkeypatch: pytest.
     assert ops == (["stacked_op"] if layer == "conv2d-1x1" and limit == "STACK_MAX_MACS" else ["base_op"] * 3)
     with torch.no_grad():
         torch.testing.assert_close(got, _reference(model, rows, x), rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------- set_adapter: a plain forward at inference
+@pytest.mark.parametrize("path", ["folded", "factored"])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYERS.keys())
+def test_active_adapters_fold_into_one_op_where_cheaper(
+    layer: str, config: dict[str, Any], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model(layer, config)
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0 if path == "folded" else 10**12)
+    folds = _count_folds(monkeypatch)
+    lokr.set_adapter(model, ["a0", "a2"])
+    x = _input(layer, 3)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, _reference(model, [[("a0", 1.0), ("a2", 1.0)]] * 3, x), rtol=1e-10, atol=1e-10)
+    assert folds == ([1] if path == "folded" else [])
+
+
+def test_active_adapter_cost_model_folds_images_not_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Conv2d(320, 320, 3, padding=1)).eval()
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "1"], init_weights=False, r=8), "a")
+    lokr.set_adapter(model, "a")
+    layers = dict(iter_lokr_layers(model))
+    folds = _count_folds(monkeypatch)
+    with torch.inference_mode():
+        layers["0"](torch.randn(2, 1, 1024))  # decode: two tokens; the factored delta wins
+        assert folds == []
+        layers["1"](torch.randn(2, 320, 32, 32))  # two 32x32 latents: folding wins
+        assert folds == [1]
+
+
+def test_active_adapter_keeps_the_factored_path_for_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("conv2d", {"r": 2})
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    folds = _count_folds(monkeypatch)
+    lokr.set_adapter(model, "a1")
+    model(_input("conv2d", 2)).sum().backward()
+    assert folds == []
+    adapter = model[0]._adapter("a1")  # type: ignore[index]
+    assert all(p.grad is not None for p in adapter.parameters())
+
+
+def test_active_adapter_fold_reads_factors_replaced_behind_the_bank(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("conv2d", {"r": 2})
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    lokr.set_adapter(model, "a1")
+    x = _input("conv2d", 2)
+    with torch.no_grad():
+        model(x)  # folds (and keeps the kron operands of) the factors as they are
+        w1 = model[0]._adapter("a1").lokr_w1  # type: ignore[index]
+        w1.data = w1.data * 3  # new storage, not through the bank
+        got = model(x)
+    torch.testing.assert_close(got, _reference(model, ["a1"] * 2, x), rtol=1e-10, atol=1e-10)
+
+
+def _count_folds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record each folded weight a plain forward builds (`merged.folded_weight` returning one)."""
+    calls: list[int] = []
+    real = lokr.merged.folded_weight
+
+    def spy(*args: Any) -> torch.Tensor | None:
+        out = real(*args)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(lokr.layer, "folded_weight", spy)
+    return calls
