@@ -10,7 +10,7 @@ All variants of one case share the same base weights and run in one process, int
 
 Variants per case and size N (tokens for Linear, images for Conv2d):
   base     the plain base layer
-  ours     `lokr` single adapter (`set_adapter`), factored forward
+  ours     `lokr` single adapter (`set_adapter`), unmerged: factored deltas, or folded per call where cheaper
   mixed16  `lokr.adapter_batch` with rows cycling over 16 different adapters (rows = dim 0)
   peft     PEFT's LoKr layer (`get_peft_model`, `LoKrConfig(init_weights=False)`), same factors as `ours`
   merged   a plain layer holding `W + dW`
