@@ -35,3 +35,34 @@ def test_kohya_file_served_equals_pipeline_with_lycoris_network(
     assert np.abs(run.pixels(styled) - run.pixels(base)).max() > 8  # the adapter really changes the image
     torch.testing.assert_close(run.latents[styled.id], reference_latents(reference, s.prompt, s.seed), **TOL)
     assert_pixels_close(run.pixels(styled), reference_image(reference, s.prompt, s.seed))
+
+
+@pytest.mark.slow
+def test_kohya_file_through_the_library_equals_pipeline_with_lycoris_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the server: the pipeline's components as one module tree, `load_adapter` + `set_adapter`, then the
+    pipeline's own call (its convs run on weights folded per call) give LyCORIS's latents."""
+    register_presets(monkeypatch)
+    sd = pipeline_dir(tmp_path, "sd")
+    reference = load(sd).pipe
+    path = tmp_path / "style.safetensors"
+    kohya_file(path, reference.text_encoder, reference.unet, 4, 2.0, factor=4).set_multiplier(1.0)
+    pipe = load(sd).pipe
+    base = reference_latents(pipe, PROMPTS[2], 11)
+    parts = lokr.pipeline_modules(pipe)
+    lokr.load_adapter(parts, path, "style")
+    lokr.set_adapter(parts, "style")
+    folds: list[str] = []
+    real = lokr.layer.folded_weight
+    monkeypatch.setattr(lokr.layer, "folded_weight", lambda *a: _seen(real(*a), folds))
+    got = reference_latents(pipe, PROMPTS[2], 11)
+    assert folds  # some layers folded (the UNet's convs), others ran the factored delta
+    assert (got - base).abs().max() > 0.05  # the adapter really changes the latents
+    torch.testing.assert_close(got, reference_latents(reference, PROMPTS[2], 11), **TOL)
+
+
+def _seen(weight: torch.Tensor | None, folds: list[str]) -> torch.Tensor | None:
+    if weight is not None:
+        folds.append("fold")
+    return weight
