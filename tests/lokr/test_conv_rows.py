@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -28,6 +29,15 @@ CONFIGS = {
     "cp": {"r": 2, "use_effective_conv2d": True},
     "decompose-both": {"r": 1, "decompose_both": True},
 }
+F_ = TypeVar("F_", bound=Callable[..., None])
+
+
+def every_layer_and_config(test: F_) -> F_:
+    """Run `test(layer, config, ...)` on every layer kind crossed with every LoKr config."""
+    by_config = pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())(test)
+    return pytest.mark.parametrize("layer", LAYERS, ids=LAYERS.keys())(by_config)
+
+
 ROWS: list[Any] = ["a0", None, [("a1", 0.5), ("a2", -2.0)], "a1", "a0", [("a0", 1.0), ("a0", 0.25)]]
 
 
@@ -39,6 +49,12 @@ def _model(layer: str, config: dict[str, Any]) -> nn.Module:
         lokr.inject(model, cfg, f"a{i}")
     model.double()
     return model
+
+
+def _forced(layer: str, config: dict[str, Any], fold: bool, monkeypatch: pytest.MonkeyPatch) -> nn.Module:
+    """`_model`, with the cost model forced to fold (`fold`) or to run the factored deltas everywhere."""
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0 if fold else 10**12)
+    return _model(layer, config)
 
 
 def _input(layer: str, rows: int) -> torch.Tensor:
@@ -66,13 +82,11 @@ def _reference(model: nn.Module, rows: list[Any], x: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("path", ["folded", "per-adapter"])
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-@pytest.mark.parametrize("layer", LAYERS, ids=LAYERS.keys())
+@every_layer_and_config
 def test_mixed_rows_equal_dense_per_row(
     layer: str, config: dict[str, Any], path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = _model(layer, config)
-    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0 if path == "folded" else 10**12)
+    model = _forced(layer, config, path == "folded", monkeypatch)
     calls: list[int] = []
     real = lokr.layer.merged_forward
     monkeypatch.setattr(lokr.layer, "merged_forward", lambda *a: calls.append(1) or real(*a))
@@ -86,8 +100,7 @@ def test_mixed_rows_equal_dense_per_row(
 
 
 def test_one_adapter_on_every_row_folds_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _model("conv2d", {"r": 2})
-    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    model = _forced("conv2d", {"r": 2}, True, monkeypatch)
     x = _input("conv2d", 4)
     with torch.no_grad(), lokr.adapter_batch(model, [[("a1", 0.5)]] * 4) as plan:
         got = model(x)
@@ -196,8 +209,7 @@ EQUAL_SELECTIONS: dict[str, list[Any]] = {
 
 
 @pytest.mark.parametrize("rows", EQUAL_SELECTIONS.values(), ids=EQUAL_SELECTIONS.keys())
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-@pytest.mark.parametrize("layer", LAYERS, ids=LAYERS.keys())
+@every_layer_and_config
 def test_equal_small_selections_run_as_one_op(
     layer: str, config: dict[str, Any], rows: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,13 +252,11 @@ def test_large_selections_run_apart(layer: str, limit: str, monkeypatch: pytest.
 
 # ------------------------------------------------------------------- set_adapter: a plain forward at inference
 @pytest.mark.parametrize("path", ["folded", "factored"])
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-@pytest.mark.parametrize("layer", LAYERS, ids=LAYERS.keys())
+@every_layer_and_config
 def test_active_adapters_fold_into_one_op_where_cheaper(
     layer: str, config: dict[str, Any], path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = _model(layer, config)
-    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0 if path == "folded" else 10**12)
+    model = _forced(layer, config, path == "folded", monkeypatch)
     folds = _count_folds(monkeypatch)
     lokr.set_adapter(model, ["a0", "a2"])
     x = _input(layer, 3)
@@ -271,8 +281,7 @@ def test_active_adapter_cost_model_folds_images_not_decode(monkeypatch: pytest.M
 
 
 def test_active_adapter_keeps_the_factored_path_for_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _model("conv2d", {"r": 2})
-    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    model = _forced("conv2d", {"r": 2}, True, monkeypatch)
     folds = _count_folds(monkeypatch)
     lokr.set_adapter(model, "a1")
     model(_input("conv2d", 2)).sum().backward()
@@ -282,8 +291,7 @@ def test_active_adapter_keeps_the_factored_path_for_autograd(monkeypatch: pytest
 
 
 def test_active_adapter_fold_reads_factors_replaced_behind_the_bank(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _model("conv2d", {"r": 2})
-    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    model = _forced("conv2d", {"r": 2}, True, monkeypatch)
     lokr.set_adapter(model, "a1")
     x = _input("conv2d", 2)
     with torch.no_grad():
