@@ -158,9 +158,10 @@ class FoldCache:
 
 def eligible(base: nn.Module) -> bool:
     """A plain Linear / Conv1d / Conv2d (zero padding, no hooks): its op can take another weight."""
-    if type(base) not in (nn.Linear, nn.Conv1d, nn.Conv2d) or base._forward_hooks or base._forward_pre_hooks:
+    kind = type(base)
+    if kind not in (nn.Linear, nn.Conv1d, nn.Conv2d) or base._forward_hooks or base._forward_pre_hooks:
         return False
-    return getattr(base, "padding_mode", "zeros") == "zeros"
+    return kind is nn.Linear or base.padding_mode == "zeros"  # (a Linear has none: no failed attribute lookup)
 
 
 def plan_merge(
