@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .batch import RowPlan, accumulate, current_plan, per_row, scatter_add
 from .errors import AdapterNotFoundError, AdapterStateError
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .merged import FoldCache, Prepared, base_op, cheaper, eligible, folded_weight, merged_forward
+from .merged import FoldCache, Prepared, base_op, cheaper, eligible, folded_weight, merged_forward, placed_cost
 from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
@@ -324,7 +324,7 @@ class LoKrLayer(nn.Module):
         present = [name for name in plan.groups if name in self._held]
         placed = self._banks.place(present)
         foldable = eligible(self.base_layer) and all(bank.dtype == self.weight.dtype for bank, *_ in placed)
-        factored = sum(bank.factored_cost(self.spec) * len(pairs) for bank, _, pairs in placed)
+        factored = placed_cost(placed, self.spec)
         passes = None
         if self.spec.kind == "linear":
             passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]

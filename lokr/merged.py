@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .batch import RowPlan
 from .functional import LayerSpec
-from .stacked import FactorBank, LayerBanks, Slots
+from .stacked import FactorBank, LayerBanks, PlaceResult, Slots
 
 __all__ = [
     "FoldCache",
@@ -33,6 +33,7 @@ __all__ = [
     "folded_weight",
     "may_fold",
     "merged_forward",
+    "placed_cost",
     "plan_merge",
     "stacked_op",
 ]
@@ -49,6 +50,8 @@ FACTORED_OVERHEAD = 3
 # 4-8x faster than separate convs at 0.5M, still 1.1-3x at 50-210M).
 STACK_MAX_MACS = 16_000_000
 STACK_MAX_BYTES = 64 << 20  # the selections' folded weights, all alive at once on the stacked path
+
+Gather = tuple[FactorBank, Tensor, tuple[int, ...], tuple[str, ...]]  # a bank, its data, slots and adapter names
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class MergePlan:
     """What one layer folds in for one plan: its selections and each bank's slots for the adapters used."""
 
     selections: tuple[Selection, ...]
-    gathers: tuple[tuple[FactorBank, Tensor, tuple[int, ...], tuple[str, ...]], ...]  # bank, data, slots, names
+    gathers: tuple[Gather, ...]
     terms: int  # adapter terms to fold, over all selections
     factored_cost: int  # multiply-adds per output position of the factored deltas of a row (upper bound)
 
@@ -181,11 +184,19 @@ def plan_merge(
         Selection(None if whole else plan.row_index(rows, device), terms, _span(rows))
         for terms, rows in by_terms.items()
     )
-    gathers = []
-    for bank, data, pairs in banks.place(present):
-        gathers.append((bank, data, tuple(slot for _, slot in pairs), tuple(name for name, _ in pairs)))
-    cost = sum(bank.factored_cost(spec) * len(names) for bank, _, _, names in gathers)
-    return MergePlan(selections, tuple(gathers), sum(len(s.terms) for s in selections), cost)
+    placed = banks.place(present)
+    folds = sum(len(s.terms) for s in selections)
+    return MergePlan(selections, _gathers(placed), folds, placed_cost(placed, spec))
+
+
+def placed_cost(placed: PlaceResult, spec: LayerSpec) -> int:
+    """Multiply-adds per output position of the factored deltas of the adapters `placed` (`LayerBanks.place`)."""
+    return sum(bank.factored_cost(spec) * len(pairs) for bank, _, pairs in placed)
+
+
+def _gathers(placed: PlaceResult) -> tuple[Gather, ...]:
+    """`LayerBanks.place` results as `(bank, data, slots, names)`."""
+    return tuple((bank, data, tuple(s for _, s in pairs), tuple(n for n, _ in pairs)) for bank, data, pairs in placed)
 
 
 def _span(rows: list[int]) -> tuple[int, int] | None:
@@ -251,22 +262,17 @@ def folded_weight(banks: LayerBanks, names: list[str], spec: LayerSpec, weight: 
     """`W + dW` of the adapters `names` (each at its own scale) when one op on it costs less than the base op plus
     their factored deltas on `x` (convs, long inputs), else None. Built for this call only: nothing is kept but
     the kron operands (`FactorBank.fold_operands`): one pass over the weight, and no copy of it stays allocated."""
-    placed = banks.place(names)
-    if not placed or any(bank.dtype != weight.dtype for bank, _, _ in placed):
-        return None
-    factored = sum(bank.factored_cost(spec) * len(pairs) for bank, _, pairs in placed)
-    if not _fold_wins(len(names), factored, x, spec, weight):
+    if not _fold_wins(len(names), placed_cost(banks.place(names), spec), x, spec, weight):
         return None
     for name in names:  # factors given new storage behind the bank's back (`p.data = ...`) go back to it first
         banks.rehome(name)
     placed = banks.place(names)
-    gathers = [(bank, data, tuple(s for _, s in pairs), tuple(n for n, _ in pairs)) for bank, data, pairs in placed]
-    return _fold(weight, Selection(None, tuple((name, 1.0) for name in names)), _operands(gathers, spec))
+    if any(bank.dtype != weight.dtype for bank, _, _ in placed):
+        return None
+    return _fold(weight, Selection(None, tuple((name, 1.0) for name in names)), _operands(_gathers(placed), spec))
 
 
-def _operands(
-    gathers: Iterable[tuple[FactorBank, Tensor, tuple[int, ...], tuple[str, ...]]], spec: LayerSpec
-) -> dict[str, _Operand]:
+def _operands(gathers: Iterable[Gather], spec: LayerSpec) -> dict[str, _Operand]:
     """Each adapter's kron operands, by name, from `(bank, data, slots, names)` gathers."""
     operands: dict[str, _Operand] = {}
     for bank, data, slots, names in gathers:
