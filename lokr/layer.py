@@ -324,7 +324,7 @@ class LoKrLayer(nn.Module):
         present = [name for name in plan.groups if name in self._held]
         placed = self._banks.place(present)
         foldable = eligible(self.base_layer) and all(bank.dtype == self.weight.dtype for bank, *_ in placed)
-        factored = placed_cost(placed, self.spec)
+        factored = placed_cost(placed, self.spec, plan)
         passes = None
         if self.spec.kind == "linear":
             passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]

@@ -73,7 +73,7 @@ class MergePlan:
     selections: tuple[Selection, ...]
     gathers: tuple[Gather, ...]
     terms: int  # adapter terms to fold, over all selections
-    factored_cost: int  # multiply-adds per output position of the factored deltas of a row (upper bound)
+    factored_cost: int  # multiply-adds per output position of the factored deltas (`placed_cost` with the plan)
 
 
 class Prepared:
@@ -186,12 +186,20 @@ def plan_merge(
     )
     placed = banks.place(present)
     folds = sum(len(s.terms) for s in selections)
-    return MergePlan(selections, _gathers(placed), folds, placed_cost(placed, spec))
+    return MergePlan(selections, _gathers(placed), folds, placed_cost(placed, spec, plan))
 
 
-def placed_cost(placed: PlaceResult, spec: LayerSpec) -> int:
-    """Multiply-adds per output position of the factored deltas of the adapters `placed` (`LayerBanks.place`)."""
-    return sum(bank.factored_cost(spec) * len(pairs) for bank, _, pairs in placed)
+def placed_cost(placed: PlaceResult, spec: LayerSpec, plan: RowPlan | None = None) -> int:
+    """Multiply-adds per output position of the factored deltas of the adapters `placed` (`LayerBanks.place`).
+
+    Without `plan` every position pays every adapter. With one, a Linear layer's bank passes compute each row's
+    own entries only (one batched pass per bank), so each adapter counts by its share of the rows; a conv runs
+    one delta per adapter, each with its own fixed costs, which the unweighted sum stands in for.
+    """
+    if plan is None or spec.kind != "linear":
+        return sum(bank.factored_cost(spec) * len(pairs) for bank, _, pairs in placed)
+    per_row = (bank.factored_cost(spec) * len(plan.groups[name].rows) for bank, _, pairs in placed for name, _ in pairs)
+    return -(-sum(per_row) // plan.num_rows)
 
 
 def _gathers(placed: PlaceResult) -> tuple[Gather, ...]:

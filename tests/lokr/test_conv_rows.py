@@ -139,6 +139,29 @@ def test_cost_model_picks_factored_for_decode_and_folded_for_images() -> None:
     assert decisions == {"0": False, "1": True}
 
 
+def test_cost_model_counts_each_linear_row_once_per_own_adapter() -> None:
+    """A packed prefill of 16 prompts, each with its own adapter: a Linear row pays its own adapter's delta only
+    (the bank pass computes one entry per row), so 512 such rows stay factored; rows that sum every adapter pay
+    all 16; a conv, which runs one delta per adapter, still counts every adapter present."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    for i in range(16):
+        lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "1"], init_weights=False, r=8), f"a{i}")
+    layers = dict(iter_lokr_layers(model))
+    linear, conv = layers["0"], layers["1"]
+    one = linear._banks.bank_of("a0").factored_cost(linear.spec)  # type: ignore[union-attr]
+    own = lokr.batch.RowPlan.from_rows([f"a{i // 32}" for i in range(512)], tokens=True)
+    summed = lokr.batch.RowPlan.from_rows([[(f"a{i}", 1.0) for i in range(16)]] * 512, tokens=True)
+    x = torch.randn(512, 1, 512)
+    assert linear._prepare(own).factored == one
+    assert linear._prepare(summed).factored == 16 * one
+    mp = lokr.merged.plan_merge(own, [f"a{i}" for i in range(16)], linear._banks, linear.spec, x.device)
+    assert mp.factored_cost == one and not lokr.merged.cheaper(mp, x, linear.spec, linear.weight)
+    mixed = lokr.batch.RowPlan.from_rows([f"a{i}" for i in range(16)])
+    conv_one = conv._banks.bank_of("a0").factored_cost(conv.spec)  # type: ignore[union-attr]
+    assert conv._prepare(mixed).factored == 16 * conv_one
+
+
 @pytest.mark.parametrize("layer", ["conv2d", "linear"])
 def test_consecutive_selections_fold_on_slices(layer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows grouped by selection: each selection's op reads a slice of the input, no gather / scatter."""
