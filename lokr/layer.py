@@ -283,20 +283,22 @@ class LoKrLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs).to(previous_dtype)
         if self._inference():
             prepared = plan.prepared.get(id(self)) or self._prepare(plan)
-            if prepared.hot is not None and not (args or kwargs) and x.dtype == self.weight.dtype:
+            weight = self.weight
+            plain = not (args or kwargs) and x.dtype == weight.dtype  # the base op may take another weight
+            if prepared.hot is not None and plain:
                 return base_op(self.spec, x, prepared.hot, self.bias).to(previous_dtype)
-            if prepared.foldable and not (args or kwargs) and x.dtype == self.weight.dtype:
-                mp = prepared.merge_plan(plan, self._banks, self.spec, self.weight, x)
-                if mp is not None and cheaper(mp, x, self.spec, self.weight):
+            if prepared.foldable and plain:
+                mp = prepared.merge_plan(plan, self._banks, self.spec, weight, x)
+                if mp is not None and cheaper(mp, x, self.spec, weight):
                     return merged_forward(self.base_layer, self.spec, x, mp)
             passes = prepared.passes
             if passes is not None:
                 result = self.base_layer(x, *args, **kwargs)
                 for bank, data, rows, slots in passes:
-                    xs = x.to(bank.dtype)
+                    xs = x if x.dtype == bank.dtype else x.to(bank.dtype)
                     delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, self.spec, data)
                     result = accumulate(result, delta) if rows is None else scatter_add(result, rows, delta)
-                return result.to(previous_dtype)
+                return result if result.dtype == previous_dtype else result.to(previous_dtype)
         result = self.base_layer(x, *args, **kwargs)
         for name in [name for name in plan.groups if name in self._held]:
             group = plan.groups[name]

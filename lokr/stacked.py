@@ -13,6 +13,7 @@ them, stay valid). A forward holds the tensor it started with, so a concurrent r
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -82,11 +83,16 @@ class BankLayout:
     def factor_numel(self) -> int:
         return self.row_numel - 1
 
+    @functools.cached_property
+    def _columns(self) -> tuple[tuple[str, int, int, tuple[int, ...]], ...]:
+        """`(short name, first column, end column, (-1, *shape))` of each factor: `split` runs per layer per step."""
+        return tuple((name[5:], offset, offset + math.prod(shape), (-1, *shape)) for name, shape, offset in self.parts)
+
     def split(self, rows: Tensor) -> dict[str, Tensor]:
         """Views of `rows (G, row_numel)`: `{"scale": (G,), "w1": (G, m1, n1), ...}` (names without `lokr_`)."""
         views = {"scale": rows[:, 0]}
-        for name, shape, offset in self.parts:
-            views[name[5:]] = rows[:, offset : offset + math.prod(shape)].view(-1, *shape)
+        for name, start, end, shape in self._columns:
+            views[name] = rows[:, start:end].view(shape)
         return views
 
     def row_views(self, row: Tensor) -> Iterator[tuple[str, Tensor]]:
@@ -132,6 +138,7 @@ class FactorBank:
         self.members: dict[str, BankedAdapter] = {}
         self._free: list[int] = []  # popped from the end: lowest slot first
         self._cost: dict[LayerSpec, int] = {}
+        self._orders: dict[LayerSpec, tuple[int, int, int, int, int | None, LinearOrder]] = {}
         # kron operands of the last few adapter sets folded (with their parameters' versions), valid while
         # `_folds_of` = (data, its version, inference mode) holds
         self._folds: dict[tuple[LayerSpec, tuple[int, ...]], tuple[tuple[int, ...], KronOperands]] = {}
@@ -225,7 +232,7 @@ class FactorBank:
     def apply(self, x: Tensor, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> Tensor:
         """Linear: `x (E, ..., n1*n2) -> (E, ..., m1*m2)`, entry `e` through `coeff[e] * kron(w1, w2)` of its slot."""
         parts, coeff = self.gather(slots, data)
-        m1, n1, m2, n2, rank, order = self.layout.linear_order(spec)
+        m1, n1, m2, n2, rank, order = self._linear_order(spec)
         w1 = parts["w1"] if "w1" in parts else torch.bmm(parts["w1_a"], parts["w1_b"])
         w1 = w1 * coeff.view(-1, 1, 1)
         if rank is None:
@@ -286,6 +293,13 @@ class FactorBank:
                 return None
             out.extend(p._version for p in member._parameters.values() if p is not None)
         return tuple(out)
+
+    def _linear_order(self, spec: LayerSpec) -> tuple[int, int, int, int, int | None, LinearOrder]:
+        """`BankLayout.linear_order`, worked out once per layer spec."""
+        order = self._orders.get(spec)
+        if order is None:
+            order = self._orders[spec] = self.layout.linear_order(spec)
+        return order
 
     def factored_cost(self, spec: LayerSpec) -> int:
         """Multiply-adds per output position of one member's factored delta on a layer of `spec`."""
