@@ -246,11 +246,14 @@ def kron_rows(rows: Tensor, w1: Tensor, chain: Sequence[Tensor], order: LinearOr
     if order == "w1_first":
         u = torch.matmul(w1.unsqueeze(1), rows)  # (G, K, m1, n2)
         return _chain(u.reshape(g, k * m1, n2), chain).view(g, k, m1, -1)
+    # Sandwich, rank-major: each rank-sized intermediate is the wide side of its product, `(G, r, K * n1)` then
+    # `(G, r * K, m1)`, and transposes are strides that the matmuls take as they are. The row-major form
+    # (`X @ w2_b^T` first, `(G, K * n1, r)`) ran 1.1-2.5x slower on CPU: BLAS handles an r-wide output poorly.
     w2_bt, w2_at = chain
     r = w2_bt.shape[-1]
-    a = torch.bmm(rows.reshape(g, k * n1, n2), w2_bt).view(g, k, n1, r)
-    b = torch.bmm(w1, a.transpose(1, 2).reshape(g, n1, k * r))  # (G, m1, K*r): one matmul per group
-    return torch.bmm(b.view(g, m1, k, r).transpose(1, 2).reshape(g, k * m1, r), w2_at).view(g, k, m1, -1)
+    p = torch.bmm(w2_bt.transpose(1, 2), rows.reshape(g, k * n1, n2).transpose(1, 2))  # (G, r, K*n1)
+    q = torch.bmm(p.view(g, r * k, n1), w1.transpose(1, 2))  # (G, r*K, m1)
+    return torch.bmm(q.view(g, r, k * m1).transpose(1, 2), w2_at).view(g, k, m1, -1)
 
 
 def _chain(rows: Tensor, chain: Sequence[Tensor]) -> Tensor:
