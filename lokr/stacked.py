@@ -100,6 +100,7 @@ class BankLayout:
         for name, shape, offset in self.parts:
             yield name, row[offset : offset + math.prod(shape)].view(shape)
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (layouts are small, immutable values; runs per layer per step)
     def linear_order(self, spec: LayerSpec) -> tuple[int, int, int, int, int | None, LinearOrder]:
         """`(m1, n1, m2, n2, rank, order)` of a Linear layer's factored delta."""
         shapes = {name[5:]: shape for name, shape, _ in self.parts}
@@ -138,7 +139,6 @@ class FactorBank:
         self.members: dict[str, BankedAdapter] = {}
         self._free: list[int] = []  # popped from the end: lowest slot first
         self._cost: dict[LayerSpec, int] = {}
-        self._orders: dict[LayerSpec, tuple[int, int, int, int, int | None, LinearOrder]] = {}
         # kron operands of the last few adapter sets folded (with their parameters' versions), valid while
         # `_folds_of` = (data, its version, inference mode) holds
         self._folds: dict[tuple[LayerSpec, tuple[int, ...]], tuple[tuple[int, ...], KronOperands]] = {}
@@ -232,7 +232,7 @@ class FactorBank:
     def apply(self, x: Tensor, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> Tensor:
         """Linear: `x (E, ..., n1*n2) -> (E, ..., m1*m2)`, entry `e` through `coeff[e] * kron(w1, w2)` of its slot."""
         parts, coeff = self.gather(slots, data)
-        m1, n1, m2, n2, rank, order = self._linear_order(spec)
+        m1, n1, m2, n2, rank, order = self.layout.linear_order(spec)
         w1 = parts["w1"] if "w1" in parts else torch.bmm(parts["w1_a"], parts["w1_b"])
         w1 = w1 * coeff.view(-1, 1, 1)
         if rank is None:
@@ -293,13 +293,6 @@ class FactorBank:
                 return None
             out.extend(p._version for p in member._parameters.values() if p is not None)
         return tuple(out)
-
-    def _linear_order(self, spec: LayerSpec) -> tuple[int, int, int, int, int | None, LinearOrder]:
-        """`BankLayout.linear_order`, worked out once per layer spec."""
-        order = self._orders.get(spec)
-        if order is None:
-            order = self._orders[spec] = self.layout.linear_order(spec)
-        return order
 
     def factored_cost(self, spec: LayerSpec) -> int:
         """Multiply-adds per output position of one member's factored delta on a layer of `spec`."""
