@@ -198,8 +198,9 @@ def placed_cost(placed: PlaceResult, spec: LayerSpec, plan: RowPlan | None = Non
     """
     if plan is None or spec.kind != "linear":
         return sum(bank.factored_cost(spec) * len(pairs) for bank, _, pairs in placed)
-    per_row = (bank.factored_cost(spec) * len(plan.groups[name].rows) for bank, _, pairs in placed for name, _ in pairs)
-    return -(-sum(per_row) // plan.num_rows)
+    groups = plan.groups
+    entries = (bank.factored_cost(spec) * sum(len(groups[name].rows) for name, _ in pairs) for bank, _, pairs in placed)
+    return -(-sum(entries) // plan.num_rows)
 
 
 def _gathers(placed: PlaceResult) -> tuple[Gather, ...]:
