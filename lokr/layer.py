@@ -231,11 +231,12 @@ class LoKrLayer(nn.Module):
 
     def _fold_active(self, x: Tensor) -> Tensor | None:
         """At inference, `W + dW` of the active adapters where one op on it is cheaper than the factored deltas."""
-        if not (self.active_adapters and self._inference() and x.dtype == self.weight.dtype):
+        weight = self.weight
+        if not (self.active_adapters and self._inference() and x.dtype == weight.dtype):
             return None
         if not eligible(self.base_layer):
             return None
-        return folded_weight(self._banks, self.active_adapters, self.spec, self.weight, x)
+        return folded_weight(self._banks, self.active_adapters, self.spec, weight, x)
 
     def _delta(self, adapter: LoKrAdapter, x: Tensor) -> Tensor:
         """`layer(x; dW)` in the adapter's dtype; rank dropout (training only) masks output channels."""
