@@ -67,13 +67,15 @@ class RowPlan:
     num_rows: int
     groups: dict[str, RowGroup]
     tokens: bool = False  # rows are the positions of dim 1 of a batch of one (a packed sequence)
-    fold: int = 0  # folded weights each layer may keep for adapters run alone over the whole batch (0: none)
+    fold: int = 0  # folded weight copies each layer may keep between blocks (`lokr.foldcache`; 0: none)
     _entries: dict[tuple[tuple[tuple[str, int], ...], torch.device], tuple[Tensor | None, Slots]] = field(
         default_factory=dict, repr=False
     )
     _indexes: dict[tuple[tuple[int, ...], torch.device], Tensor] = field(default_factory=dict, repr=False)
     # Per layer (by id), what its inference forward needs (`layer._Prepared`), prepared as the scope opens.
     prepared: dict[int, Any] = field(default_factory=dict, repr=False)
+    # What layers derive from the plan alone and share (`merged.plan_merge`'s row selections), by key.
+    shared: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec], tokens: bool = False, fold: int = 0) -> RowPlan:

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from .batch import RowPlan, accumulate, current_plan, per_row, scatter_add
 from .errors import AdapterNotFoundError, AdapterStateError
+from .foldcache import FoldCache
 from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
-from .merged import FoldCache, Prepared, base_op, cheaper, eligible, folded_weight, merged_forward, placed_cost
+from .merged import Prepared, base_op, cheaper, eligible, folded_weight, merged_forward, placed_cost
 from .stacked import FactorBank, LayerBanks, Slots
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
@@ -291,7 +292,7 @@ class LoKrLayer(nn.Module):
             if prepared.foldable and plain:
                 mp = prepared.merge_plan(plan, self._banks, self.spec, weight, x)
                 if mp is not None and cheaper(mp, x, self.spec, weight):
-                    return merged_forward(self.base_layer, self.spec, x, mp)
+                    return merged_forward(self.base_layer, self.spec, x, mp, self._folds, plan.fold)
             passes = prepared.passes
             if passes is not None:
                 result = self.base_layer(x, *args, **kwargs)
@@ -331,8 +332,8 @@ class LoKrLayer(nn.Module):
         passes = None
         if self.spec.kind == "linear":
             passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
-        hot = self._folds.hot(plan, self._held, present, placed, self.spec, self.weight) if foldable else None
-        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes, hot)
+        hot = self._folds.hot(plan, present, placed, self.spec, self.weight) if foldable else None
+        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes, hot, placed)
         return prepared
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:

@@ -10,8 +10,7 @@ Chosen per layer and step by `cheaper`; exact up to float rounding (the base out
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch import RowPlan
+from .foldcache import FoldCache, Gather, stamp
 from .functional import LayerSpec
-from .stacked import FactorBank, LayerBanks, PlaceResult, Slots
+from .stacked import LayerBanks, PlaceResult
 
 __all__ = [
-    "FoldCache",
     "MergePlan",
     "Prepared",
     "base_op",
@@ -50,8 +49,6 @@ FACTORED_OVERHEAD = 3
 # 4-8x faster than separate convs at 0.5M, still 1.1-3x at 50-210M).
 STACK_MAX_MACS = 16_000_000
 STACK_MAX_BYTES = 64 << 20  # the selections' folded weights, all alive at once on the stacked path
-
-Gather = tuple[FactorBank, Tensor, tuple[int, ...], tuple[str, ...]]  # a bank, its data, slots and adapter names
 
 
 @dataclass(frozen=True)
@@ -82,10 +79,17 @@ class Prepared:
     and the merge plan, built at most once per block and only where folding may win."""
 
     def __init__(
-        self, present: list[str], foldable: bool, factored: int, passes: list[Any] | None, hot: Tensor | None = None
+        self,
+        present: list[str],
+        foldable: bool,
+        factored: int,
+        passes: list[Any] | None,
+        hot: Tensor | None = None,
+        placed: PlaceResult | None = None,
     ) -> None:
         self.present, self.foldable, self.factored, self.passes = present, foldable, factored, passes
         self.hot = hot  # the folded weight when one adapter at scale 1 covers every row and it is cached
+        self.placed = placed  # `LayerBanks.place(present)` as the block opened
         self._merge: MergePlan | None = None
 
     def merge_plan(
@@ -95,68 +99,8 @@ class Prepared:
         if self._merge is None:
             if not may_fold(len(self.present), self.factored, x, spec, weight):
                 return None
-            self._merge = plan_merge(plan, self.present, banks, spec, weight.device)
+            self._merge = plan_merge(plan, self.present, banks, spec, weight.device, self.placed)
         return self._merge
-
-
-class FoldCache:
-    """One layer's folded weights `W + dW` of the adapters most recently run alone over a whole batch at scale 1
-    (LRU): a step that uses one such adapter costs the bare layer's op. Each entry costs a copy of the weight.
-    Entries are keyed by the storage and version of the bank and the weight, so an adapter that changed, moved
-    or was replaced in its slot is folded again."""
-
-    def __init__(self) -> None:
-        self._entries: OrderedDict[str, tuple[tuple[Any, ...], Tensor]] = OrderedDict()
-
-    def __deepcopy__(self, memo: dict[int, object]) -> FoldCache:
-        return FoldCache()
-
-    def weight(
-        self, name: str, adapter: nn.Module, placed: Any, spec: LayerSpec, weight: Tensor, capacity: int
-    ) -> Tensor:
-        """`W + kron(w1, w2) * scale` of `name` (`placed`: its bank, the bank's data and its `((name, slot),)`),
-        made on first use, keeping `capacity`. Its parameters are views of the bank row with their own versions."""
-        bank, data, ((_, slot),) = placed
-        versions = tuple(p._version for p in adapter._parameters.values() if p is not None)
-        key = (id(bank), data.data_ptr(), data._version, slot, weight.data_ptr(), weight._version, versions)
-        hit = self._entries.get(name)
-        if hit is not None and hit[0] == key:
-            self._entries.move_to_end(name)
-            return hit[1]
-        a, b, shape = bank.kron_operands(Slots(slot), spec, data)
-        folded = torch.addcmul(weight.view(shape), a[0], b[0]).view(weight.shape)
-        self._entries[name] = (key, folded)
-        self._entries.move_to_end(name)
-        self.trim(capacity)
-        return folded
-
-    def hot(
-        self, plan: RowPlan, held: dict[str, Any], present: list[str], placed: Any, spec: LayerSpec, weight: Tensor
-    ) -> Tensor | None:
-        """The folded weight when `plan` runs one adapter at scale 1 on every row and may keep folds
-        (`held`: the layer's adapters by name; `placed`: its `LayerBanks.place(present)`)."""
-        self.trim(plan.fold)
-        if plan.fold <= 0 or len(plan.groups) != 1 or len(present) != 1:
-            return None
-        group = plan.groups[present[0]]
-        if not (group.whole and group.unit):
-            return None
-        return self.weight(present[0], held[present[0]], placed[0], spec, weight, plan.fold)
-
-    def trim(self, capacity: int) -> None:
-        while len(self._entries) > capacity:
-            self._entries.popitem(last=False)
-
-    def drop(self, name: str | None = None) -> None:
-        """Forget `name`'s folded weight (every one with None)."""
-        if name is None:
-            self._entries.clear()
-        else:
-            self._entries.pop(name, None)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self._entries.values())
 
 
 def eligible(base: nn.Module) -> bool:
@@ -168,9 +112,25 @@ def eligible(base: nn.Module) -> bool:
 
 
 def plan_merge(
-    plan: RowPlan, present: list[str], banks: LayerBanks, spec: LayerSpec, device: torch.device
+    plan: RowPlan,
+    present: list[str],
+    banks: LayerBanks,
+    spec: LayerSpec,
+    device: torch.device,
+    placed: PlaceResult | None = None,
 ) -> MergePlan:
-    """Group the rows by the adapters of `present` they use (name order) and find those adapters' slots."""
+    """Group the rows by the adapters of `present` they use (name order) and find those adapters' slots (`placed`:
+    `banks.place(present)` when the caller has it)."""
+    key = ("selections", tuple(present), device)
+    selections = plan.shared.get(key)
+    if selections is None:  # the layers holding the same adapters share one grouping per plan
+        selections = plan.shared[key] = _selections(plan, present, device)
+    placed = banks.place(present) if placed is None else placed
+    folds = sum(len(s.terms) for s in selections)
+    return MergePlan(selections, _gathers(placed), folds, placed_cost(placed, spec, plan))
+
+
+def _selections(plan: RowPlan, present: list[str], device: torch.device) -> tuple[Selection, ...]:
     per_row: list[list[tuple[str, float]]] = [[] for _ in range(plan.num_rows)]
     for name in present:
         group = plan.groups[name]
@@ -180,13 +140,10 @@ def plan_merge(
     for r, terms in enumerate(per_row):
         by_terms.setdefault(tuple(terms), []).append(r)
     whole = len(by_terms) == 1
-    selections = tuple(
+    return tuple(
         Selection(None if whole else plan.row_index(rows, device), terms, _span(rows))
         for terms, rows in by_terms.items()
     )
-    placed = banks.place(present)
-    folds = sum(len(s.terms) for s in selections)
-    return MergePlan(selections, _gathers(placed), folds, placed_cost(placed, spec, plan))
 
 
 def placed_cost(placed: PlaceResult, spec: LayerSpec, plan: RowPlan | None = None) -> int:
@@ -238,26 +195,31 @@ def _positions(spec: LayerSpec, x: Tensor) -> int:
     return x.numel() // max(1, x.shape[1]) // math.prod(spec.stride)
 
 
-def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -> Tensor:
+def merged_forward(
+    base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan, folds: FoldCache | None = None, capacity: int = 0
+) -> Tensor:
     """`base(x)` with each row's adapters folded into the weight (`x` in the weight's dtype).
 
     Where every selection's rows are consecutive (a caller that orders its rows by selection, as the image
     engine does), each op reads a view of `x` and the outputs are concatenated: no per-selection gather/scatter;
-    equal-sized selections whose ops are small run as one stacked op (`stacked_op`) instead.
+    equal-sized selections whose ops are small run as one stacked op (`stacked_op`) instead. With `folds` and
+    `capacity` >= the selections, their folded weights are kept there for the next step with the same selections.
     """
     weight: Tensor = base.weight  # type: ignore[assignment]
     bias: Tensor | None = base.bias  # type: ignore[assignment]
-    operands = _operands(mp.gathers, spec)
+    kept = _kept(weight, spec, mp, folds, capacity)
     spans = [s.span for s in mp.selections if s.span is not None]
     if 1 < len(spans) == len(mp.selections):
         if _stackable(spec, x, weight, spans):
-            return stacked_op(spec, x, _fold_all(weight, mp.selections, operands), bias)
-        ys = [base_op(spec, x[lo:hi], _fold(weight, s, operands), bias) for s, (lo, hi) in zip(mp.selections, spans)]
-        return torch.cat(ys)
+            if kept is None:
+                kept = _fold_all(weight, mp.selections, _operands(mp.gathers, spec))
+            return stacked_op(spec, x, kept, bias)
+        folded = _weights(weight, spec, mp, kept)
+        return torch.cat([base_op(spec, x[lo:hi], w, bias) for (lo, hi), w in zip(spans, folded, strict=True)])
     out: Tensor | None = None
-    for selection in mp.selections:
+    for selection, w in zip(mp.selections, _weights(weight, spec, mp, kept), strict=True):
         rows = selection.rows
-        y = base_op(spec, x if rows is None else x.index_select(0, rows), _fold(weight, selection, operands), bias)
+        y = base_op(spec, x if rows is None else x.index_select(0, rows), w, bias)
         if rows is None:
             return y
         if out is None:
@@ -265,6 +227,33 @@ def merged_forward(base: nn.Module, spec: LayerSpec, x: Tensor, mp: MergePlan) -
         out.index_copy_(0, rows, y)
     assert out is not None
     return out
+
+
+def _weights(weight: Tensor, spec: LayerSpec, mp: MergePlan, kept: Tensor | None) -> Iterator[Tensor]:
+    """Each selection's folded weight: from `kept`, or folded as it is needed (one alive at a time)."""
+    if kept is not None:
+        yield from kept
+        return
+    operands = _operands(mp.gathers, spec)
+    for selection in mp.selections:
+        yield _fold(weight, selection, operands)
+
+
+def _kept(weight: Tensor, spec: LayerSpec, mp: MergePlan, folds: FoldCache | None, capacity: int) -> Tensor | None:
+    """`(S, *weight.shape)`: the selections' folded weights from `folds` (made and kept there on a miss), or None
+    when they do not fit `capacity` weight copies."""
+    count = len(mp.selections)
+    if folds is None or count > capacity:
+        return None
+    names = frozenset(name for s in mp.selections for name, _ in s.terms)
+    return folds.get(
+        tuple(s.terms for s in mp.selections),
+        stamp(mp.gathers, weight),
+        count,
+        capacity,
+        lambda: _fold_all(weight, mp.selections, _operands(mp.gathers, spec)),
+        names,
+    )
 
 
 def folded_weight(banks: LayerBanks, names: list[str], spec: LayerSpec, weight: Tensor, x: Tensor) -> Tensor | None:

@@ -282,7 +282,9 @@ def adapter_batch(
 
     `fold` > 0: when one adapter at scale 1 covers every row, each layer runs its op on `W + dW`, folded once
     and kept for the `fold` adapters used so most recently (a copy of each adapted weight per adapter kept),
-    so a batch of one adapter costs the base model's forward. 0 keeps no folded weight.
+    so a batch of one adapter costs the base model's forward. A layer that folds the `S` row selections of a
+    mixed batch (the cost model's choice: convs over images, long prompts) keeps them too when `S <= fold`, so the
+    next block with the same selections folds nothing. `fold` counts weight copies per layer; 0 keeps none.
     """
     plan = RowPlan.from_rows(rows, tokens=tokens, fold=fold)
     layers = lokr_layers(model)

@@ -271,7 +271,7 @@ class FactorBank:
         stamp = (data._version, torch.is_inference_mode_enabled())
         if self._folds_of is None or self._folds_of[0] is not data or self._folds_of[1:] != stamp:
             self._folds, self._folds_of = {}, (data, *stamp)
-        versions = self._versions(names)
+        versions = self.member_versions(names)
         key = (spec, slots)
         cached = self._folds.get(key)
         if cached is not None and versions is not None and cached[0] == versions:
@@ -284,7 +284,7 @@ class FactorBank:
             self._folds[key] = (versions, operands)
         return operands
 
-    def _versions(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
+    def member_versions(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
         """The version counters of `names`' parameters; None when one has left the bank since (no caching)."""
         out: list[int] = []
         for name in names:

@@ -35,7 +35,7 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ),
     (
         "--fold-cache",
-        {"type": int, "help": "adapters kept folded into a weight copy for one-adapter steps (0: none)"},
+        {"type": int, "help": "weight copies per adapted layer kept with adapters folded in (0: none)"},
     ),
     ("--max-resident-adapters", {"type": int, "help": "adapters attached to the model (device tier)"}),
     ("--max-resident-bytes", {"type": int, "help": "bytes of resident adapters (0: no limit)"}),

@@ -1,6 +1,7 @@
 """`adapter_batch(..., fold=n)`: a batch that runs one adapter at scale 1 on every row uses `W + dW`, folded
-once and kept; the result equals the factored forward, a changed adapter is folded again, and batches of mixed
-adapters or scales never fold. `tokens=True` selects per position of a packed sequence."""
+once and kept; so do the row selections of a mixed step that the cost model folds, while they fit `n` weight
+copies. The result equals the factored forward, a changed adapter is folded again, and batches the cost model
+keeps factored keep nothing. `tokens=True` selects per position of a packed sequence."""
 
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ def test_one_adapter_batches_fold_once_and_stay_exact() -> None:
     got = _run(model, ["a"] * 5, x, fold=1)
     torch.testing.assert_close(got, _dense(model, "a", x), rtol=1e-5, atol=1e-5)
     layer = model[0]
-    stored = layer._folds._entries["a"][1]
+    stored = layer._folds._entries["a"].tensor
     torch.testing.assert_close(_run(model, ["a"] * 5, x, fold=1), got, rtol=0, atol=0)
-    assert layer._folds._entries["a"][1] is stored  # kept, not folded again
+    assert layer._folds._entries["a"].tensor is stored  # kept, not folded again
     assert _folds(model) == [1, 1]
     torch.testing.assert_close(_run(model, ["b"] * 5, x, fold=1), _dense(model, "b", x), rtol=1e-5, atol=1e-5)
     assert list(layer._folds._entries) == ["b"]  # capacity 1: the least recent goes
@@ -62,12 +63,67 @@ def test_one_adapter_batches_fold_once_and_stay_exact() -> None:
 @pytest.mark.parametrize(
     "rows", [["a", "b", "a"], ["a", None, "a"], [[("a", 0.5)]] * 3, [[("a", 1.0), ("b", 1.0)]] * 3]
 )
-def test_mixed_batches_do_not_fold(rows: list[object]) -> None:
+def test_mixed_batches_the_cost_model_keeps_factored_keep_no_folds(rows: list[object]) -> None:
     model = _net()
     x = torch.randn(3, 2, 64)
     unfolded = _run(model, rows, x, fold=0)
     torch.testing.assert_close(_run(model, rows, x, fold=4), unfolded, rtol=0, atol=0)
     assert _folds(model) == [0, 0]
+
+
+MIXED: dict[str, list[object]] = {
+    "stacked": ["a", "a", "b", "b", [("c", 0.5)], [("c", 0.5)]],  # equal consecutive selections: one grouped conv
+    "apart": ["a", "a", "b", [("c", 0.5)], [("c", 0.5)], [("c", 0.5)]],  # consecutive, unequal: one conv each
+    "gathered": ["a", [("a", 1.0), ("c", 2.0)], "a", "b", [("a", 1.0), ("c", 2.0)], "b"],  # rows gathered
+}
+
+
+def _conv_net(monkeypatch: pytest.MonkeyPatch) -> nn.Sequential:
+    """One 3x3 conv with adapters a, b, c, and a cost model that folds every mixed step."""
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1)).eval()
+    for name in ("a", "b", "c"):
+        lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, r=2), name)
+    return model
+
+
+@pytest.mark.parametrize("rows", MIXED.values(), ids=MIXED.keys())
+def test_mixed_steps_keep_their_folds_while_they_fit(rows: list[object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step whose rows keep their adapters (a denoising loop) folds each of its 3 selections once, then reuses
+    them."""
+    model = _conv_net(monkeypatch)
+    layer = model[0]
+    x = torch.randn(len(rows), 8, 9, 9)
+    want = _run(model, rows, x, fold=0)
+    builds: list[int] = []
+    real = lokr.merged._fold_all
+    monkeypatch.setattr(lokr.merged, "_fold_all", lambda *a: builds.append(1) or real(*a))
+    selections = 3
+    torch.testing.assert_close(_run(model, rows, x, fold=selections), want, rtol=1e-6, atol=1e-6)
+    (entry,) = layer._folds._entries.values()
+    assert entry.tensor.shape == (selections, *layer.weight.shape) and entry.copies == selections
+    torch.testing.assert_close(_run(model, rows, x, fold=selections), want, rtol=1e-6, atol=1e-6)
+    assert builds == [1]  # the second step folded nothing
+    _run(model, rows, x, fold=selections - 1)  # no longer fits: dropped, and nothing new is kept
+    assert layer._folds.nbytes == 0
+
+
+@pytest.mark.parametrize("change", ["in_place", "deleted"])
+def test_mixed_folds_see_a_changed_adapter(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _conv_net(monkeypatch)
+    layer = model[0]
+    rows = MIXED["stacked"]
+    x = torch.randn(len(rows), 8, 9, 9)
+    _run(model, rows, x, fold=3)
+    with torch.no_grad():
+        if change == "in_place":
+            layer.lokr_adapters["c"].lokr_w1.mul_(-2.0)  # through the bank row: its version moves
+        else:
+            lokr.delete_adapter(model, "c")
+            assert layer._folds.nbytes == 0
+            lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, r=2), "c")
+    torch.testing.assert_close(_run(model, rows, x, fold=3), _run(model, rows, x, fold=0), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("change", ["in_place", "scale", "replace", "attach_over", "deleted"])
