@@ -48,8 +48,9 @@ def check_spec(loaded: LoadedPipeline, spec: ImageSpec) -> None:
 class ImageBackend:
     """Up to `max_batch_size` images denoise together, each with its own scheduler and adapters.
 
-    `fold`: denoiser steps whose rows all use one adapter at scale 1 run on weights with it folded in, kept for
-    the `fold` adapters used most recently (`lokr.adapter_batch`'s `fold`; a copy of each adapted weight each).
+    `fold`: weight copies each adapted denoiser layer keeps with adapters folded in (`lokr.adapter_batch`'s
+    `fold`): steps whose rows all use one adapter at scale 1, and mixed steps of at most `fold` row selections
+    that fold, reuse them while the next steps run the same adapters.
     """
 
     kind = "image"
@@ -110,7 +111,7 @@ class ImageBackend:
         if not new:
             return
         try:
-            conds = steps.encode(self.loaded, new)
+            conds = steps.encode(self.loaded, new, self.fold)
             self._rows.extend(start_row(self.loaded, job, cond) for job, cond in zip(new, conds))
         except Exception as exc:  # a failure here fails only the joiners
             fail_jobs(new, exc)

@@ -54,8 +54,9 @@ class Family(ABC):
         return None
 
     @abstractmethod
-    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
-        """Every prompt of `jobs` encoded in one batch per text encoder, each job under its own adapters."""
+    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
+        """Every prompt of `jobs` encoded in one batch per text encoder, each job under its own adapters
+        (`fold`: `lokr.adapter_batch`'s, the same as the denoiser's, which would otherwise drop its kept folds)."""
 
     @abstractmethod
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
@@ -111,7 +112,7 @@ class StableDiffusion(Family):
     def _needs_cfg(self, loaded: LoadedPipeline, guidance_scale: float) -> bool:
         return guidance_scale > 1.0 and self.uses_cfg(loaded.pipe)
 
-    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
+    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
         """A negative prompt of None is "" (SD) or, where the SDXL pipeline zeroes empty prompts, zeros."""
         texts: list[str] = []
         specs: list[RowSpec] = []
@@ -128,7 +129,7 @@ class StableDiffusion(Family):
                 texts.append(job.spec.negative_prompt or "")
                 specs.append(job.selection)
             plan.append((p, neg))
-        with lokr.adapter_batch(loaded.container, specs):
+        with lokr.adapter_batch(loaded.container, specs, fold=fold):
             out = loaded.pipe.encode_prompt(texts, device=loaded.device, num_images_per_prompt=1,
                                             do_classifier_free_guidance=False)  # fmt: skip
         embeds: Tensor = out[0]

@@ -49,7 +49,7 @@ class Flux(Family):
                 code="invalid_request",
             )
 
-    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
+    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
         """T5 embeddings `(1, L, D)` (L = the pipeline's max_sequence_length, 512) and CLIP pooled `(1, P)`; with
         true CFG, the negative prompt's too, under the same adapters."""
         image_specs = [job.spec for job in jobs if job.spec is not None]
@@ -63,7 +63,7 @@ class Flux(Family):
             negatives.append(len(texts))
             texts.append(spec.negative_prompt or "")
             specs.append(job.selection)
-        with lokr.adapter_batch(loaded.container, specs):
+        with lokr.adapter_batch(loaded.container, specs, fold=fold):
             embeds, pooled, _ = loaded.pipe.encode_prompt(texts, device=loaded.device, num_images_per_prompt=1)
         out = []
         for i, n in enumerate(negatives):

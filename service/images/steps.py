@@ -23,9 +23,10 @@ __all__ = ["by_selection", "decode", "denoise", "encode"]
 
 
 @torch.inference_mode()
-def encode(loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> list[Conditioning]:
-    """Encode every prompt (and negative prompt) of `jobs` in one batch per text encoder."""
-    return loaded.ops.encode(loaded, jobs)
+def encode(loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
+    """Encode every prompt (and negative prompt) of `jobs` in one batch per text encoder (`fold`: as `denoise`'s;
+    a block with a smaller one drops the folded weights every layer of the pipeline keeps beyond it)."""
+    return loaded.ops.encode(loaded, jobs, fold)
 
 
 def by_selection(rows: Sequence[Row]) -> list[Row]:
@@ -49,7 +50,8 @@ def denoise(loaded: LoadedPipeline, rows: Sequence[Row], fold: int = 0) -> None:
     """One denoiser forward over `rows` (same size and text length), then each row's own scheduler step;
     advances `index`.
 
-    `fold`: `lokr.adapter_batch`'s folded weights kept per layer (for steps whose rows use one adapter)."""
+    `fold`: `lokr.adapter_batch`'s folded weight copies kept per layer (one-adapter steps, and mixed steps of at
+    most `fold` row selections that fold), reused by the next steps with the same adapters."""
     family = loaded.ops
     rows = by_selection(rows)
     batch = family.batch(loaded, rows)

@@ -187,5 +187,35 @@ def test_one_adapter_steps_run_on_kept_folded_weights(
     )
     reference = peft_reference_pipe(sd_dir, seed=5)
     torch.testing.assert_close(run.latents[alone.id], reference_latents(reference, s.prompt, s.seed), **TOL)
+    stored = [layer._folds._entries["p"].tensor for layer in layers if layer._folds.nbytes]
+    (again,) = run([(spec(PROMPTS[0], 12), "p")])  # a new request: its prompt's encoding keeps the denoiser's folds
+    kept = [layer._folds._entries["p"].tensor for layer in layers if layer._folds.nbytes]
+    assert len(kept) == len(stored) and all(a is b for a, b in zip(kept, stored, strict=True))
     mixed, _ = run([(s, "p"), (s, "q")])
     torch.testing.assert_close(run.latents[mixed.id], run.latents[alone.id], **TOL)
+
+
+def test_mixed_steps_reuse_kept_folds_and_stay_exact(
+    sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `fold` >= the selections a step mixes, the folded weights of a step's selections are kept and the next
+    steps with the same selections reuse them; images that join and leave change the selections, and every image
+    still equals its one-at-a-time run without kept folds."""
+    loaded = load(sd_dir)
+    for name, seed in (("p", 5), ("q", 6)):
+        lokr.load_adapter(loaded.container, peft_unet_adapter(sd_dir, tmp_path / name, seed=seed), name)
+    monkeypatch.setattr(lokr.merged, "ELEMENT_COST", 0)  # every adapted layer folds
+    builds: list[int] = []
+    real = lokr.merged._fold_all
+    monkeypatch.setattr(lokr.merged, "_fold_all", lambda *a: builds.append(1) or real(*a))
+    items = [(spec(PROMPTS[0], 1, steps_=4), "p"), (spec(PROMPTS[1], 2, steps_=4), "q"), (spec(PROMPTS[2], 3), "p")]
+    kept = Run(loaded, monkeypatch, fold=3)
+    together = kept(items, joins=[0, 0, 2])  # 5 steps: p+q, p+q, p+q+p, p+q+p (p's rows: one selection), p
+    layers = [layer for _, layer in iter_lokr_layers(loaded.pipe.unet) if lokr.merged.eligible(layer.base_layer)]
+    assert len(builds) == len(layers)  # each layer folded (p, q) once, not once per step
+    copies = 3  # (p, q) stacked, and p alone on the last step
+    assert all(layer._folds.nbytes == copies * layer.weight.numel() * 4 for layer in layers)
+    single = Run(loaded, monkeypatch)
+    for job, item in zip(together, items):
+        (alone,) = single([item])
+        torch.testing.assert_close(kept.latents[job.id], single.latents[alone.id], **TOL)
