@@ -80,8 +80,12 @@ class RowPlan:
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec], tokens: bool = False, fold: int = 0) -> RowPlan:
         groups: dict[str, RowGroup] = {}
+        normalised: dict[int, tuple[RowSpec, list[tuple[str, float]]]] = {}  # by id: callers repeat one spec per row
         for i, spec in enumerate(rows):
-            for name, scale in _normalise(spec):
+            seen = normalised.get(id(spec))
+            if seen is None or seen[0] is not spec:
+                seen = normalised[id(spec)] = (spec, _normalise(spec))
+            for name, scale in seen[1]:
                 group = groups.setdefault(name, RowGroup(name))
                 group.rows.append(i)
                 group.scales.append(scale)

@@ -1,7 +1,5 @@
-"""LoKr wrapper for `nn.Linear`, `nn.Conv1d` and `nn.Conv2d`: adapter slots, selection, merge.
-
-One class serves all three layer types; the differences live in `LayerSpec` and `functional`.
-"""
+"""LoKr wrapper for `nn.Linear`, `nn.Conv1d` and `nn.Conv2d` (one class; the differences live in `LayerSpec` and
+`functional`): adapter slots, selection, merge."""
 
 from __future__ import annotations
 
@@ -316,24 +314,27 @@ class LoKrLayer(nn.Module):
         return not self.training and not torch.is_grad_enabled()
 
     def prepare_rows(self, plan: RowPlan) -> None:
-        """Record what this layer's forward runs for `plan` (called as an `adapter_batch` opens: one tight
-        loop over the layers instead of work in every layer's forward)."""
+        """Record what this layer's forward runs for `plan` (as an `adapter_batch` opens, in one loop)."""
         if self._inference():
             self._prepare(plan)
 
     def _prepare(self, plan: RowPlan) -> Prepared:
-        """What this layer's inference forward needs for `plan`: the adapters present, whether the base op can
-        take a folded weight (the merge plan itself is built only when folding may win), and on Linear layers
-        the `(bank, data, rows, slots)` of each bank holding an adapter of `plan`."""
+        """What this layer's inference forward needs for `plan`: the kept folded weight of its one adapter; else
+        whether the base op can take a folded weight (the merge plan is built only when folding may win), and on
+        Linear layers the `(bank, data, rows, slots)` of each bank holding an adapter of `plan`."""
         present = [name for name in plan.groups if name in self._held]
         placed = self._banks.place(present)
-        foldable = eligible(self.base_layer) and all(bank.dtype == self.weight.dtype for bank, *_ in placed)
-        factored = placed_cost(placed, self.spec, plan)
+        weight = self.weight
+        foldable = eligible(self.base_layer) and all(bank.dtype == weight.dtype for bank, *_ in placed)
+        hot = self._folds.hot(plan, present, placed, self.spec, weight) if foldable else None
+        if hot is not None:  # plain calls run on it; any other (extra arguments, a cast) takes the per-adapter path
+            prepared = plan.prepared[id(self)] = Prepared(present, False, 0, None, hot, placed)
+            return prepared
         passes = None
         if self.spec.kind == "linear":
             passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
-        hot = self._folds.hot(plan, present, placed, self.spec, self.weight) if foldable else None
-        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes, hot, placed)
+        factored = placed_cost(placed, self.spec, plan)
+        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes, None, placed)
         return prepared
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:
