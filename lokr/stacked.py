@@ -6,10 +6,9 @@ adapter's parameters are views of that row: in-place edits, `load_state_dict`, o
 saves read and write the bank itself, so nothing needs to be kept in sync. A mixed-adapter step gathers the
 factors of all its entries with one `index_select` and runs them through batched matmuls.
 
-Banks keep at most ~3% spare slots (`SLACK`); a bank that grows or shrinks gets a new tensor, and every
-member's parameters are re-pointed at it (`p.data = view`, so parameter objects, and optimisers holding
-them, stay valid). A forward holds the tensor it started with, so a concurrent resize cannot free it.
-"""
+Banks keep at most ~3% spare slots (`SLACK`); a bank that grows or shrinks gets a new tensor, and every member's
+parameters are re-pointed at it (`p.data = view`: parameter objects, and optimisers holding them, stay valid).
+A forward holds the tensor it started with, so a concurrent resize cannot free it."""
 
 from __future__ import annotations
 
@@ -30,6 +29,7 @@ __all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "
 
 SLACK = 32  # a bank keeps at most max(1, capacity // SLACK) spare slots beyond its members
 FOLD_CACHE = 8  # adapter sets whose kron operands a bank keeps between steps (`fold_operands`)
+PLACED_KEPT = 8  # adapter sets whose `LayerBanks.place` answer a layer keeps between steps
 
 KronOperands = tuple[Tensor, Tensor, tuple[int, ...]]  # (a, b, shape): dW[e] = (a[e] * b[e]).reshape(weight)
 # For a forward: each bank, its `data` at that moment and the `(name, slot)` pairs it holds.
@@ -309,16 +309,11 @@ class LayerBanks:
     def __init__(self) -> None:
         self._banks: dict[tuple[object, ...], FactorBank] = {}
         self._where: dict[str, FactorBank] = {}
+        self._placed: dict[tuple[str, ...], PlaceResult] = {}  # recent `place` answers, until anything moves
         self._lock = threading.RLock()
 
-    def __deepcopy__(self, memo: dict[int, object]) -> LayerBanks:
-        return LayerBanks()  # the copy's layer re-homes its own (copied) adapters
-
-    def __getstate__(self) -> dict[str, object]:
-        return {}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__()  # type: ignore[misc]
+    def __reduce__(self) -> tuple[type[LayerBanks], tuple[()]]:
+        return LayerBanks, ()  # copies and unpickled ones start empty: their layer re-homes its (copied) adapters
 
     @property
     def nbytes(self) -> int:
@@ -331,6 +326,7 @@ class LayerBanks:
         """Home `adapter` as `name` (an adapter already there under that name leaves first)."""
         with self._lock, _writable():
             self._remove(name)
+            self._placed = {}
             key = _signature(adapter)
             bank = self._banks.get(key)
             if bank is None:
@@ -348,6 +344,7 @@ class LayerBanks:
         bank = self._where.pop(name, None)
         if bank is None:
             return
+        self._placed = {}
         adapter = bank.members[name]
         bank.remove(name)
         adapter._set_home(None)
@@ -370,18 +367,24 @@ class LayerBanks:
             self._where[name].set_scale(name, scale)
 
     def place(self, names: list[str]) -> PlaceResult:
-        """Banks holding `names` now, with their data and each one's `(name, slot)` pairs (name order)."""
+        """Banks holding `names` now, with their data and each one's `(name, slot)` pairs (name order); kept for
+        the next steps with the same names until an adapter comes, goes or moves."""
+        key = tuple(names)
         with self._lock:
-            placed: dict[int, tuple[FactorBank, list[tuple[str, int]]]] = {}
-            for name in names:
-                bank = self._where[name]
-                placed.setdefault(id(bank), (bank, []))[1].append((name, bank.slots[name]))
-            return [(bank, bank.data, tuple(pairs)) for bank, pairs in placed.values()]
+            if (result := self._placed.get(key)) is None:
+                placed: dict[int, tuple[FactorBank, list[tuple[str, int]]]] = {}
+                for name in names:
+                    bank = self._where[name]
+                    placed.setdefault(id(bank), (bank, []))[1].append((name, bank.slots[name]))
+                result = [(bank, bank.data, tuple(pairs)) for bank, pairs in placed.values()]
+                self._placed = {} if len(self._placed) >= PLACED_KEPT else self._placed
+                self._placed[key] = result
+            return result
 
     def apply_(self, fn: Callable[[Tensor], Tensor]) -> None:
         """A module `_apply` (`.to()`, `.half()`...): every bank's data through `fn`, members re-pointed."""
         with self._lock, _writable():
-            banks, self._banks = list(self._banks.values()), {}
+            banks, self._banks, self._placed = list(self._banks.values()), {}, {}
             for bank in banks:
                 bank.apply_(fn)
                 key = (bank.layout, bank.dtype, bank.device)

@@ -286,3 +286,38 @@ def test_detached_adapters_keep_their_values_and_lose_the_bank() -> None:
     twin = copy.deepcopy(model[0].lokr_adapters["a1"])  # a copy of an attached adapter is not attached
     model[0].add_adapter("a0", twin)
     _check(model, ["a0", "a1"])
+
+
+def test_placement_is_kept_until_an_adapter_comes_goes_or_moves() -> None:
+    """`LayerBanks.place` answers a repeated adapter set from memory, and never with a bank tensor that has gone."""
+    model = _net(2, r=2)
+    layer = model[0]
+    banks = layer._banks
+    first = banks.place(["a0", "a1"])
+    assert banks.place(["a0", "a1"]) is first
+
+    def current() -> list[tuple[object, torch.Tensor, object]]:
+        placed = banks.place(["a0", "a1"])
+        for bank, data, pairs in placed:
+            assert data is bank.data and all(bank.slots[n] == s for n, s in pairs)  # type: ignore[attr-defined]
+        return placed
+
+    for i in range(2, 6):  # the bank grows: new data tensors
+        lokr.inject(model, lokr.LoKrConfig(target_modules=["0"], init_weights=False, r=2), f"a{i}")
+    after_growth = current()
+    assert after_growth is not first
+    lokr.delete_adapter(model, "a3")
+    assert current() is not after_growth
+    model.double()
+    assert all(data.dtype == torch.float64 for _, data, _ in current())
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    with torch.inference_mode(), lokr.adapter_batch(model, ["a0", "a1", "a0"]):
+        got = model(x)
+    with torch.no_grad():
+        want = torch.stack(
+            [
+                layer.base_layer(x[i]) + F.linear(x[i], layer.get_delta_weight(n))
+                for i, n in enumerate(["a0", "a1", "a0"])
+            ]
+        )
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
