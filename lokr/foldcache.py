@@ -6,6 +6,7 @@ requests keep their adapters for every step) then runs its ops on weights folded
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -49,13 +50,14 @@ class FoldCache:
 
     Entries: an adapter run alone over a whole batch at scale 1 (key: its name, one copy), and the stacked
     weights `(S, *weight.shape)` of a mixed step's `S` row selections (key: their terms, `S` copies). An entry whose
-    stamp (`stamp`) no longer matches is folded again."""
+    stamp (`stamp`) no longer matches is folded again. Thread-safe (per-row batches may run from several threads)."""
 
     def __init__(self) -> None:
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._lock = threading.RLock()
 
-    def __deepcopy__(self, memo: dict[int, object]) -> FoldCache:
-        return FoldCache()
+    def __reduce__(self) -> tuple[type[FoldCache], tuple[()]]:
+        return FoldCache, ()  # copies and unpickled layers start with nothing folded
 
     def get(
         self,
@@ -67,16 +69,17 @@ class FoldCache:
         names: frozenset[str],
     ) -> Tensor:
         """The entry `key` if it was made from `made_from`, else `build()`, kept when `copies` fit `capacity`."""
-        hit = self._entries.get(key)
-        if hit is not None and made_from is not None and hit.stamp == made_from:
-            self._entries.move_to_end(key)
-            return hit.tensor
-        tensor = build()
-        self._entries.pop(key, None)
-        if made_from is not None and copies <= capacity:
-            self._entries[key] = _Entry(made_from, tensor, copies, names)
-            self.trim(capacity)
-        return tensor
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and made_from is not None and hit.stamp == made_from:
+                self._entries.move_to_end(key)
+                return hit.tensor
+            tensor = build()
+            self._entries.pop(key, None)
+            if made_from is not None and copies <= capacity:
+                self._entries[key] = _Entry(made_from, tensor, copies, names)
+                self.trim(capacity)
+            return tensor
 
     def weight(self, name: str, placed: Any, spec: LayerSpec, weight: Tensor, capacity: int) -> Tensor:
         """`W + kron(w1, w2) * scale` of `name` (`placed`: its bank, the bank's data and its `((name, slot),)`)."""
@@ -102,19 +105,19 @@ class FoldCache:
 
     def trim(self, capacity: int) -> None:
         """Forget the least recently used entries until at most `capacity` weight copies are held."""
-        held = sum(entry.copies for entry in self._entries.values())
-        while held > capacity:
-            _, entry = self._entries.popitem(last=False)
-            held -= entry.copies
+        with self._lock:
+            held = sum(entry.copies for entry in self._entries.values())
+            while held > capacity:
+                _, entry = self._entries.popitem(last=False)
+                held -= entry.copies
 
     def drop(self, name: str | None = None) -> None:
         """Forget every entry that folds `name` in (every entry with None)."""
-        if name is None:
-            self._entries.clear()
-            return
-        for key in [key for key, entry in self._entries.items() if name in entry.names]:
-            del self._entries[key]
+        with self._lock:
+            for key in [key for key, entry in self._entries.items() if name is None or name in entry.names]:
+                del self._entries[key]
 
     @property
     def nbytes(self) -> int:
-        return sum(e.tensor.numel() * e.tensor.element_size() for e in self._entries.values())
+        with self._lock:
+            return sum(e.tensor.numel() * e.tensor.element_size() for e in self._entries.values())

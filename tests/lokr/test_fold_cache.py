@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import threading
 
 import pytest
 import torch
@@ -182,3 +183,28 @@ def test_adapter_batch_walks_the_module_tree_only_after_lokr_rewraps(monkeypatch
     lokr.inject(model, lokr.LoKrConfig(target_modules=["3"], init_weights=False, r=2), "c")
     assert len(lokr.lokr_layers(model)) == 3  # the new wrapper is seen
     _run(model, ["a", "c"], x, fold=0)
+
+
+def test_threads_sharing_kept_folds_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-row batches from several threads share each layer's kept folds (one-adapter and mixed entries evicting
+    each other at capacity 3) and every result equals its single-threaded answer."""
+    model = _conv_net(monkeypatch)
+    x = torch.randn(6, 8, 9, 9)
+    cases = [MIXED["stacked"], MIXED["gathered"], ["a"] * 6, ["b"] * 6, [[("c", 0.5)]] * 6]
+    want = [_run(model, rows, x, fold=0) for rows in cases]
+    failures: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            for step in range(30):
+                k = (seed + step * (seed + 1)) % len(cases)
+                torch.testing.assert_close(_run(model, cases[k], x, fold=3), want[k], rtol=1e-6, atol=1e-6)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
