@@ -80,13 +80,13 @@ class RowPlan:
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec], tokens: bool = False, fold: int = 0) -> RowPlan:
         groups: dict[str, RowGroup] = {}
-        normalised: dict[int, tuple[RowSpec, list[tuple[str, float]]]] = {}  # by id: callers repeat one spec per row
+        resolved: dict[object, list[tuple[RowGroup, float]]] = {}  # rows repeat specs (a packed step: one per token)
         for i, spec in enumerate(rows):
-            seen = normalised.get(id(spec))
-            if seen is None or seen[0] is not spec:
-                seen = normalised[id(spec)] = (spec, _normalise(spec))
-            for name, scale in seen[1]:
-                group = groups.setdefault(name, RowGroup(name))
+            key = spec if spec is None or isinstance(spec, str) else id(spec)  # every row's spec is alive: ids differ
+            terms = resolved.get(key)
+            if terms is None:
+                terms = resolved[key] = [(groups.setdefault(n, RowGroup(n)), s) for n, s in _normalise(spec)]
+            for group, scale in terms:
                 group.rows.append(i)
                 group.scales.append(scale)
         groups = dict(sorted(groups.items()))  # stable order: the same adapters give the same bank-entry cache key
