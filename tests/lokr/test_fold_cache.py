@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import threading
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lokr
+
+from .threads import run_in_threads
 
 
 def _net() -> nn.Sequential:
@@ -192,19 +193,10 @@ def test_threads_sharing_kept_folds_stay_exact(monkeypatch: pytest.MonkeyPatch) 
     x = torch.randn(6, 8, 9, 9)
     cases = [MIXED["stacked"], MIXED["gathered"], ["a"] * 6, ["b"] * 6, [[("c", 0.5)]] * 6]
     want = [_run(model, rows, x, fold=0) for rows in cases]
-    failures: list[BaseException] = []
 
-    def worker(seed: int) -> None:
-        try:
-            for step in range(30):
-                k = (seed + step * (seed + 1)) % len(cases)
-                torch.testing.assert_close(_run(model, cases[k], x, fold=3), want[k], rtol=1e-6, atol=1e-6)
-        except BaseException as exc:
-            failures.append(exc)
+    def check(seed: int) -> None:
+        for step in range(30):
+            k = (seed + step * (seed + 1)) % len(cases)
+            torch.testing.assert_close(_run(model, cases[k], x, fold=3), want[k], rtol=1e-6, atol=1e-6)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures[0]
+    run_in_threads(check)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ from torch import nn
 
 import lokr
 from lokr.inject import iter_lokr_layers
+
+from .threads import run_in_threads
 
 CONFIGS = {
     "lowrank-w2": {"r": 2},
@@ -181,23 +182,14 @@ def test_a_deep_copy_has_its_own_banks() -> None:
 def test_concurrent_mixed_batches_from_threads_are_exact() -> None:
     model = _net(12, r=2)
     names = [f"a{i}" for i in range(12)]
-    failures: list[BaseException] = []
 
-    def worker(seed: int) -> None:
-        try:
-            g = torch.Generator().manual_seed(seed)
-            for _ in range(20):
-                pick = torch.randint(0, 12, (6,), generator=g).tolist()
-                _check(model, [names[i] for i in pick], mode="inference")
-        except BaseException as exc:
-            failures.append(exc)
+    def check(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(20):
+            pick = torch.randint(0, 12, (6,), generator=g).tolist()
+            _check(model, [names[i] for i in pick], mode="inference")
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures[0]
+    run_in_threads(check)
 
 
 def _bank_bytes(model: nn.Module) -> int:
