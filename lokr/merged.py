@@ -99,7 +99,7 @@ class Prepared:
         if self._merge is None:
             if not may_fold(len(self.present), self.factored, x, spec, weight):
                 return None
-            self._merge = plan_merge(plan, self.present, banks, spec, weight.device, self.placed)
+            self._merge = plan_merge(plan, self.present, banks, spec, weight.device, self.placed, self.factored)
         return self._merge
 
 
@@ -118,16 +118,18 @@ def plan_merge(
     spec: LayerSpec,
     device: torch.device,
     placed: PlaceResult | None = None,
+    factored: int | None = None,
 ) -> MergePlan:
     """Group the rows by the adapters of `present` they use (name order) and find those adapters' slots (`placed`:
-    `banks.place(present)` when the caller has it)."""
+    `banks.place(present)`, `factored`: `placed_cost` of it with `plan`, when the caller has them)."""
     key = ("selections", tuple(present), device)
     selections = plan.shared.get(key)
     if selections is None:  # the layers holding the same adapters share one grouping per plan
         selections = plan.shared[key] = _selections(plan, present, device)
     placed = banks.place(present) if placed is None else placed
     folds = sum(len(s.terms) for s in selections)
-    return MergePlan(selections, _gathers(placed), folds, placed_cost(placed, spec, plan))
+    factored = placed_cost(placed, spec, plan) if factored is None else factored
+    return MergePlan(selections, _gathers(placed), folds, factored)
 
 
 def _selections(plan: RowPlan, present: list[str], device: torch.device) -> tuple[Selection, ...]:
