@@ -62,9 +62,11 @@ def create_app(
             await run_in_threadpool(run_in_scratch_thread, _start, components, model)
         if on_ready is not None:
             on_ready()
+        components.metrics.gc_pauses.install()
         try:
             yield
         finally:
+            components.metrics.gc_pauses.remove()
             engine = components.engine
             if engine is not None:
                 await run_in_threadpool(engine.drain, settings.shutdown_grace_s)

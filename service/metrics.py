@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from .heap import GcPauses
 
 __all__ = ["Metrics"]
 
@@ -47,6 +57,9 @@ class Metrics:
         )
         self.adapter_loads = Counter("lokr_adapter_loads", "Adapter loads by result", ["result"], registry=r)
         self.adapter_unloads = Counter("lokr_adapter_unloads", "Adapter unloads", registry=r)
+        self.gc_pauses = GcPauses(r)  # counted while the app runs (its lifespan installs the callback)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
+        PlatformCollector(registry=r)  # python_info
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,7 @@ import uvicorn
 
 from .app import create_app, load_model, start_components
 from .backend import resolve_device
+from .heap import freeze_startup_heap
 from .scratch import run_in_scratch_thread
 from .security import describe_admin_access
 from .settings import Settings
@@ -52,6 +53,7 @@ def serve(settings: Settings, sock: socket.socket, on_ready: Callable[[], None] 
 
     app = create_app(settings, loaded, on_ready=ready)
     run_in_scratch_thread(start_components, app)  # `--adapter` preloads read files and attach
+    freeze_startup_heap()  # the model and libraries live until exit: later full collections skip them
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
     server = _Server(config)
 
