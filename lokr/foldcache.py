@@ -33,15 +33,14 @@ class _Entry:
 
 
 def stamp(gathers: tuple[Gather, ...], weight: Tensor) -> tuple[Any, ...] | None:
-    """What folded weights of these adapters were made from: each bank's storage, version and slots, the adapters'
-    parameter versions (in-place edits through them), the base weight's storage and version, and whether inference
-    mode is on. None when an adapter has left its bank since (nothing is kept then)."""
+    """What folded weights of these adapters were made from: the base weight's storage and version, inference mode,
+    and each bank's `FactorBank.stamp` of the adapters. None when an adapter has left its bank (nothing is kept)."""
     parts: list[Any] = [weight.data_ptr(), weight._version, torch.is_inference_mode_enabled()]
     for bank, data, slots, names in gathers:
-        versions = bank.member_versions(names)
-        if versions is None:
+        made_from = bank.stamp(data, slots, names)
+        if made_from is None:
             return None
-        parts.append((id(bank), data.data_ptr(), data._version, slots, versions))
+        parts.append(made_from)
     return tuple(parts)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import FACTOR_NAMES, Factors, LayerSpec, LinearOrder, factored_cost, kron_rows, linear_order
+from .stamp import Same, Stamp
 
 __all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "slot_nbytes"]
 
@@ -139,10 +140,8 @@ class FactorBank:
         self.members: dict[str, BankedAdapter] = {}
         self._free: list[int] = []  # popped from the end: lowest slot first
         self._cost: dict[LayerSpec, int] = {}
-        # kron operands of the last few adapter sets folded (with their parameters' versions), valid while
-        # `_folds_of` = (data, its version, inference mode) holds
-        self._folds: dict[tuple[LayerSpec, tuple[int, ...]], tuple[tuple[int, ...], KronOperands]] = {}
-        self._folds_of: tuple[Tensor, int, bool] | None = None
+        # kron operands of the last few adapter sets folded, each with the `stamp` it was made from
+        self._folds: dict[tuple[LayerSpec, tuple[int, ...]], tuple[Stamp, KronOperands]] = {}
 
     @property
     def capacity(self) -> int:
@@ -196,7 +195,7 @@ class FactorBank:
         """`fn` (a module `_apply` function: `.to()`, `.half()`...) on the data; members follow."""
         self.data = fn(self.data)
         self.dtype, self.device = self.data.dtype, self.data.device
-        self._folds, self._folds_of = {}, None
+        self._folds = {}
         for name in self.members:
             self._bind(name)
 
@@ -212,7 +211,7 @@ class FactorBank:
         if order:
             index = torch.tensor([self.slots[n] for n in order], dtype=torch.long, device=self.device)
             data[: len(order)] = self.data.index_select(0, index)
-        self.data, self._folds, self._folds_of = data, {}, None
+        self.data, self._folds = data, {}
         self.slots = {name: i for i, name in enumerate(order)}
         self._free = list(range(capacity - 1, len(order) - 1, -1))
         for name in order:
@@ -265,24 +264,28 @@ class FactorBank:
     def fold_operands(
         self, slots: tuple[int, ...], names: tuple[str, ...], spec: LayerSpec, data: Tensor
     ) -> KronOperands:
-        """`kron_operands` of the entries at `slots` (adapters `names`), kept from step to step while nothing they
-        read changed: the same `data` tensor at the same version (rows, scales, resizes, moves) and the same
-        version of each member's parameters (in-place edits through them), so a steady selection is not rebuilt."""
-        stamp = (data._version, torch.is_inference_mode_enabled())
-        if self._folds_of is None or self._folds_of[0] is not data or self._folds_of[1:] != stamp:
-            self._folds, self._folds_of = {}, (data, *stamp)
-        versions = self.member_versions(names)
+        """`kron_operands` of the entries at `slots` (adapters `names`), kept from step to step while their `stamp`
+        holds, so a steady selection is not rebuilt."""
+        made_from = self.stamp(data, slots, names)
         key = (spec, slots)
         cached = self._folds.get(key)
-        if cached is not None and versions is not None and cached[0] == versions:
+        if cached is not None and made_from is not None and cached[0] == made_from:
             return cached[1]
         index = torch.tensor(slots, dtype=torch.long, device=data.device)
         operands = self.kron_operands(Slots(0, index), spec, data)
-        if versions is not None:
+        if made_from is not None:
             if len(self._folds) >= FOLD_CACHE:
                 self._folds.clear()
-            self._folds[key] = (versions, operands)
+            self._folds[key] = (made_from, operands)
         return operands
+
+    def stamp(self, data: Tensor, slots: tuple[int, ...], names: tuple[str, ...]) -> Stamp | None:
+        """What a result from `names` at `slots` of `data` was made from: that very tensor (held: its memory is not
+        reused) at its version, the slots, the members' parameter versions, inference mode. None: a name left."""
+        versions = self.member_versions(names)
+        if versions is None:
+            return None
+        return (Same(data), data._version, slots, versions, torch.is_inference_mode_enabled())
 
     def member_versions(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
         """The version counters of `names`' parameters; None when one has left the bank since (no caching)."""
