@@ -24,6 +24,9 @@ Scenarios (`--scenarios`, names `KIND-N` with N distinct adapters, N = 0 means t
   hf-0      `transformers serve <model dir> --continuous-batching`, the same load generator (text prompts)
   itl-N     batch-N plus one `--long-prompt`-token prompt sent `--long-after` s into the run; reports the
             per-token p99 of the other rows while it prefills over the run's p50 (see bench/serve_kinds.py)
+  hotload-N batch-N while `--hotload` more adapters load through the admin API (4 at a time) from `--long-after`
+            s into the run (requests keep naming the N); reports the per-token p99 during the loads over the
+            run's p50, and the loads per second
 
 Load generator: `--concurrency` clients (httpx.AsyncClient, streaming `/v1/completions`, temperature 0) each
 send requests back to back until `--requests` (per scenario) have been sent or `--duration` / `--time-cap`
@@ -84,9 +87,10 @@ FULL_SCENARIOS = (
     "single-16",
     "peft-16",
     "itl-16",
+    "hotload-16",
 )
-QUICK_SCENARIOS = ("limit-0", "batch-0", "hf-0", "batch-1", "batch-16", "single-16", "peft-16", "itl-1")
-KINDS = ("batch", "single", "peft", "limit", "hf", "itl")
+QUICK_SCENARIOS = ("limit-0", "batch-0", "hf-0", "batch-1", "batch-16", "single-16", "peft-16", "itl-1", "hotload-1")
+KINDS = ("batch", "single", "peft", "limit", "hf", "itl", "hotload")
 # (name, numerator scenario, denominator scenario, target, what it compares)
 RATIOS = (
     ("1 adapter / limit", "batch-1", "limit-0", 0.85, "server, 1 adapter vs in-process static-batch generate"),
@@ -691,6 +695,8 @@ def run_scenario(
     info.update(summarize(run, args.max_tokens))
     if "long_sent" in info:
         info.update(itl_during(run, info.pop("long_sent"), info.pop("long_first")))
+    if "hot_start" in info:
+        info.update(itl_during(run, info.pop("hot_start"), info.pop("hot_end")))
     info["load_after"] = os.getloadavg()[0]
     info["texts"] = {r.index: r.text for r in run.results if r.error is None}
     return info
@@ -727,6 +733,9 @@ def _run_server(
         deadline = args.duration or args.time_cap
         if sc.kind == "itl":
             run = asyncio.run(_with_long_prompt(server.url, requests, names, args, info))
+        elif sc.kind == "hotload":
+            extra = dirs[sc.n : sc.n + args.hotload]
+            run = asyncio.run(_with_hot_loads(server.url, requests, names, extra, args, info))
         else:
             run = asyncio.run(
                 run_load(server.url, requests, names, max_tokens=args.max_tokens, deadline_s=deadline, **load)
@@ -766,6 +775,37 @@ async def _with_long_prompt(
     run, error = await asyncio.gather(load, probe)
     info["long_error"] = error
     info["long_prompt_tokens"] = args.long_prompt
+    return run
+
+
+async def _with_hot_loads(
+    url: str,
+    requests: Sequence[Request],
+    names: list[str],
+    extra: Sequence[Path],
+    args: argparse.Namespace,
+    info: dict[str, Any],
+) -> Run:
+    """The usual closed loop, and `extra` adapters loaded through the admin API `--long-after` seconds into it."""
+
+    async def hot_loads() -> None:
+        await asyncio.sleep(args.long_after)
+        start = time.perf_counter()
+        await load_adapters(url, [d.name for d in extra], extra)
+        end = time.perf_counter()
+        info.update(
+            hot_start=start, hot_end=end, hotload_n=len(extra), hotload_per_s=round(len(extra) / (end - start), 1)
+        )
+
+    load = run_load(
+        url,
+        requests,
+        names,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        deadline_s=args.duration or args.time_cap,
+    )
+    run, _ = await asyncio.gather(load, hot_loads())
     return run
 
 
@@ -859,6 +899,8 @@ def ratio_rows(by_name: dict[str, dict[str, Any]]) -> list[list[Any]]:
             rows.append([label, f"{num} / {den}", value, paired, f">= {target:g}", met, what])
     for name, r in by_name.items():
         value = r.get("itl_p99_during_over_p50")
+        if r["kind"] == "hotload":
+            rows.append(_hot_load_row(name, r))
         if r["kind"] != "itl":
             continue
         what = f"per-token p99 while a {r['long_prompt_tokens']}-token prompt prefills / p50 of the run"
@@ -869,6 +911,13 @@ def ratio_rows(by_name: dict[str, dict[str, Any]]) -> list[list[Any]]:
         else:
             rows.append(["long prompt p99 / p50", name, value, "", "<= 3", "yes" if value <= 3 else "**NO**", what])
     return rows
+
+
+def _hot_load_row(name: str, r: dict[str, Any]) -> list[Any]:
+    """Informational (no target): the other rows' per-token p99 while adapters load / the run's p50."""
+    what = f"per-token p99 while {r['hotload_n']} adapters load ({r['hotload_per_s']:g}/s) / p50 of the run"
+    value = r.get("itl_p99_during_over_p50")
+    return ["hot-load p99 / p50", name, "n/a" if value is None else value, "", "", "(no target)", what]
 
 
 def _paired(num: dict[str, Any], den: dict[str, Any]) -> float | str:
@@ -1016,6 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32, help="server --max-batch-size for batch-N")
     parser.add_argument("--long-prompt", type=int, default=None, help="itl-N: long prompt tokens (default 2000)")
     parser.add_argument("--long-after", type=float, default=None, help="itl-N: send it after s (default 3)")
+    parser.add_argument("--hotload", type=int, default=None, help="hotload-N: adapters loaded mid-run (default 200)")
     parser.add_argument("--peft-max-loaded", type=int, default=32, help="adapters held by PEFT at once (LRU)")
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra server flag, e.g. --server-arg=--log-level=warning"
@@ -1045,6 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_tokens = args.max_tokens or (8 if quick else 32)
     args.long_prompt = args.long_prompt or (300 if quick else 2000)
     args.long_after = args.long_after if args.long_after is not None else (1.0 if quick else 3.0)
+    args.hotload = args.hotload or (8 if quick else 200)
     try:
         scenarios = [Scenario.parse(s) for s in (args.scenarios or (QUICK_SCENARIOS if quick else FULL_SCENARIOS))]
     except ValueError as exc:
@@ -1061,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_model(work, spec)
     model_s = time.perf_counter() - t0
     adapter_spec = AdapterSpec(seed=args.seed)
-    n_max = max([sc.n for sc in scenarios] + [16])
+    n_max = max([sc.n + (args.hotload if sc.kind == "hotload" else 0) for sc in scenarios] + [16])
     t0 = time.perf_counter()
     adapter_root, dirs, adapter_bytes = ensure_adapters(work, spec, adapter_spec, n_max)
     adapters_s = time.perf_counter() - t0
@@ -1114,6 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.time_cap:g} s (time cap)",
         "server --max-batch-size (batch-N, itl-N, hf-0 / single-N)": f"{args.max_batch_size} / 1",
         "itl-N long prompt": f"{args.long_prompt} tokens, sent {args.long_after:g} s into the measured phase",
+        "hotload-N": f"{args.hotload} more adapters loaded through `POST /v1/adapters` (4 at a time) from "
+        f"{args.long_after:g} s into the measured phase; requests keep naming the N",
         "limit-0": f"in-process `generate`, static batches of {args.concurrency} rows (= clients), no adapters",
         "hf-0": "`transformers serve <model dir> --continuous-batching` (defaults), text prompts",
         "extra server args": " ".join(args.server_arg) or "none",

@@ -22,7 +22,7 @@ def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
     for heading in ("## Environment", "## Settings", "## Results", "load average"):
         assert heading in text
     results = json.loads((out / "serve.json").read_text())["results"]
-    kinds = {"limit-0", "batch-0", "hf-0", "batch-1", "batch-16", "single-16", "peft-16", "itl-1"}
+    kinds = {"limit-0", "batch-0", "hf-0", "batch-1", "batch-16", "single-16", "peft-16", "itl-1", "hotload-1"}
     assert {r["scenario"] for r in results} == kinds
     for r in results:
         assert r["errors"] == 0, r
@@ -30,7 +30,8 @@ def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
     by_name = {r["scenario"]: r for r in results}
     # how many gaps fall inside the long prompt's prefill depends on the machine's speed: only that it was counted
     assert by_name["itl-1"]["long_error"] is None and by_name["itl-1"]["itl_during_gaps"] >= 0
-    for label in ("1 adapter / limit", "ours / transformers serve", "long prompt p99 / p50"):
+    assert by_name["hotload-1"]["hotload_n"] == 8 and by_name["hotload-1"]["hotload_per_s"] > 0
+    for label in ("1 adapter / limit", "ours / transformers serve", "long prompt p99 / p50", "hot-load p99 / p50"):
         assert label in text
 
 
