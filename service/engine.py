@@ -14,6 +14,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
@@ -75,6 +76,7 @@ class Engine:
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
         self._outbox = Outbox()  # events leave once per step, not once per row
+        self._step_s = 0.0  # recent steps' wall time (moving average): commands' share between two steps
 
     # ---------------------------------------------------------------------------------- lifecycle
     @property
@@ -230,10 +232,16 @@ class Engine:
             self._outbox.flush()
 
     def _run_commands(self) -> None:
-        while self._commands:
+        """The commands queued now, in order. While rows run, stop once they took about one step's time (the
+        first always runs): adapters loaded back to back then alternate with steps instead of stalling them."""
+        budget = self._step_s if self.backend.jobs() else float("inf")
+        started = time.perf_counter()
+        for _ in range(len(self._commands)):  # not those queued meanwhile
             fn, future = self._commands.popleft()
             if future.set_running_or_notify_cancel():
                 _run_into(future, fn, self.backend.model)
+            if time.perf_counter() - started >= budget:
+                break
 
     def _offer_waiting(self) -> None:
         """Offer queued jobs to the backend until it has no room; cancelled ones finish here."""
@@ -259,11 +267,14 @@ class Engine:
         self.metrics.queue_depth.set(self._queue.qsize() + (self._held is not None))
 
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             self.backend.step()
         except Exception as exc:  # a failing step fails the rows it held; the engine keeps serving
             fail_jobs(self.backend.jobs(), exc)
             self.backend.clear()
+        took = time.perf_counter() - started
+        self._step_s = took if not self._step_s else 0.8 * self._step_s + 0.2 * took
 
 
 def _run_into(future: Future[T], fn: Callable[[Any], T], model: Any) -> None:

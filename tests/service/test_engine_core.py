@@ -103,6 +103,40 @@ def test_commands_run_on_the_worker_between_steps(engine: Engine) -> None:
     assert done.wait(30)
 
 
+def test_commands_queued_back_to_back_alternate_with_steps() -> None:
+    """Adapters loaded one after another (each load queues its attach as the previous one runs) must not hold the
+    running rows: a command queued while commands run waits for the next step. They used to run on until none was
+    queued, so 200 loads froze every stream for the whole 13 s they took."""
+    backend = FakeBackend(steps=50)
+    engine = Engine(backend, Metrics(), max_queue=8)
+    engine.start()
+    try:
+        done = threading.Event()
+        backend.gate = threading.Event()
+        engine.submit(_job([], done))
+        assert backend.entered.wait(30)
+        at_step: list[int] = []
+        futures: list[Any] = []
+
+        def attach(model: Any, left: int) -> None:
+            at_step.append(backend.log.count("step"))
+            if left:  # the next load's attach arrives (from its own thread) while this one runs
+                loader = threading.Thread(target=lambda: futures.append(engine.call(lambda m: attach(m, left - 1))))
+                loader.start()
+                loader.join()
+
+        futures.append(engine.call(lambda m: attach(m, 3)))
+        backend.gate.set()
+        assert done.wait(30)
+        for future in list(futures):
+            future.result(timeout=30)
+        assert len(at_step) == 4 and at_step == sorted(set(at_step)), at_step  # one per step, rows still running
+        assert backend.log.count("step") == 50
+    finally:
+        backend.gate = None
+        engine.stop()
+
+
 def test_command_errors_reach_the_caller_and_the_engine_keeps_serving(engine: Engine) -> None:
     def bad(model: Any) -> None:
         raise ValueError("bad command")
