@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -161,7 +161,7 @@ class FactorBank:
         for pname, view in self.layout.row_views(row):
             view.copy_(adapter._parameters[pname])  # type: ignore[arg-type]
         self.slots[name], self.members[name] = slot, adapter
-        self._bind(name)
+        self._bind((name,))
 
     def remove(self, name: str) -> None:
         """Give `name`'s parameters their own copy, zero its row (nothing of it is kept) and free the slot."""
@@ -196,13 +196,19 @@ class FactorBank:
         self.data = fn(self.data)
         self.dtype, self.device = self.data.dtype, self.data.device
         self._folds = {}
-        for name in self.members:
-            self._bind(name)
+        self._bind(self.members)
 
-    def _bind(self, name: str) -> None:
-        adapter, row = self.members[name], self.data[self.slots[name]]
-        for pname, view in self.layout.row_views(row):
-            adapter._parameters[pname].data = view  # type: ignore[union-attr]
+    def _bind(self, names: Iterable[str]) -> None:
+        """Point the parameters of `names` at their rows: one `(capacity, *shape)` view per factor, a row of it each
+        (a resize re-points every member: per member, only a row select and the `.data` swap run)."""
+        factors = [
+            (pname, self.data[:, offset : offset + math.prod(shape)].view(-1, *shape))
+            for pname, shape, offset in self.layout.parts
+        ]
+        for name in names:
+            params, slot = self.members[name]._parameters, self.slots[name]
+            for pname, full in factors:
+                params[pname].data = full[slot]  # type: ignore[union-attr]
 
     def _resize(self, capacity: int) -> None:
         """A new `data` of `capacity` rows, members packed to the lowest slots in slot order; re-point them."""
@@ -214,8 +220,7 @@ class FactorBank:
         self.data, self._folds = data, {}
         self.slots = {name: i for i, name in enumerate(order)}
         self._free = list(range(capacity - 1, len(order) - 1, -1))
-        for name in order:
-            self._bind(name)
+        self._bind(order)
 
     # ---------------------------------------------------------------------------- compute
     def gather(self, slots: Slots, data: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
