@@ -51,8 +51,10 @@ from .validate import validate_factors
 
 __all__ = [
     "AdapterInfo",
+    "PreparedAttach",
     "adapter_batch",
     "attach_adapter",
+    "attach_prepared",
     "delete_adapter",
     "describe_adapter",
     "disable_adapters",
@@ -60,6 +62,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "merge_adapter",
+    "prepare_attach",
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
@@ -135,10 +138,26 @@ def load_adapter(
     return attach_adapter(model, parsed, adapter_name, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class PreparedAttach:
+    """An adapter checked against a model and built per layer (`prepare_attach`), not attached yet."""
+
+    name: str
+    adapters: dict[str, LoKrAdapter]  # module name -> its adapter
+
+
 def attach_adapter(
     model: nn.Module, parsed: ParsedAdapter, adapter_name: str, *, dtype: torch.dtype | None = None
 ) -> AdapterInfo:
     """Validate every module of `parsed` against `model`, then attach all of it (or nothing)."""
+    return attach_prepared(model, prepare_attach(model, parsed, adapter_name, dtype=dtype))
+
+
+def prepare_attach(
+    model: nn.Module, parsed: ParsedAdapter, adapter_name: str, *, dtype: torch.dtype | None = None
+) -> PreparedAttach:
+    """Map, validate and build every module of `parsed` for `model`. It reads the model's structure and changes
+    nothing, so it may run off the thread that runs forwards and attaches (a server keeps that thread's work short)."""
     _check_new_name(model, adapter_name)
     resolved = _resolve_modules(model, parsed)
     adapters: dict[str, LoKrAdapter] = {}
@@ -152,9 +171,15 @@ def attach_adapter(
         adapters[name] = _new_adapter(weights, parsed.config)
         _check_scale(name, adapters[name].scale)
         adapters[name].origin = (parsed.format, parsed.source)
-    for name, adapter in adapters.items():  # nothing below can fail on valid input
-        wrap_module(model, name).add_adapter(adapter_name, adapter)
-    return describe_adapter(model, adapter_name)
+    return PreparedAttach(adapter_name, adapters)
+
+
+def attach_prepared(model: nn.Module, prepared: PreparedAttach) -> AdapterInfo:
+    """Attach what `prepare_attach` built for `model`; refused if its name was taken since."""
+    _check_new_name(model, prepared.name)
+    for name, adapter in prepared.adapters.items():  # nothing below can fail on valid input
+        wrap_module(model, name).add_adapter(prepared.name, adapter)
+    return describe_adapter(model, prepared.name)
 
 
 def _resolve_modules(model: nn.Module, parsed: ParsedAdapter) -> dict[str, ModuleWeights]:

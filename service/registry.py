@@ -157,8 +157,8 @@ class Registry:
             if host is not None:
                 info = self.engine.call(partial(_restore_on, offloaded=host)).result()
             else:
-                parsed = run_in_scratch_thread(lokr.read_adapter, record.source, max_bytes=self.max_bytes)
-                info = self.engine.call(partial(_attach_on, parsed=parsed, name=record.name, dtype=self.dtype)).result()
+                prepared = run_in_scratch_thread(self._prepare, record.name, record.source)
+                info = self.engine.call(partial(lokr.attach_prepared, prepared=prepared)).result()
         except BaseException as exc:
             log.warning("could not bring adapter %s back: %s", record.name, exc)
             self._settle(record, Tier.DISK)  # a host copy that failed to restore is not trusted again
@@ -230,6 +230,12 @@ class Registry:
         return Slot(r.name, nbytes, r.last_used, movable)
 
     # ---------------------------------------------------------------------------------- load / unload
+    def _prepare(self, name: str, path: Path) -> lokr.PreparedAttach:
+        """Off the engine thread: read the file, check every module against the model and build them; the engine
+        then only attaches (`lokr.attach_prepared`), between two steps."""
+        parsed = lokr.read_adapter(path, max_bytes=self.max_bytes)
+        return lokr.prepare_attach(self.engine.model, parsed, name, dtype=self.dtype)
+
     def load(self, name: str, path: Path, *, owned_dir: Path | None = None) -> AdapterRecord:
         """Read and validate on this thread, attach on the engine's; a failure leaves the registry as it was.
 
@@ -241,8 +247,8 @@ class Registry:
                 raise ConflictError(f"an adapter named {name!r} is already loaded or loading", code="adapter_exists")
             self._records[name] = record  # LOADING: reserves the name, invisible
         try:
-            parsed = run_in_scratch_thread(lokr.read_adapter, path, max_bytes=self.max_bytes)
-            info = self.engine.call(partial(_attach_on, parsed=parsed, name=name, dtype=self.dtype)).result()
+            prepared = run_in_scratch_thread(self._prepare, name, path)
+            info = self.engine.call(partial(lokr.attach_prepared, prepared=prepared)).result()
         except BaseException:
             with self._cond:
                 del self._records[name]
@@ -298,11 +304,6 @@ class Registry:
 
 
 # -------------------------------------------------------------------------------------- engine commands
-def _attach_on(model: Any, *, parsed: lokr.ParsedAdapter, name: str, dtype: torch.dtype | None) -> lokr.AdapterInfo:
-    """Engine thread: `attach_adapter` validates every module before it changes anything."""
-    return lokr.attach_adapter(model, parsed, name, dtype=dtype)
-
-
 def _restore_on(model: Any, *, offloaded: lokr.OffloadedAdapter) -> lokr.AdapterInfo:
     """Engine thread: put a host copy back; a restore that fails half-way is taken off again."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import pytest
 import torch
@@ -313,3 +314,30 @@ def test_placement_is_kept_until_an_adapter_comes_goes_or_moves() -> None:
             ]
         )
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_prepared_attach_changes_nothing_until_attached() -> None:
+    """`prepare_attach` (a server runs it off the forward thread) only reads the model; `attach_prepared` then
+    attaches it, and refuses a name taken in between."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    cfg = lokr.LoKrConfig(target_modules=["0", "2"], r=2, alpha=2, init_weights=False)
+    lokr.inject(model, cfg, "src")
+    with tempfile.TemporaryDirectory() as tmp:
+        lokr.save_adapter(model, "src", tmp)
+        parsed = lokr.read_adapter(tmp)
+    x = torch.randn(3, 16)
+    lokr.set_adapter(model, "src")
+    want = model(x)
+    lokr.delete_adapter(model, "src")
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    base.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lokr" not in k})
+    prepared = lokr.prepare_attach(base, parsed, "a")
+    assert lokr.list_adapters(base) == [] and all(type(m) is nn.Linear for m in (base[0], base[2]))
+    lokr.attach_prepared(base, prepared)
+    lokr.set_adapter(base, "a")
+    torch.testing.assert_close(base(x), want)
+    again = lokr.prepare_attach(base, parsed, "b")
+    lokr.attach_prepared(base, lokr.prepare_attach(base, parsed, "c"))
+    with pytest.raises(lokr.AdapterExistsError):
+        lokr.attach_prepared(base, lokr.PreparedAttach("c", again.adapters))

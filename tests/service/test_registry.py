@@ -252,3 +252,30 @@ def test_lease_gives_back_exactly_once_whatever_the_order(job_first: bool) -> No
     assert given == ["back"] and not lease.held
     with pytest.raises(RuntimeError):
         lease.hold()
+
+
+def test_files_are_read_and_checked_off_the_engine_thread(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load (and a bring-back from disk) reads, maps, validates and builds off the engine thread; the engine only
+    attaches what was built, between two steps, so running rows wait for as little as possible."""
+    import lokr.model
+
+    threads: dict[str, list[str]] = {"validate": [], "attach": []}
+    real_validate, real_attach = lokr.model.validate_factors, lokr.attach_prepared
+
+    def validate(*args: Any, **kwargs: Any) -> Any:
+        threads["validate"].append(threading.current_thread().name)
+        return real_validate(*args, **kwargs)
+
+    def attach(*args: Any, **kwargs: Any) -> Any:
+        threads["attach"].append(threading.current_thread().name)
+        return real_attach(*args, **kwargs)
+
+    monkeypatch.setattr(lokr.model, "validate_factors", validate)
+    monkeypatch.setattr(lokr, "attach_prepared", attach)
+    with serving(world, max_resident_adapters=1, max_host_adapters=0) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+        s.registry.load("beta", world.adapters["beta"])  # alpha leaves for disk
+        assert s.complete("alpha").status_code == 200  # and comes back from its file
+        assert s.tiers() == {"alpha": "device", "beta": "disk"}
+    assert len(threads["attach"]) == 3 and set(threads["attach"]) == {"lokr-engine"}
+    assert threads["validate"] and "lokr-engine" not in threads["validate"]
