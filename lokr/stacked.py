@@ -1,14 +1,14 @@
 """Factor banks: the one device copy of every adapter of a layer, one row (slot) per adapter.
 
-Adapters of a layer with the same factor names and shapes, dtype and device share a `FactorBank`. Row `slot`
-holds the adapter's scale and then its factors (PEFT's names, flattened in `FACTOR_NAMES` order), and the
-adapter's parameters are views of that row: in-place edits, `load_state_dict`, optimiser steps, merges and
-saves read and write the bank itself, so nothing needs to be kept in sync. A mixed-adapter step gathers the
-factors of all its entries with one `index_select` and runs them through batched matmuls.
+Adapters of a layer with the same factor names and shapes, dtype and device share a `FactorBank`. Row `slot` holds
+the adapter's scale and then its factors (PEFT's names, flattened in `FACTOR_NAMES` order), and the adapter's
+parameters are views of that row: in-place edits, `load_state_dict`, optimiser steps, merges and saves read and write
+the bank itself, so nothing needs to be kept in sync. A mixed-adapter step gathers the factors of all its entries with
+one `index_select` and runs them through batched matmuls.
 
-Banks keep at most ~3% spare slots (`SLACK`); a bank that grows or shrinks gets a new tensor, and every member's
-parameters are re-pointed at it (`p.data = view`: parameter objects, and optimisers holding them, stay valid).
-A forward holds the tensor it started with, so a concurrent resize cannot free it."""
+Banks keep at most ~3% spare slots (`SLACK`); a bank that grows or shrinks gets a new tensor, every member's parameters
+re-pointed at it (`p.data = view`: parameters, and optimisers holding them, stay valid). A forward holds the tensor it
+started with, so a concurrent resize cannot free it."""
 
 from __future__ import annotations
 
@@ -140,8 +140,7 @@ class FactorBank:
         self.members: dict[str, BankedAdapter] = {}
         self._free: list[int] = []  # popped from the end: lowest slot first
         self._cost: dict[LayerSpec, int] = {}
-        # kron operands of the last few adapter sets folded, each with the `stamp` it was made from
-        self._folds: dict[tuple[LayerSpec, tuple[int, ...]], tuple[Stamp, KronOperands]] = {}
+        self._folds: dict[tuple[LayerSpec, tuple[int, ...]], tuple[Stamp, KronOperands]] = {}  # `fold_operands`
 
     @property
     def capacity(self) -> int:
@@ -199,12 +198,8 @@ class FactorBank:
         self._bind(self.members)
 
     def _bind(self, names: Iterable[str]) -> None:
-        """Point the parameters of `names` at their rows: one `(capacity, *shape)` view per factor, a row of it each
-        (a resize re-points every member: per member, only a row select and the `.data` swap run)."""
-        factors = [
-            (pname, self.data[:, offset : offset + math.prod(shape)].view(-1, *shape))
-            for pname, shape, offset in self.layout.parts
-        ]
+        """Point the parameters of `names` at their rows: a row of one `(capacity, *shape)` view per factor each."""
+        factors = [(p, self.data[:, o : o + math.prod(shape)].view(-1, *shape)) for p, shape, o in self.layout.parts]
         for name in names:
             params, slot = self.members[name]._parameters, self.slots[name]
             for pname, full in factors:
