@@ -58,7 +58,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -753,6 +753,14 @@ def _run_server(
     return run
 
 
+def _usual_load(
+    url: str, requests: Sequence[Request], names: list[str], args: argparse.Namespace
+) -> Coroutine[Any, Any, Run]:
+    """The scenario's closed loop (`run_load` with the run's clients, tokens and time cap), not started yet."""
+    deadline = args.duration or args.time_cap
+    return run_load(url, requests, names, concurrency=args.concurrency, max_tokens=args.max_tokens, deadline_s=deadline)
+
+
 async def _with_long_prompt(
     url: str, requests: Sequence[Request], names: list[str], args: argparse.Namespace, info: dict[str, Any]
 ) -> Run:
@@ -763,14 +771,7 @@ async def _with_long_prompt(
     def stamp(sent: float, first: float) -> None:
         info.update(long_sent=sent, long_first=first, long_ttft_ms=round((first - sent) * 1e3, 1))
 
-    load = run_load(
-        url,
-        requests,
-        names,
-        concurrency=args.concurrency,
-        max_tokens=args.max_tokens,
-        deadline_s=args.duration or args.time_cap,
-    )
+    load = _usual_load(url, requests, names, args)
     probe = long_prompt_probe(url, BASE_NAME, prompt, args.long_after, 4, stamp)
     run, error = await asyncio.gather(load, probe)
     info["long_error"] = error
@@ -797,15 +798,7 @@ async def _with_hot_loads(
             hot_start=start, hot_end=end, hotload_n=len(extra), hotload_per_s=round(len(extra) / (end - start), 1)
         )
 
-    load = run_load(
-        url,
-        requests,
-        names,
-        concurrency=args.concurrency,
-        max_tokens=args.max_tokens,
-        deadline_s=args.duration or args.time_cap,
-    )
-    run, _ = await asyncio.gather(load, hot_loads())
+    run, _ = await asyncio.gather(_usual_load(url, requests, names, args), hot_loads())
     return run
 
 
