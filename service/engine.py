@@ -77,6 +77,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._outbox = Outbox()  # events leave once per step, not once per row
         self._step_s = 0.0  # recent steps' wall time (moving average): commands' share between two steps
+        self._busy = {work: metrics.engine_seconds.labels(work=work) for work in ("step", "command")}
 
     # ---------------------------------------------------------------------------------- lifecycle
     @property
@@ -234,6 +235,8 @@ class Engine:
     def _run_commands(self) -> None:
         """The commands queued now, in order. While rows run, stop once they took about one step's time (the
         first always runs): adapters loaded back to back then alternate with steps instead of stalling them."""
+        if not self._commands:
+            return
         budget = self._step_s if self.backend.jobs() else float("inf")
         started = time.perf_counter()
         for _ in range(len(self._commands)):  # not those queued meanwhile
@@ -242,6 +245,7 @@ class Engine:
                 _run_into(future, fn, self.backend.model)
             if time.perf_counter() - started >= budget:
                 break
+        self._busy["command"].inc(time.perf_counter() - started)
 
     def _offer_waiting(self) -> None:
         """Offer queued jobs to the backend until it has no room; cancelled ones finish here."""
@@ -275,6 +279,7 @@ class Engine:
             self.backend.clear()
         took = time.perf_counter() - started
         self._step_s = took if not self._step_s else 0.8 * self._step_s + 0.2 * took
+        self._busy["step"].inc(took)
 
 
 def _run_into(future: Future[T], fn: Callable[[Any], T], model: Any) -> None:

@@ -57,6 +57,10 @@ class Metrics:
         )
         self.adapter_loads = Counter("lokr_adapter_loads", "Adapter loads by result", ["result"], registry=r)
         self.adapter_unloads = Counter("lokr_adapter_unloads", "Adapter unloads", registry=r)
+        self.engine_seconds = Counter(
+            "lokr_engine_seconds", "Engine thread wall time by work: step (forwards) or command (attach, offload, ...)",
+            ["work"], registry=r,
+        )  # fmt: skip
         self.gc_pauses = GcPauses(r)  # counted while the app runs (its lifespan installs the callback)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         PlatformCollector(registry=r)  # python_info

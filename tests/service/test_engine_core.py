@@ -107,8 +107,8 @@ def test_commands_queued_back_to_back_alternate_with_steps() -> None:
     """Adapters loaded one after another (each load queues its attach as the previous one runs) must not hold the
     running rows: a command queued while commands run waits for the next step. They used to run on until none was
     queued, so 200 loads froze every stream for the whole 13 s they took."""
-    backend = FakeBackend(steps=50)
-    engine = Engine(backend, Metrics(), max_queue=8)
+    backend, metrics = FakeBackend(steps=50), Metrics()
+    engine = Engine(backend, metrics, max_queue=8)
     engine.start()
     try:
         done = threading.Event()
@@ -132,6 +132,9 @@ def test_commands_queued_back_to_back_alternate_with_steps() -> None:
             future.result(timeout=30)
         assert len(at_step) == 4 and at_step == sorted(set(at_step)), at_step  # one per step, rows still running
         assert backend.log.count("step") == 50
+        seconds = metrics.registry.get_sample_value
+        busy = {w: seconds("lokr_engine_seconds_total", {"work": w}) for w in ("step", "command")}
+        assert all(s is not None and s > 0 for s in busy.values()), busy  # on /metrics
     finally:
         backend.gate = None
         engine.stop()

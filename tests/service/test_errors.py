@@ -67,5 +67,6 @@ def test_still_serving_after_bad_input(client: httpx.Client) -> None:
 def test_metrics_exposed(client: httpx.Client) -> None:
     text = client.get("/metrics").text
     for series in ("lokr_requests_total", "lokr_request_latency_seconds", "lokr_batch_size", "lokr_queue_depth",
-                   "lokr_adapters_resident", "lokr_adapter_loads_total", "lokr_tokens_total"):  # fmt: skip
+                   "lokr_adapters_resident", "lokr_adapter_loads_total", "lokr_tokens_total",
+                   'lokr_engine_seconds_total{work="step"}'):  # fmt: skip
         assert series in text
