@@ -20,7 +20,8 @@ from lokr.batch import RowSpec
 
 from .jobs import Job, TokenEvent, fail_jobs
 from .kvcache import SlotCache, SlotPlan, default_budget
-from .packed import STEP_KWARG, PackedStep, PrefillBudget, disable_packed, enable_packed
+from .packed import STEP_KWARG, PackedStep, disable_packed, enable_packed
+from .prefill import PrefillBudget, attention_key_cost, take_chunks
 from .rowstate import MaskKind, Row, emit_prompt_logprobs, plan_chunks, token_info
 from .sampling import choose_tokens, make_generator
 from .textstream import TextStream
@@ -55,7 +56,8 @@ class BatchRunner:
         time (measured; packed steps only). `fold`: `lokr.adapter_batch`'s folded weights per layer."""
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.context_length, self.max_rows, self.max_prefill_tokens = context_length, max_rows, max_prefill_tokens
-        self.budget = PrefillBudget(max_prefill_tokens, prefill_stall)
+        key_cost = attention_key_cost(getattr(model, "config", None))
+        self.budget = PrefillBudget(max_prefill_tokens, prefill_stall, key_cost=key_cost)
         self.fold = fold
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -118,7 +120,9 @@ class BatchRunner:
         """One forward: each decoding row's next token and prompt chunks under the budget, packed in one sequence.
         A failing forward with chunks fails only the chunks' rows; the decoding rows then run alone."""
         started = time.perf_counter()
-        chunks = self._take_chunks(self.budget.tokens(len(self.decoding)))
+        decode_work = self.budget.decode_work([r.length for r in self.decoding])
+        chunks = take_chunks(self.prefilling, self.budget.tokens(decode_work), self.budget)
+        work = decode_work + sum(self.budget.work(width, row.length) for row, width in chunks)
         try:
             logits = self._packed_forward(self.decoding, chunks)
         except Exception as exc:
@@ -128,7 +132,7 @@ class BatchRunner:
             for row in rows:
                 self._leave(row, self.prefilling)
             fail_jobs([r.job for r in rows], exc)
-            chunks = []
+            chunks, work = [], decode_work
             if not self.decoding:
                 return
             logits = self._packed_forward(self.decoding, chunks)
@@ -156,21 +160,7 @@ class BatchRunner:
             self.decoding.append(row)
         if finished:
             self._advance([row for row, _ in finished], torch.stack([lg for _, lg in finished]))
-        self.budget.observe(time.perf_counter() - started, n + sum(w for _, w in chunks))
-
-    def _take_chunks(self, budget: int) -> list[tuple[Row, int]]:
-        """Prompt chunks under `budget` tokens, oldest row first; an echo row's prompt goes whole, alone."""
-        chunks: list[tuple[Row, int]] = []
-        for row in self.prefilling:
-            left = len(row.job.prompt_ids) - row.length
-            if row.job.params.echo:
-                return chunks or [(row, left)]
-            if budget <= 0:
-                break
-            take = min(left, budget)
-            chunks.append((row, take))
-            budget -= take
-        return chunks
+        self.budget.observe(time.perf_counter() - started, work)
 
     def _packed_forward(self, rows: list[Row], chunks: list[tuple[Row, int]]) -> Tensor:
         """Float32 logits `(K, V)`: the decoding rows' next tokens, then per chunk the positions that pick a token

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ATTENTION", "Chunk", "PackedStep", "PackedUnsupportedError", "PrefillBudget", "enable_packed"]
+__all__ = ["ATTENTION", "Chunk", "PackedStep", "PackedUnsupportedError", "enable_packed"]
 
 log = logging.getLogger("lokr_serve.engine")
 
@@ -146,47 +146,6 @@ def split_decode(lengths: list[int], alone_cost: int = 256) -> tuple[int, tuple[
         if cost < best:
             best, span = cost, order[i]
     return span, tuple((row, length) for row, length in enumerate(lengths) if length > span)
-
-
-class PrefillBudget:
-    """Prompt tokens per step while rows decode. A packed step's time is modelled as `fixed + per_token * tokens`
-    (decode and prompt tokens alike), fitted by least squares over recent steps (older ones fade by `memory`
-    per step). A step takes as many prompt tokens as cost at most `stall` times the decode-only step of the
-    rows running now: `stall * (fixed / per_token + decoding)`, within `[floor, limit]`; `limit` when no row
-    decodes or `stall` is 0 (fixed chunks). So a long prompt costs the running rows' steps at most about
-    `1 + stall` times their time, on any device and model (a GPU's fixed cost buys large chunks)."""
-
-    def __init__(self, limit: int, stall: float = 0.0, floor: int = 16, memory: float = 0.95) -> None:
-        self.limit, self.stall, self.floor, self.memory = limit, stall, min(floor, limit), memory
-        self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, sum x, sum y, sum x^2, sum xy
-
-    def tokens(self, decoding: int) -> int:
-        if decoding == 0 or self.stall <= 0:
-            return self.limit
-        fit = self.fit()
-        if fit is None:
-            return self.floor
-        fixed, per_token = fit
-        return max(self.floor, min(self.limit, round(self.stall * (fixed / per_token + decoding))))
-
-    def observe(self, seconds: float, tokens: int) -> None:
-        """A packed step of `tokens` tokens (decode and prompt) took `seconds`."""
-        if tokens <= 0 or seconds <= 0:
-            return
-        w, sx, sy, sxx, sxy = (v * self.memory for v in self._sums)
-        self._sums = (w + 1, sx + tokens, sy + seconds, sxx + tokens * tokens, sxy + tokens * seconds)
-
-    def fit(self) -> tuple[float, float] | None:
-        """`(fixed s, s per token)`; all the time per token (fixed 0) while the token counts barely vary."""
-        w, sx, sy, sxx, sxy = self._sums
-        if w == 0:
-            return None
-        mx, my = sx / w, sy / w
-        var, cov = sxx / w - mx * mx, sxy / w - mx * my
-        if var <= (0.1 * mx) ** 2 or cov <= 0:
-            return 0.0, my / mx
-        per_token = cov / var
-        return max(0.0, my - per_token * mx), per_token
 
 
 def _repeat(kv: Tensor, groups: int) -> Tensor:

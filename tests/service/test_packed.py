@@ -16,7 +16,8 @@ from service import kvcache
 from service.demo import build_word_tokenizer
 from service.generation import BatchRunner
 from service.jobs import Event, Job, SamplingParams, TokenEvent
-from service.packed import PackedStep, PrefillBudget, split_decode
+from service.packed import PackedStep, split_decode
+from service.prefill import PrefillBudget
 
 EOS = 3
 WORDS = ["the", "sea", "is", "blue", "a", "cat", "sat", "on", "mat", "sun", "rose", "over", "hills", "and", "sky"]

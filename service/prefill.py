@@ -1,0 +1,121 @@
+"""How much prompt a packed step takes while rows decode (chunked prefill), so that a long prompt slows the running
+rows' steps by a bounded factor instead of stalling them.
+
+Work is counted in units of one token's linear work (projections and MLP). A token also attends to every key
+before it, and on a long prompt that is not small: on the serving benchmark's Llama a key costs 1/3,136 of a
+token's linear work, so at position 2,000 a prompt token costs 1.64 units and at 32,000 about 11. Counting tokens
+alone let the last chunks of a long prompt cost the running rows far more than the budget said.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+__all__ = ["PrefillBudget", "attention_key_cost", "take_chunks"]
+
+
+class PrefillBudget:
+    """Prompt work per step while rows decode. A packed step's time is modelled as `fixed + per_unit * work`
+    (decode and prompt tokens alike, each with its attended keys), fitted by least squares over recent steps
+    (older ones fade by `memory` per step). A step takes as much prompt work as costs at most `stall` times the
+    decode-only step of the rows running now: `stall * (fixed / per_unit + decode work)`, within `[floor,
+    limit]`; `limit` when no row decodes or `stall` is 0 (fixed chunks). So a long prompt costs the running
+    rows' steps at most about `1 + stall` times their time, on any device and model (a GPU's fixed cost buys
+    large chunks). `key_cost`: one attended key's work in units (`attention_key_cost`); 0 counts tokens only."""
+
+    def __init__(
+        self, limit: int, stall: float = 0.0, floor: int = 16, memory: float = 0.95, key_cost: float = 0.0
+    ) -> None:
+        self.limit, self.stall, self.floor, self.memory = limit, stall, min(floor, limit), memory
+        self.key_cost = key_cost
+        self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, sum x, sum y, sum x^2, sum xy
+
+    def tokens(self, decoding: float) -> int:
+        """The step's prompt work (units), given the decoding rows' work (`decode_work`, or their count)."""
+        if decoding == 0 or self.stall <= 0:
+            return self.limit
+        fit = self.fit()
+        if fit is None:
+            return self.floor
+        fixed, per_unit = fit
+        return max(self.floor, min(self.limit, round(self.stall * (fixed / per_unit + decoding))))
+
+    def decode_work(self, lengths: Sequence[int]) -> float:
+        """Work of one decode token per row, each attending its row's `lengths[i]` keys."""
+        return len(lengths) + self.key_cost * sum(lengths)
+
+    def work(self, tokens: int, prefix: int) -> float:
+        """Work of `tokens` prompt tokens after `prefix` ones (each attends to the keys up to itself)."""
+        return tokens + self.key_cost * (tokens * prefix + tokens * (tokens + 1) / 2)
+
+    def fit_tokens(self, work: float, prefix: int) -> int:
+        """The most prompt tokens after `prefix` ones whose `work` is at most `work`."""
+        if work <= 0:
+            return 0
+        if self.key_cost <= 0:
+            return int(work)
+        a, b = self.key_cost / 2, 1 + self.key_cost * (prefix + 0.5)
+        tokens = int((math.sqrt(b * b + 4 * a * work) - b) / (2 * a))
+        while tokens > 0 and self.work(tokens, prefix) > work:  # float rounding at the boundary
+            tokens -= 1
+        return tokens
+
+    def observe(self, seconds: float, work: float) -> None:
+        """A packed step of `work` units (decode and prompt) took `seconds`."""
+        if work <= 0 or seconds <= 0:
+            return
+        w, sx, sy, sxx, sxy = (v * self.memory for v in self._sums)
+        self._sums = (w + 1, sx + work, sy + seconds, sxx + work * work, sxy + work * seconds)
+
+    def fit(self) -> tuple[float, float] | None:
+        """`(fixed s, s per unit)`; all the time per unit (fixed 0) while the work barely varies."""
+        w, sx, sy, sxx, sxy = self._sums
+        if w == 0:
+            return None
+        mx, my = sx / w, sy / w
+        var, cov = sxx / w - mx * mx, sxy / w - mx * my
+        if var <= (0.1 * mx) ** 2 or cov <= 0:
+            return 0.0, my / mx
+        per_unit = cov / var
+        return max(0.0, my - per_unit * mx), per_unit
+
+
+class _Prefilling(Protocol):
+    """A row whose prompt is going in (`generation.Row`)."""
+
+    job: Any
+    length: int
+
+
+def take_chunks(rows: Sequence[_Prefilling], work: float, budget: PrefillBudget) -> list[tuple[Any, int]]:
+    """Prompt chunks `(row, tokens)` whose work fits `work` units, oldest row first (the first takes at least one
+    token); an echo row's prompt goes whole, alone."""
+    chunks: list[tuple[Any, int]] = []
+    for row in rows:
+        left = len(row.job.prompt_ids) - row.length
+        if row.job.params.echo:
+            return chunks or [(row, left)]
+        take = min(left, budget.fit_tokens(work, row.length))
+        if not chunks:
+            take = max(take, min(left, 1))
+        if take <= 0:
+            break
+        chunks.append((row, take))
+        work -= budget.work(take, row.length)
+    return chunks
+
+
+def attention_key_cost(config: Any) -> float:
+    """One attended key's multiply-adds (`q.k` and the value: 2 x heads x head_dim) over one token's in a decoder
+    layer's projections and gated MLP; 0 when the config does not give the sizes (keys then cost nothing)."""
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    inter = getattr(config, "intermediate_size", None)
+    if not (isinstance(hidden, int) and isinstance(heads, int) and isinstance(inter, int) and heads > 0):
+        return 0.0
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    linear = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter
+    return 2 * heads * head_dim / linear
