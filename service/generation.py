@@ -121,7 +121,7 @@ class BatchRunner:
         A failing forward with chunks fails only the chunks' rows; the decoding rows then run alone."""
         started = time.perf_counter()
         decode_work = self.budget.decode_work([r.length for r in self.decoding])
-        chunks = take_chunks(self.prefilling, self.budget.tokens(decode_work), self.budget)
+        chunks = take_chunks(self.prefilling, self.budget.allowed(decode_work), self.budget)
         work = decode_work + sum(self.budget.work(width, row.length) for row, width in chunks)
         try:
             logits = self._packed_forward(self.decoding, chunks)

@@ -42,6 +42,11 @@ class PrefillBudget:
         fixed, per_unit = fit
         return max(self.floor, min(self.limit, round(self.stall * (fixed / per_unit + decoding))))
 
+    def allowed(self, decoding: float) -> float | None:
+        """`tokens(decoding)` as the step's prompt work; None when nothing bounds it (no row decodes, or `stall` 0):
+        prompts then go in chunks of `limit` tokens, however long their prefix."""
+        return None if decoding == 0 or self.stall <= 0 else float(self.tokens(decoding))
+
     def decode_work(self, lengths: Sequence[int]) -> float:
         """Work of one decode token per row, each attending its row's `lengths[i]` keys."""
         return len(lengths) + self.key_cost * sum(lengths)
@@ -89,21 +94,24 @@ class _Prefilling(Protocol):
     length: int
 
 
-def take_chunks(rows: Sequence[_Prefilling], work: float, budget: PrefillBudget) -> list[tuple[Any, int]]:
-    """Prompt chunks `(row, tokens)` whose work fits `work` units, oldest row first (the first takes at least one
-    token); an echo row's prompt goes whole, alone."""
+def take_chunks(rows: Sequence[_Prefilling], work: float | None, budget: PrefillBudget) -> list[tuple[Any, int]]:
+    """Prompt chunks `(row, tokens)` whose work fits `work` units (`PrefillBudget.allowed`; None: `limit` tokens
+    in all), oldest row first (the first takes at least one token); an echo row's prompt goes whole, alone."""
     chunks: list[tuple[Any, int]] = []
+    tokens = budget.limit
     for row in rows:
         left = len(row.job.prompt_ids) - row.length
         if row.job.params.echo:
             return chunks or [(row, left)]
-        take = min(left, budget.fit_tokens(work, row.length))
+        take = min(left, tokens if work is None else budget.fit_tokens(work, row.length))
         if not chunks:
             take = max(take, min(left, 1))
         if take <= 0:
             break
         chunks.append((row, take))
-        work -= budget.work(take, row.length)
+        tokens -= take
+        if work is not None:
+            work -= budget.work(take, row.length)
     return chunks
 
 

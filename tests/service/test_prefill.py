@@ -52,7 +52,7 @@ def _long_prompt(key_cost: float) -> tuple[float, int]:
     decode_step = 0.010 + 0.001 * truth.decode_work(decoding)
     row, worst, steps = _row(2000, 0), 0.0, 0
     while row.length < 2000:
-        ((_, tokens),) = take_chunks([row], budget.tokens(budget.decode_work(decoding)), budget)
+        ((_, tokens),) = take_chunks([row], budget.allowed(budget.decode_work(decoding)), budget)
         step = 0.010 + 0.001 * (truth.decode_work(decoding) + truth.work(tokens, row.length))
         worst, steps, row.length = max(worst, step / decode_step - 1), steps + 1, row.length + tokens
     return worst, steps
@@ -76,5 +76,10 @@ def test_chunks_take_what_fits_oldest_first() -> None:
     assert chunks[1] == (second, budget.fit_tokens(left, 2000)) and chunks[1][1] < 89
     (only,) = take_chunks([_row(9000, 8000)], 0.5, budget)
     assert only[1] == 1  # the oldest row always moves
+    unbounded = PrefillBudget(512, stall=0.0, key_cost=KEY_COST)  # fixed chunks: `limit` tokens at any prefix
+    assert unbounded.allowed(20.0) is None and PrefillBudget(512, stall=1.0).allowed(0.0) is None
+    deep, short = _row(9000, 8000), _row(100, 0)
+    assert take_chunks([deep, short], None, unbounded) == [(deep, 512)]
+    assert take_chunks([short, deep], None, unbounded) == [(short, 100), (deep, 412)]
     echo = _row(300, 0, echo=True)
     assert take_chunks([echo, first], 10.0, budget) == [(echo, 300)]  # an echo prompt goes whole, alone
