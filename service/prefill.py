@@ -34,18 +34,19 @@ class PrefillBudget:
 
     def tokens(self, decoding: float) -> int:
         """The step's prompt work (units), given the decoding rows' work (`decode_work`, or their count)."""
-        if decoding == 0 or self.stall <= 0:
-            return self.limit
-        fit = self.fit()
-        if fit is None:
-            return self.floor
-        fixed, per_unit = fit
-        return max(self.floor, min(self.limit, round(self.stall * (fixed / per_unit + decoding))))
+        allowed = self.allowed(decoding)
+        return self.limit if allowed is None else int(allowed)
 
     def allowed(self, decoding: float) -> float | None:
-        """`tokens(decoding)` as the step's prompt work; None when nothing bounds it (no row decodes, or `stall` 0):
+        """`tokens(decoding)` while something bounds it; None when nothing does (no row decodes, or `stall` 0):
         prompts then go in chunks of `limit` tokens, however long their prefix."""
-        return None if decoding == 0 or self.stall <= 0 else float(self.tokens(decoding))
+        if decoding == 0 or self.stall <= 0:
+            return None
+        fit = self.fit()
+        if fit is None:
+            return float(self.floor)
+        fixed, per_unit = fit
+        return float(max(self.floor, min(self.limit, round(self.stall * (fixed / per_unit + decoding)))))
 
     def decode_work(self, lengths: Sequence[int]) -> float:
         """Work of one decode token per row, each attending its row's `lengths[i]` keys."""
