@@ -23,7 +23,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from .functional import FACTOR_NAMES, Factors, LayerSpec, LinearOrder, factored_cost, kron_rows, linear_order
+from .bankrows import LinearRows
+from .functional import FACTOR_NAMES, Factors, LayerSpec, factored_cost
 from .stamp import Same, Stamp
 
 __all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "slot_nbytes"]
@@ -100,16 +101,6 @@ class BankLayout:
         """`(name, view)` of each factor in one row `(row_numel,)`."""
         for name, shape, offset in self.parts:
             yield name, row[offset : offset + math.prod(shape)].view(shape)
-
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 (layouts are small, immutable values; runs per layer per step)
-    def linear_order(self, spec: LayerSpec) -> tuple[int, int, int, int, int | None, LinearOrder]:
-        """`(m1, n1, m2, n2, rank, order)` of a Linear layer's factored delta."""
-        shapes = {name[5:]: shape for name, shape, _ in self.parts}
-        m1 = (shapes["w1"] if "w1" in shapes else shapes["w1_a"])[0]
-        n1 = (shapes["w1"] if "w1" in shapes else shapes["w1_b"])[-1]
-        m2, n2 = spec.out_features // m1, spec.in_features // n1
-        rank = None if "w2" in shapes else shapes["w2_b"][0]
-        return m1, n1, m2, n2, rank, linear_order(m1, n1, n2, m2, rank)[0]
 
 
 def slot_nbytes(adapter: nn.Module) -> int:
@@ -228,18 +219,14 @@ class FactorBank:
             coeff = coeff * slots.coeff.to(coeff.dtype)
         return parts, coeff
 
-    def apply(self, x: Tensor, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> Tensor:
-        """Linear: `x (E, ..., n1*n2) -> (E, ..., m1*m2)`, entry `e` through `coeff[e] * kron(w1, w2)` of its slot."""
-        parts, coeff = self.gather(slots, data)
-        m1, n1, m2, n2, rank, order = self.layout.linear_order(spec)
-        w1 = parts["w1"] if "w1" in parts else torch.bmm(parts["w1_a"], parts["w1_b"])
-        w1 = w1 * coeff.view(-1, 1, 1)
-        if rank is None:
-            chain = [parts["w2"].transpose(1, 2)]
-        else:
-            chain = [parts["w2_b"].transpose(1, 2), parts["w2_a"].transpose(1, 2)]
-        rows = x.reshape(w1.shape[0], -1, n1, n2)
-        return kron_rows(rows, w1, chain, order).reshape(*x.shape[:-1], m1 * m2)
+    def apply(
+        self, x: Tensor, slots: Slots, spec: LayerSpec, data: Tensor | None = None, out: Tensor | None = None
+    ) -> Tensor:
+        """Linear, at inference: `x (E, ..., n1*n2) -> (E, ..., m1*m2)`, entry `e` through `coeff[e] * kron(w1, w2)`
+        of its slot; with `out` (contiguous, that shape) the delta is added to it in place and `out` returned."""
+        data = self.data if data is None else data
+        rows = data[slots.slot : slots.slot + 1] if slots.index is None else data.index_select(0, slots.index)
+        return LinearRows.of(self.layout.parts, spec).delta(x, rows, slots.coeff, out)
 
     def kron_operands(self, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> KronOperands:
         """`(a, b, shape)` with `dW = (a[e] * b[e]).reshape(weight_shape)` for each entry `e` (its coefficient
