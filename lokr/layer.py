@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .adapter import LoKrAdapter
 from .batch import RowPlan, accumulate, current_plan, per_row, scatter_add
 from .errors import AdapterNotFoundError, AdapterStateError
 from .foldcache import FoldCache
-from .functional import FACTOR_NAMES, Factors, LayerSpec, apply_delta, delta_weight, prefer_factored
+from .functional import LayerSpec, apply_delta, delta_weight, prefer_factored
 from .merged import Prepared, base_op, cheaper, eligible, folded_weight, merged_forward, placed_cost
 from .stacked import FactorBank, LayerBanks, Slots
 
@@ -22,122 +23,6 @@ __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 BankPass = tuple[FactorBank, Tensor, Tensor | None, Slots]  # bank, its data, entry rows (None: row order), slots
-
-
-class LoKrAdapter(nn.Module):
-    """One adapter's factors on one layer (parameters named as PEFT's, `lokr_w1`...) and its settings."""
-
-    def __init__(
-        self,
-        tensors: Mapping[str, Tensor],
-        *,
-        r: int,
-        alpha: float,
-        scale: float | None = None,
-        swapped: bool = False,
-        rank_dropout: float = 0.0,
-        module_dropout: float = 0.0,
-        rank_dropout_scale: bool = False,
-    ) -> None:
-        super().__init__()
-        for name in FACTOR_NAMES:
-            if name in tensors:
-                self.register_parameter(name, nn.Parameter(tensors[name], requires_grad=False))
-        self.r, self.alpha = r, alpha
-        self.scale = alpha / r if scale is None else scale
-        self.swapped = swapped
-        self.rank_dropout, self.module_dropout, self.rank_dropout_scale = (
-            rank_dropout,
-            module_dropout,
-            rank_dropout_scale,
-        )
-        self._dense: tuple[tuple[Any, ...], Tensor] | None = None
-        self.origin: tuple[str, str | None] = ("peft", None)  # (format, source) it was read from
-
-    # While attached, the factors are views of the adapter's row in its layer's factor bank (`_home`): one copy.
-    _home: tuple[LayerBanks, str] | None = None
-    _scale: float
-
-    def _set_home(self, home: tuple[LayerBanks, str] | None) -> None:
-        self.__dict__["_home"] = home
-        self._dense = None
-
-    @property
-    def scale(self) -> float:
-        return self.__dict__["_scale"]
-
-    @scale.setter
-    def scale(self, value: float) -> None:
-        self.__dict__["_scale"] = float(value)
-        if self._home is not None:  # the bank row keeps the scale beside the factors
-            self._home[0].set_scale(self._home[1], float(value))
-
-    def factors(self) -> Factors:
-        """The current factor tensors (read from `_parameters` directly: this runs per layer per step)."""
-        params = self._parameters
-        short = {name[len("lokr_") :]: params[name] for name in FACTOR_NAMES if name in params}
-        return Factors(**short, swapped=self.swapped)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(iter(self._parameters.values())).dtype  # type: ignore[union-attr]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
-
-    def own_storage_(self, pin_memory: bool = False) -> None:
-        """Re-home the factors (detached from any bank) as views of one buffer of their own, pinned if asked:
-        an offloaded adapter then comes back with one (asynchronous) copy."""
-        params = [(name, p) for name, p in self._parameters.items() if p is not None]
-        if len({(p.dtype, p.device) for _, p in params}) != 1:
-            return
-        first = params[0][1]
-        buffer = torch.empty(
-            sum(p.numel() for _, p in params), dtype=first.dtype, device=first.device, pin_memory=pin_memory
-        )
-        offset = 0
-        with torch.no_grad():
-            for _, p in params:
-                view = buffer[offset : offset + p.numel()].view(p.shape)
-                view.copy_(p)
-                p.data = view
-                offset += p.numel()
-
-    # Whatever gives the factors other storage (a replaced parameter, a move or a cast) re-homes them.
-    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        super().register_parameter(name, param)
-        if self._home is not None:
-            self._home[0].rehome(self._home[1])
-
-    def _apply(self, fn: Any, recurse: bool = True) -> LoKrAdapter:
-        super()._apply(fn, recurse)
-        if self._home is not None:
-            self._home[0].rehome(self._home[1])
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the bank behind
-        state = self.__dict__.copy()
-        state.pop("_home", None)
-        state["_dense"] = None
-        return state
-
-    def cached_delta(self, spec: LayerSpec) -> Tensor:
-        """Dense `dW`, rebuilt whenever a factor, the scale, the device or the dtype changed."""
-        params = [p for p in self._parameters.values() if p is not None]  # each view has its own version counter
-        first = params[0]
-        key = (self.scale, first.data_ptr(), tuple(p._version for p in params), first.dtype, first.device)
-        if self._dense is None or self._dense[0] != key:
-            with torch.no_grad():
-                self._dense = (key, delta_weight(self.factors(), spec, self.scale))
-        return self._dense[1]
-
-    def drop_cache(self) -> None:
-        self._dense = None
-
-    def extra_repr(self) -> str:
-        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in FACTOR_NAMES if hasattr(self, n))
-        return f"{shapes}, scale={self.scale:g}"
 
 
 class LoKrLayer(nn.Module):
@@ -265,19 +150,28 @@ class LoKrLayer(nn.Module):
         layers; otherwise (training, or convs with few positions) one gather / delta / scatter per adapter."""
         if self.merged:
             raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
-        if plan.tokens:  # a packed sequence (1, T, ...): one row per position, as (T, 1, ...)
-            if self.spec.kind != "linear" or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != plan.num_rows:
-                raise ValueError(
-                    f"adapter_batch(tokens=True) selects {plan.num_rows} positions of a (1, T, features) input to "
-                    f"Linear layers; this {self.spec.kind} layer got {tuple(x.shape)}"
-                )
+        tokens = plan.tokens
+        if tokens and (self.spec.kind != "linear" or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != plan.num_rows):
+            raise ValueError(
+                f"adapter_batch(tokens=True) selects {plan.num_rows} positions of a (1, T, features) input to "
+                f"Linear layers; this {self.spec.kind} layer got {tuple(x.shape)}"
+            )
+        if not tokens and x.shape[0] != plan.num_rows:
+            raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
+        if not (args or kwargs) and self._inference():  # the per-step fast paths: no reshaping, no casts
+            if not plan.groups:
+                return self.base_layer(x)
+            prepared = plan.prepared.get(id(self)) or self._prepare(plan)
+            if prepared.hot is not None and x.dtype == prepared.hot.dtype:  # one adapter on every row, folded
+                return base_op(self.spec, x, prepared.hot, self.bias)
+            if not prepared.present:
+                return self.base_layer(x)
+        if tokens:  # a packed sequence (1, T, ...): one row per position, as (T, 1, ...)
             rows = self._rows(x.reshape(x.shape[1], 1, *x.shape[2:]), plan, *args, **kwargs)  # contiguous views
             return rows.reshape(1, rows.shape[0], *rows.shape[2:])
         return self._rows(x, plan, *args, **kwargs)
 
     def _rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
-        if x.shape[0] != plan.num_rows:
-            raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
         previous_dtype = x.dtype
         if not plan.groups:
             return self.base_layer(x, *args, **kwargs).to(previous_dtype)
@@ -285,8 +179,6 @@ class LoKrLayer(nn.Module):
             prepared = plan.prepared.get(id(self)) or self._prepare(plan)
             weight = self.weight
             plain = not (args or kwargs) and x.dtype == weight.dtype  # the base op may take another weight
-            if prepared.hot is not None and plain:
-                return base_op(self.spec, x, prepared.hot, self.bias).to(previous_dtype)
             if prepared.foldable and plain:
                 mp = prepared.merge_plan(plan, self._banks, self.spec, weight, x)
                 if mp is not None and cheaper(mp, x, self.spec, weight):
@@ -296,6 +188,9 @@ class LoKrLayer(nn.Module):
                 result = self.base_layer(x, *args, **kwargs)
                 for bank, data, rows, slots in passes:
                     xs = x if x.dtype == bank.dtype else x.to(bank.dtype)
+                    if rows is None and result.dtype == bank.dtype and result.is_contiguous():
+                        result = bank.apply(xs, slots, self.spec, data, out=result)  # added in place
+                        continue
                     delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, self.spec, data)
                     result = accumulate(result, delta) if rows is None else scatter_add(result, rows, delta)
                 return result if result.dtype == previous_dtype else result.to(previous_dtype)

@@ -91,13 +91,17 @@ class Prepared:
         self.hot = hot  # the folded weight when one adapter at scale 1 covers every row and it is cached
         self.placed = placed  # `LayerBanks.place(present)` as the block opened
         self._merge: MergePlan | None = None
+        self._declined: torch.Size | None = None  # an input shape for which folding cannot win
 
     def merge_plan(
         self, plan: RowPlan, banks: LayerBanks, spec: LayerSpec, weight: Tensor, x: Tensor
     ) -> MergePlan | None:
         """The merge plan if folding may beat the factored deltas for `x` (or was built already), else None."""
         if self._merge is None:
+            if x.shape == self._declined:
+                return None
             if not may_fold(len(self.present), self.factored, x, spec, weight):
+                self._declined = x.shape
                 return None
             self._merge = plan_merge(plan, self.present, banks, spec, weight.device, self.placed, self.factored)
         return self._merge
