@@ -9,15 +9,16 @@ Inference only: intermediates and `out` are written in place.
 
 from __future__ import annotations
 
+import collections
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .functional import LayerSpec, LinearOrder, linear_order
 
-__all__ = ["LinearRows"]
+__all__ = ["LinearRows", "ScaleTally"]
 
 
 @dataclass(frozen=True)
@@ -33,86 +34,122 @@ class LinearRows:
     n2: int
     rank: int | None
     order: LinearOrder
-    columns: tuple[tuple[str, int, tuple[int, ...]], ...]
+    columns: dict[str, tuple[int, tuple[int, ...]]] = field(compare=False)
 
     @staticmethod
     @functools.lru_cache(maxsize=4096)
     def of(parts: tuple[tuple[str, tuple[int, ...], int], ...], spec: LayerSpec) -> LinearRows:
         """From a bank layout's `parts` (`(name, shape, offset)`, PEFT names) and the layer's spec."""
-        shapes = {name[5:]: shape for name, shape, _ in parts}
-        m1 = (shapes["w1"] if "w1" in shapes else shapes["w1_a"])[0]
-        n1 = (shapes["w1"] if "w1" in shapes else shapes["w1_b"])[-1]
+        columns = {name[5:]: (offset, shape) for name, shape, offset in parts}
+        m1 = columns["w1"][1][0] if "w1" in columns else columns["w1_a"][1][0]
+        n1 = columns["w1"][1][1] if "w1" in columns else columns["w1_b"][1][1]
         m2, n2 = spec.out_features // m1, spec.in_features // n1
-        rank = None if "w2" in shapes else shapes["w2_b"][0]
-        order = linear_order(m1, n1, n2, m2, rank)[0]
-        return LinearRows(m1, n1, m2, n2, rank, order, tuple((name[5:], off, shape) for name, shape, off in parts))
+        rank = None if "w2" in columns else columns["w2_b"][1][0]
+        return LinearRows(m1, n1, m2, n2, rank, linear_order(m1, n1, n2, m2, rank)[0], columns)
 
-    def delta(self, x: Tensor, rows: Tensor, coeff: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    def delta(
+        self,
+        x: Tensor,
+        rows: Tensor,
+        coeff: Tensor | None = None,
+        out: Tensor | None = None,
+        common: float | None = None,
+    ) -> Tensor:
         """`x (G, ..., n1*n2)`: entry `g` through `rows[g]`'s `scale * coeff[g] * kron(w1, w2)`, `rows (G, D)` (or
-        one row for every entry). Returns the delta `(G, ..., m1*m2)`, or `out` (contiguous, that shape) plus it."""
+        one row for every entry). Returns the delta `(G, ..., m1*m2)`, or `out` (contiguous, that shape) plus it.
+
+        `common`: the scale every row holds, when the caller knows it is one value; with no `coeff` it then rides
+        on the last matmul instead of a multiply."""
         g = rows.shape[0]
-        views = _Views(rows, self.columns)
-        c = views.mat("scale", (1, 1))
-        if coeff is not None:
-            c = c * coeff.view(-1, 1, 1).to(c.dtype)
+        scaled: Tensor | float | None = None  # what the first intermediate is multiplied by
+        fused = 1.0  # what the accumulating matmul multiplies by
+        if coeff is None and common is not None:
+            scaled, fused = (None, common) if out is not None else (common, 1.0)
+        else:
+            scaled = self._mat(rows, "scale")
+            if coeff is not None:
+                scaled = scaled * coeff.view(-1, 1, 1).to(scaled.dtype)
         shape = (*x.shape[:-1], self.m1 * self.m2)
         k = x.numel() // (g * self.n1 * self.n2)  # rows of x per entry
         xs = x.reshape(g, k * self.n1, self.n2)
         if self.order == "sandwich":
-            rank = self.rank
-            assert rank is not None
-            p = torch.bmm(views.mat("w2_b", (rank, self.n2)), xs.mT).mul_(c)  # (G, r, K*n1)
-            q = torch.bmm(p.view(g, rank * k, self.n1), views.w1(self.m1, self.n1).mT)  # (G, r*K, m1)
-            return _last(q.view(g, rank, k * self.m1).mT, views.mat("w2_a", (self.m2, rank)).mT, shape, out)
+            r, m1 = self.rank, self.m1
+            assert r is not None
+            p = _times(torch.bmm(self._mat(rows, "w2_b"), xs.mT), scaled)  # (G, r, K*n1)
+            q = torch.bmm(p.view(g, r * k, self.n1), self._w1(rows, transposed=True))  # (G, r*K, m1)
+            qt = q.as_strided((g, k * m1, r), (r * k * m1, 1, k * m1))  # (G, r, K*m1) transposed
+            return _last(qt, self._mat(rows, "w2_a", transposed=True), shape, out, fused)
         if self.order == "w1_first":
-            w1 = views.w1(self.m1, self.n1)
-            u = torch.matmul(w1.unsqueeze(1), xs.view(g, k, self.n1, self.n2))  # (G, K, m1, n2)
-            chain = self._w2_chain(views)
-            y = u.view(g, k * self.m1, self.n2).mul_(c)
+            u = torch.matmul(self._w1(rows).unsqueeze(1), xs.view(g, k, self.n1, self.n2))  # (G, K, m1, n2)
+            chain = self._w2_chain(rows)
+            y = _times(u.view(g, k * self.m1, self.n2), scaled)
             for w in chain[:-1]:
                 y = torch.bmm(y, w)
-            return _last(y, chain[-1], shape, out)
+            return _last(y, chain[-1], shape, out, fused)
         z = xs  # w2_first
-        for w in self._w2_chain(views):
+        for w in self._w2_chain(rows):
             z = torch.bmm(z, w)
-        z = z.mul_(c)  # (G, K*n1, m2)
-        w1 = views.w1(self.m1, self.n1)
+        z = _times(z, scaled)  # (G, K*n1, m2)
         if k == 1:
-            return _last(w1, z, shape, out)
-        y = torch.matmul(w1.unsqueeze(1), z.view(g, k, self.n1, self.m2)).view(shape)
-        return y if out is None else out.add_(y)
+            return _last(self._w1(rows), z, shape, out, fused)
+        y = torch.matmul(self._w1(rows).unsqueeze(1), z.view(g, k, self.n1, self.m2)).view(shape)
+        return y if out is None else out.add_(y, alpha=fused)
 
-    def _w2_chain(self, views: _Views) -> list[Tensor]:
+    def _w2_chain(self, rows: Tensor) -> list[Tensor]:
         """`w2` as the matrices applied to row vectors: `[w2^T]`, or `[w2_b^T, w2_a^T]`."""
         if self.rank is None:
-            return [views.mat("w2", (self.m2, self.n2)).mT]
-        return [views.mat("w2_b", (self.rank, self.n2)).mT, views.mat("w2_a", (self.m2, self.rank)).mT]
+            return [self._mat(rows, "w2", transposed=True)]
+        return [self._mat(rows, "w2_b", transposed=True), self._mat(rows, "w2_a", transposed=True)]
+
+    def _w1(self, rows: Tensor, transposed: bool = False) -> Tensor:
+        """`w1 (G, m1, n1)` (or its transpose): a view, or the product of its two factors."""
+        if "w1" in self.columns:
+            return self._mat(rows, "w1", transposed)
+        w1 = torch.bmm(self._mat(rows, "w1_a"), self._mat(rows, "w1_b"))
+        return w1.mT if transposed else w1
+
+    def _mat(self, rows: Tensor, name: str, transposed: bool = False) -> Tensor:
+        """Factor `name` of every row as `(G, a, b)` (`(G, b, a)` transposed); `scale` as `(G, 1, 1)`."""
+        offset, (a, b) = self.columns[name] if name != "scale" else (0, (1, 1))
+        stride = rows.stride(0)
+        if transposed:
+            return rows.as_strided((rows.shape[0], b, a), (stride, 1, b), rows.storage_offset() + offset)
+        return rows.as_strided((rows.shape[0], a, b), (stride, b, 1), rows.storage_offset() + offset)
 
 
-class _Views:
-    """Strided views `(G, a, b)` of the factors in `rows (G, D)` (unit stride along dim 1)."""
-
-    def __init__(self, rows: Tensor, columns: tuple[tuple[str, int, tuple[int, ...]], ...]) -> None:
-        self.rows, self.stride, self.base = rows, rows.stride(0), rows.storage_offset()
-        self.offsets = {name: off for name, off, _ in columns}
-        self.offsets["scale"] = 0
-        self.shapes = {name: shape for name, _, shape in columns}
-
-    def mat(self, name: str, shape: tuple[int, int]) -> Tensor:
-        a, b = shape
-        size = (self.rows.shape[0], a, b)
-        return self.rows.as_strided(size, (self.stride, b, 1), self.base + self.offsets[name])
-
-    def w1(self, m1: int, n1: int) -> Tensor:
-        if "w1" in self.offsets:
-            return self.mat("w1", (m1, n1))
-        r1 = self.shapes["w1_a"][1]
-        return torch.bmm(self.mat("w1_a", (m1, r1)), self.mat("w1_b", (r1, n1)))
+def _times(t: Tensor, by: Tensor | float | None) -> Tensor:
+    """`t * by` in place (`t` is a fresh intermediate); `t` as it is for None."""
+    return t if by is None else t.mul_(by)
 
 
-def _last(a: Tensor, b: Tensor, shape: tuple[int, ...], out: Tensor | None) -> Tensor:
-    """`a @ b` (batched) viewed as `shape`, or accumulated into `out` by the matmul itself."""
+def _last(a: Tensor, b: Tensor, shape: tuple[int, ...], out: Tensor | None, alpha: float) -> Tensor:
+    """`alpha * (a @ b)` (batched) viewed as `shape`, or accumulated into `out` by the matmul itself."""
     if out is None:
-        return torch.bmm(a, b).view(shape)
-    out.view(a.shape[0], a.shape[1], b.shape[2]).baddbmm_(a, b)
+        y = torch.bmm(a, b).view(shape)
+        return y if alpha == 1.0 else y.mul_(alpha)
+    out.view(a.shape[0], a.shape[1], b.shape[2]).baddbmm_(a, b, alpha=alpha)
     return out
+
+
+class ScaleTally:
+    """The scale each adapter of a bank holds and how many hold each value: which one they all share, if any."""
+
+    def __init__(self) -> None:
+        self._of: dict[str, float] = {}
+        self._counts: collections.Counter[float] = collections.Counter()
+
+    def set(self, name: str, scale: float | None) -> None:
+        """`name` now holds `scale` (None: it left)."""
+        old = self._of.pop(name, None)
+        if old is not None:
+            self._counts[old] -= 1
+            if not self._counts[old]:
+                del self._counts[old]
+        if scale is not None:
+            self._of[name] = scale
+            self._counts[scale] += 1
+
+    @property
+    def common(self) -> float | None:
+        """The scale every adapter holds, when there is one (the usual case: one alpha / r for all)."""
+        return next(iter(self._counts)) if len(self._counts) == 1 else None

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from .bankrows import LinearRows
+from .bankrows import LinearRows, ScaleTally
 from .functional import FACTOR_NAMES, Factors, LayerSpec, factored_cost
 from .stamp import Same, Stamp
 
@@ -132,6 +132,7 @@ class FactorBank:
         self._free: list[int] = []  # popped from the end: lowest slot first
         self._cost: dict[LayerSpec, int] = {}
         self._folds: dict[tuple[LayerSpec, tuple[int, ...]], tuple[Stamp, KronOperands]] = {}  # `fold_operands`
+        self.scales = ScaleTally()  # the members' scales (their rows' column 0)
 
     @property
     def capacity(self) -> int:
@@ -148,6 +149,7 @@ class FactorBank:
         slot = self._free.pop()
         row = self.data[slot]
         row[0] = adapter.scale
+        self.scales.set(name, adapter.scale)
         for pname, view in self.layout.row_views(row):
             view.copy_(adapter._parameters[pname])  # type: ignore[arg-type]
         self.slots[name], self.members[name] = slot, adapter
@@ -156,6 +158,7 @@ class FactorBank:
     def remove(self, name: str) -> None:
         """Give `name`'s parameters their own copy, zero its row (nothing of it is kept) and free the slot."""
         slot, adapter = self.slots.pop(name), self.members.pop(name)
+        self.scales.set(name, None)
         base = self.data.untyped_storage().data_ptr()
         for pname, _, _ in self.layout.parts:
             p = adapter._parameters.get(pname)
@@ -180,6 +183,7 @@ class FactorBank:
 
     def set_scale(self, name: str, scale: float) -> None:
         self.data[self.slots[name], 0] = scale
+        self.scales.set(name, scale)
 
     def apply_(self, fn: Callable[[Tensor], Tensor]) -> None:
         """`fn` (a module `_apply` function: `.to()`, `.half()`...) on the data; members follow."""
@@ -209,29 +213,24 @@ class FactorBank:
         self._bind(order)
 
     # ---------------------------------------------------------------------------- compute
-    def gather(self, slots: Slots, data: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
-        """The factors of each entry (`(G, ...)`, G = 1 for a shared slot) and its coefficient `(G,)`."""
+    def _rows(self, slots: Slots, data: Tensor | None) -> Tensor:
+        """The rows of the entries `(G, row_numel)`: G = 1 for a shared slot (a view), else gathered."""
         data = self.data if data is None else data
-        rows = data[slots.slot : slots.slot + 1] if slots.index is None else data.index_select(0, slots.index)
-        parts = self.layout.split(rows)
-        coeff = parts.pop("scale")
-        if slots.coeff is not None:
-            coeff = coeff * slots.coeff.to(coeff.dtype)
-        return parts, coeff
+        return data[slots.slot : slots.slot + 1] if slots.index is None else data.index_select(0, slots.index)
 
     def apply(
         self, x: Tensor, slots: Slots, spec: LayerSpec, data: Tensor | None = None, out: Tensor | None = None
     ) -> Tensor:
         """Linear, at inference: `x (E, ..., n1*n2) -> (E, ..., m1*m2)`, entry `e` through `coeff[e] * kron(w1, w2)`
         of its slot; with `out` (contiguous, that shape) the delta is added to it in place and `out` returned."""
-        data = self.data if data is None else data
-        rows = data[slots.slot : slots.slot + 1] if slots.index is None else data.index_select(0, slots.index)
-        return LinearRows.of(self.layout.parts, spec).delta(x, rows, slots.coeff, out)
+        common = self.scales.common if slots.coeff is None else None
+        return LinearRows.of(self.layout.parts, spec).delta(x, self._rows(slots, data), slots.coeff, out, common)
 
     def kron_operands(self, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> KronOperands:
         """`(a, b, shape)` with `dW = (a[e] * b[e]).reshape(weight_shape)` for each entry `e` (its coefficient
         included), and `shape` the view of the weight that `a[e] * b[e]` broadcasts to, as PEFT lays `dW` out."""
-        parts, coeff = self.gather(slots, data)
+        parts = self.layout.split(self._rows(slots, data))
+        coeff = parts.pop("scale") if slots.coeff is None else parts.pop("scale") * slots.coeff.to(self.dtype)
         w1 = parts["w1"] if "w1" in parts else torch.bmm(parts["w1_a"], parts["w1_b"])
         w1 = w1 * coeff.view(-1, 1, 1)
         groups, (m1, n1) = w1.shape[0], w1.shape[1:]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lokr.bankrows import LinearRows
+from lokr.bankrows import LinearRows, ScaleTally
 from lokr.functional import LayerSpec
 
 # (m1, n1, m2, n2, w1 rank or None, w2 rank or None, the order linear_order picks for them)
@@ -38,9 +38,10 @@ def _weight(row: torch.Tensor, parts: tuple) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[-1]}-{i}" for i, s in enumerate(SHAPES)])
 @pytest.mark.parametrize("per_entry", [1, 3], ids=["one-row-each", "three-rows-each"])
-@pytest.mark.parametrize("with_coeff", [False, True], ids=["unit", "coeff"])
+@pytest.mark.parametrize("scales", ["per-row", "coeff", "common"])
 @pytest.mark.parametrize("into_out", [False, True], ids=["returned", "in-place"])
-def test_delta_equals_kron_per_entry(shape: tuple, per_entry: int, with_coeff: bool, into_out: bool) -> None:
+def test_delta_equals_kron_per_entry(shape: tuple, per_entry: int, scales: str, into_out: bool) -> None:
+    """`per-row`: each row's own scale; `coeff`: times a per-entry multiplier; `common`: one scale, said so."""
     m1, n1, m2, n2, r1, r2, order = shape
     parts, width = _layout(m1, n1, m2, n2, r1, r2)
     spec = LayerSpec("linear", m1 * m2, n1 * n2)
@@ -50,15 +51,17 @@ def test_delta_equals_kron_per_entry(shape: tuple, per_entry: int, with_coeff: b
     entries = 5
     bank = torch.randn(9, width, generator=gen)
     index = torch.tensor([7, 2, 2, 0, 5])
+    if scales == "common":
+        bank[:, 0] = 0.7
     rows = bank.index_select(0, index)
     x = torch.randn(entries, per_entry, n1 * n2, generator=gen)
-    coeff = torch.tensor([0.5, 1.0, 2.0, -1.0, 0.25]) if with_coeff else None
+    coeff = torch.tensor([0.5, 1.0, 2.0, -1.0, 0.25]) if scales == "coeff" else None
     with torch.inference_mode():
         base = torch.randn(entries, per_entry, m1 * m2, generator=gen)
         out = base.clone() if into_out else None
-        got = kernel.delta(x, rows, coeff, out)
-    scales = coeff if coeff is not None else torch.ones(entries)
-    want = torch.stack([x[e] @ (scales[e] * _weight(rows[e], parts)).T for e in range(entries)])
+        got = kernel.delta(x, rows, coeff, out, common=0.7 if scales == "common" else None)
+    times = coeff if coeff is not None else torch.ones(entries)
+    want = torch.stack([x[e] @ (times[e] * _weight(rows[e], parts)).T for e in range(entries)])
     if into_out:
         assert got is out
         want = base + want
@@ -74,3 +77,17 @@ def test_one_shared_row_serves_every_entry() -> None:
     with torch.inference_mode():
         got = kernel.delta(x, bank[3:4])
     torch.testing.assert_close(got, x @ _weight(bank[3], parts).T, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_tally_names_the_one_scale_all_hold() -> None:
+    tally = ScaleTally()
+    assert tally.common is None
+    tally.set("a", 0.5)
+    tally.set("b", 0.5)
+    assert tally.common == 0.5
+    tally.set("b", 2.0)
+    assert tally.common is None
+    tally.set("b", None)
+    assert tally.common == 0.5
+    tally.set("a", None)
+    assert tally.common is None

@@ -341,3 +341,24 @@ def test_prepared_attach_changes_nothing_until_attached() -> None:
     lokr.attach_prepared(base, lokr.prepare_attach(base, parsed, "c"))
     with pytest.raises(lokr.AdapterExistsError):
         lokr.attach_prepared(base, lokr.PreparedAttach("c", again.adapters))
+
+
+def test_the_shared_scale_follows_every_adapter_scale_change() -> None:
+    """A bank whose adapters all hold one scale runs it on the last matmul; one changed scale ends that, and the
+    same scale set on all of them brings it back, each time exact (inference, one adapter per row)."""
+    model = _net(3, r=2)
+    layer = model[0]
+    bank = layer._banks.bank_of("a0")
+    rows: list[object] = ["a2", "a0", "a1", "a0"]
+    assert bank is not None and bank.scales.common == layer.lokr_adapters["a0"].scale
+    _check(model, rows, mode="inference")
+    layer.lokr_adapters["a1"].scale = 0.25
+    assert bank.scales.common is None
+    _check(model, rows, mode="inference")
+    for name in ("a0", "a2"):
+        layer.lokr_adapters[name].scale = 0.25
+    assert bank.scales.common == 0.25
+    _check(model, rows, mode="inference")
+    lokr.delete_adapter(model, "a2")
+    assert bank.scales.common == 0.25
+    _check(model, ["a1", "a0"], mode="inference")
