@@ -158,14 +158,14 @@ class LoKrLayer(nn.Module):
             )
         if not tokens and x.shape[0] != plan.num_rows:
             raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
-        if not (args or kwargs) and self._inference():  # the per-step fast paths: no reshaping, no casts
+        if not (args or kwargs) and self._inference():  # the per-step fast paths: no reshaping
             if not plan.groups:
-                return self.base_layer(x)
+                return _like(self.base_layer(x), x)
             prepared = plan.prepared.get(id(self)) or self._prepare(plan)
             if prepared.hot is not None and x.dtype == prepared.hot.dtype:  # one adapter on every row, folded
-                return base_op(self.spec, x, prepared.hot, self.bias)
+                return _like(base_op(self.spec, x, prepared.hot, self.bias), x)
             if not prepared.present:
-                return self.base_layer(x)
+                return _like(self.base_layer(x), x)
         if tokens:  # a packed sequence (1, T, ...): one row per position, as (T, 1, ...)
             rows = self._rows(x.reshape(x.shape[1], 1, *x.shape[2:]), plan, *args, **kwargs)  # contiguous views
             return rows.reshape(1, rows.shape[0], *rows.shape[2:])
@@ -293,3 +293,8 @@ class LoKrLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _like(out: Tensor, x: Tensor) -> Tensor:
+    """`out` in `x`'s dtype (as every forward returns; autocast may change it), cast only when it differs."""
+    return out if out.dtype == x.dtype else out.to(x.dtype)

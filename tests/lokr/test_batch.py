@@ -207,6 +207,21 @@ def test_base_rows_run_base_ops_and_prepare_nothing(mlp: nn.Module) -> None:
         mlp(torch.randn(2, 12))
 
 
+@pytest.mark.parametrize("rows", [[None] * 3, ["a"] * 3, ["a", "b", "c"]], ids=["base", "one", "mixed"])
+def test_per_row_forwards_answer_in_the_input_dtype_under_autocast(mlp: nn.Module, rows: list[Any]) -> None:
+    """Under autocast the base ops compute in bfloat16; every per-row path casts back to the input's dtype, as a
+    plain forward does (base rows, one folded adapter, bank deltas)."""
+    x = torch.randn(3, 12)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with lokr.adapter_batch(mlp, rows, fold=1):
+            first = mlp(x)
+        with lokr.adapter_batch(mlp, rows, fold=1):  # the one-adapter block now runs on the kept folded weight
+            again = mlp(x)
+    assert first.dtype == again.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(again, _row_by_row(mlp, rows, x), rtol=0.05, atol=0.05)
+
+
 def test_unknown_adapter_raises(mlp: nn.Module) -> None:
     with pytest.raises(lokr.AdapterNotFoundError, match="nope"), lokr.adapter_batch(mlp, ["a", "nope"]):
         pass
