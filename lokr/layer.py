@@ -147,7 +147,8 @@ class LoKrLayer(nn.Module):
     def _forward_rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
         """Each row of dim 0 gets its own adapter(s). At inference: the adapters folded into the weight once
         per row selection where that is cheaper (`merged`), else the factor banks' batched deltas on Linear
-        layers; otherwise (training, or convs with few positions) one gather / delta / scatter per adapter."""
+        layers; otherwise (training, or convs with few positions) one gather / delta / scatter per adapter. Rows
+        with no adapter here, or one adapter whose folded weight is kept, run one base op on the input as it is."""
         if self.merged:
             raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
         tokens = plan.tokens
