@@ -2,9 +2,10 @@
 
 A mixed-adapter decode step runs every adapted Linear layer's delta over a handful of tokens, so each layer's cost is
 the number of ops it issues, not their multiply-adds. Here each factor is one strided view of the gathered rows
-(transposed where the matmul wants it), the per-entry coefficient scales the first intermediate in place, and the
-last matmul accumulates into the base layer's output (`baddbmm_`): the sandwich order is four ops after the gather.
-Inference only: intermediates and `out` are written in place.
+(transposed where the matmul wants it), and the last matmul accumulates into the base layer's output (`baddbmm_`)
+with the rows' scale as its `alpha` when they all share one; otherwise a multiply scales the first intermediate in
+place. The sandwich order is three matmuls after the gather. Inference only: intermediates and `out` are written in
+place.
 """
 
 from __future__ import annotations
