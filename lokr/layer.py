@@ -173,9 +173,8 @@ class LoKrLayer(nn.Module):
         return self._rows(x, plan, *args, **kwargs)
 
     def _rows(self, x: Tensor, plan: RowPlan, *args: Any, **kwargs: Any) -> Tensor:
-        previous_dtype = x.dtype
         if not plan.groups:
-            return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+            return _like(self.base_layer(x, *args, **kwargs), x)
         if self._inference():
             prepared = plan.prepared.get(id(self)) or self._prepare(plan)
             weight = self.weight
@@ -194,7 +193,7 @@ class LoKrLayer(nn.Module):
                         continue
                     delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, self.spec, data)
                     result = accumulate(result, delta) if rows is None else scatter_add(result, rows, delta)
-                return result if result.dtype == previous_dtype else result.to(previous_dtype)
+                return _like(result, x)
         result = self.base_layer(x, *args, **kwargs)
         for name in [name for name in plan.groups if name in self._held]:
             group = plan.groups[name]
@@ -203,7 +202,7 @@ class LoKrLayer(nn.Module):
             if not group.unit:
                 delta = delta * per_row(group.scale_tensor(x.device, delta.dtype), delta)
             result = accumulate(result, delta) if index is None else scatter_add(result, index, delta)
-        return result.to(previous_dtype)
+        return _like(result, x)
 
     def _inference(self) -> bool:
         """Per-row batches read the factor banks directly at inference (eval mode, no autograd)."""
