@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .functional import LayerSpec, LinearOrder, linear_order
+from .functional import LayerSpec, LinearOrder, kron_rows, linear_order
 
 __all__ = ["LinearRows", "ScaleTally"]
 
@@ -70,31 +70,12 @@ class LinearRows:
             scaled = self._mat(rows, "scale")
             if coeff is not None:
                 scaled = scaled * coeff.view(-1, 1, 1).to(scaled.dtype)
-        shape = (*x.shape[:-1], self.m1 * self.m2)
         k = x.numel() // (g * self.n1 * self.n2)  # rows of x per entry
-        xs = x.reshape(g, k * self.n1, self.n2)
-        if self.order == "sandwich":
-            r, m1 = self.rank, self.m1
-            assert r is not None
-            p = _times(torch.bmm(self._mat(rows, "w2_b"), xs.mT), scaled)  # (G, r, K*n1)
-            q = torch.bmm(p.view(g, r * k, self.n1), self._w1(rows, transposed=True))  # (G, r*K, m1)
-            qt = q.as_strided((g, k * m1, r), (r * k * m1, 1, k * m1))  # (G, r, K*m1) transposed
-            return _last(qt, self._mat(rows, "w2_a", transposed=True), shape, out, fused)
-        if self.order == "w1_first":
-            u = torch.matmul(self._w1(rows).unsqueeze(1), xs.view(g, k, self.n1, self.n2))  # (G, K, m1, n2)
-            chain = self._w2_chain(rows)
-            y = _times(u.view(g, k * self.m1, self.n2), scaled)
-            for w in chain[:-1]:
-                y = torch.bmm(y, w)
-            return _last(y, chain[-1], shape, out, fused)
-        z = xs  # w2_first
-        for w in self._w2_chain(rows):
-            z = torch.bmm(z, w)
-        z = _times(z, scaled)  # (G, K*n1, m2)
-        if k == 1:
-            return _last(self._w1(rows), z, shape, out, fused)
-        y = torch.matmul(self._w1(rows).unsqueeze(1), z.view(g, k, self.n1, self.m2)).view(shape)
-        return y if out is None else out.add_(y, alpha=fused)
+        m1, m2 = self.m1, self.m2
+        into = None if out is None else out.view(g, k * m1, m2)
+        xs = x.reshape(g, k, self.n1, self.n2)
+        y = kron_rows(xs, self._w1(rows), self._w2_chain(rows), self.order, times=scaled, out=into, alpha=fused)
+        return y.view(*x.shape[:-1], m1 * m2) if out is None else out
 
     def _w2_chain(self, rows: Tensor) -> list[Tensor]:
         """`w2` as the matrices applied to row vectors: `[w2^T]`, or `[w2_b^T, w2_a^T]`."""
@@ -102,12 +83,11 @@ class LinearRows:
             return [self._mat(rows, "w2", transposed=True)]
         return [self._mat(rows, "w2_b", transposed=True), self._mat(rows, "w2_a", transposed=True)]
 
-    def _w1(self, rows: Tensor, transposed: bool = False) -> Tensor:
-        """`w1 (G, m1, n1)` (or its transpose): a view, or the product of its two factors."""
+    def _w1(self, rows: Tensor) -> Tensor:
+        """`w1 (G, m1, n1)`: a view, or the product of its two factors."""
         if "w1" in self.columns:
-            return self._mat(rows, "w1", transposed)
-        w1 = torch.bmm(self._mat(rows, "w1_a"), self._mat(rows, "w1_b"))
-        return w1.mT if transposed else w1
+            return self._mat(rows, "w1")
+        return torch.bmm(self._mat(rows, "w1_a"), self._mat(rows, "w1_b"))
 
     def _mat(self, rows: Tensor, name: str, transposed: bool = False) -> Tensor:
         """Factor `name` of every row as `(G, a, b)` (`(G, b, a)` transposed); `scale` as `(G, 1, 1)`."""
@@ -116,20 +96,6 @@ class LinearRows:
         if transposed:
             return rows.as_strided((rows.shape[0], b, a), (stride, 1, b), rows.storage_offset() + offset)
         return rows.as_strided((rows.shape[0], a, b), (stride, b, 1), rows.storage_offset() + offset)
-
-
-def _times(t: Tensor, by: Tensor | float | None) -> Tensor:
-    """`t * by` in place (`t` is a fresh intermediate); `t` as it is for None."""
-    return t if by is None else t.mul_(by)
-
-
-def _last(a: Tensor, b: Tensor, shape: tuple[int, ...], out: Tensor | None, alpha: float) -> Tensor:
-    """`alpha * (a @ b)` (batched) viewed as `shape`, or accumulated into `out` by the matmul itself."""
-    if out is None:
-        y = torch.bmm(a, b).view(shape)
-        return y if alpha == 1.0 else y.mul_(alpha)
-    out.view(a.shape[0], a.shape[1], b.shape[2]).baddbmm_(a, b, alpha=alpha)
-    return out
 
 
 class ScaleTally:
