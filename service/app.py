@@ -19,6 +19,7 @@ import lokr
 from .backend import LoadedModel, load_causal_lm, resolve_dtype
 from .engine import Engine
 from .errors import HttpError, ServiceError, http_error_for
+from .foldsize import fold_copies
 from .images import routers as image_routers
 from .images.backend import ImageBackend
 from .images.front import ImageFront
@@ -105,12 +106,13 @@ def _start(c: Components, loaded: LoadedModel | LoadedPipeline) -> None:
     """Build engine + registry, preload `--adapter` pairs (operator-trusted paths), start the worker."""
     s = c.settings
     backend: CausalLMBackend | ImageBackend
+    images = isinstance(loaded, LoadedPipeline)
+    served = loaded.container if isinstance(loaded, LoadedPipeline) else loaded.model
+    fold = fold_copies(s.fold_cache, served, loaded.device, images=images, max_batch_size=s.max_batch_size)
     if isinstance(loaded, LoadedPipeline):
-        backend = ImageBackend(loaded, c.metrics, s.max_batch_size, s.fold_cache)
+        backend = ImageBackend(loaded, c.metrics, s.max_batch_size, fold)
     else:
-        backend = CausalLMBackend(
-            loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens, s.prefill_stall, s.fold_cache
-        )
+        backend = CausalLMBackend(loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens, s.prefill_stall, fold)
     engine = Engine(backend, c.metrics, s.max_queue)
     adapter_dtype = None if s.adapter_dtype == "auto" else resolve_dtype(s.adapter_dtype, loaded.device)
     limits = TierLimits(s.max_resident_adapters, s.max_resident_bytes, s.max_host_adapters, s.max_host_bytes)

@@ -35,7 +35,11 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ),
     (
         "--fold-cache",
-        {"type": int, "help": "weight copies per adapted layer kept with adapters folded in (0: none)"},
+        {
+            "metavar": "N|auto",
+            "help": "weight copies per adapted layer kept with adapters folded in (0: none; auto, the default: "
+            "1 for a causal LM, --max-batch-size for an image pipeline, fewer where memory is short)",
+        },
     ),
     ("--max-resident-adapters", {"type": int, "help": "adapters attached to the model (device tier)"}),
     ("--max-resident-bytes", {"type": int, "help": "bytes of resident adapters (0: no limit)"}),

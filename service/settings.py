@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1)
     max_prefill_tokens: int = Field(512, ge=1)
     prefill_stall: float = Field(1.0, ge=0)
-    fold_cache: int = Field(1, ge=0)
+    fold_cache: int | Literal["auto"] = "auto"
     max_resident_adapters: int = Field(128, ge=1)
     max_resident_bytes: int = Field(0, ge=0)
     max_host_adapters: int = Field(512, ge=0)
@@ -61,6 +61,20 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [v.strip() for v in text.split(",") if v.strip()]
         return value
+
+    @field_validator("fold_cache", mode="before")
+    @classmethod
+    def _fold_copies(cls, value: Any) -> Any:
+        """A number of weight copies (0 or more) or `auto`."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            copies = int(value)
+        except (TypeError, ValueError):
+            copies = -1
+        if copies < 0 or isinstance(value, (bool, float)):
+            raise ValueError(f"expects a number of weight copies (0 or more) or 'auto', got {value!r}")
+        return copies
 
     @field_validator("adapter_root", mode="after")
     @classmethod

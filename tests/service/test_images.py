@@ -150,6 +150,11 @@ def test_disconnect_cancels_the_images(image_server: Server, http: httpx.Client)
     assert len(generate(http, prompt="a cat", seed=2)) == 1  # and the server serves the next request
 
 
+def test_the_image_server_keeps_a_folded_copy_per_batch_image_by_default(image_server: Server) -> None:
+    """`--fold-cache auto` on the tiny pipeline (memory to spare): one copy per image of a full batch (16)."""
+    assert "fold cache: 16 folded weight copies per adapted layer (auto:" in image_server.log.read_text()
+
+
 def test_causal_lm_server_refuses_image_routes(client: httpx.Client) -> None:
     for method, path in [("POST", "/v1/images/generations"), ("POST", "/sdapi/v1/txt2img"), ("GET", "/sdapi/v1/loras")]:
         response = client.request(method, path, json={"prompt": "a"} if method == "POST" else None)
