@@ -10,9 +10,11 @@ mask built by `attention_mask` hides every key past a row's own query position.
 Capacity: the whole context (`max_length` positions per slot) when it fits `budget_bytes`, reserved as the
 first forward runs, so a long prompt arriving mid-run never reallocates the store under the running rows
 (a doubling copy of every slot cost 0.2-0.9 s on the benchmark model). Otherwise the store starts smaller
-and doubles. Positions are zeroed up to the furthest one any forward has reached (masked keys still meet
-their values in `probs @ V`, and 0 * NaN would be NaN), so the reservation costs no time and, on CPU, no
-memory until rows use it.
+and doubles. Every slot's positions are zeroed up to the furthest key that rows attending together read
+(masked keys still meet their values in `probs @ V`, and 0 * NaN would be NaN), so the reservation costs no
+time and, on CPU, no memory until rows use it. A prompt chunk reads only its own slot's positions, each
+written before it is read, so a long prompt zeroes nothing: its slot is marked as written past that point
+(`_ahead`), and a later zeroing leaves what it wrote alone.
 
 Why not transformers' `ContinuousBatchingManager` / `PagedAttentionCache`: it packs every request's tokens
 into one flattened row (batch dim 1, `cu_seq_lens`), while per-request adapters (`lokr.adapter_batch`)
@@ -77,6 +79,7 @@ class SlotCache:
         self.max_length = max_length
         self.budget_bytes, self.layers = budget_bytes, max(1, layers)
         self._clean = 0  # positions [0, _clean) of every slot hold zeros or written keys / values
+        self._ahead: dict[int, int] = {}  # slot -> end of what rows wrote there past `_clean`
         self.keys: list[Tensor] = []  # per layer (max_rows, kv_heads, capacity, head_dim)
         self.values: list[Tensor] = []
         self._free = list(range(max_rows - 1, -1, -1))  # a stack: the lowest free slot is taken first
@@ -109,6 +112,7 @@ class SlotCache:
         self._free.remove(dst)
         for store in (*self.keys, *self.values):
             store[dst, :, :length] = store[src, :, :length]
+        self._wrote(dst, length)
         self._free.append(src)
 
     @torch.inference_mode()
@@ -118,13 +122,16 @@ class SlotCache:
             held = store[a, :, :length_a].clone()
             store[a, :, :length_b] = store[b, :, :length_b]
             store[b, :, :length_a] = held
+        self._wrote(a, length_b)
+        self._wrote(b, length_a)
 
     # ------------------------------------------------------------------------------------------ a forward
     @torch.inference_mode()
     def bind(self, slots: list[int], starts: list[int], width: int, device: torch.device) -> SlotPlan:
         """Set the rows of the next forward: row i writes `width` new positions after its `starts[i]`."""
         keys = max(starts) + width
-        self._reserve(keys)
+        self._fit(keys)
+        self._zero_to(keys)  # every row reads `keys` positions of its slot
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
         plan = SlotPlan(
             torch.tensor(slots, device=device),
@@ -159,8 +166,13 @@ class SlotCache:
             slots += [slot] * width
             positions += range(start, start + width)
             first += width
-        self._reserve(max(positions) + 1)
+        self._fit(max(positions) + 1)
         span, long = split_decode([n + 1 for n in decode_lengths]) if decode_lengths else (0, ())
+        self._zero_to(span)  # the decoding rows read `span` positions of slots 0..n-1 together
+        for slot, start, width in chunks:
+            self._wrote(slot, start + width)  # a chunk reads only what it and the chunks before it wrote
+        for row, length in long:  # rows attending alone read only their own keys
+            self._wrote(row, length)
         step = PackedStep(
             self,
             len(decode_lengths),
@@ -242,22 +254,48 @@ class SlotCache:
 
     def _first_capacity(self, key_states: Tensor, value_states: Tensor) -> int:
         """The whole context when it fits the budget, else the capacity asked for (at least what is bound)."""
-        asked = max(self.capacity, self._clean)
+        asked = max(self.capacity, self._written())
         if self.max_length is None or self.budget_bytes is None:
             return asked
         per_position = sum(t.shape[1] * t.shape[3] * t.element_size() for t in (key_states, value_states))
         whole = self.max_rows * self.max_length * per_position * self.layers
         return max(asked, self.max_length) if whole <= self.budget_bytes else asked
 
-    def _reserve(self, length: int) -> None:
-        """Make every slot hold `length` positions, zeroing those no forward has reached yet. A store smaller
-        than that doubles (amortised O(1) per token), copying only the positions in use."""
+    def _fit(self, length: int) -> None:
+        """Make every slot hold `length` positions: a store smaller than that doubles (amortised O(1) per token),
+        copying only the positions written."""
         if length > self.capacity:
             self._grow(length)
-        if length > self._clean:
-            for store in (*self.keys, *self.values):
-                store[:, :, self._clean : length].zero_()
-            self._clean = length
+
+    def _zero_to(self, length: int) -> None:
+        """Zero positions `[_clean, length)` of every slot, but not what rows wrote there (`_ahead`)."""
+        if length <= self._clean:
+            return
+        lo = self._clean
+        kept = sorted((slot, end) for slot, end in self._ahead.items())
+        runs, first = [], 0  # (first slot, end slot): the slots with nothing written past `_clean`
+        for slot, _ in kept:
+            runs.append((first, slot))
+            first = slot + 1
+        runs.append((first, self.max_rows))
+        for store in (*self.keys, *self.values):
+            for a, b in runs:
+                if a < b:
+                    store[a:b, :, lo:length].zero_()
+            for slot, end in kept:
+                if end < length:
+                    store[slot, :, end:length].zero_()
+        self._ahead = {slot: end for slot, end in kept if end > length}
+        self._clean = length
+
+    def _wrote(self, slot: int, end: int) -> None:
+        """Rows wrote positions `[0, end)` of `slot` (nothing past `_clean` is ever zeroed there)."""
+        if end > self._clean:
+            self._ahead[slot] = max(self._ahead.get(slot, 0), end)
+
+    def _written(self) -> int:
+        """The furthest position any slot holds written or zeroed."""
+        return max(self._clean, *self._ahead.values()) if self._ahead else self._clean
 
     def _grow(self, length: int) -> None:
         new = self.capacity
@@ -265,10 +303,11 @@ class SlotCache:
             new *= 2
         if self.max_length is not None:
             new = max(length, min(new, self.max_length))
+        written = self._written()
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 grown = old.new_empty((*old.shape[:2], new, old.shape[3]))
-                grown[:, :, : self._clean] = old[:, :, : self._clean]
+                grown[:, :, :written] = old[:, :, :written]
                 store[i] = grown
         self.capacity = new
 

@@ -252,6 +252,15 @@ def test_a_long_prompt_mid_run_never_reallocates_the_store(setup: tuple[Any, Any
         assert long_out.ids == _reference(model, long.prompt_ids, "b", 4)
 
 
+def _poison(cache: SlotCache) -> None:
+    """NaN (the garbage a reused allocation may hold) wherever the cache does not know its store finite: past
+    `_clean`, except what rows wrote there (`_ahead`)."""
+    with torch.inference_mode():
+        for store in (*cache.keys, *cache.values):
+            for slot in range(cache.max_rows):
+                store[slot, :, max(cache._clean, cache._ahead.get(slot, 0)) :] = float("nan")
+
+
 def test_positions_no_forward_reached_are_zeroed_before_use(setup: tuple[Any, Any]) -> None:
     """The reserved store is not zeroed up front: garbage (here NaN) past the furthest position any forward
     reached is zeroed as forwards reach it, so masked keys never meet NaN values."""
@@ -261,13 +270,38 @@ def test_positions_no_forward_reached_are_zeroed_before_use(setup: tuple[Any, An
     first, first_out = _job(_prompt(4, 51, vocab), None, 30)
     runner.add(first)
     runner.step()
-    reached = runner.cache._clean
-    with torch.inference_mode():
-        for store in (*runner.cache.keys, *runner.cache.values):
-            store[:, :, reached:] = float("nan")
+    _poison(runner.cache)
     second, second_out = _job(_prompt(90, 52, vocab), "a", 6)
     runner.add(second)
     while runner.rows():
         runner.step()
     assert first_out.ids == _reference(model, first.prompt_ids, None, 30)
     assert second_out.ids == _reference(model, second.prompt_ids, "a", 6)
+
+
+def test_a_long_prompt_zeroes_no_other_slot_and_keeps_its_keys_when_others_catch_up(setup: tuple[Any, Any]) -> None:
+    """Chunks of a long prompt read only their own slot, so they zero nothing: the slots of the rows decoding
+    meanwhile stay untouched past what those rows attend (no time, and on CPU no memory, spent on them). When the
+    decoding rows later attend as far as the long row's keys, the zeroing that reaches them leaves those keys be."""
+    model, tokenizer = setup
+    if model.config._attn_implementation == "eager":
+        pytest.skip("the row path attends every row over the longest: all its slots are read that far")
+    vocab = len(tokenizer)
+    runner = _runner(setup, rows=3, budget=16)
+    short, short_out = _job(_prompt(4, 61, vocab), "b", 120)
+    runner.add(short)
+    runner.step()
+    _poison(runner.cache)
+    long, long_out = _job(_prompt(100, 62, vocab), "a", 30)
+    runner.add(long)
+    while any(row.job is long for row in runner.prefilling):
+        runner.step()
+    cache = runner.cache
+    assert cache._clean < 40  # the decoding row reads about 15 positions
+    (slot,) = [row.slot for row in runner.decoding if row.job is short]
+    for store in (*cache.keys, *cache.values):
+        assert torch.isnan(store[slot, :, 50:]).all()  # nothing zeroed the decoding row's slot past what it read
+    while runner.rows():
+        runner.step()
+    assert short_out.ids == _reference(model, short.prompt_ids, "b", 120)  # its slot read 100+ positions
+    assert long_out.ids == _reference(model, long.prompt_ids, "a", 30)
