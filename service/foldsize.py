@@ -62,8 +62,9 @@ class FoldBudget:
         return cls(max(0, min(most, fit)), copy_bytes, free, share, most)
 
     def describe(self) -> str:
+        noun = "copy" if self.copies == 1 else "copies"
         return (
-            f"{self.copies} folded weight copies per adapted layer (auto: {self.copy_bytes / 2**20:.1f} MiB each, "
+            f"{self.copies} folded weight {noun} per adapted layer (auto: {self.copy_bytes / 2**20:.1f} MiB each, "
             f"at most {self.most}, within {self.share:.3g} of {self.free / 2**30:.1f} GiB free)"
         )
 

@@ -48,7 +48,7 @@ def test_the_budget_keeps_what_fits_its_share_up_to_what_a_step_can_use(
 ) -> None:
     budget = FoldBudget.choose(copy_mib * MIB, free_mib * MIB, share=share, most=most)
     assert budget.copies == copies
-    assert f"{copies} folded weight copies" in budget.describe()
+    assert f"{copies} folded weight {'copy' if copies == 1 else 'copies'} per adapted layer" in budget.describe()
 
 
 def test_auto_gives_an_image_pipeline_one_copy_per_batch_image_and_a_causal_lm_one(
