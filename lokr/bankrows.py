@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .functional import LayerSpec, LinearOrder, kron_rows, linear_order
+from .contract import LinearOrder, kron_rows, linear_order
+from .functional import LayerSpec
 
 __all__ = ["LinearRows", "ScaleTally"]
 

@@ -7,13 +7,14 @@ Notation (shapes): base weight `(O, I, *k)` with `I = in_channels // groups` for
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .contract import kron_rows, linear_order
 
 __all__ = [
     "FACTOR_NAMES",
@@ -23,8 +24,6 @@ __all__ = [
     "delta_weight",
     "factored_cost",
     "factorization",
-    "kron_rows",
-    "linear_order",
     "make_kron",
     "make_weight_cp",
     "prefer_factored",
@@ -212,85 +211,6 @@ def factored_cost(f: Factors, spec: LayerSpec) -> int:
         if lowrank is not None:
             cost = min(cost, lowrank)
     return cost * spec.groups
-
-
-LinearOrder = Literal["w2_first", "w1_first", "sandwich"]
-
-
-def linear_order(m1: int, n1: int, n2: int, m2: int, rank: int | None) -> tuple[LinearOrder, int]:
-    """The cheapest contraction order of the factored Linear delta `w1 @ X @ w2^T` and its multiply-adds per token.
-
-    `rank` is the rank of a LoRA-style `w2 = w2_a @ w2_b` (None for a full `w2`). `w2_first` / `w1_first` apply
-    `w2` (as one or two thin matmuls) before / after `w1`; `sandwich` (low-rank only) is `w1 @ (X @ w2_b^T) @ w2_a^T`,
-    whose intermediates are all rank-sized.
-    """
-    c2 = n2 * m2 if rank is None else rank * (n2 + m2)
-    costs: dict[LinearOrder, int] = {"w2_first": n1 * c2 + m1 * n1 * m2, "w1_first": m1 * n1 * n2 + m1 * c2}
-    if rank is not None:
-        costs["sandwich"] = rank * (n1 * n2 + m1 * n1 + m1 * m2)
-    order = min(costs, key=costs.__getitem__)
-    return order, costs[order]
-
-
-def kron_rows(
-    rows: Tensor,
-    w1: Tensor,
-    chain: Sequence[Tensor],
-    order: LinearOrder,
-    *,
-    times: Tensor | float | None = None,
-    out: Tensor | None = None,
-    alpha: float = 1.0,
-) -> Tensor:
-    """`rows (G, K, n1, n2) -> (G, K, m1, m2)`: the K rows of group `g` through `kron(w1[g], w2[g])`.
-
-    `w1 (G, m1, n1)`; `w2` as the matrices applied to row vectors, `(G, in, out)` each: `[w2^T]` or, low-rank,
-    `[w2_b^T, w2_a^T]` (the only form `sandwich` takes). G is 1 for one adapter, or one per entry.
-    Inference only (they write in place): `times` (`(G, 1, 1)` or a number) multiplies the first intermediate,
-    and `out` (`(G, K * m1, m2)`, contiguous) gets `alpha` times the result added by the last matmul (returned).
-    """
-    g, k, n1, n2 = rows.shape
-    m1 = w1.shape[1]
-    if order == "w2_first":
-        z = _times(_chain(rows.reshape(g, k * n1, n2), chain), times)  # (G, K*n1, m2)
-        if k == 1:
-            return _last(w1, z, out, alpha).view(g, 1, m1, -1)
-        y = torch.matmul(w1.unsqueeze(1), z.view(g, k, n1, -1))
-        if out is None:
-            return y if alpha == 1.0 else y.mul_(alpha)
-        return out.add_(y.view(out.shape), alpha=alpha).view(y.shape)
-    if order == "w1_first":
-        u = _times(torch.matmul(w1.unsqueeze(1), rows).reshape(g, k * m1, n2), times)  # (G, K*m1, n2)
-        u = _chain(u, chain[:-1])
-        return _last(u, chain[-1], out, alpha).view(g, k, m1, -1)
-    # Sandwich, rank-major: each rank-sized intermediate is the wide side of its product, `(G, r, K * n1)` then
-    # `(G, r * K, m1)`, and transposes are strides that the matmuls take as they are. The row-major form
-    # (`X @ w2_b^T` first, `(G, K * n1, r)`) ran 1.1-2.5x slower on CPU: BLAS handles an r-wide output poorly.
-    w2_bt, w2_at = chain
-    r = w2_bt.shape[-1]
-    p = _times(torch.bmm(w2_bt.transpose(1, 2), rows.reshape(g, k * n1, n2).transpose(1, 2)), times)  # (G, r, K*n1)
-    q = torch.bmm(p.view(g, r * k, n1), w1.transpose(1, 2))  # (G, r*K, m1)
-    return _last(q.view(g, r, k * m1).transpose(1, 2), w2_at, out, alpha).view(g, k, m1, -1)
-
-
-def _times(t: Tensor, by: Tensor | float | None) -> Tensor:
-    """`t * by` in place (`t` is a fresh intermediate); `t` as it is for None."""
-    return t if by is None else t.mul_(by)
-
-
-def _last(a: Tensor, b: Tensor, out: Tensor | None, alpha: float) -> Tensor:
-    """`alpha * (a @ b)` (batched), or added into `out` by the matmul itself."""
-    if out is None:
-        y = torch.bmm(a, b)
-        return y if alpha == 1.0 else y.mul_(alpha)
-    return out.baddbmm_(a, b, alpha=alpha)
-
-
-def _chain(rows: Tensor, chain: Sequence[Tensor]) -> Tensor:
-    """`rows (G, K, in)` through each `(G, in, out)` matrix: `(G, K, out)`."""
-    for w in chain:
-        rows = torch.bmm(rows, w)
-    return rows
 
 
 def _lowrank_conv_cost(f: Factors, spec: LayerSpec) -> int | None:

@@ -13,14 +13,13 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 from peft.tuners.lokr.layer import make_kron as peft_make_kron
 from peft.tuners.lokr.layer import make_weight_cp as peft_make_weight_cp
 
+from lokr.contract import kron_rows, linear_order
 from lokr.functional import (
     Factors,
     LayerSpec,
     apply_delta,
     delta_weight,
     factorization,
-    kron_rows,
-    linear_order,
     make_kron,
     make_weight_cp,
 )
