@@ -131,7 +131,10 @@ class SlotCache:
         """Set the rows of the next forward: row i writes `width` new positions after its `starts[i]`."""
         keys = max(starts) + width
         self._fit(keys)
-        self._zero_to(keys)  # every row reads `keys` positions of its slot
+        if min(starts) + width < keys:  # a row reads past what it writes: those positions must be finite
+            self._zero_to(keys)
+        for slot, start in zip(slots, starts, strict=True):
+            self._wrote(slot, start + width)
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
         plan = SlotPlan(
             torch.tensor(slots, device=device),

@@ -282,10 +282,9 @@ def test_positions_no_forward_reached_are_zeroed_before_use(setup: tuple[Any, An
 def test_a_long_prompt_zeroes_no_other_slot_and_keeps_its_keys_when_others_catch_up(setup: tuple[Any, Any]) -> None:
     """Chunks of a long prompt read only their own slot, so they zero nothing: the slots of the rows decoding
     meanwhile stay untouched past what those rows attend (no time, and on CPU no memory, spent on them). When the
-    decoding rows later attend as far as the long row's keys, the zeroing that reaches them leaves those keys be."""
+    decoding rows later attend as far as the long row's keys, the zeroing that reaches them leaves those keys be.
+    Both paths: packed steps, and the row path (prompt chunks in forwards of their own)."""
     model, tokenizer = setup
-    if model.config._attn_implementation == "eager":
-        pytest.skip("the row path attends every row over the longest: all its slots are read that far")
     vocab = len(tokenizer)
     runner = _runner(setup, rows=3, budget=16)
     short, short_out = _job(_prompt(4, 61, vocab), "b", 120)
