@@ -32,11 +32,17 @@ class _Entry:
     names: frozenset[str]
 
 
-def stamp(gathers: tuple[Gather, ...], weight: Tensor) -> tuple[Any, ...] | None:
-    """What folded weights of these adapters were made from: the base weight's storage and version, inference mode,
-    and each bank's `FactorBank.stamp` of the adapters. None when an adapter has left its bank (nothing is kept)."""
+def stamp(gathers: tuple[Gather, ...], weight: Tensor, only: frozenset[str] | None = None) -> tuple[Any, ...] | None:
+    """What folded weights of these adapters (those named in `only`, if given) were made from: the base weight's
+    storage and version, inference mode, and each bank's `FactorBank.stamp` of the adapters. None when an adapter
+    has left its bank (nothing is kept)."""
     parts: list[Any] = [weight.data_ptr(), weight._version, torch.is_inference_mode_enabled()]
     for bank, data, slots, names in gathers:
+        if only is not None:
+            picked = [(slot, name) for slot, name in zip(slots, names, strict=True) if name in only]
+            if not picked:
+                continue
+            slots, names = tuple(slot for slot, _ in picked), tuple(name for _, name in picked)
         made_from = bank.stamp(data, slots, names)
         if made_from is None:
             return None

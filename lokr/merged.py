@@ -9,6 +9,7 @@ Chosen per layer and step by `cheaper`; exact up to float rounding (the base out
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -213,17 +214,15 @@ def merged_forward(
     """
     weight: Tensor = base.weight  # type: ignore[assignment]
     bias: Tensor | None = base.bias  # type: ignore[assignment]
-    kept = _kept(weight, spec, mp, folds, capacity)
     spans = [s.span for s in mp.selections if s.span is not None]
+    if 1 < len(spans) == len(mp.selections) and _stackable(spec, x, weight, spans):
+        stacked = _kept_stack(weight, spec, mp, folds, capacity)
+        return stacked_op(spec, x, stacked, bias)
+    folded = _weights(weight, spec, mp, folds, capacity)
     if 1 < len(spans) == len(mp.selections):
-        if _stackable(spec, x, weight, spans):
-            if kept is None:
-                kept = _fold_all(weight, mp.selections, _operands(mp.gathers, spec))
-            return stacked_op(spec, x, kept, bias)
-        folded = _weights(weight, spec, mp, kept)
         return torch.cat([base_op(spec, x[lo:hi], w, bias) for (lo, hi), w in zip(spans, folded, strict=True)])
     out: Tensor | None = None
-    for selection, w in zip(mp.selections, _weights(weight, spec, mp, kept), strict=True):
+    for selection, w in zip(mp.selections, folded, strict=True):
         rows = selection.rows
         y = base_op(spec, x if rows is None else x.index_select(0, rows), w, bias)
         if rows is None:
@@ -235,31 +234,41 @@ def merged_forward(
     return out
 
 
-def _weights(weight: Tensor, spec: LayerSpec, mp: MergePlan, kept: Tensor | None) -> Iterator[Tensor]:
-    """Each selection's folded weight: from `kept`, or folded as it is needed (one alive at a time)."""
-    if kept is not None:
-        yield from kept
-        return
-    operands = _operands(mp.gathers, spec)
+def _weights(
+    weight: Tensor, spec: LayerSpec, mp: MergePlan, folds: FoldCache | None, capacity: int
+) -> Iterator[Tensor]:
+    """Each selection's folded weight, made as it is needed (one alive at a time); kept in `folds` per selection
+    while all of them fit `capacity` copies, so a step whose selections change (an image joins a running batch)
+    folds only the new ones."""
+    operands: dict[str, _Operand] = {}
+
+    def fold(selection: Selection) -> Tensor:
+        if not operands:
+            operands.update(_operands(mp.gathers, spec))
+        return _fold(weight, selection, operands)
+
+    keep = folds if folds is not None and len(mp.selections) <= capacity else None
     for selection in mp.selections:
-        yield _fold(weight, selection, operands)
+        if keep is None:
+            yield fold(selection)
+        else:
+            names = frozenset(name for name, _ in selection.terms)
+            made_from = stamp(mp.gathers, weight, names)
+            yield keep.get(selection.terms, made_from, 1, capacity, functools.partial(fold, selection), names)
 
 
-def _kept(weight: Tensor, spec: LayerSpec, mp: MergePlan, folds: FoldCache | None, capacity: int) -> Tensor | None:
-    """`(S, *weight.shape)`: the selections' folded weights from `folds` (made and kept there on a miss), or None
-    when they do not fit `capacity` weight copies."""
-    count = len(mp.selections)
+def _kept_stack(weight: Tensor, spec: LayerSpec, mp: MergePlan, folds: FoldCache | None, capacity: int) -> Tensor:
+    """`(S, *weight.shape)`: the selections' folded weights side by side (one stacked op reads them), kept in
+    `folds` as one entry of `S` copies while they fit `capacity`."""
+    count, key = len(mp.selections), tuple(s.terms for s in mp.selections)
+
+    def build() -> Tensor:
+        return _fold_all(weight, mp.selections, _operands(mp.gathers, spec))
+
     if folds is None or count > capacity:
-        return None
-    names = frozenset(name for s in mp.selections for name, _ in s.terms)
-    return folds.get(
-        tuple(s.terms for s in mp.selections),
-        stamp(mp.gathers, weight),
-        count,
-        capacity,
-        lambda: _fold_all(weight, mp.selections, _operands(mp.gathers, spec)),
-        names,
-    )
+        return build()
+    names = frozenset(name for terms in key for name, _ in terms)
+    return folds.get(key, stamp(mp.gathers, weight), count, capacity, build, names)
 
 
 def folded_weight(banks: LayerBanks, names: list[str], spec: LayerSpec, weight: Tensor, x: Tensor) -> Tensor | None:

@@ -90,25 +90,55 @@ def _conv_net(monkeypatch: pytest.MonkeyPatch) -> nn.Sequential:
     return model
 
 
+def _count_folds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the fold builders called from now on: `_fold_all` (stacked) and `_fold` (one selection)."""
+    builds: list[str] = []
+    for name in ("_fold_all", "_fold"):
+        real = getattr(lokr.merged, name)
+        monkeypatch.setattr(lokr.merged, name, lambda *a, real=real, name=name: builds.append(name) or real(*a))
+    return builds
+
+
 @pytest.mark.parametrize("rows", MIXED.values(), ids=MIXED.keys())
 def test_mixed_steps_keep_their_folds_while_they_fit(rows: list[object], monkeypatch: pytest.MonkeyPatch) -> None:
     """A step whose rows keep their adapters (a denoising loop) folds each of its 3 selections once, then reuses
-    them."""
+    them: one entry of 3 copies where one stacked op reads them side by side, else one entry per selection."""
     model = _conv_net(monkeypatch)
     layer = model[0]
     x = torch.randn(len(rows), 8, 9, 9)
     want = _run(model, rows, x, fold=0)
-    builds: list[int] = []
-    real = lokr.merged._fold_all
-    monkeypatch.setattr(lokr.merged, "_fold_all", lambda *a: builds.append(1) or real(*a))
+    builds = _count_folds(monkeypatch)
     selections = 3
     torch.testing.assert_close(_run(model, rows, x, fold=selections), want, rtol=1e-6, atol=1e-6)
-    (entry,) = layer._folds._entries.values()
-    assert entry.tensor.shape == (selections, *layer.weight.shape) and entry.copies == selections
+    entries = [(e.tensor.shape, e.copies) for e in layer._folds._entries.values()]
+    if rows is MIXED["stacked"]:
+        assert entries == [((selections, *layer.weight.shape), selections)] and builds == ["_fold_all"]
+    else:
+        assert entries == [(layer.weight.shape, 1)] * selections and builds == ["_fold"] * selections
+    builds.clear()
     torch.testing.assert_close(_run(model, rows, x, fold=selections), want, rtol=1e-6, atol=1e-6)
-    assert builds == [1]  # the second step folded nothing
-    _run(model, rows, x, fold=selections - 1)  # no longer fits: dropped, and nothing new is kept
-    assert layer._folds.nbytes == 0
+    assert builds == []  # the second step folded nothing
+    _run(model, rows, x, fold=selections - 1)  # no longer fits: nothing new is kept, the rest trimmed to fit
+    held = sum(e.copies for e in layer._folds._entries.values())
+    stacked = rows is MIXED["stacked"]
+    assert held == (0 if stacked else selections - 1)
+    assert builds == (["_fold_all"] if stacked else ["_fold"] * selections)  # folded for this step only
+
+
+def test_a_selection_joining_a_mixed_step_folds_only_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows keep their adapters while another row joins and later leaves (an image joining a running denoising
+    batch): each selection is kept on its own, so the join folds only the newcomer and the leave folds nothing."""
+    model = _conv_net(monkeypatch)
+    running, joined = ["a", "a", "b"], ["a", "a", "b", [("c", 0.5)]]  # unequal selections: one conv each
+    x = torch.randn(len(joined), 8, 9, 9)
+    want_running, want_joined = _run(model, running, x[:3], fold=0), _run(model, joined, x, fold=0)
+    builds = _count_folds(monkeypatch)
+    torch.testing.assert_close(_run(model, running, x[:3], fold=4), want_running, rtol=1e-6, atol=1e-6)
+    assert builds == ["_fold", "_fold"]
+    torch.testing.assert_close(_run(model, joined, x, fold=4), want_joined, rtol=1e-6, atol=1e-6)
+    assert builds == ["_fold"] * 3  # the newcomer only
+    torch.testing.assert_close(_run(model, running, x[:3], fold=4), want_running, rtol=1e-6, atol=1e-6)
+    assert builds == ["_fold"] * 3  # nothing: both selections were kept
 
 
 @pytest.mark.parametrize("change", ["in_place", "deleted"])
