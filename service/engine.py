@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +24,7 @@ from .errors import NotReadyError, OverloadedError
 from .jobs import ErrorEvent, Event, FinishEvent, Job, fail_jobs
 from .metrics import Metrics
 from .outbox import Outbox
+from .waiting import WaitQueue
 
 __all__ = ["Backend", "Engine"]
 
@@ -66,11 +66,12 @@ class Engine:
     def __init__(self, backend: Backend, metrics: Metrics, max_queue: int = 256) -> None:
         self.backend = backend
         self.metrics = metrics
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._queue: WaitQueue[Job] = WaitQueue(max_queue)
         self._held: Job | None = None  # taken from the queue but not yet accepted by the backend
         self._commands: collections.deque[tuple[Callable[[Any], Any], Future[Any]]] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._stopping = threading.Lock()  # `stop` against `call`: a command is either queued before or refused
         self._accepting = False
         self._outstanding = 0  # jobs submitted and not yet finished (what `drain` waits for)
         self._idle = threading.Condition()
@@ -108,15 +109,20 @@ class Engine:
             return self._idle.wait_for(lambda: self._outstanding == 0, timeout=grace_s)
 
     def stop(self) -> None:
-        self._accepting = False
-        self._stop.set()
+        """Stop the worker; jobs still waiting or running (a drain that ran out of time) and commands not yet run
+        fail with a 503."""
+        with self._stopping:
+            self._accepting = False
+            self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         shutdown = NotReadyError("the server is shutting down")
         waiting = [self._held] if self._held is not None else []
-        while not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
+        waiting.extend(self._queue.take_all())
+        if self._thread is None or not self._thread.is_alive():  # else a step still owns the rows
+            waiting.extend(self.backend.jobs())
+            self.backend.clear()
         for job in waiting:
             job.finish(ErrorEvent(shutdown))
         while self._commands:
@@ -131,15 +137,18 @@ class Engine:
         the worker itself; fails with `NotReadyError` once the engine is stopped.
         """
         future: Future[T] = Future()
-        if self._stop.is_set():  # after `stop` nothing may touch the model, not even inline
-            future.set_exception(NotReadyError("the server is shutting down"))
-            return future
-        worker = self._thread
-        if worker is None or not worker.is_alive() or threading.current_thread() is worker:
+        with self._stopping:
+            if self._stop.is_set():  # after `stop` nothing may touch the model, not even inline
+                future.set_exception(NotReadyError("the server is shutting down"))
+                return future
+            worker = self._thread
+            inline = worker is None or not worker.is_alive() or threading.current_thread() is worker
+            if not inline:
+                self._commands.append((fn, future))
+        if inline:
             _run_into(future, fn, self.backend.model)
-            return future
-        self._commands.append((fn, future))
-        self._wake.set()
+        else:
+            self._wake.set()
         return future
 
     def run(self, fn: Callable[[Any], T]) -> T:
@@ -152,15 +161,11 @@ class Engine:
             raise NotReadyError("the server is not accepting requests (starting or shutting down)")
         self.backend.check(job)
         done = self._track(job)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+        if not self._queue.put(job):
             job.on_done = done  # never queued: its caller finishes it, and that must not count it out again
             self._untrack()
-            raise OverloadedError(
-                f"the request queue is full ({self._queue.maxsize} waiting); retry after a moment"
-            ) from None
-        self.metrics.queue_depth.set(self._queue.qsize())
+            raise OverloadedError(f"the request queue is full ({self._queue.maxsize} waiting); retry after a moment")
+        self.metrics.queue_depth.set(len(self._queue))
         self._wake.set()
 
     def _track(self, job: Job) -> Callable[[Event], None]:
@@ -248,14 +253,14 @@ class Engine:
         self._busy["command"].inc(time.perf_counter() - started)
 
     def _offer_waiting(self) -> None:
-        """Offer queued jobs to the backend until it has no room; cancelled ones finish here."""
+        """Offer queued jobs to the backend until it has no room; cancelled ones finish here, also those still
+        waiting behind a job the backend has no room for (their leases go back now, not when admitted)."""
         while True:
             job = self._held
             self._held = None
             if job is None:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
+                job = self._queue.take()
+                if job is None:
                     break
             if job.cancelled.is_set():
                 job.finish_cancelled()
@@ -268,7 +273,9 @@ class Engine:
             if not taken:
                 self._held = job
                 break
-        self.metrics.queue_depth.set(self._queue.qsize() + (self._held is not None))
+        for gone in self._queue.take_cancelled():
+            gone.finish_cancelled()
+        self.metrics.queue_depth.set(len(self._queue) + (self._held is not None))
 
     def _step(self) -> None:
         started = time.perf_counter()

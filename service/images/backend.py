@@ -90,7 +90,10 @@ class ImageBackend:
             groups[row.batch_key].append(row)
         for rows in groups.values():
             self.metrics.batch_size.observe(len(rows))
-            steps.denoise(self.loaded, rows, self.fold)
+            try:
+                steps.denoise(self.loaded, rows, self.fold)
+            except Exception as exc:  # one group's forward (an out-of-memory size) fails only that group's images
+                self._fail_rows(rows, exc)
         self._finish_done()
 
     def jobs(self) -> list[ImageJob]:
@@ -112,9 +115,22 @@ class ImageBackend:
             return
         try:
             conds = steps.encode(self.loaded, new, self.fold)
-            self._rows.extend(start_row(self.loaded, job, cond) for job, cond in zip(new, conds))
-        except Exception as exc:  # a failure here fails only the joiners
+        except Exception as exc:  # the joiners' prompts are encoded together: a failure fails only the joiners
             fail_jobs(new, exc)
+            return
+        for job, cond in zip(new, conds, strict=True):
+            try:
+                row = start_row(self.loaded, job, cond)
+            except Exception as exc:  # this joiner alone: no row of a failed job may run on
+                fail_jobs([job], exc)
+                continue
+            self._rows.append(row)
+
+    def _fail_rows(self, rows: list[Row], exc: Exception) -> None:
+        """Fail the jobs of `rows` and take every row of those jobs out of the batch."""
+        failed = {id(row.job): row.job for row in rows}
+        self._rows = [row for row in self._rows if id(row.job) not in failed]
+        fail_jobs(list(failed.values()), exc)
 
     def _drop_cancelled(self) -> None:
         kept = []

@@ -226,3 +226,72 @@ def test_a_refused_launch_is_counted_out_once() -> None:
     finally:
         backend.gate = None
         engine.stop()
+
+
+def test_a_job_cancelled_while_waiting_behind_a_full_batch_finishes_at_once() -> None:
+    """Its client went away while the backend had no room: it finishes on the engine's next pass (so its adapter
+    lease goes back now), while the job ahead of it keeps its place."""
+    backend = FakeBackend(room=1)
+    engine = Engine(backend, Metrics(), max_queue=8)
+    engine._accepting = True  # driven by hand, without a worker: each call below is one pass of its loop
+    events: dict[str, list[Event]] = {"running": [], "held": [], "gone": [], "next": []}
+    done: dict[str, bool] = {}
+    jobs = {name: _job(events[name]) for name in events}
+    for name, job in jobs.items():
+        job.on_done = lambda event, name=name: done.__setitem__(name, True)
+        engine.submit(job)
+    engine._offer_waiting()  # "running" takes the only room; "held" waits, "gone" and "next" queue behind it
+    jobs["gone"].cancelled.set()
+    engine._offer_waiting()
+    assert [type(e) for e in events["gone"]] == [FinishEvent] and events["gone"][0].reason == "cancelled"
+    assert done == {"gone": True} and engine._held is jobs["held"] and len(engine._queue) == 1
+    backend.room = 4
+    engine._offer_waiting()
+    assert sorted(backend.by_id) == sorted(jobs[n].id for n in ("running", "held", "next"))
+
+
+def test_stop_fails_the_rows_a_drain_left_running() -> None:
+    """A drain that ran out of time, then `stop`: the rows still in the backend get a 503, so every request ends
+    and gives its lease back."""
+    backend = FakeBackend(steps=10**9)  # never finishes by itself
+    engine = Engine(backend, Metrics(), max_queue=8)
+    engine.start()
+    events: list[Event] = []
+    engine.submit(_job(events))
+    assert backend.entered.wait(30)
+    assert engine.drain(0.01) is False
+    engine.stop()
+    assert len(events) == 1 and isinstance(events[0], ErrorEvent) and isinstance(events[0].error, NotReadyError)
+    assert backend.jobs() == []
+
+
+def test_a_command_racing_stop_is_run_or_refused_never_lost() -> None:
+    """`call` between its stop check and queueing its command, `stop` running meanwhile on another thread: the
+    command must still run or fail (a caller waits on it), never sit in a queue nobody reads."""
+    engine = Engine(FakeBackend(), Metrics())
+    engine.start()
+    worker = engine._thread
+    assert worker is not None
+    stopped = threading.Event()
+
+    class RacingWorker:  # the real worker; the liveness check `call` makes lets `stop` run first, once
+        raced = False
+
+        def is_alive(self) -> bool:
+            if self.raced:
+                return worker.is_alive()
+            self.raced = True
+            stopper = threading.Thread(target=lambda: (engine.stop(), stopped.set()))
+            stopper.start()
+            stopper.join(timeout=0.5)  # before the fix `stop` finished here, before the command was queued
+            return True  # it was alive when checked
+
+        def join(self, timeout: float | None = None) -> None:
+            worker.join(timeout)
+
+    engine._thread = RacingWorker()  # type: ignore[assignment]
+    future = engine.call(lambda model: "ran")
+    assert stopped.wait(30)
+    assert future.done()
+    if future.exception() is not None:
+        assert isinstance(future.exception(), NotReadyError)
