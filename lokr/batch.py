@@ -9,7 +9,7 @@ thread / task that opened the scope, and it is gone when the scope ends, even on
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ __all__ = [
     "accumulate",
     "current_plan",
     "per_row",
+    "restrict_rows",
     "scatter_add",
     "selection_scope",
 ]
@@ -134,6 +135,22 @@ class RowPlan:
         slots, scales = [slot for _, slot, _ in triples], [s for _, _, s in triples]
         coeff = None if all(s == 1.0 for s in scales) else torch.tensor(scales, dtype=torch.float32, device=device)
         return row_tensor, Slots(0, torch.tensor(slots, dtype=torch.long, device=device), coeff)
+
+
+def restrict_rows(rows: Sequence[RowSpec], names: Container[str]) -> list[RowSpec]:
+    """`rows` with only the adapters in `names` (the ones one layer has), for a scope over that layer alone: a row
+    left with none runs the base op there. Rows repeat their specs (a packed step: one per token); each is read
+    once."""
+    out: dict[int, RowSpec] = {}  # by id: every spec is alive while `rows` is
+    kept: list[RowSpec] = []
+    for spec in rows:
+        if spec is None or isinstance(spec, str):
+            kept.append(spec if spec is None or spec in names else None)
+            continue
+        if id(spec) not in out:
+            out[id(spec)] = [(n, s) for n, s in _normalise(spec) if n in names] or None
+        kept.append(out[id(spec)])
+    return kept
 
 
 def _normalise(spec: RowSpec) -> list[tuple[str, float]]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 import lokr
-from lokr.batch import RowSpec
+from lokr.batch import RowSpec, restrict_rows
 
 from .jobs import Job, TokenEvent, fail_jobs
 from .kvcache import SlotCache, SlotPlan, default_budget
@@ -203,7 +203,7 @@ class BatchRunner:
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if not isinstance(head, lokr.LoKrLayer):
             return nullcontext()
-        return lokr.adapter_batch(head, specs, tokens=True, fold=self.fold)
+        return lokr.adapter_batch(head, restrict_rows(specs, set(head.lokr_adapters)), tokens=True, fold=self.fold)
 
     def _probe_packed(self) -> bool:
         """Packed steps give the row path's logits on this model (else they stay off): a 5-token prompt packed

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lokr
-from lokr.batch import current_plan
+from lokr.batch import current_plan, restrict_rows
 from lokr.inject import iter_lokr_layers
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -257,3 +257,14 @@ def test_gradients_flow_per_row(mlp: nn.Module) -> None:
     with lokr.adapter_batch(mlp, ["a", None, "b"]):
         mlp(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+
+
+def test_restrict_rows_keeps_only_the_layers_adapters() -> None:
+    """A scope over one layer: names it lacks leave each row (a row left with none runs the base op), repeated
+    specs stay one object's answer, and scales are kept."""
+    composed = [("a", 0.5), ("b", 2.0)]
+    only_b = {"b": 1.5, "c": 1.0}
+    rows = ["a", "b", None, composed, composed, only_b]
+    assert restrict_rows(rows, {"b"}) == [None, "b", None, [("b", 2.0)], [("b", 2.0)], [("b", 1.5)]]
+    assert restrict_rows(rows, {"z"}) == [None] * 6
+    assert restrict_rows(rows, {"a", "b", "c"})[3:] == [composed, composed, [("b", 1.5), ("c", 1.0)]]

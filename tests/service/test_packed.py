@@ -118,6 +118,27 @@ def test_a_model_failing_the_probe_is_served_by_rows(monkeypatch: pytest.MonkeyP
     assert out.ids == (want[: want.index(EOS) + 1] if EOS in want else want)
 
 
+def test_an_adapter_without_the_output_layer_runs_beside_one_with_it() -> None:
+    """The output layer gets its own scope (it sees only the kept positions); rows whose adapters do not adapt it
+    run its base op there, also composed with one that does, and every row still equals `generate`'s tokens."""
+    tokenizer = build_word_tokenizer(WORDS)
+    model = _model("mistral", len(tokenizer))  # "a" adapts the output layer
+    torch.manual_seed(5)
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["k_proj", "o_proj"], init_weights=False, r=2), "b")
+    runner = BatchRunner(model, tokenizer, torch.device("cpu"), 256, max_rows=3, max_prefill_tokens=8)
+    prompts = [[2, 5, 9, 7, 11, 4], [2, 14, 6, 9], [2, 8, 12, 13, 6]]
+    selections: list[Any] = ["b", [("a", 0.5), ("b", 1.0)], "a"]
+    outs = [_Tokens() for _ in prompts]
+    jobs = [
+        Job(p, SamplingParams(max_tokens=8, temperature=0, logprobs=0), s, o)
+        for p, s, o in zip(prompts, selections, outs, strict=True)
+    ]
+    runner.run(jobs)
+    for prompt, selection, out in zip(prompts, selections, outs, strict=True):
+        want = _reference(model, prompt, selection, 8)
+        assert out.ids == (want[: want.index(EOS) + 1] if EOS in want else want)
+
+
 def test_one_adapter_steps_use_the_folded_weights_and_stay_exact() -> None:
     tokenizer = build_word_tokenizer(WORDS)
     model = _model("qwen2", len(tokenizer))
