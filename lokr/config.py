@@ -81,10 +81,7 @@ class LoKrConfig:
         _check_int("decompose_factor", self.decompose_factor)
         if self.init_weights not in (True, False, "lycoris"):
             raise ConfigError(f"`init_weights` must be True, False or 'lycoris', got {self.init_weights!r}")
-        if str(self.peft_type).upper() != "LOKR":
-            raise ConfigError(
-                f"this is a {self.peft_type!r} adapter config; only LoKr adapters (peft_type 'LOKR') are served"
-            )
+        _check_peft_type(self.peft_type)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         _check_targets("target_modules", self.target_modules)
@@ -119,6 +116,7 @@ class LoKrConfig:
             raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
         if "peft_type" not in data:
             raise ConfigError("adapter config has no `peft_type`; expected a PEFT LoKr config ('LOKR')")
+        _check_peft_type(data["peft_type"])  # before the options: a LoRA's options are not LoKr's
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - _PASSTHROUGH_FIELDS)
         if unknown:
@@ -176,6 +174,11 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
         raise ConfigError(f"`{name}` must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"`{name}` should be a positive integer value but the value passed is {value}")
+
+
+def _check_peft_type(value: object) -> None:
+    if str(value).upper() != "LOKR":
+        raise ConfigError(f"this is a {value!r} adapter config; only LoKr adapters (peft_type 'LOKR') are served")
 
 
 def _check_number(name: str, value: Any) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -39,6 +40,7 @@ from .settings import Settings
 __all__ = ["create_app", "load_model", "start_components"]
 
 log = logging.getLogger("lokr_serve")
+STOP_JOIN_S = 5.0  # after a drain that ran out of grace: how long shutdown waits for the step still running
 
 
 def create_app(
@@ -70,8 +72,8 @@ def create_app(
             components.metrics.gc_pauses.remove()
             engine = components.engine
             if engine is not None:
-                await run_in_threadpool(engine.drain, settings.shutdown_grace_s)
-                await run_in_threadpool(engine.stop)
+                drained = await run_in_threadpool(engine.drain, settings.shutdown_grace_s)
+                await run_in_threadpool(engine.stop, 30.0 if drained else STOP_JOIN_S)
             if components.registry is not None:
                 components.registry.close()
 
@@ -141,10 +143,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                 "e.g. curl -H 'content-type: application/json' -d '{\"model\": ...}'"
             )
             return _json_error(HttpError(400, "invalid_request_error", "invalid_content_type", message))
-        parts = []
-        for e in exc.errors()[:5]:
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            parts.append(f"{where or 'body'}: {e.get('msg')}")
+        parts = [_describe_invalid(e) for e in exc.errors()[:5]]
         return _json_error(HttpError(400, "invalid_request_error", "invalid_request", "; ".join(parts)))
 
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -163,6 +162,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, on_error)
     app.add_exception_handler(lokr.LoKrError, on_error)
     app.add_exception_handler(Exception, on_error)
+
+
+def _describe_invalid(error: Mapping[str, Any]) -> str:
+    """One validation error as `field: what is wrong`; a body that is not JSON says where it broke."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "")
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return f"the request body is not valid JSON ({reason}{at})" if reason else f"the request body is not JSON{at}"
+    where = ".".join(str(p) for p in loc if p != "body")
+    return f"{where or 'body'}: {error.get('msg')}"
 
 
 def _not_json(request: Request, exc: RequestValidationError) -> bool:

@@ -73,6 +73,7 @@ class Engine:
         self._stop = threading.Event()
         self._stopping = threading.Lock()  # `stop` against `call`: a command is either queued before or refused
         self._accepting = False
+        self._closing_since: float | None = None  # when accepting stopped (`time.monotonic`): drains share the grace
         self._outstanding = 0  # jobs submitted and not yet finished (what `drain` waits for)
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -101,27 +102,32 @@ class Engine:
     def stop_accepting(self) -> None:
         """New submits get 503 and /ready turns 503; queued and running jobs still finish."""
         self._accepting = False
+        if self._closing_since is None:
+            self._closing_since = time.monotonic()
 
     def drain(self, grace_s: float) -> bool:
-        """Stop accepting and wait up to `grace_s` for every submitted job to finish; True if all did."""
-        self._accepting = False
+        """Stop accepting and wait for every submitted job to finish, until `grace_s` after accepting stopped (the
+        HTTP server's own graceful wait came out of the same grace); True if all did."""
+        self.stop_accepting()
+        left = grace_s - (time.monotonic() - (self._closing_since or 0.0))
         with self._idle:
-            return self._idle.wait_for(lambda: self._outstanding == 0, timeout=grace_s)
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout=max(0.0, left))
 
-    def stop(self) -> None:
-        """Stop the worker; jobs still waiting or running (a drain that ran out of time) and commands not yet run
-        fail with a 503."""
+    def stop(self, join_s: float = 30.0) -> None:
+        """Stop the worker (waiting up to `join_s` for its step to end); jobs still waiting or running (a drain that
+        ran out of time) and commands not yet run fail with a 503, so every request ends and gives its leases back,
+        even while a long forward still runs."""
         with self._stopping:
             self._accepting = False
             self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=join_s)
         shutdown = NotReadyError("the server is shutting down")
         waiting = [self._held] if self._held is not None else []
         waiting.extend(self._queue.take_all())
-        if self._thread is None or not self._thread.is_alive():  # else a step still owns the rows
-            waiting.extend(self.backend.jobs())
+        waiting.extend(self.backend.jobs())  # finishing twice is a no-op, should the step still running end
+        if self._thread is None or not self._thread.is_alive():  # else that step still owns the rows
             self.backend.clear()
         for job in waiting:
             job.finish(ErrorEvent(shutdown))

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         for item in items:
             name, sep, source = item.partition("=")
             if not sep or not name or not source:
-                raise ValueError(f"--adapter expects NAME=SOURCE, got {item!r}")
+                raise ValueError(f"expected NAME=SOURCE, got {item!r}")
         return items
 
     @property

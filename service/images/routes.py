@@ -18,7 +18,7 @@ from .schemas import ImageGenerationRequest
 __all__ = ["image_refusals", "lm_refusals", "router"]
 
 router = APIRouter(dependencies=[ApiAuth], tags=["images"])
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def front(c: Components) -> ImageFront:

@@ -555,3 +555,13 @@ def test_wrapping_keeps_the_model_in_eval_mode(model: nn.Module, tmp_path: Path)
     train_model = _model().train()
     lokr.load_adapter(train_model, _write(tmp_path / "ok.safetensors", _good()), "x")
     assert all(m.training for m in train_model.modules())
+
+
+def test_a_peft_lora_config_is_named_as_such() -> None:
+    """A real peft LoRA config (its options are not LoKr's) is refused as a LoRA, not as a list of odd options."""
+    from peft import LoraConfig
+
+    data = LoraConfig(r=4, target_modules=["q_proj"]).to_dict()
+    data["peft_type"] = "LORA"  # as `adapter_config.json` stores it
+    with pytest.raises(lokr.ConfigError, match=r"'LORA' adapter config; only LoKr adapters"):
+        lokr.LoKrConfig.from_dict(data)

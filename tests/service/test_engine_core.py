@@ -295,3 +295,43 @@ def test_a_command_racing_stop_is_run_or_refused_never_lost() -> None:
     assert future.done()
     if future.exception() is not None:
         assert isinstance(future.exception(), NotReadyError)
+
+
+def test_stop_ends_every_request_while_a_long_forward_still_runs() -> None:
+    """Shutdown must not wait on a forward that takes minutes: the request gets its 503 once `stop` gave up
+    waiting for the step, and the step finishing later changes nothing."""
+    backend = FakeBackend()
+    backend.gate = threading.Event()  # the step never ends until the test lets it
+    engine = Engine(backend, Metrics(), max_queue=8)
+    engine.start()
+    events: list[Event] = []
+    engine.submit(_job(events))
+    assert backend.entered.wait(30)
+    engine.stop(join_s=0.01)
+    assert len(events) == 1 and isinstance(events[0], ErrorEvent) and isinstance(events[0].error, NotReadyError)
+    backend.gate.set()
+    assert engine._thread is not None
+    engine._thread.join(30)
+    assert len(events) == 1
+
+
+def test_drain_counts_its_grace_from_when_accepting_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HTTP server's graceful wait and the engine's drain share one grace: a drain after the grace has passed
+    returns at once."""
+    now = [100.0]
+    monkeypatch.setattr("service.engine.time.monotonic", lambda: now[0])
+    backend = FakeBackend()
+    backend.gate = threading.Event()
+    engine = Engine(backend, Metrics(), max_queue=8)
+    engine.start()
+    try:
+        engine.submit(_job([]))
+        assert backend.entered.wait(30)
+        engine.stop_accepting()  # SIGTERM
+        now[0] += 30.0  # the HTTP server waited out its connections meanwhile
+        waited = threading.Event()
+        threading.Thread(target=lambda: (engine.drain(30.0), waited.set()), daemon=True).start()
+        assert waited.wait(10)  # no grace left: it does not wait another 30 s
+    finally:
+        backend.gate.set()
+        engine.stop()

@@ -48,6 +48,7 @@ def test_bad_completion_requests(client: httpx.Client, body: dict[str, object], 
 def test_malformed_json_and_unknown_routes(client: httpx.Client) -> None:
     response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert _status_and_shape(response) == 400
+    assert response.json()["error"]["message"].startswith("the request body is not valid JSON (")
     assert _status_and_shape(client.get("/v1/nothing-here")) == 404
     assert _status_and_shape(client.post("/v1/chat/completions", json={"model": "tiny", "messages": []})) == 400
 

@@ -138,6 +138,12 @@ def test_bad_requests_are_4xx_in_one_shape(http: httpx.Client, path: str, body: 
     assert error["code"] == code and error["message"] and error["type"]
 
 
+def test_a_huge_size_is_refused_for_its_size_not_its_form(http: httpx.Client) -> None:
+    response = http.post("/v1/images/generations", json={"prompt": "a", "size": "100000x100000"})
+    assert response.status_code == 400
+    assert "pixel limit" in response.json()["error"]["message"]
+
+
 @pytest.mark.slow
 def test_disconnect_cancels_the_images(image_server: Server, http: httpx.Client) -> None:
     body = {"model": "ink", "prompt": "a cat", "size": "256x256", "num_inference_steps": 200, "seed": 1}
