@@ -81,8 +81,8 @@ class ImageFront:
         """PIL images in order; the first error fails the request; a client that leaves cancels every image."""
         tasks = [asyncio.ensure_future(self._one(spec, sel)) for spec in specs]
         watcher = asyncio.ensure_future(disconnected())
+        gathered: asyncio.Future[list[Any]] = asyncio.gather(*tasks)
         try:
-            gathered: asyncio.Future[list[Any]] = asyncio.gather(*tasks)
             waits: list[asyncio.Future[Any]] = [gathered, watcher]
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if gathered not in done:
@@ -90,11 +90,10 @@ class ImageFront:
             return gathered.result()
         finally:
             watcher.cancel()
-            for task in tasks:
-                task.cancel()
-            for task in (*tasks, watcher):
+            gathered.cancel()  # and every image's task with it
+            for future in (gathered, *tasks, watcher):  # each outcome read: no "exception was never retrieved"
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                    await future
 
     async def _one(self, spec: ImageSpec, sel: Selection) -> Any:
         """Lease the adapters (bringing them back if needed) and run one image; the job co-holds the lease until

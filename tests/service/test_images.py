@@ -154,6 +154,7 @@ def test_disconnect_cancels_the_images(image_server: Server, http: httpx.Client)
         assert time.monotonic() < deadline, "the cancelled images still hold their adapter"
         time.sleep(0.2)
     assert len(generate(http, prompt="a cat", seed=2)) == 1  # and the server serves the next request
+    assert "never retrieved" not in image_server.log.read_text()  # the cancelled images' outcomes were all read
 
 
 def test_the_image_server_keeps_a_folded_copy_per_batch_image_by_default(image_server: Server) -> None:
