@@ -9,24 +9,29 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pydantic_core import PydanticUndefined
+
 from .startup import StartupError, bind_socket, check_adapter_sources, check_model_source
 
 __all__ = ["main"]
 
 _FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model", {"help": "causal LM dir or hub id, or a diffusers SD / SDXL pipeline dir (model_index.json)"}),
+    ("--model", {"help": "causal LM dir or hub id, or a diffusers SD / SDXL / Flux pipeline dir (model_index.json)"}),
     ("--served-model-name", {"help": "name clients use for the base model (default: the model dir name)"}),
     ("--adapter", {"action": "append", "help": "NAME=SOURCE to load at start (repeatable)"}),
     ("--adapter-root", {"action": "append", "help": "directory admin loads may read from (repeatable)"}),
-    ("--host", {"help": "bind address (default 127.0.0.1)"}),
-    ("--port", {"type": int, "help": "port (default 8000)"}),
-    ("--device", {"choices": ["auto", "cpu", "cuda"]}),
-    ("--dtype", {"choices": ["auto", "float32", "bfloat16", "float16"], "help": "base model dtype"}),
+    ("--host", {"help": "bind address"}),
+    ("--port", {"type": int, "help": "port"}),
+    ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "where the model runs (auto: cuda when there is one)"}),
+    (
+        "--dtype",
+        {"choices": ["auto", "float32", "bfloat16", "float16"], "help": "base model dtype (auto: bfloat16 on cuda)"},
+    ),
     ("--adapter-dtype", {"choices": ["auto", "float32", "bfloat16", "float16"], "help": "adapter dtype"}),
     ("--admin-token", {"help": "Bearer token for the admin API (without it: admin on loopback binds only)"}),
     ("--api-key", {"action": "append", "help": "Bearer key required on inference routes (repeatable)"}),
     ("--cors-origin", {"action": "append", "help": "allowed CORS origin (repeatable; CORS is off by default)"}),
-    ("--max-batch-size", {"type": int}),
+    ("--max-batch-size", {"type": int, "help": "rows (sequences or images) in one forward"}),
     ("--max-queue", {"type": int, "help": "waiting requests before 503"}),
     ("--max-prefill-tokens", {"type": int, "help": "prompt tokens admitted into the running batch per step"}),
     (
@@ -42,15 +47,15 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("--max-resident-adapters", {"type": int, "help": "adapters attached to the model (device tier)"}),
-    ("--max-resident-bytes", {"type": int, "help": "bytes of resident adapters (0: no limit)"}),
+    ("--max-resident-bytes", {"metavar": "BYTES", "help": "bytes of resident adapters (0: no limit)"}),
     ("--max-host-adapters", {"type": int, "help": "offloaded adapters kept in host memory (LRU)"}),
-    ("--max-host-bytes", {"type": int, "help": "bytes of host-tier adapters (0: no limit)"}),
-    ("--max-body-bytes", {"type": int}),
-    ("--max-upload-bytes", {"type": int}),
-    ("--max-adapter-bytes", {"type": int}),
-    ("--upload-dir", {"help": "where uploaded adapters are kept"}),
-    ("--shutdown-grace-s", {"type": float}),
-    ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
+    ("--max-host-bytes", {"metavar": "BYTES", "help": "bytes of host-tier adapters (0: no limit)"}),
+    ("--max-body-bytes", {"metavar": "BYTES", "help": "largest JSON request body (413 above)"}),
+    ("--max-upload-bytes", {"metavar": "BYTES", "help": "largest adapter upload (PUT /v1/adapters/NAME)"}),
+    ("--max-adapter-bytes", {"metavar": "BYTES", "help": "largest adapter read from disk"}),
+    ("--upload-dir", {"help": "where uploaded adapters are kept while loaded (default: a dir under the temp dir)"}),
+    ("--shutdown-grace-s", {"type": float, "help": "on SIGTERM, how long running requests may finish"}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"], "help": "log level"}),
 ]
 
 
@@ -69,20 +74,45 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve the offline demo: a tiny word-level model (about 150 words; others become <unk>) "
         "and its style adapters. It brings its own model and adapters, so --model/--adapter do not apply.",
     )
-    for flag, kwargs in _FLAGS:
+    flags = _with_defaults(_FLAGS)
+    for flag, kwargs in flags:
         serve.add_argument(flag, default=None, **kwargs)
         if flag not in _MODEL_FLAGS:
             demo.add_argument(flag, default=None, **kwargs)
     ray = sub.add_parser(
         "ray", help="serve as a Ray Serve application, replicas routed by adapter (extra [ray])", allow_abbrev=False
     )
-    for flag, kwargs in _FLAGS + _ray_flags():
+    for flag, kwargs in flags + _ray_flags():
         ray.add_argument(flag, default=None, **kwargs)
     demo.add_argument("--cache-dir", default=None, help="where the demo assets are built and cached")
     inspect = sub.add_parser("inspect", help="summarise what an adapter dir or file holds")
     inspect.add_argument("source")
     inspect.add_argument("--json", action="store_true", help="every module's tensors as JSON (for machines)")
     return parser
+
+
+def _with_defaults(flags: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Each flag's help with its default (from `Settings`) and its env var; byte counts also as MiB / GiB."""
+    from .settings import BYTE_FIELDS, Settings
+
+    out = []
+    for flag, kwargs in flags:
+        name = flag[2:].replace("-", "_")
+        field = Settings.model_fields.get(name)
+        notes = [f"env LOKR_{name.upper()}"]
+        if field is not None and field.default not in (None, PydanticUndefined) and not isinstance(field.default, bool):
+            default = field.default
+            notes.insert(0, f"default {_human_bytes(default) if name in BYTE_FIELDS else default}")
+        help_text = kwargs.get("help", "")
+        out.append((flag, {**kwargs, "help": f"{help_text} ({'; '.join(notes)})".lstrip()}))
+    return out
+
+
+def _human_bytes(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count and count % size == 0:
+            return f"{count // size}{unit}"
+    return str(count)
 
 
 def _ray_flags() -> list[tuple[str, dict[str, Any]]]:
@@ -134,8 +164,14 @@ def _serve(settings: Any, on_ready: Callable[[], None] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .backend import resolve_device
     from .demo import demo_banner, demo_examples, ensure_demo
+    from .errors import ServiceError
 
+    try:  # every flag, and the device, checked before the (first run's) build
+        resolve_device(_settings(args).device)
+    except ServiceError as exc:
+        raise StartupError(str(exc)) from None
     print("lokr-serve demo: building (first run) or reusing the cached demo model and adapters...", flush=True)
     assets = ensure_demo(Path(args.cache_dir) if args.cache_dir else None)
     pairs = [f"{name}={path}" for name, path in assets.adapters.items()]

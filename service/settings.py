@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["BYTE_FIELDS", "Settings", "parse_bytes"]
+
+BYTE_FIELDS = ("max_resident_bytes", "max_host_bytes", "max_body_bytes", "max_upload_bytes", "max_adapter_bytes")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}  # + "i": binary (KiB, Mi, ...)
+
+
+def parse_bytes(value: Any) -> Any:
+    """A byte count: a number, or text such as `4194304`, `4MiB`, `4Mi`, `2GiB`, `500MB` (KB/MB/GB decimal)."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", value.lower())
+    if match is None or (match.group(3) and not match.group(2)):
+        raise ValueError(f"expects a byte count such as 4194304, 4MiB or 2GiB, got {value!r}")
+    number, prefix, binary = match.groups()
+    unit = 1024 ** "_kmgt".index(prefix) if binary and prefix else _UNITS[prefix]
+    return int(float(number) * unit)
 
 
 class Settings(BaseSettings):
@@ -61,6 +77,11 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [v.strip() for v in text.split(",") if v.strip()]
         return value
+
+    @field_validator(*BYTE_FIELDS, mode="before")
+    @classmethod
+    def _byte_counts(cls, value: Any) -> Any:
+        return parse_bytes(value)
 
     @field_validator("fold_cache", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -57,3 +58,42 @@ def test_every_flag_reads_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None
     assert settings.model == "/models/m" and settings.admin_token == "secret" and settings.port == 9001
     assert settings.preload_pairs() == [("a", "/x"), ("b", "/y")]
     assert settings.adapter_root == [tmp_path.resolve()]
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [("4194304", 4 << 20), ("4MiB", 4 << 20), ("4Mi", 4 << 20), ("2 GiB", 2 << 30), ("500MB", 500 * 10**6),
+     ("1.5GiB", 3 << 29), ("64k", 64_000)],
+)  # fmt: skip
+def test_byte_flags_take_units(text: str, count: int) -> None:
+    assert Settings(max_body_bytes=text).max_body_bytes == count
+
+
+@pytest.mark.parametrize("text", ["4XB", "MiB", "4ib", "-1", ""])
+def test_byte_flags_refuse_what_is_not_a_byte_count(text: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="expects a byte count"):
+        Settings(max_upload_bytes=text)
+
+
+def test_help_names_every_flag_with_its_default_and_env() -> None:
+    from service.cli import _FLAGS, _parser
+
+    subs = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.option_strings[0]: a.help or "" for a in subs.choices["serve"]._actions if a.option_strings}
+    for flag, _ in _FLAGS:
+        assert f"env LOKR_{flag[2:].replace('-', '_').upper()}" in helps[flag]
+        assert not helps[flag].startswith("("), f"{flag} has no help of its own"
+    assert "(default 4MiB; env LOKR_MAX_BODY_BYTES)" in helps["--max-body-bytes"]
+    assert "default 30.0" in helps["--shutdown-grace-s"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_demo_refuses_a_missing_gpu_before_building(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "demo", "--device", "cuda", "--cache-dir", str(tmp_path / "demo")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "no CUDA device is available" in out.stderr
+    assert not (tmp_path / "demo").exists() and "building" not in out.stdout
