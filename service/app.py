@@ -120,7 +120,7 @@ def _start(c: Components, loaded: LoadedModel | LoadedPipeline) -> None:
     limits = TierLimits(s.max_resident_adapters, s.max_resident_bytes, s.max_host_adapters, s.max_host_bytes)
     registry = Registry(engine, c.metrics, dtype=adapter_dtype, max_bytes=s.max_adapter_bytes, limits=limits)
     for name, source in s.preload_pairs():
-        registry.load(name, Path(source))
+        registry.load(name, Path(source).resolve())  # listed as absolute, like admin loads
     c.engine, c.registry = engine, registry
     if isinstance(backend, ImageBackend):
         c.images = ImageFront(engine, backend, registry, c.metrics, s.base_name, s.max_n)

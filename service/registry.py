@@ -60,8 +60,13 @@ class Registry:
         self._pin = engine.device.type == "cuda"
 
     def close(self) -> None:
-        """Start no new moves (moves in flight finish)."""
+        """Start no new moves (moves in flight finish); delete the uploads kept for the adapters still loaded (they
+        are kept while loaded, and the server is going)."""
         self._movers.shutdown(wait=False)
+        with self._cond:
+            owned = [r.owned_dir for r in self._records.values() if r.owned_dir is not None]
+        for path in owned:
+            shutil.rmtree(path, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------- queries
     def names(self) -> list[str]:

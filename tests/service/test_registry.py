@@ -279,3 +279,22 @@ def test_files_are_read_and_checked_off_the_engine_thread(world: World, monkeypa
         assert s.tiers() == {"alpha": "device", "beta": "disk"}
     assert len(threads["attach"]) == 3 and set(threads["attach"]) == {"lokr-engine"}
     assert threads["validate"] and "lokr-engine" not in threads["validate"]
+
+
+def test_uploads_kept_for_loaded_adapters_are_deleted_at_shutdown(world: World, tmp_path: Any) -> None:
+    import shutil
+
+    upload = tmp_path / "uploads" / "alpha-1"
+    shutil.copytree(world.adapters["alpha"], upload)
+    with serving(world) as s:
+        s.registry.load("alpha", upload, owned_dir=upload)
+        assert s.complete("alpha").status_code == 200
+        assert upload.is_dir()  # kept while loaded
+    assert not upload.exists()
+
+
+def test_a_preloaded_adapter_is_listed_by_its_absolute_path(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = world.adapters["alpha"]
+    monkeypatch.chdir(path.parent)
+    with serving(world, adapter=[f"alpha={path.name}"]) as s:
+        assert s.registry.get("alpha").source == path.resolve()
