@@ -112,7 +112,7 @@ def _start(c: Components, loaded: LoadedModel | LoadedPipeline) -> None:
     served = loaded.container if isinstance(loaded, LoadedPipeline) else loaded.model
     fold = fold_copies(s.fold_cache, served, loaded.device, images=images, max_batch_size=s.max_batch_size)
     if isinstance(loaded, LoadedPipeline):
-        backend = ImageBackend(loaded, c.metrics, s.max_batch_size, fold)
+        backend = ImageBackend(loaded, c.metrics, s.max_batch_size, fold, s.max_image_pixels)
     else:
         backend = CausalLMBackend(loaded, c.metrics, s.max_batch_size, s.max_prefill_tokens, s.prefill_stall, fold)
     engine = Engine(backend, c.metrics, s.max_queue)

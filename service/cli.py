@@ -46,6 +46,10 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
             "1 for a causal LM, --max-batch-size for an image pipeline, fewer where memory is short)",
         },
     ),
+    (
+        "--max-image-pixels",
+        {"type": int, "help": "largest image (width x height) a request may ask for; lower it on CPU"},
+    ),
     ("--max-resident-adapters", {"type": int, "help": "adapters attached to the model (device tier)"}),
     ("--max-resident-bytes", {"metavar": "BYTES", "help": "bytes of resident adapters (0: no limit)"}),
     ("--max-host-adapters", {"type": int, "help": "offloaded adapters kept in host memory (LRU)"}),

@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(4 << 30, ge=1024)
     max_logprobs: int = Field(20, ge=0, le=100)
     max_n: int = Field(16, ge=1)
+    max_image_pixels: int = Field(2048 * 2048, ge=64 * 64, le=2048 * 2048)
     upload_dir: Path | None = None
     shutdown_grace_s: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

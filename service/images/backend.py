@@ -8,6 +8,7 @@ done (decoded together), and cancelled ones leave before the next forward.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -27,18 +28,21 @@ MAX_PIXELS = 2048 * 2048
 MAX_STEPS = 200
 
 
-def check_spec(loaded: LoadedPipeline, spec: ImageSpec) -> None:
-    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), too large, bad step counts, or what
-    the pipeline's family cannot honour (Flux: a negative prompt)."""
+def check_spec(loaded: LoadedPipeline, spec: ImageSpec, max_pixels: int = MAX_PIXELS) -> None:
+    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), over `max_pixels`, bad step counts,
+    or what the pipeline's family cannot honour (Flux: a negative prompt)."""
     unit = max(8, loaded.vae_scale_factor * 2)
     if spec.width % unit or spec.height % unit or spec.width < unit or spec.height < unit:
         raise BadRequestError(
             f"size {spec.width}x{spec.height}: width and height must be positive multiples of {unit}",
             code="invalid_size",
         )
-    if spec.width * spec.height > MAX_PIXELS:
+    if spec.width * spec.height > max_pixels:
+        side = math.isqrt(max_pixels)
         raise BadRequestError(
-            f"size {spec.width}x{spec.height} is over the {MAX_PIXELS}-pixel limit (2048x2048)", code="invalid_size"
+            f"size {spec.width}x{spec.height} is over this server's {max_pixels}-pixel limit ({side}x{side}; "
+            "--max-image-pixels)",
+            code="invalid_size",
         )
     if not 1 <= spec.steps <= MAX_STEPS:
         raise BadRequestError(f"num_inference_steps must be in [1, {MAX_STEPS}]", code="invalid_steps")
@@ -55,8 +59,16 @@ class ImageBackend:
 
     kind = "image"
 
-    def __init__(self, loaded: LoadedPipeline, metrics: Metrics, max_batch_size: int = 16, fold: int = 0) -> None:
+    def __init__(
+        self,
+        loaded: LoadedPipeline,
+        metrics: Metrics,
+        max_batch_size: int = 16,
+        fold: int = 0,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
         self.loaded, self.metrics, self.max_batch_size, self.fold = loaded, metrics, max_batch_size, fold
+        self.max_pixels = max_pixels
         self._rows: list[Row] = []
         self._new: list[ImageJob] = []
 
@@ -72,7 +84,7 @@ class ImageBackend:
     def check(self, job: ImageJob) -> None:
         if job.spec is None:
             raise BadRequestError("an image job needs an ImageSpec")
-        check_spec(self.loaded, job.spec)
+        check_spec(self.loaded, job.spec, self.max_pixels)
 
     def offer(self, job: ImageJob) -> bool:
         if len(self._rows) + len(self._new) >= self.max_batch_size:

@@ -74,7 +74,7 @@ class ImageFront:
         """Image k of a request gets seed `seed + k` (a random seed when none is given); checked for 400s."""
         if not 1 <= n <= self.max_n:
             raise BadRequestError(f"n must be in [1, {self.max_n}]", code="invalid_n")
-        check_spec(self.backend.loaded, spec)
+        check_spec(self.backend.loaded, spec, self.backend.max_pixels)
         return [replace(spec, seed=spec.seed + k) for k in range(n)]
 
     async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:

@@ -187,3 +187,20 @@ def test_load_refuses_pickle_weights_and_other_pipelines(image_world: World, tmp
 def test_lora_tags() -> None:
     assert parse_lora_tags("a <lora:ink:0.8> cat <lyco:b> x") == ("a cat x", [("ink", 0.8), ("b", 1.0)])
     assert parse_lora_tags("plain") == ("plain", [])
+
+
+def test_max_image_pixels_bounds_what_a_request_may_ask(image_world: World) -> None:
+    """`--max-image-pixels`: an operator on CPU caps the size one request may tie the engine up with."""
+    from service.errors import BadRequestError
+    from service.images.backend import ImageBackend
+    from service.images.rows import ImageJob, ImageSpec
+    from service.metrics import Metrics
+
+    backend = ImageBackend(load_pipeline(str(image_world.model_dir), "cpu", "float32"), Metrics(), max_pixels=64 * 64)
+
+    def job(side: int) -> ImageJob:
+        return ImageJob([], None, None, lambda event: None, spec=ImageSpec("a", None, side, side, 3, 7.5, 1))
+
+    backend.check(job(64))
+    with pytest.raises(BadRequestError, match=r"over this server's 4096-pixel limit \(64x64; --max-image-pixels\)"):
+        backend.check(job(72))
