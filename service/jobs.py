@@ -86,6 +86,9 @@ class ErrorEvent:
 Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
 
 
+_FINISHING = threading.Lock()  # `done`'s test-and-set: whichever thread finishes a job first is the only one
+
+
 @dataclass
 class Job:
     """One row of work: a prompt, its adapter selection, its sampling settings and an event sink."""
@@ -101,10 +104,12 @@ class Job:
     done: bool = False
 
     def finish(self, event: Event) -> None:
-        """Emit the last event and release what the job holds; idempotent."""
-        if self.done:
-            return
-        self.done = True
+        """Emit the last event and release what the job holds; idempotent, also across threads (shutdown may
+        finish a row while the step holding it still runs)."""
+        with _FINISHING:
+            if self.done:
+                return
+            self.done = True
         try:
             self.sink(event)
         finally:
