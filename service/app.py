@@ -172,7 +172,7 @@ def _describe_invalid(error: Mapping[str, Any]) -> str:
         at = f" at character {loc[1]}" if len(loc) > 1 else ""
         return f"the request body is not valid JSON ({reason}{at})" if reason else f"the request body is not JSON{at}"
     where = ".".join(str(p) for p in loc if p != "body")
-    return f"{where or 'body'}: {error.get('msg')}"
+    return f"{where or 'body'}: {str(error.get('msg')).removeprefix('Value error, ')}"
 
 
 def _not_json(request: Request, exc: RequestValidationError) -> bool:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "AdapterRef",
@@ -32,8 +32,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI / vLLM fields this server does not implement: taken only at values that change nothing (clients send
+# some at their defaults), refused otherwise rather than silently ignored.
+_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "ignore_eos": (None, False),
+    "min_tokens": (None, 0),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, neutral in _NEUTRAL.items():
+                if name in data and data[name] not in neutral:
+                    raise ValueError(f"`{name}` is not supported by this server (got {data[name]!r}); leave it out")
+        return data
+
     model: str = Field(min_length=1, max_length=256)
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)

@@ -45,6 +45,39 @@ def test_bad_completion_requests(client: httpx.Client, body: dict[str, object], 
     assert _status_and_shape(client.post("/v1/completions", json=body)) == status
 
 
+@pytest.mark.parametrize(
+    ("route", "field", "value"),
+    [("/v1/completions", "logit_bias", {"5": 100}), ("/v1/completions", "presence_penalty", 1.5),
+     ("/v1/completions", "frequency_penalty", 2), ("/v1/completions", "best_of", 3), ("/v1/completions", "suffix", "x"),
+     ("/v1/completions", "ignore_eos", True), ("/v1/completions", "min_tokens", 5), ("/v1/completions", "top_k", 1),
+     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+     ("/v1/chat/completions", "response_format", {"type": "json_object"})],
+)  # fmt: skip
+def test_sampling_fields_the_server_lacks_are_refused_not_ignored(
+    client: httpx.Client, route: str, field: str, value: object
+) -> None:
+    body: dict[str, object] = {"model": "tiny", "max_tokens": 2, field: value}
+    body.update(
+        {"prompt": "the sea"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    response = client.post(route, json=body)
+    assert _status_and_shape(response) == 400
+    assert (
+        response.json()["error"]["message"]
+        == f"body: `{field}` is not supported by this server (got {value!r}); leave it out"
+    )
+
+
+def test_sampling_fields_at_neutral_values_are_taken(client: httpx.Client) -> None:
+    """Clients send some of them at their defaults: those change nothing and pass."""
+    neutral = {"logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1, "top_k": -1}
+    body = {"model": "tiny", "prompt": "the sea", "max_tokens": 2, "temperature": 0}
+    assert (
+        client.post("/v1/completions", json={**body, **neutral}).json()["choices"]
+        == (client.post("/v1/completions", json=body).json()["choices"])
+    )
+
+
 def test_malformed_json_and_unknown_routes(client: httpx.Client) -> None:
     response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert _status_and_shape(response) == 400
