@@ -10,6 +10,7 @@ lock. Lifecycle state lives in one `AdapterRecord` per adapter (see `lifecycle`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import shutil
@@ -123,10 +124,21 @@ class Registry:
         return Lease(names, partial(self._give_back, records))
 
     def _give_back(self, records: list[AdapterRecord]) -> None:
+        """The lease ends; a resident it freed may now leave a device tier that leases held over its budget."""
         with self._cond:
             for r in records:
                 r.in_use -= 1
             self._cond.notify_all()
+            freed = any(r.in_use == 0 and r.tier is Tier.DEVICE for r in records)
+            over = freed and not self._device_fits()
+        if over:
+            with contextlib.suppress(RuntimeError):  # shut down: nothing moves any more
+                self._movers.submit(self._rebalance)  # off the caller's thread: offloads wait on the engine
+
+    def _device_fits(self) -> bool:
+        """Whether the device tier is within its budget (call holding `_cond`)."""
+        residents = [r for r in self._records.values() if r.tier is Tier.DEVICE]
+        return self.limits.device.fits(len(residents), sum(r.device_nbytes for r in residents))
 
     async def _bring_back(self, names: frozenset[str]) -> None:
         for name in sorted(names):

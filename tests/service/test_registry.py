@@ -298,3 +298,20 @@ def test_a_preloaded_adapter_is_listed_by_its_absolute_path(world: World, monkey
     monkeypatch.chdir(path.parent)
     with serving(world, adapter=[f"alpha={path.name}"]) as s:
         assert s.registry.get("alpha").source == path.resolve()
+
+
+def test_the_device_tier_returns_to_its_budget_when_leases_end(world: World) -> None:
+    """Leased adapters may hold the device tier over `--max-resident-adapters` (a burst naming more adapters than
+    it holds); once the leases end, the least recently used idle ones are offloaded back to the budget."""
+    with serving(world, max_resident_adapters=1, max_host_adapters=2) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+        s.registry.load("beta", world.adapters["beta"])
+        assert s.tiers() == {"alpha": "host", "beta": "device"}
+
+        async def both() -> None:
+            async with s.registry.lease(["beta"]), s.registry.lease(["alpha"]):
+                assert s.tiers() == {"alpha": "device", "beta": "device"}  # both leased: over budget for now
+
+        asyncio.run(both())
+        wait_until(lambda: s.tiers() == {"alpha": "device", "beta": "host"})  # beta was used least recently
+        assert s.complete("beta").status_code == 200
