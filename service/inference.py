@@ -23,9 +23,13 @@ from .schemas import AdapterRef
 __all__ = ["ChoiceResult", "Inference", "Selection", "select_adapters"]
 
 
+COMPOSITION_LABEL = "(composition)"  # the metrics label of several adapters composed: one value, not one per mix
+
+
 @dataclass(frozen=True)
 class Selection:
-    """What a request asked for: the per-row spec, the adapter names it holds, and a metrics label."""
+    """What a request asked for: the per-row spec, the adapter names it holds, and a metrics label (the base
+    model's name, the adapter's, or `COMPOSITION_LABEL`)."""
 
     spec: RowSpec
     names: frozenset[str]
@@ -44,27 +48,27 @@ class ChoiceResult:
 
 
 def select_adapters(
-    model: str, adapters: Sequence[AdapterRef] | None, known: Collection[str], base_name: str
+    model: str, adapters: Sequence[AdapterRef] | Sequence[tuple[str, float]] | None, known: Collection[str], base: str
 ) -> Selection:
-    """What a request selects among the `known` adapter names (404 / 400 for unknown names or bad mixes)."""
-    if adapters:
-        if model != base_name:
+    """What a request selects among the `known` adapter names: `model` (an adapter or the `base` name) or
+    `adapters` (`AdapterRef`s or `(name, scale)` pairs) composed on the base; 404 / 400 for unknown names or bad
+    mixes."""
+    pairs = [(a.name, a.scale) if isinstance(a, AdapterRef) else (a[0], float(a[1])) for a in adapters or []]
+    if pairs:
+        if model != base:
             raise BadRequestError(
-                f"`adapters` composes adapters on the base model: set `model` to {base_name!r}",
-                code="invalid_adapters",
+                f"`adapters` composes adapters on the base model: set `model` to {base!r}", code="invalid_adapters"
             )
-        pairs = [(a.name, a.scale) for a in adapters]
         names = frozenset(n for n, _ in pairs)
         missing = sorted(names - set(known))
         if missing:
-            raise NotFoundError(f"adapter(s) {missing} not loaded", code="adapter_not_found")
-        return Selection(pairs, names, "+".join(sorted(names)))
-    if model == base_name:
-        return Selection(None, frozenset(), base_name)
+            raise NotFoundError(f"adapter(s) {missing} not loaded; loaded: {sorted(known)}", code="adapter_not_found")
+        return Selection(pairs, names, next(iter(names)) if len(names) == 1 else COMPOSITION_LABEL)
+    if model == base:
+        return Selection(None, frozenset(), base)
     if model not in known:
         raise NotFoundError(
-            f"The model {model!r} does not exist; available: {[base_name, *known]}",
-            code="model_not_found",
+            f"The model {model!r} does not exist; available: {[base, *sorted(known)]}", code="model_not_found"
         )
     return Selection(model, frozenset([model]), model)
 

@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import Request
 
 from ..engine import Engine
-from ..errors import BadRequestError, NotFoundError, ServiceError
-from ..inference import Selection
+from ..errors import BadRequestError, ServiceError
+from ..inference import Selection, select_adapters
 from ..jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
 from ..metrics import Metrics
 from ..registry import Registry
@@ -48,27 +48,7 @@ class ImageFront:
 
     def select(self, model: str | None, pairs: Sequence[tuple[str, float]]) -> Selection:
         """`model` = the base name (or None) or one adapter; `pairs` composes adapters on the base."""
-        model = model or self.base_name
-        loaded = set(self.registry.names())
-        if model != self.base_name:
-            if pairs:
-                raise BadRequestError(
-                    f"`adapters` composes adapters on the base model: set `model` to {self.base_name!r}",
-                    code="invalid_adapters",
-                )
-            if model not in loaded:
-                raise NotFoundError(
-                    f"The model {model!r} does not exist; available: {[self.base_name, *sorted(loaded)]}",
-                    code="model_not_found",
-                )
-            return Selection(model, frozenset([model]), model)
-        if not pairs:
-            return Selection(None, frozenset(), self.base_name)
-        names = frozenset(n for n, _ in pairs)
-        missing = sorted(names - loaded)
-        if missing:
-            raise NotFoundError(f"adapter(s) {missing} not loaded; loaded: {sorted(loaded)}", code="adapter_not_found")
-        return Selection(list(pairs), names, "+".join(sorted(names)))
+        return select_adapters(model or self.base_name, pairs, set(self.registry.names()), self.base_name)
 
     def specs(self, spec: ImageSpec, n: int) -> list[ImageSpec]:
         """Image k of a request gets seed `seed + k` (a random seed when none is given); checked for 400s."""

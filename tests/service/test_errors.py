@@ -104,3 +104,22 @@ def test_metrics_exposed(client: httpx.Client) -> None:
                    "lokr_adapters_resident", "lokr_adapter_loads_total", "lokr_tokens_total",
                    'lokr_engine_seconds_total{work="step"}'):  # fmt: skip
         assert series in text
+
+
+def test_an_unknown_composed_adapter_lists_the_loaded_ones(client: httpx.Client) -> None:
+    ensure_loaded(client, "alpha")
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "adapters": [{"name": "nope"}]})
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert message.startswith("adapter(s) ['nope'] not loaded; loaded: [") and "'alpha'" in message
+
+
+def test_compositions_share_one_metrics_label(client: httpx.Client) -> None:
+    """A label per mix of adapters would grow without bound; compositions count under one value."""
+    for name in ("alpha", "beta"):
+        ensure_loaded(client, name)
+    body = {"model": "tiny", "prompt": "the sea", "max_tokens": 1}
+    mix = [{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 1.0}]
+    assert client.post("/v1/completions", json={**body, "adapters": mix}).status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'adapter="(composition)"' in metrics and "alpha+beta" not in metrics
