@@ -272,7 +272,20 @@ def test_a_command_racing_stop_is_run_or_refused_never_lost() -> None:
     engine.start()
     worker = engine._thread
     assert worker is not None
-    stopped = threading.Event()
+    progress, stopped = threading.Event(), threading.Event()  # `stop` went as far as it could now / returned
+    caller = threading.current_thread()
+
+    class Signalling:  # the engine's stop lock, telling when `stop` (not `call`) asks for it
+        def __init__(self, lock: Any) -> None:
+            self.lock = lock
+
+        def __enter__(self) -> None:
+            if threading.current_thread() is not caller:
+                progress.set()
+            self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
 
     class RacingWorker:  # the real worker; the liveness check `call` makes lets `stop` run first, once
         raced = False
@@ -281,14 +294,14 @@ def test_a_command_racing_stop_is_run_or_refused_never_lost() -> None:
             if self.raced:
                 return worker.is_alive()
             self.raced = True
-            stopper = threading.Thread(target=lambda: (engine.stop(), stopped.set()))
-            stopper.start()
-            stopper.join(timeout=0.5)  # before the fix `stop` finished here, before the command was queued
+            threading.Thread(target=lambda: (engine.stop(), stopped.set(), progress.set())).start()
+            assert progress.wait(30)  # before the fix `stop` ran to its end here, before the command was queued
             return True  # it was alive when checked
 
         def join(self, timeout: float | None = None) -> None:
             worker.join(timeout)
 
+    engine._stopping = Signalling(getattr(engine, "_stopping", threading.Lock()))  # type: ignore[assignment]
     engine._thread = RacingWorker()  # type: ignore[assignment]
     future = engine.call(lambda model: "ran")
     assert stopped.wait(30)
