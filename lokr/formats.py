@@ -111,8 +111,8 @@ def read_safetensors(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[di
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UnsupportedAdapterError(
-            f"{path.name} is a pickle-based checkpoint; only safetensors files are accepted "
-            "(convert it with safetensors.torch.save_file in a trusted environment)"
+            f"{path}: {path.suffix} is a pickle checkpoint's suffix, and such files are never opened; only "
+            "safetensors files are accepted (convert it with safetensors.torch.save_file in a trusted environment)"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import json
 import logging
 import time
@@ -37,3 +38,10 @@ def configure_logging(level: str = "info", as_json: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # loading bars would break the log's lines
+    if importlib.util.find_spec("diffusers") is not None:  # the [images] extra
+        import diffusers
+
+        diffusers.utils.logging.disable_progress_bar()

@@ -34,7 +34,11 @@ def check_model_source(model: str) -> None:
 
 
 def check_adapter_sources(pairs: Sequence[tuple[str, str]]) -> None:
-    """Every `--adapter NAME=SOURCE` must name an existing adapter directory or file."""
+    """Every `--adapter NAME=SOURCE` must name an existing adapter directory or file, each name once."""
+    names = [name for name, _ in pairs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise StartupError(f"--adapter: each name may be given once; given more than once: {', '.join(twice)}")
     for name, source in pairs:
         if not Path(source).expanduser().exists():
             raise StartupError(f"--adapter {name}={source}: {source} does not exist")

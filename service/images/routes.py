@@ -63,8 +63,9 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
 
 
 # ------------------------------------------------------------------------------------------ wrong kind
-lm_refusals = APIRouter(tags=["images"], include_in_schema=False)
-image_refusals = APIRouter(tags=["openai"], include_in_schema=False)
+# behind the same key as the routes they stand for: an unauthenticated caller learns nothing of the model
+lm_refusals = APIRouter(dependencies=[ApiAuth], tags=["images"], include_in_schema=False)
+image_refusals = APIRouter(dependencies=[ApiAuth], tags=["openai"], include_in_schema=False)
 
 
 @lm_refusals.post("/v1/completions")

@@ -343,6 +343,8 @@ def test_pickle_is_refused_unopened(
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr("lokr.formats.safe_open", forbidden)
     _refused(model, lambda: lokr.load_adapter(model, path, "new"), lokr.UnsupportedAdapterError)
+    with pytest.raises(lokr.UnsupportedAdapterError, match=rf"^{path}: \{suffix} is a pickle checkpoint's suffix"):
+        lokr.read_adapter(path)  # the whole path, and no claim about contents it never read
     # a PEFT dir that only has the pickle weights
     peft_dir = tmp_path / "peftdir"
     peft_dir.mkdir()

@@ -312,6 +312,8 @@ def test_api_keys_guard_inference_routes(keyed_server: Server) -> None:
         ("GET", "/v1/models", None),
         ("POST", "/v1/completions", {"model": "tiny", "prompt": "the sea", "max_tokens": 2}),
         ("POST", "/v1/chat/completions", chat),
+        ("POST", "/v1/images/generations", {"prompt": "x"}),  # the wrong kind's refusals too: no model name leaks
+        ("GET", "/sdapi/v1/loras", None),
     ]
     with httpx.Client(base_url=keyed_server.url, timeout=60) as c:
         for method, path, body in routes:
@@ -322,7 +324,8 @@ def test_api_keys_guard_inference_routes(keyed_server: Server) -> None:
             ok = c.request(method, path, json=body, headers=good)
             assert ok.status_code in (200, 400), ok.text  # 400: the word tokenizer may have no chat template
             if ok.status_code == 400:
-                assert path == "/v1/chat/completions" and _error(ok, 400)["code"] == "no_chat_template"
+                code = _error(ok, 400)["code"]
+                assert (path, code) == ("/v1/chat/completions", "no_chat_template") or code == "wrong_model_kind"
         assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
         _error(c.get("/v1/adapters", headers=good), 401)  # an API key is not the admin token
         assert c.get("/v1/adapters", headers=AUTH).status_code == 200

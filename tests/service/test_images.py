@@ -159,7 +159,9 @@ def test_disconnect_cancels_the_images(image_server: Server, http: httpx.Client)
 
 def test_the_image_server_keeps_a_folded_copy_per_batch_image_by_default(image_server: Server) -> None:
     """`--fold-cache auto` on the tiny pipeline (memory to spare): one copy per image of a full batch (16)."""
-    assert "fold cache: 16 folded weight copies per adapted layer (auto:" in image_server.log.read_text()
+    log = image_server.log.read_text()
+    assert "fold cache: 16 folded weight copies per adapted layer (auto:" in log
+    assert "it/s]" not in log  # no loading progress bars among the log's lines
 
 
 def test_causal_lm_server_refuses_image_routes(client: httpx.Client) -> None:

@@ -81,6 +81,14 @@ def test_bad_adapter_file_at_start_up_is_one_line(world: World, tmp_path: Path) 
     assert "not a valid safetensors file" in _one_error_line(proc)
 
 
+def test_an_adapter_name_given_twice_is_refused_before_the_model_loads(world: World) -> None:
+    source = str(world.adapters["alpha"])
+    proc = _cli(
+        "serve", "--model", str(world.model_dir), "--port", "0", "--adapter", f"a={source}", "--adapter", f"a={source}"
+    )
+    assert _one_error_line(proc) == "lokr-serve: error: --adapter: each name may be given once; given more than once: a"
+
+
 def test_device_cuda_without_a_gpu_is_one_line(world: World) -> None:
     import torch
 
