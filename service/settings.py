@@ -13,7 +13,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 __all__ = ["BYTE_FIELDS", "Settings", "parse_bytes"]
 
 BYTE_FIELDS = ("max_resident_bytes", "max_host_bytes", "max_body_bytes", "max_upload_bytes", "max_adapter_bytes")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}  # + "i": binary (KiB, Mi, ...)
 
 
 def parse_bytes(value: Any) -> Any:
@@ -24,8 +23,8 @@ def parse_bytes(value: Any) -> Any:
     if match is None or (match.group(3) and not match.group(2)):
         raise ValueError(f"expects a byte count such as 4194304, 4MiB or 2GiB, got {value!r}")
     number, prefix, binary = match.groups()
-    unit = 1024 ** "_kmgt".index(prefix) if binary and prefix else _UNITS[prefix]
-    return int(float(number) * unit)
+    power = " kmgt".index(prefix or " ")  # none, k, m, g, t: each a step of 1000, or of 1024 with "i"
+    return int(float(number) * (1024 if binary else 1000) ** power)
 
 
 class Settings(BaseSettings):
