@@ -313,5 +313,7 @@ def test_the_device_tier_returns_to_its_budget_when_leases_end(world: World) -> 
                 assert s.tiers() == {"alpha": "device", "beta": "device"}  # both leased: over budget for now
 
         asyncio.run(both())
-        wait_until(lambda: s.tiers() == {"alpha": "device", "beta": "host"})  # beta was used least recently
+        # back to one resident: which one depends on whether the offload alpha's release starts runs before beta's
+        # release (alpha is then the only idle resident) or after (beta, used least recently)
+        wait_until(lambda: sorted(s.tiers().values()) == ["device", "host"])
         assert s.complete("beta").status_code == 200
