@@ -11,6 +11,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 from .heap import GcPauses
 
@@ -65,5 +66,29 @@ class Metrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         PlatformCollector(registry=r)  # python_info
 
+    def forget_adapter(self, name: str) -> None:
+        """Drop every series labelled with adapter `name` (it was unloaded): a fleet that churns thousands of
+        adapters would otherwise export their series forever. A scrape sees the counts reset if it loads again."""
+        for metric, labelnames in self._per_adapter():
+            for values in _label_values(metric, labelnames, adapter=name):
+                metric.remove(*values)
+
+    def _per_adapter(self) -> tuple[tuple[MetricWrapperBase, tuple[str, ...]], ...]:
+        return (
+            (self.requests, ("route", "adapter", "status")),
+            (self.ttft, ("adapter",)),
+            (self.tokens, ("kind", "adapter")),
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _label_values(metric: MetricWrapperBase, labelnames: tuple[str, ...], **match: str) -> set[tuple[str, ...]]:
+    """The label values (in `labelnames` order) of `metric`'s series whose labels include `match`."""
+    found = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            if all(sample.labels.get(k) == v for k, v in match.items()):
+                found.add(tuple(sample.labels[n] for n in labelnames))
+    return found

@@ -306,6 +306,7 @@ class Registry:
         if record.owned_dir is not None:
             shutil.rmtree(record.owned_dir, ignore_errors=True)
         self.metrics.adapter_unloads.inc()
+        self.metrics.forget_adapter(name)
         self._update_gauges()
         log.info("unloaded adapter %s", name)
 

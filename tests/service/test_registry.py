@@ -317,3 +317,26 @@ def test_the_device_tier_returns_to_its_budget_when_leases_end(world: World) -> 
         # release (alpha is then the only idle resident) or after (beta, used least recently)
         wait_until(lambda: sorted(s.tiers().values()) == ["device", "host"])
         assert s.complete("beta").status_code == 200
+
+
+def test_an_unloaded_adapter_leaves_no_metrics_series(world: World) -> None:
+    """A fleet churning thousands of adapters must not export every name it ever served: unloading drops the
+    adapter's request, token and first-token series; the other adapters' series stay as they were."""
+    with serving(world) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+        s.registry.load("beta", world.adapters["beta"])
+        assert s.complete("alpha").status_code == 200 and s.complete("beta").status_code == 200
+        before = _series(s, "beta")
+        assert before and _series(s, "alpha")
+        assert s.client.delete("/v1/adapters/alpha").status_code == 200
+        assert _series(s, "alpha") == {} and _series(s, "beta") == before
+
+
+def _series(s: Serving, adapter: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample labelled `adapter=...` in the app's registry."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in s.c.metrics.registry.collect()
+        for sample in family.samples
+        if sample.labels.get("adapter") == adapter
+    }
