@@ -48,7 +48,7 @@ async def list_models(c: Deps) -> dict[str, Any]:
                     "object": "model",
                     "created": int(record.loaded_at),
                     "owned_by": "lokr-serve",
-                    "root": record.source,
+                    "root": record.name,  # not its path: where adapters live is the admin API's to show
                     "parent": base,
                     "kind": kind,
                 }

@@ -54,7 +54,8 @@ def test_load_describe_list_unload(client: httpx.Client) -> None:
 def test_vllm_aliases(client: httpx.Client) -> None:
     response = client.post("/v1/load_lora_adapter", json={"lora_name": "vl", "lora_path": "gamma"}, headers=AUTH)
     assert response.status_code == 200, response.text
-    assert "vl" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert listed["vl"]["root"] == "vl" and listed["vl"]["parent"]  # the name, not the server's path to it
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "vl"}, headers=AUTH).status_code == 200
     assert "vl" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
 
