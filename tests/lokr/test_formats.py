@@ -384,6 +384,33 @@ def test_missing_source_and_max_bytes(model: nn.Module, tmp_path: Path) -> None:
     _refused(model, lambda: lokr.load_adapter(model, path, "new", max_bytes=10), lokr.AdapterFormatError)
 
 
+def test_reading_a_file_again_and_again_keeps_no_python_objects(tmp_path: Path) -> None:
+    """A server re-reads adapter files on every disk-tier miss and every reload: reading must hold nothing back
+    (safetensors' `get_tensor` kept two Python ints per tensor, ~4 KB per read of a 68-tensor file)."""
+    import gc
+    import tracemalloc
+
+    from lokr.formats import read_safetensors
+
+    path = tmp_path / "many.safetensors"
+    save_file({f"layer{i}.lokr_w1": torch.randn(4, 4) for i in range(68)}, path, metadata={"ss_note": "x"})
+    tensors, metadata = read_safetensors(path)
+    assert len(tensors) == 68 and metadata == {"ss_note": "x"}
+    for _ in range(5):
+        read_safetensors(path)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(100):
+            read_safetensors(path)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 20_000, f"{grown} bytes of Python objects kept after 100 reads"
+
+
 def _peft_dir(tmp_path: Path) -> Path:
     net = _model()
     torch.manual_seed(8)
