@@ -38,13 +38,19 @@ def peft_export(
         decompose_both=decompose_both,
         decompose_factor=factor,
         target_modules=sorted(adapters),
-        rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
-        alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
+        rank_pattern={_exactly(n): v for n, v in ranks.items() if v != r},
+        alpha_pattern={_exactly(n): v for n, v in alphas.items() if v != alpha},
         init_weights=True,
         inference_mode=True,
     )
     tensors: dict[str, Tensor] = {f"{n}.{k}": p for n, a in adapters.items() for k, p in a.named_parameters()}
     return tensors, config
+
+
+def _exactly(module_name: str) -> str:
+    """A pattern key that PEFT (`(.*\\.)?(key)$`) matches on `module_name` alone: a bare name would also match
+    every module whose name ends in `.module_name` (`proj` in `a.proj`)."""
+    return "^" + re.escape(module_name)
 
 
 def _dims(adapter: LoKrAdapter, spec: LayerSpec) -> tuple[int, int, int, int]:

@@ -332,6 +332,44 @@ def test_lokr_save_loads_in_peft(case_name: str, tmp_path: Path) -> None:
         _close(again(x), ours(x), case.tol)
 
 
+class _Nested(nn.Module):
+    """`proj` at the top and inside `a` and `b`: PEFT's pattern keys match names as dotted suffixes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.a = nn.Sequential()
+        self.a.add_module("proj", nn.Linear(16, 16))
+        self.b = nn.Sequential()
+        self.b.add_module("proj", nn.Linear(16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b.proj(self.a.proj(self.proj(x)))
+
+
+@pytest.mark.parametrize("pattern", ["alpha_pattern", "rank_pattern"])
+def test_saved_patterns_name_one_module_in_peft(pattern: str, tmp_path: Path) -> None:
+    """A top-level module with its own rank or alpha: the saved pattern must not reach `a.proj` and `b.proj`."""
+    torch.manual_seed(0)
+    base = _Nested().eval()
+    ours = copy.deepcopy(base)
+    config = {
+        "target_modules": ["proj"],
+        "r": 2,
+        "alpha": 1,
+        pattern: {"^proj": 3 if pattern == "alpha_pattern" else 4},
+    }
+    lokr.inject(ours, lokr.LoKrConfig(init_weights=False, **config))  # type: ignore[arg-type]
+    lokr.set_adapter(ours, "default")
+    lokr.save_adapter(ours, "default", tmp_path / "ours")
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    again = _load_into_lokr(base, tmp_path / "ours")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        _close(pm(x), ours(x))
+        _close(again(x), ours(x))
+
+
 # --------------------------------------------------------------------------------------------- several adapters
 @pytest.mark.parametrize(
     ("targets_a", "targets_b"), [(["lin0"], ["lin0"]), (["lin0"], ["lin1"])], ids=["same", "different"]
