@@ -178,7 +178,8 @@ def _read_lycoris_file(path: Path, max_bytes: int) -> ParsedAdapter:
         if rank is None:  # both factors full: LyCORIS forces scale 1 whatever alpha says
             modules[stem] = ModuleWeights(group, 1.0, 1, 1.0)
             continue
-        alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None and alpha_t.numel() else float(rank)
+        alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None and alpha_t.numel() else 0.0
+        alpha = alpha or float(rank)  # LyCORIS and kohya read a missing or zero alpha as the rank (scale 1)
         if alpha_t is not None and alpha_t.numel() != 1:
             raise AdapterFormatError(f"{path}: {stem}.alpha must be a scalar, got shape {tuple(alpha_t.shape)}")
         if alpha != alpha or alpha in (float("inf"), float("-inf")):

@@ -86,6 +86,27 @@ def test_conv1d_tucker_core_loads_and_matches_lycoris(
         torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_zero_alpha_means_the_rank_as_in_lycoris(tmp_path: Path) -> None:
+    """Other trainers write `.alpha = 0`; LyCORIS's loader (as kohya's) reads it as alpha = rank, scale 1."""
+    from lycoris import create_lycoris_from_weights
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32)).eval()
+    path = tmp_path / "zero-alpha.safetensors"
+    factors = {"lokr_w1": torch.randn(4, 4), "lokr_w2_a": torch.randn(8, 2), "lokr_w2_b": torch.randn(2, 4)}
+    save_file({**{f"lycoris_0.{k}": v for k, v in factors.items()}, "lycoris_0.alpha": torch.tensor(0.0)}, str(path))
+    reference = copy.deepcopy(base)
+    network, _ = create_lycoris_from_weights(1.0, str(path), reference)
+    network.apply_to()
+    ours = copy.deepcopy(base)
+    lokr.load_adapter(ours, path, "zero")
+    lokr.set_adapter(ours, "zero")
+    assert lokr.describe_adapter(ours, "zero").scales == {"0": 1.0}
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(("first", "second"), [("lycoris", "lora_unet"), ("lora_te1", "lora_te2")])
 def test_two_stems_for_one_module_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str, second: str
