@@ -106,7 +106,7 @@ def read_safetensors(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[di
         with path.open("rb") as file:
             data = file.read(max_bytes + 1)
         # not `handle.get_tensor`: safetensors 0.8 leaks two Python ints per tensor read that way
-        tensors = load_safetensors(data) if len(data) <= max_bytes else None
+        tensors = dict(sorted(load_safetensors(data).items())) if len(data) <= max_bytes else None  # name order
     except Exception as exc:  # safetensors raises several types (SafetensorError, OSError, ...)
         raise AdapterFormatError(f"{path} is not a valid safetensors file: {exc}") from exc
     if tensors is None:
