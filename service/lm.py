@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .backend import LoadedModel
-from .errors import ContextLengthError
+from .errors import BadRequestError, ContextLengthError
 from .generation import BatchRunner
 from .jobs import Job, SamplingParams
 from .metrics import Metrics
@@ -67,7 +67,9 @@ class CausalLMBackend:
     def check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         ctx = self.context_length
         if prompt_len == 0:
-            raise ContextLengthError("the prompt is empty after tokenisation; send at least one token")
+            raise BadRequestError(
+                "the prompt is empty after tokenisation; send at least one token", code="invalid_prompt"
+            )
         if prompt_len + params.max_tokens > ctx:
             raise ContextLengthError(
                 f"This model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,7 +18,8 @@ __all__ = [
     "VllmUnloadRequest",
 ]
 
-Stop = str | list[str] | None
+MAX_STOPS = 16  # OpenAI takes 4; vLLM any number. More than this is refused, never cut short.
+Stop = str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None
 
 
 class AdapterRef(BaseModel):
@@ -75,7 +76,7 @@ class _Sampling(BaseModel):
 
     def stop_list(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return tuple(stops[:4])
+        return tuple(stops)
 
 
 class CompletionRequest(_Sampling):

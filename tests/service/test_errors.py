@@ -36,6 +36,7 @@ BAD_COMPLETIONS = [
     ({"model": "tiny", "prompt": "x", "adapters": "alpha"}, 400),
     ({"prompt": "the sea"}, 400),
     ({"model": "", "prompt": "the sea"}, 400),
+    ({"model": "tiny", "prompt": "the sea", "stop": [f"s{i}" for i in range(17)]}, 400),
 ]
 
 
@@ -43,6 +44,17 @@ BAD_COMPLETIONS = [
 def test_bad_completion_requests(client: httpx.Client, body: dict[str, object], status: int) -> None:
     ensure_loaded(client, "alpha")
     assert _status_and_shape(client.post("/v1/completions", json=body)) == status
+
+
+def test_every_stop_string_counts_and_an_empty_prompt_is_invalid(client: httpx.Client) -> None:
+    body = {"model": "tiny", "prompt": "the sea", "max_tokens": 6, "temperature": 0}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    word = text.split()[1]  # the second generated word: a stop string cuts the text before it
+    stops = [f"zz{i}" for i in range(15)] + [word]
+    cut = client.post("/v1/completions", json={**body, "stop": stops}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and word not in cut["text"] and text.startswith(cut["text"])
+    empty = client.post("/v1/completions", json={**body, "prompt": []})
+    assert _status_and_shape(empty) == 400 and empty.json()["error"]["code"] == "invalid_prompt"
 
 
 @pytest.mark.parametrize(
