@@ -38,6 +38,10 @@ def configure_logging(level: str = "info", as_json: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    server = logging.getLogger("uvicorn")  # its errors (and tracebacks) in the same JSON lines; uvicorn is told
+    server.handlers[:] = [handler]  # not to configure logging itself (`log_config=None`)
+    server.setLevel(logging.WARNING)
+    server.propagate = False
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # loading bars would break the log's lines

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -117,3 +120,63 @@ def test_sigterm_finishes_inflight_and_exits_zero(world: World) -> None:
     assert server.process.wait(timeout=360) == 0
     finished = [r for r in responses if isinstance(r, httpx.Response)]
     assert finished and all(r.status_code == 200 for r in finished)
+
+
+SLOW_STEPS = """import time
+import service.lm as lm
+_step = lm.CausalLMBackend.step
+def _slow(self):
+    time.sleep(0.2)  # a model whose steps are slow: requests are still running when the signal comes
+    _step(self)
+lm.CausalLMBackend.step = _slow
+"""
+
+
+@pytest.mark.parametrize("grace", ["0", "1"])
+def test_sigterm_past_the_grace_answers_503_and_ends_streams_with_an_error(
+    world: World, tmp_path: Path, grace: str
+) -> None:
+    """Requests still running when the grace runs out hear why (503, or an error event then `[DONE]` on a stream)
+    instead of a cut connection; a grace of 0 means none, not forever."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_STEPS)
+    server = start_server(
+        world, "--adapter", f"alpha={world.adapters['alpha']}", "--shutdown-grace-s", grace,
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+    )  # fmt: skip
+    long = {"model": "alpha", "prompt": "the sea is", "max_tokens": 100, "temperature": 0}
+
+    async def scenario() -> tuple[httpx.Response, list[str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as ac:
+            plain = asyncio.ensure_future(ac.post("/v1/completions", json=long))
+            async with ac.stream("POST", "/v1/completions", json={**long, "stream": True}) as stream:
+                lines = stream.aiter_lines()
+                received = [await anext(lines)]  # its first token is out: it runs in the engine
+                await _until_all_generating(ac, "alpha", 2)
+                server.process.send_signal(signal.SIGTERM)
+                received += [line async for line in lines]
+            return await plain, [line for line in received if line]
+
+    plain, events = asyncio.run(scenario())
+    assert server.process.wait(timeout=120) == 0
+    assert plain.status_code == 503 and "shutting down" in plain.json()["error"]["message"]
+    assert events[-1] == "data: [DONE]" and '"error"' in events[-2] and "shutting down" in events[-2]
+    assert all(json.loads(line) for line in server.log.read_text().splitlines())  # uvicorn's lines too
+
+
+def test_the_http_servers_own_log_lines_are_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from service.logs import configure_logging
+
+    loggers = [logging.getLogger(name) for name in ("lokr_serve", "uvicorn")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    configure_logging()
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    finally:
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+    line = json.loads(capsys.readouterr().err.strip())
+    assert line["logger"] == "uvicorn.error" and line["level"] == "error" and "boom" in line["exc"]
