@@ -47,6 +47,12 @@ class ContextLengthError(BadRequestError):
     code = "context_length_exceeded"
 
 
+class ClientGoneError(ServiceError):
+    """The client closed the connection and its work was cancelled (nobody reads this answer)."""
+
+    status, type, code = 499, "invalid_request_error", "client_closed_request"
+
+
 class AuthError(ServiceError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
     headers = {"WWW-Authenticate": "Bearer"}

@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .registry import Registry
 from .schemas import AdapterRef
 
-__all__ = ["ChoiceResult", "Inference", "Selection", "select_adapters"]
+__all__ = ["ChoiceResult", "Inference", "Launched", "Selection", "select_adapters"]
 
 
 COMPOSITION_LABEL = "(composition)"  # the metrics label of several adapters composed: one value, not one per mix
@@ -97,55 +97,56 @@ class Inference:
             raise BadRequestError(f"prompt token ids must be in [0, {vocab})", code="invalid_prompt")
         return list(prompt)
 
-    async def stream_batches(
-        self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
-    ) -> AsyncGenerator[list[tuple[int, Event]], None]:
-        """Events of every choice (index = prompt * n + k) in arrival order, as the batches that arrived
-        together (an engine step hands over all its rows' events at once): one wake-up per step, not per event.
-
-        Each choice leases its adapters (bringing them back if needed) and its job goes to the engine; the
-        engine delivers straight into this stream's inbox, no task per choice. Leaving early cancels every job.
-        Callers check `lm.check_fits` first to answer a 400 before streaming; `submit` checks again.
-        """
-        inbox = _Inbox(len(prompts) * n)
-        jobs: list[Job] = []
+    async def launch(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection) -> Launched:
+        """Lease every choice's adapters (bringing them back if needed) and launch its job (index = prompt * n +
+        k); the engine delivers straight into the request's inbox, no task per choice. The first failure (queue
+        full, shutting down, an adapter that cannot come back) cancels the choices launched and raises: before a
+        streamed answer's first byte, so it has its own status. Callers check `lm.check_fits` first."""
+        launched = Launched(_Inbox(len(prompts) * n), [])
         try:
             for p, ids in enumerate(prompts):
                 for k in range(n):
                     seed = None if params.seed is None else params.seed + k
-                    job = await self._start(p * n + k, ids, replace(params, seed=seed), sel, inbox)
-                    if job is not None:
-                        jobs.append(job)
-            while not inbox.finished:
-                yield await inbox.take()
+                    launched.jobs.append(await self._start(p * n + k, ids, replace(params, seed=seed), sel, launched))
+        except BaseException:
+            launched.cancel()
+            raise
+        return launched
+
+    @staticmethod
+    async def batches(launched: Launched) -> AsyncGenerator[list[tuple[int, Event]], None]:
+        """The events of every choice in arrival order, as the batches that arrived together (an engine step
+        hands over all its rows' events at once): one wake-up per step, not per event. Leaving early cancels."""
+        try:
+            while not launched.inbox.finished:
+                yield await launched.inbox.take()
         finally:
-            for job in jobs:
-                job.cancelled.set()
+            launched.cancel()
 
     async def stream(
         self, prompts: Sequence[list[int]], n: int, params: SamplingParams, sel: Selection
     ) -> AsyncGenerator[tuple[int, Event], None]:
-        """`stream_batches`, one event at a time."""
-        batches = self.stream_batches(prompts, n, params, sel)
+        """`launch`, then its events one at a time."""
+        batches = self.batches(await self.launch(prompts, n, params, sel))
         async with contextlib.aclosing(batches):
             async for batch in batches:
                 for item in batch:
                     yield item
 
     async def _start(
-        self, index: int, ids: list[int], params: SamplingParams, sel: Selection, inbox: _Inbox
-    ) -> Job | None:
+        self, index: int, ids: list[int], params: SamplingParams, sel: Selection, launched: Launched
+    ) -> Job:
         """Lease one choice's adapters and launch its job; the job co-holds the lease until the engine is done
-        with its row (also after the client has gone). A failed lease is the choice's only event."""
-        try:
-            async with self.registry.lease(sel.names) as lease:
-                sink = self.engine.sink_to(self._deliver(index, sel.label, inbox))
-                job = Job(ids, params, sel.spec, sink, on_done=partial(self._done, lease.hold(), sel.label))
-                self.engine.launch(job)
-                return job
-        except Exception as exc:
-            inbox.put(index, ErrorEvent(exc))
-            return None
+        with its row (also after the client has gone)."""
+        async with self.registry.lease(sel.names) as lease:
+            sink = self.engine.sink_to(self._deliver(index, sel.label, launched.inbox))
+            job = Job(ids, params, sel.spec, sink, on_done=partial(self._done, lease.hold(), sel.label))
+            try:
+                self.engine.submit(job)
+            except Exception as exc:  # refused (queue full, shutting down, too long): the job gives its lease back
+                job.finish(ErrorEvent(exc))
+                raise
+            return job
 
     def _deliver(self, index: int, label: str, inbox: _Inbox) -> Callable[[Event], None]:
         """The loop-side end of one choice's sink: time to first token, then into the inbox."""
@@ -188,6 +189,19 @@ class Inference:
                     result.finish_reason = event.reason
                     result.prompt_tokens, result.completion_tokens = event.prompt_tokens, event.completion_tokens
         return results
+
+
+@dataclass
+class Launched:
+    """One request's choices, leased and in the engine: their events arrive in `inbox`; `cancel` ends them."""
+
+    inbox: _Inbox
+    jobs: list[Job]
+
+    def cancel(self) -> None:
+        """Every job leaves the engine at its next step (a no-op for those already finished)."""
+        for job in self.jobs:
+            job.cancelled.set()
 
 
 class _Inbox:

@@ -10,10 +10,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from fastapi import Request
-
+from ..disconnect import unless_gone
 from ..engine import Engine
-from ..errors import BadRequestError, ServiceError
+from ..errors import BadRequestError
 from ..inference import Selection, select_adapters
 from ..jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
 from ..metrics import Metrics
@@ -21,16 +20,10 @@ from ..registry import Registry
 from .backend import ImageBackend, check_spec
 from .rows import ImageJob, ImageSpec, random_seed
 
-__all__ = ["ClientGoneError", "ImageFront", "png_b64", "seed_or_random", "until_disconnected"]
+__all__ = ["ImageFront", "png_b64", "seed_or_random"]
 
 Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 _NO_TOKENS = SamplingParams(max_tokens=0)
-
-
-class ClientGoneError(ServiceError):
-    """The client closed the connection; its images were cancelled (nobody reads this answer)."""
-
-    status, type, code = 499, "invalid_request_error", "client_closed_request"
 
 
 class ImageFront:
@@ -60,20 +53,13 @@ class ImageFront:
     async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:
         """PIL images in order; the first error fails the request; a client that leaves cancels every image."""
         tasks = [asyncio.ensure_future(self._one(spec, sel)) for spec in specs]
-        watcher = asyncio.ensure_future(disconnected())
-        gathered: asyncio.Future[list[Any]] = asyncio.gather(*tasks)
         try:
-            waits: list[asyncio.Future[Any]] = [gathered, watcher]
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if gathered not in done:
-                raise ClientGoneError("the client closed the connection; its images were cancelled")
-            return gathered.result()
+            return await unless_gone(asyncio.gather(*tasks), disconnected, "its images were")
         finally:
-            watcher.cancel()
-            gathered.cancel()  # and every image's task with it
-            for future in (gathered, *tasks, watcher):  # each outcome read: no "exception was never retrieved"
+            for task in tasks:  # each outcome read: no "exception was never retrieved"
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await future
+                    await task
 
     async def _one(self, spec: ImageSpec, sel: Selection) -> Any:
         """Lease the adapters (bringing them back if needed) and run one image; the job co-holds the lease until
@@ -93,16 +79,6 @@ class ImageFront:
                 if isinstance(event, FinishEvent):
                     break
             return holder[0].image
-
-
-async def until_disconnected(request: Request) -> None:
-    """Wait on the request's ASGI channel until it says `http.disconnect` (the body was read already).
-
-    A blocking receive, not `request.is_disconnected()` polling: behind a `BaseHTTPMiddleware` the poll's
-    instantly cancelled receive never sees the disconnect.
-    """
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def png_b64(image: Any) -> str:

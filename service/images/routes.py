@@ -9,9 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
+from ..disconnect import until_disconnected
 from ..errors import BadRequestError, NotReadyError
 from ..routes.deps import ApiAuth, Components, Deps
-from .front import ImageFront, png_b64, seed_or_random, until_disconnected
+from .front import ImageFront, png_b64, seed_or_random
 from .rows import ImageSpec
 from .schemas import ImageGenerationRequest
 

@@ -8,11 +8,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from ..disconnect import unless_gone, until_disconnected
 from ..errors import BadRequestError, http_error_for
 from ..inference import ChoiceResult, Inference
 from ..jobs import ErrorEvent, Event, FinishEvent, PromptEvent, SamplingParams, TokenEvent, TokenInfo
@@ -24,6 +27,9 @@ router = APIRouter(dependencies=[ApiAuth], tags=["openai"])
 _STREAMABLE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "JSON, or SSE when streaming"}
 }
+
+
+_GONE = "its completions were"  # what a client that leaves has cancelled
 
 
 def _inference(c: Components) -> Inference:
@@ -80,10 +86,11 @@ async def completions(body: CompletionRequest, c: Deps, request: Request) -> dic
         inf.lm.check_fits(len(ids), params)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        batches = inf.stream_batches(prompts, body.n, params, sel)
+        launched = await inf.launch(prompts, body.n, params, sel)
         chunks = _completion_chunker(meta, params)
-        return _sse(batches, _SseWriter(chunks, "text_completion", meta, len(prompts) * body.n, body.n, usage))
-    results = await inf.run(prompts, body.n, params, sel)
+        writer = _SseWriter(chunks, "text_completion", meta, len(prompts) * body.n, body.n, usage)
+        return _sse(inf.batches(launched), writer, launched.cancel)
+    results = await unless_gone(inf.run(prompts, body.n, params, sel), partial(until_disconnected, request), _GONE)
     choices = [_completion_choice(r, params) for r in results]
     return {"object": "text_completion", **meta, "choices": choices, "usage": _usage(results, body.n)}
 
@@ -197,10 +204,11 @@ async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict
     inf.lm.check_fits(len(ids), params)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        batches = inf.stream_batches([ids], body.n, params, sel)
+        launched = await inf.launch([ids], body.n, params, sel)
         chunks = _chat_chunker(meta, k)
-        return _sse(batches, _SseWriter(chunks, "chat.completion.chunk", meta, body.n, body.n, usage))
-    results = await inf.run([ids], body.n, params, sel)
+        writer = _SseWriter(chunks, "chat.completion.chunk", meta, body.n, body.n, usage)
+        return _sse(inf.batches(launched), writer, launched.cancel)
+    results = await unless_gone(inf.run([ids], body.n, params, sel), partial(until_disconnected, request), _GONE)
     choices = [
         {
             "index": r.index,
@@ -317,8 +325,26 @@ class _SseWriter:
         return f"data: {json.dumps(chunk)}\n\n"
 
 
-def _sse(batches: AsyncGenerator[list[tuple[int, Event]], None], writer: _SseWriter) -> StreamingResponse:
-    """Stream `batches` of events through `writer`: one write per batch; the last one also ends the stream."""
+class _Stream(StreamingResponse):
+    """A streamed answer that runs `on_close` however it ends: finished, failed, or its client gone before the
+    first byte (when the body's generator never starts, its own cleanup never runs)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(
+    batches: AsyncGenerator[list[tuple[int, Event]], None], writer: _SseWriter, on_close: Callable[[], None]
+) -> StreamingResponse:
+    """Stream `batches` of events through `writer`: one write per batch; the last one also ends the stream;
+    `on_close` runs however the response ends."""
 
     async def body() -> AsyncIterator[str]:
         async with contextlib.aclosing(batches):
@@ -335,7 +361,7 @@ def _sse(batches: AsyncGenerator[list[tuple[int, Event]], None], writer: _SseWri
                 return
         yield writer.end()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _Stream(body(), on_close)
 
 
 __all__ = ["router"]

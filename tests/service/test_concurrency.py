@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ADMIN_TOKEN, World, ensure_loaded, start_server
+from .conftest import ADMIN_TOKEN, World, ensure_loaded, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -180,3 +181,53 @@ def test_the_http_servers_own_log_lines_are_json(capsys: pytest.CaptureFixture[s
             lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
     line = json.loads(capsys.readouterr().err.strip())
     assert line["logger"] == "uvicorn.error" and line["level"] == "error" and "boom" in line["exc"]
+
+
+async def _until_queue_depth(ac: httpx.AsyncClient, depth: int) -> None:
+    while f"lokr_queue_depth {depth:.1f}" not in (await ac.get("/metrics")).text:
+        await asyncio.sleep(0.05)
+
+
+def _generated(metrics: str, adapter: str) -> float:
+    series = f'lokr_tokens_total{{adapter="{adapter}",kind="generated"}}'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(series))
+
+
+def test_a_full_queue_refuses_a_stream_with_503_and_a_client_that_leaves_cancels_its_completion(
+    world: World, tmp_path: Path
+) -> None:
+    """A stream refused before its first token gets the refusal's own status (503 + Retry-After), not a 200 with
+    an error event; a non-streamed request whose client hangs up stops generating and gives its adapter back."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_STEPS)
+    server = start_server(
+        world, "--adapter", f"alpha={world.adapters['alpha']}", "--max-batch-size", "1", "--max-queue", "1",
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+    )  # fmt: skip
+    long = {"model": "alpha", "prompt": "the sea is", "max_tokens": 100, "temperature": 0}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def scenario() -> tuple[httpx.Response, float, float]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as ac:
+            running = asyncio.ensure_future(ac.post("/v1/completions", json=long))
+            await _until_all_generating(ac, "alpha", 1)
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as other:
+                await _until_queue_depth(ac, 0)  # a step after the running one's admission
+                queued = [asyncio.ensure_future(other.post("/v1/completions", json=long))]
+                await _until_queue_depth(ac, 1)  # the queue (of one) is full
+                refused = await ac.post("/v1/completions", json={**long, "stream": True})
+                for task in queued:  # every client hangs up: their rows must stop
+                    task.cancel()
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(running, *queued)
+            while (await ac.get("/v1/adapters/alpha", headers=admin)).json()["in_use"] != 0:
+                await asyncio.sleep(0.05)
+            return refused, _generated((await ac.get("/metrics")).text, "alpha"), 0.0
+
+    try:
+        refused, generated, _ = asyncio.run(scenario())
+    finally:
+        stop_server(server)
+    assert generated < 100, f"the abandoned completions kept generating ({generated} tokens)"
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"

@@ -34,7 +34,7 @@ def _writes(batches: AsyncGenerator[list[tuple[int, Event]], None], choices: int
     writer = _SseWriter(_completion_chunker(META, SamplingParams(4)), "text_completion", META, choices, 1, usage)
 
     async def collect() -> list[str]:
-        response = _sse(batches, writer)
+        response = _sse(batches, writer, lambda: None)
         return [part async for part in response.body_iterator]  # type: ignore[misc]
 
     return asyncio.run(collect())
