@@ -29,8 +29,9 @@ log = logging.getLogger("lokr_serve")
 
 class ObserveMiddleware:
     """Tags each HTTP request with an id (`x-request-id`, echoed back, and in log records), answers 413 to a
-    declared body over the limit without reading it, stamps `x-lokr-replica` (a forwarded answer keeps its
-    replica's), and counts the request (route, adapter, status) and its latency to the last body byte."""
+    declared body over the limit without reading it (and to a chunked one once it passes the limit), stamps
+    `x-lokr-replica` (a forwarded answer keeps its replica's), and counts the request (route, adapter, status)
+    and its latency to the last body byte."""
 
     def __init__(self, app: ASGIApp, components: Components) -> None:
         self.app = app
@@ -57,23 +58,36 @@ class ObserveMiddleware:
             await send(message)
 
         token = request_id_var.set(rid)
+        limit = self.c.settings.max_upload_bytes if scope["method"] == "PUT" else self.c.settings.max_body_bytes
         try:
-            too_large = self._too_large(scope["method"], headers.get(b"content-length"))
-            if too_large is not None:
-                await too_large(scope, receive, send_tagged)
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > limit:
+                await _too_large(limit)(scope, receive, send_tagged)
             else:
-                await self.app(scope, receive, send_tagged)
+                await self._run_capped(scope, receive, send_tagged, limit)
         finally:
             request_id_var.reset(token)
             self._record(scope, status, time.perf_counter() - started, rid)
 
-    def _too_large(self, method: str, declared: bytes | None) -> ASGIApp | None:
-        """The 413 response for a declared body over the limit (PUT: uploads), else None."""
-        limit = self.c.settings.max_upload_bytes if method == "PUT" else self.c.settings.max_body_bytes
-        if declared is None or not declared.isdigit() or int(declared) <= limit:
-            return None
-        err = http_error_for(PayloadTooLargeError(f"request body over the {limit}-byte limit"))
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    async def _run_capped(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """Run the app on a body it may read up to `limit` bytes of (a chunked body declares no length): past
+        it, reading fails, and whatever the app answers to that is replaced by the one 413."""
+        capped = _CappedBody(receive, limit)
+        started = False
+
+        async def send_unless_over(message: Message) -> None:
+            nonlocal started
+            if not capped.over:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+        try:
+            await self.app(scope, capped.receive, send_unless_over)
+        except Exception:
+            if not capped.over:
+                raise
+        if capped.over and not started:
+            await _too_large(limit)(scope, receive, send)
 
     def _record(self, scope: Scope, status: int, elapsed: float, rid: str) -> None:
         route: Any = scope.get("route")
@@ -83,6 +97,28 @@ class ObserveMiddleware:
         if log.isEnabledFor(logging.INFO):
             path = scope.get("path", "")
             log.info("%s %s -> %d in %.1f ms", scope["method"], path, status, elapsed * 1e3, extra={"request_id": rid})
+
+
+def _too_large(limit: int) -> ASGIApp:
+    err = http_error_for(PayloadTooLargeError(f"request body over the {limit}-byte limit"))
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class _CappedBody:
+    """A `receive` that counts the body's bytes and fails once they pass `limit` (`over` then stays True)."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive, self._limit, self._seen = receive, limit, 0
+        self.over = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._seen += len(message.get("body", b""))
+            if self._seen > self._limit:
+                self.over = True
+                raise PayloadTooLargeError(f"request body over the {self._limit}-byte limit")
+        return message
 
 
 def _request_headers(scope: Scope) -> dict[bytes, bytes]:

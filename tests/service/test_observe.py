@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import get_args
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -22,7 +22,7 @@ from service.settings import Settings
 
 def _app() -> FastAPI:
     """The real app without a model (no lifespan), plus two probe routes: a stream and a crash."""
-    app = create_app(Settings(model="unused", served_model_name="tiny", max_body_bytes=1024))
+    app = create_app(Settings(model="unused", served_model_name="tiny", max_body_bytes=1024, max_upload_bytes=4096))
 
     @app.get("/probe/stream")
     async def stream() -> StreamingResponse:
@@ -32,6 +32,10 @@ def _app() -> FastAPI:
                 yield f"data: {i}\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.put("/probe/form")
+    async def form(request: Request) -> dict[str, int]:
+        return {"fields": len(await request.form())}
 
     @app.get("/probe/crash")
     async def crash() -> None:
@@ -67,6 +71,26 @@ def test_a_declared_body_over_the_limit_is_413_without_reading_it() -> None:
     assert "1024-byte limit" in response.json()["error"]["message"]
     assert response.headers["x-request-id"] and response.headers["x-lokr-replica"]
     assert _sample(app, "lokr_requests_total", {"route": "unmatched", "adapter": "", "status": "413"}) == 1
+
+
+def _chunks(total: int) -> Iterator[bytes]:
+    """A body sent chunked (no Content-Length): 256-byte pieces."""
+    yield b'{"model": "tiny", "prompt": "'
+    for _ in range(total // 256):
+        yield b"x" * 256
+    yield b'"}'
+
+
+@pytest.mark.parametrize(("method", "path", "limit"), [("POST", "/v1/completions", 1024), ("PUT", "/probe/form", 4096)])
+def test_a_chunked_body_over_the_limit_is_413_once_it_passes_it(method: str, path: str, limit: int) -> None:
+    """No declared length to refuse up front: reading stops at the limit, and the answer is the same 413."""
+    app = _app()
+    content_type = "application/json" if method == "POST" else "multipart/form-data; boundary=b"
+    response = TestClient(app).request(method, path, content=_chunks(100_000), headers={"content-type": content_type})
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "payload_too_large" and f"{limit}-byte limit" in response.text
+    assert response.headers["x-request-id"]
+    assert TestClient(app).post("/v1/completions", content=_chunks(100)).status_code != 413  # under it: read
 
 
 def test_a_stream_is_counted_once_when_it_ends() -> None:
