@@ -93,6 +93,10 @@ class LoKrLayer(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.spec.kind != "linear" and x.dim() == len(self.spec.kernel) + 1:
+            # An unbatched conv input, `(C, L)` / `(C, H, W)` as torch's convs accept: run it as a batch of one
+            # (one row of an `adapter_batch`), every path then sees dim 0 as the batch.
+            return self.forward(x.unsqueeze(0), *args, **kwargs).squeeze(0)
         plan = current_plan(self)
         if plan is not None:
             return self._forward_rows(x, plan, *args, **kwargs)
