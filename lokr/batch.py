@@ -158,16 +158,25 @@ def _normalise(spec: RowSpec) -> list[tuple[str, float]]:
         return []
     if isinstance(spec, str):
         return [(spec, 1.0)]
+    if not isinstance(spec, (Mapping, Sequence)):
+        raise ConfigError(f"a row selection must be None, a name, or (name, scale) pairs; got {spec!r}")
     pairs = list(spec.items()) if isinstance(spec, Mapping) else list(spec)
     out: dict[str, float] = {}
     for pair in pairs:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
             raise ConfigError(f"a row selection must be None, a name, or (name, scale) pairs; got {pair!r}")
-        name, scale = pair[0], float(pair[1])
+        name, scale = pair[0], _scale(pair)
         if scale != scale or scale in (float("inf"), float("-inf")):
             raise ConfigError(f"scale for adapter {name!r} must be finite, got {scale}")
         out[name] = out.get(name, 0.0) + scale  # the same adapter twice: scales add (deltas are linear)
     return [(n, s) for n, s in out.items() if s != 0.0]
+
+
+def _scale(pair: Sequence[Any]) -> float:
+    try:
+        return float(pair[1])
+    except (TypeError, ValueError):
+        raise ConfigError(f"scale for adapter {pair[0]!r} must be a number, got {pair[1]!r}") from None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """One exception tree for the `lokr` package.
 
     LoKrError
-    ├── ConfigError (also ValueError)        invalid LoKrConfig values or adapter_config.json
+    ├── ConfigError (also ValueError)        invalid LoKrConfig values, adapter_config.json or arguments
     ├── AdapterFormatError (also ValueError) a file that is not a readable LoKr adapter
     │   ├── UnsupportedAdapterError          a real adapter of a kind we do not serve (LoRA, DoRA, pickle)
     │   ├── MissingKeysError                 tensors the structure needs are absent
@@ -13,6 +13,7 @@
     │   └── ShapeMismatchError               factor shapes do not multiply to the base weight shape
     ├── AdapterNotFoundError (also KeyError) no adapter of that name
     ├── AdapterExistsError                   an adapter of that name is already present
+    ├── RowCountError (also ValueError)      adapter_batch rows that do not match a forward's input
     └── AdapterStateError (also RuntimeError) an operation not allowed in the current state (merged, ...)
 
 Every message names the module or file and says what was expected.
@@ -29,6 +30,7 @@ __all__ = [
     "LoKrError",
     "MissingKeysError",
     "NonFiniteError",
+    "RowCountError",
     "ShapeMismatchError",
     "TargetError",
     "UnexpectedKeysError",
@@ -43,7 +45,7 @@ class LoKrError(Exception):
 
 
 class ConfigError(LoKrError, ValueError):
-    """A configuration value is invalid."""
+    """A configuration value or an argument (adapter name, row selection) is invalid."""
 
 
 class AdapterFormatError(LoKrError, ValueError):
@@ -91,6 +93,10 @@ class AdapterNotFoundError(LoKrError, KeyError):
 
 class AdapterExistsError(LoKrError):
     """An adapter with this name is already present."""
+
+
+class RowCountError(LoKrError, ValueError):
+    """An `adapter_batch` gave a different number of row selections than a forward's input has rows."""
 
 
 class AdapterStateError(LoKrError, RuntimeError):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .contract import kron_rows, linear_order
+from .errors import UnsupportedLayerError
 
 __all__ = [
     "FACTOR_NAMES",
@@ -124,7 +125,9 @@ class LayerSpec:
                 tuple(module.dilation),
                 module.groups,
             )
-        raise TypeError(f"no LoKr layer spec for {type(module).__name__}")
+        raise UnsupportedLayerError(
+            f"no LoKr layer spec for {type(module).__name__}; LoKr wraps Linear, Conv1d and Conv2d"
+        )
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .adapter import LoKrAdapter
 from .batch import RowPlan, accumulate, current_plan, per_row, scatter_add
-from .errors import AdapterNotFoundError, AdapterStateError
+from .errors import AdapterNotFoundError, AdapterStateError, NonFiniteError, RowCountError
 from .foldcache import FoldCache
 from .functional import LayerSpec, apply_delta, delta_weight, prefer_factored
 from .merged import Prepared, base_op, cheaper, eligible, folded_weight, merged_forward, placed_cost
@@ -157,12 +157,12 @@ class LoKrLayer(nn.Module):
             raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge first")
         tokens = plan.tokens
         if tokens and (self.spec.kind != "linear" or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != plan.num_rows):
-            raise ValueError(
+            raise RowCountError(
                 f"adapter_batch(tokens=True) selects {plan.num_rows} positions of a (1, T, features) input to "
                 f"Linear layers; this {self.spec.kind} layer got {tuple(x.shape)}"
             )
         if not tokens and x.shape[0] != plan.num_rows:
-            raise ValueError(f"adapter_batch was given {plan.num_rows} rows but the input has {x.shape[0]}")
+            raise RowCountError(_row_count_message(plan.num_rows, x))
         if not (args or kwargs) and self._inference():  # the per-step fast paths: no reshaping
             if not plan.groups:
                 return _like(self.base_layer(x), x)
@@ -273,7 +273,7 @@ class LoKrLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def check_merge(self, names: Iterable[str] | None = None) -> None:
-        """Raise ValueError if merging `names` (default: active, unmerged ones) would give NaN/Inf weights."""
+        """NonFiniteError (a ValueError) if merging `names` (default: active, unmerged ones) gives NaN/Inf weights."""
         names = self.active_adapters if names is None else names
         todo = [n for n in names if n in self.lokr_adapters and n not in self.merged_adapters]
         if not todo:
@@ -283,7 +283,7 @@ class LoKrLayer(nn.Module):
             for name in todo:
                 merged += self.get_delta_weight(name)
                 if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                    raise NonFiniteError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
 
     def unmerge(self) -> None:
         """Subtract merged adapters, last merged first."""
@@ -302,3 +302,16 @@ class LoKrLayer(nn.Module):
 def _like(out: Tensor, x: Tensor) -> Tensor:
     """`out` in `x`'s dtype (as every forward returns; autocast may change it), cast only when it differs."""
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _row_count_message(rows: int, x: Tensor) -> str:
+    """Why an `adapter_batch` of `rows` selections does not fit `x`, and the usual cause: an expanded batch."""
+    got = x.shape[0]
+    times = f" (here {got // rows} per row)" if got > rows and got % rows == 0 else ""
+    return (
+        f"adapter_batch was given {rows} row selection(s) but this forward's input has {got} rows "
+        f"(dim 0 of {tuple(x.shape)}); expected one selection per row. Generation with num_beams or "
+        "num_return_sequences (or anything else that expands the batch) runs each prompt row as several rows: "
+        "repeat each row's adapter selection once per expanded row, in order, "
+        f"e.g. [sel for sel in rows for _ in range(k)]{times}"
+    )

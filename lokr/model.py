@@ -259,6 +259,8 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 def set_adapter(model: nn.Module, names: str | Sequence[str] | None) -> None:
     """Active adapter(s) for plain `model(...)` calls; several are summed; None = base model."""
+    if not (names is None or isinstance(names, (str, Sequence))):
+        raise ConfigError(f"set_adapter takes an adapter name, a list of names or None; got {names!r}")
     selected = [] if names is None else [names] if isinstance(names, str) else list(names)
     missing = [n for n in selected if not has_adapter(model, n)]
     if missing:
@@ -358,7 +360,7 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | os.PathLike[str]) -
 # ------------------------------------------------------------------------------------------ helpers
 def _check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name:
-        raise ValueError("adapter name must be a non-empty string")
+        raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
     if has_adapter(model, name):
         raise AdapterExistsError(f"adapter {name!r} is already loaded; delete it first or pick another name")
 

@@ -129,5 +129,9 @@ def test_unbatched_rank_dropout_draws_like_peft() -> None:
 
 def test_unbatched_input_with_several_rows_is_refused() -> None:
     _, _, ours = _pair("conv2d", {"r": 2}, training=False)
-    with torch.no_grad(), lokr.adapter_batch(ours, ["default", None]), pytest.raises(ValueError, match="2 rows"):
+    with (
+        torch.no_grad(),
+        lokr.adapter_batch(ours, ["default", None]),
+        pytest.raises(lokr.RowCountError, match="2 row selection"),
+    ):
         ours(_input("conv2d"))
