@@ -16,6 +16,7 @@ from .layer import SUPPORTED_LAYERS, LoKrLayer
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "find_targets",
+    "freeze_base",
     "get_submodule",
     "has_adapter",
     "iter_lokr_layers",
@@ -170,6 +171,15 @@ def find_targets(model: nn.Module, config: LoKrConfig) -> list[str]:
                 "LoKr adapters exist for Linear, Conv1d and Conv2d only"
             )
     return names
+
+
+def freeze_base(model: nn.Module) -> None:
+    """PEFT's `_mark_only_adapters_as_trainable` for LoKr (no `bias` option: PEFT's "none"): every parameter that
+    is not an adapter factor of a LoKr layer stops requiring grad; adapter factors keep their setting."""
+    factors = {id(p) for layer in lokr_layers(model) for p in layer.lokr_adapters.parameters()}
+    for p in model.parameters():
+        if id(p) not in factors:
+            p.requires_grad_(False)
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:

@@ -18,6 +18,7 @@ from .errors import (
     AdapterStateError,
     ConfigError,
     UnknownModuleError,
+    UnsupportedAdapterError,
 )
 from .export import peft_export
 from .formats import (
@@ -35,6 +36,7 @@ from .init import init_like_peft
 from .inject import (
     empty_parameters,
     find_targets,
+    freeze_base,
     get_submodule,
     has_adapter,
     iter_lokr_layers,
@@ -103,8 +105,16 @@ class AdapterInfo:
 
 # ------------------------------------------------------------------------------------------ create / load
 def inject(model: nn.Module, config: LoKrConfig, adapter_name: str = "default") -> AdapterInfo:
-    """Add a freshly initialised adapter (PEFT's shapes, init and RNG order) to every target of `config`."""
+    """Add a freshly initialised adapter (PEFT's shapes, init and RNG order) to every target of `config`, then, as
+    PEFT's `get_peft_model`, freeze every parameter that is not an adapter factor (the new adapter trains unless
+    `config.inference_mode`). `modules_to_save` is refused before anything changes, as `load_adapter` refuses it."""
     _check_new_name(model, adapter_name)
+    if config.modules_to_save:
+        raise UnsupportedAdapterError(
+            f"LoKrConfig.modules_to_save ({config.modules_to_save}) is not supported: it replaces whole modules per "
+            "adapter, which cannot be switched per request; leave modules_to_save unset (train those modules "
+            "outside the adapter)"
+        )
     for name in find_targets(model, config):
         module = get_submodule(model, name)
         base = module.base_layer if isinstance(module, LoKrLayer) else module
@@ -118,6 +128,7 @@ def inject(model: nn.Module, config: LoKrConfig, adapter_name: str = "default") 
             p.requires_grad_(not config.inference_mode)
         adapter.origin = ("peft", None)
         wrap_module(model, name).add_adapter(adapter_name, adapter)
+    freeze_base(model)
     return describe_adapter(model, adapter_name)
 
 
