@@ -1,4 +1,5 @@
-"""PEFT's three LoKr initialisations (`init_weights` True, False, "lycoris"), with PEFT's RNG draws."""
+"""Fresh adapters as PEFT creates them: shapes, the three initialisations (`init_weights` True, False, "lycoris")
+with PEFT's RNG draws, and PEFT's dtype."""
 
 from __future__ import annotations
 
@@ -7,9 +8,43 @@ import math
 import torch
 from torch import nn
 
+from .config import LoKrConfig
+from .formats import ModuleWeights
+from .functional import LayerSpec
+from .inject import empty_parameters, parameter_shapes
 from .layer import LoKrAdapter
 
-__all__ = ["init_like_peft"]
+__all__ = ["fresh_adapter", "init_like_peft", "new_adapter", "round_like_peft"]
+
+
+def fresh_adapter(base: nn.Module, name: str, config: LoKrConfig) -> LoKrAdapter:
+    """PEFT's factors for module `name` (its `base` layer): shapes, initialisation, RNG draws and dtype."""
+    weight: torch.Tensor = base.weight  # type: ignore[assignment]
+    spec = LayerSpec.from_module(base)
+    r, alpha = config.rank_for(name), config.alpha_for(name)
+    tensors = empty_parameters(parameter_shapes(spec, config, r), weight)
+    swapped = spec.kind == "conv1d" and "lokr_w2" in tensors  # PEFT's Conv1d full-w2 layout
+    adapter = new_adapter(ModuleWeights(tensors, alpha / r, r, alpha, swapped), config)
+    init_like_peft(adapter, config.init_weights)
+    round_like_peft(adapter, weight.dtype)
+    for p in adapter.parameters():
+        p.requires_grad_(not config.inference_mode)
+    adapter.origin = ("peft", None)
+    return adapter
+
+
+def new_adapter(weights: ModuleWeights, config: LoKrConfig | None) -> LoKrAdapter:
+    """A `LoKrAdapter` holding `weights`, with `config`'s dropout settings (none without a config)."""
+    return LoKrAdapter(
+        weights.tensors,
+        r=weights.r,
+        alpha=weights.alpha,
+        scale=weights.scale,
+        swapped=weights.swapped,
+        rank_dropout=config.rank_dropout if config is not None else 0.0,
+        module_dropout=config.module_dropout if config is not None else 0.0,
+        rank_dropout_scale=config.rank_dropout_scale if config is not None else False,
+    )
 
 
 def init_like_peft(adapter: LoKrAdapter, init_weights: bool | str) -> None:
@@ -33,3 +68,10 @@ def init_like_peft(adapter: LoKrAdapter, init_weights: bool | str) -> None:
             kaiming(params["lokr_w2_b"])
         if "lokr_t2" in params:
             kaiming(params["lokr_t2"])
+
+
+def round_like_peft(adapter: LoKrAdapter, base_dtype: torch.dtype) -> None:
+    """PEFT moves fresh factors to the base layer's dtype, then (`autocast_adapter_dtype`) back to float32 when
+    that dtype is narrower: on a bf16 / fp16 base the float32 factors hold bf16- / fp16-rounded values."""
+    if base_dtype.is_floating_point and base_dtype.itemsize < 4:
+        adapter.to(base_dtype).to(torch.float32)

@@ -32,9 +32,8 @@ from .formats import (
     write_peft_dir,
 )
 from .functional import LayerSpec
-from .init import init_like_peft
+from .init import fresh_adapter, new_adapter
 from .inject import (
-    empty_parameters,
     find_targets,
     freeze_base,
     get_submodule,
@@ -42,7 +41,6 @@ from .inject import (
     iter_lokr_layers,
     lokr_layers,
     model_modules,
-    parameter_shapes,
     unwrap_module,
     wrap_module,
 )
@@ -118,16 +116,7 @@ def inject(model: nn.Module, config: LoKrConfig, adapter_name: str = "default") 
     for name in find_targets(model, config):
         module = get_submodule(model, name)
         base = module.base_layer if isinstance(module, LoKrLayer) else module
-        spec = LayerSpec.from_module(base)
-        r, alpha = config.rank_for(name), config.alpha_for(name)
-        tensors = empty_parameters(parameter_shapes(spec, config, r), base.weight)  # type: ignore[arg-type]
-        swapped = spec.kind == "conv1d" and "lokr_w2" in tensors  # PEFT's Conv1d full-w2 layout
-        adapter = _new_adapter(ModuleWeights(tensors, alpha / r, r, alpha, swapped), config)
-        init_like_peft(adapter, config.init_weights)
-        for p in adapter.parameters():
-            p.requires_grad_(not config.inference_mode)
-        adapter.origin = ("peft", None)
-        wrap_module(model, name).add_adapter(adapter_name, adapter)
+        wrap_module(model, name).add_adapter(adapter_name, fresh_adapter(base, name, config))
     freeze_base(model)
     return describe_adapter(model, adapter_name)
 
@@ -179,7 +168,7 @@ def prepare_attach(
         weights.swapped = parsed.format == "peft" and spec.kind == "conv1d" and "lokr_w2" in weights.tensors
         target_dtype = dtype or _serving_dtype(weights)
         weights.tensors = {k: _normalise(k, t, spec.kind).to(target_dtype) for k, t in weights.tensors.items()}
-        adapters[name] = _new_adapter(weights, parsed.config)
+        adapters[name] = new_adapter(weights, parsed.config)
         _check_scale(name, adapters[name].scale)
         adapters[name].origin = (parsed.format, parsed.source)
     return PreparedAttach(adapter_name, adapters)
@@ -244,19 +233,6 @@ def _check_scale(name: str, scale: float) -> None:
     """Refuse a scale the float32 banks cannot hold (a finite alpha / r can still overflow float32)."""
     if not abs(scale) <= torch.finfo(torch.float32).max:
         raise ConfigError(f"{name}: its scale {scale:g} (alpha / r) is outside float32's range; check the alpha")
-
-
-def _new_adapter(weights: ModuleWeights, config: LoKrConfig | None) -> LoKrAdapter:
-    return LoKrAdapter(
-        weights.tensors,
-        r=weights.r,
-        alpha=weights.alpha,
-        scale=weights.scale,
-        swapped=weights.swapped,
-        rank_dropout=config.rank_dropout if config is not None else 0.0,
-        module_dropout=config.module_dropout if config is not None else 0.0,
-        rank_dropout_scale=config.rank_dropout_scale if config is not None else False,
-    )
 
 
 # ------------------------------------------------------------------------------------------ select / delete

@@ -1,4 +1,5 @@
-"""`lokr.inject` against PEFT's `get_peft_model`: which parameters train, and what `inject` refuses."""
+"""`lokr.inject` against PEFT's `get_peft_model`: which parameters train, what `inject` refuses, and the factors'
+values and dtype on half-precision and float64 bases."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 import lokr
 from tests.lokr.nets import assert_unchanged, snapshot
+from tests.reference.test_peft_parity import CASES, _lokr_factors, _peft_factors
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -95,3 +97,56 @@ def test_inject_refuses_modules_to_save_and_changes_nothing() -> None:
         lokr.inject(model, config)
     assert_unchanged(model, before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+HALF_CASES = [
+    "Vanilla MLP 4 LOKR",
+    "Vanilla MLP 8 LOKR",
+    "Conv1d LOKR 3",
+    "Conv1d full w2 quirk",
+    "Conv1d Groups LOKR",
+    "Conv2d 7 LOKR",
+    "Conv2d CP r1 strided",
+    "Conv2d lowrank r1",
+    "Linear factor 4 lowrank",
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("init_weights", [True, False, "lycoris"])
+@pytest.mark.parametrize("case_name", HALF_CASES)
+def test_inject_into_a_half_precision_model_initialises_like_peft(
+    case_name: str, init_weights: Any, dtype: torch.dtype
+) -> None:
+    """PEFT draws the factors in float32, casts them to the base dtype and back (autocast_adapter_dtype): float32
+    factors holding half-rounded values, bit for bit the same here."""
+    case = CASES[case_name]
+    torch.manual_seed(0)
+    base = case.model().to(dtype)
+    torch.manual_seed(1234)
+    peft_model = get_peft_model(copy.deepcopy(base), PeftLoKrConfig(init_weights=init_weights, **case.config))
+    peft_next = torch.rand(3)
+    ours = copy.deepcopy(base)
+    torch.manual_seed(1234)
+    lokr.inject(ours, lokr.LoKrConfig(init_weights=init_weights, **case.config))
+    assert torch.equal(torch.rand(3), peft_next)
+    ours_factors, peft_factors = _lokr_factors(ours), _peft_factors(peft_model)
+    assert ours_factors.keys() == peft_factors.keys()
+    for key, value in peft_factors.items():
+        assert value.dtype == ours_factors[key].dtype == torch.float32, key
+        assert torch.equal(ours_factors[key], value), key
+
+
+def test_half_precision_inject_forward_matches_peft() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32)).to(torch.bfloat16).eval()
+    config = {"target_modules": ["0", "2"], "r": 4, "init_weights": False}
+    torch.manual_seed(2)
+    peft_model = get_peft_model(copy.deepcopy(base), PeftLoKrConfig(**config)).eval()
+    ours = copy.deepcopy(base)
+    torch.manual_seed(2)
+    lokr.inject(ours, lokr.LoKrConfig(**config))
+    lokr.set_adapter(ours, "default")
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft_model(x), atol=1e-2, rtol=1e-2)
