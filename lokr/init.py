@@ -14,7 +14,7 @@ from .functional import LayerSpec
 from .inject import empty_parameters, parameter_shapes
 from .layer import LoKrAdapter
 
-__all__ = ["fresh_adapter", "init_like_peft", "new_adapter", "round_like_peft"]
+__all__ = ["adapter_dtype", "cast_like_peft", "fresh_adapter", "init_like_peft", "new_adapter"]
 
 
 def fresh_adapter(base: nn.Module, name: str, config: LoKrConfig) -> LoKrAdapter:
@@ -26,7 +26,7 @@ def fresh_adapter(base: nn.Module, name: str, config: LoKrConfig) -> LoKrAdapter
     swapped = spec.kind == "conv1d" and "lokr_w2" in tensors  # PEFT's Conv1d full-w2 layout
     adapter = new_adapter(ModuleWeights(tensors, alpha / r, r, alpha, swapped), config)
     init_like_peft(adapter, config.init_weights)
-    round_like_peft(adapter, weight.dtype)
+    cast_like_peft(adapter, weight.dtype)
     for p in adapter.parameters():
         p.requires_grad_(not config.inference_mode)
     adapter.origin = ("peft", None)
@@ -70,8 +70,14 @@ def init_like_peft(adapter: LoKrAdapter, init_weights: bool | str) -> None:
             kaiming(params["lokr_t2"])
 
 
-def round_like_peft(adapter: LoKrAdapter, base_dtype: torch.dtype) -> None:
-    """PEFT moves fresh factors to the base layer's dtype, then (`autocast_adapter_dtype`) back to float32 when
-    that dtype is narrower: on a bf16 / fp16 base the float32 factors hold bf16- / fp16-rounded values."""
-    if base_dtype.is_floating_point and base_dtype.itemsize < 4:
-        adapter.to(base_dtype).to(torch.float32)
+def cast_like_peft(adapter: LoKrAdapter, base_dtype: torch.dtype) -> None:
+    """PEFT moves fresh (float32) factors to the base layer's dtype, then (`autocast_adapter_dtype`) back to float32
+    when that dtype is narrower: a float64 base gets float64 factors, a bf16 / fp16 base float32 factors holding
+    bf16- / fp16-rounded values."""
+    if base_dtype.is_floating_point:
+        adapter.to(base_dtype).to(adapter_dtype(base_dtype))
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """PEFT's dtype for an adapter on a base layer of `base_dtype`: the base's, but float32 for narrower dtypes."""
+    return base_dtype if base_dtype.is_floating_point and base_dtype.itemsize >= 4 else torch.float32

@@ -32,7 +32,7 @@ from .formats import (
     write_peft_dir,
 )
 from .functional import LayerSpec
-from .init import fresh_adapter, new_adapter
+from .init import adapter_dtype, fresh_adapter, new_adapter
 from .inject import (
     find_targets,
     freeze_base,
@@ -131,8 +131,8 @@ def load_adapter(
 ) -> AdapterInfo:
     """Load a PEFT adapter dir or a LyCORIS/kohya `.safetensors` file; validated before anything changes.
 
-    `dtype` defaults to float32 for half-precision files (PEFT's adapter autocast); pass bf16/fp16 to serve
-    adapters at half the memory.
+    `dtype` None picks PEFT's: each layer's base dtype, float32 for narrower ones (PEFT's adapter autocast), so a
+    float64 model gets float64 factors; pass bf16/fp16 to serve adapters at half the memory.
     """
     parsed = read_adapter(source, max_bytes=max_bytes)
     return attach_adapter(model, parsed, adapter_name, dtype=dtype)
@@ -166,7 +166,8 @@ def prepare_attach(
         spec = module.spec if isinstance(module, LoKrLayer) else LayerSpec.from_module(module)
         validate_factors(name, weights.tensors, spec)
         weights.swapped = parsed.format == "peft" and spec.kind == "conv1d" and "lokr_w2" in weights.tensors
-        target_dtype = dtype or _serving_dtype(weights)
+        base_weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        target_dtype = dtype or adapter_dtype(base_weight.dtype)
         weights.tensors = {k: _normalise(k, t, spec.kind).to(target_dtype) for k, t in weights.tensors.items()}
         adapters[name] = new_adapter(weights, parsed.config)
         _check_scale(name, adapters[name].scale)
@@ -222,11 +223,6 @@ def _normalise(name: str, t: torch.Tensor, kind: str) -> torch.Tensor:
     if name == "lokr_w2_b" and t.dim() > 2:
         return t.reshape(t.shape[0], -1)
     return t
-
-
-def _serving_dtype(weights: ModuleWeights) -> torch.dtype:
-    dtypes = {t.dtype for t in weights.tensors.values()}
-    return torch.float64 if dtypes == {torch.float64} else torch.float32
 
 
 def _check_scale(name: str, scale: float) -> None:
