@@ -143,7 +143,7 @@ def _read_peft_dir(path: Path, max_bytes: int) -> ParsedAdapter:
             raise UnsupportedAdapterError(
                 f"{path} holds {pickled[0]} (pickle) but no {WEIGHTS_NAME}; only safetensors adapters are accepted"
             )
-        raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}")
+        raise _no_weights_error(path)
     try:
         config = LoKrConfig.from_pretrained(path)
     except ConfigError as exc:
@@ -162,6 +162,18 @@ def _read_peft_dir(path: Path, max_bytes: int) -> ParsedAdapter:
         r, alpha = config.rank_for(name), config.alpha_for(name)
         modules[name] = ModuleWeights(group, alpha / r, r, alpha)
     return ParsedAdapter("peft", str(path), modules, config, metadata)
+
+
+def _no_weights_error(path: Path) -> AdapterFormatError:
+    """No adapter in `path` itself; PEFT saves every adapter not named "default" in `<dir>/<name>/`: name those."""
+    named = sorted(sub.name for sub in path.iterdir() if (sub / WEIGHTS_NAME).is_file())
+    if not named:
+        return AdapterFormatError(f"{path} has no {WEIGHTS_NAME}")
+    shown = ", ".join(named[:10]) + (f" (+{len(named) - 10} more)" if len(named) > 10 else "")
+    return AdapterFormatError(
+        f"{path} has no {WEIGHTS_NAME}, but {len(named)} of its subfolders hold an adapter: {shown} (PEFT saves "
+        f"each adapter not named 'default' in <dir>/<name>/); pass one of them, e.g. {path / named[0]}"
+    )
 
 
 def _read_lycoris_file(path: Path, max_bytes: int) -> ParsedAdapter:
