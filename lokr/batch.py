@@ -26,6 +26,7 @@ __all__ = [
     "RowSpec",
     "accumulate",
     "current_plan",
+    "forget_prepared",
     "per_row",
     "restrict_rows",
     "scatter_add",
@@ -207,6 +208,14 @@ def selection_scope(layers: Sequence[object], plan: RowPlan, known: Callable[[st
         yield plan
     finally:
         _SCOPES.reset(token)
+
+
+def forget_prepared(layers: Sequence[object]) -> None:
+    """Drop what the open plans of this context prepared for `layers`; each prepares again on its next forward."""
+    ids = {id(layer) for layer in layers}
+    for scope in _SCOPES.get():
+        for key in ids & scope.plan.prepared.keys():
+            del scope.plan.prepared[key]
 
 
 # ------------------------------------------------------------------------------------------ combining rows

@@ -249,6 +249,14 @@ class LoKrLayer(nn.Module):
         for name, adapter in self._held.items():
             self._banks.add(name, adapter)  # type: ignore[arg-type]
 
+    def refresh(self) -> None:
+        """Read the adapters' parameters afresh: re-home factors given new storage (`p.data = t`) and drop what is
+        kept from them (dense deltas, kron operands, folded weights), which edits through `.data` leave stale."""
+        self._banks.refresh()
+        self._folds.drop()
+        for adapter in self._held.values():
+            adapter.drop_cache()  # type: ignore[operator]
+
     @property
     def bank_nbytes(self) -> int:
         """Bytes held by this layer's factor banks (spare slots included): the device copy of its adapters."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .batch import RowPlan, RowSpec, selection_scope
+from .batch import RowPlan, RowSpec, forget_prepared, selection_scope
 from .config import LoKrConfig
 from .errors import (
     AdapterExistsError,
@@ -63,6 +63,7 @@ __all__ = [
     "load_adapter",
     "merge_adapter",
     "prepare_attach",
+    "refresh",
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
@@ -287,14 +288,17 @@ def adapter_batch(
     `rows[i]` is None (base), an adapter name, or `[(name, scale), ...]` summed. With `tokens`, the forwards
     take a batch of one packed sequence `(1, T, ...)` and `rows[i]` selects for position `i` of dim 1 (several
     requests' tokens in one row, as a packed continuous-batching step feeds them). Visible only to the calling
-    thread / task; gone when the block exits, even on error. Inference forwards (no autograd, eval mode)
-    inside the block use the selected adapters' weights as they were when the block was entered.
+    thread / task; gone when the block exits, even on error. Edits made through the adapters' parameters
+    (in place, `load_state_dict`, optimiser steps, `scale`) are seen by the next forward, inside the block too,
+    except where `fold` runs a kept weight (below); edits through `.data` need `lokr.refresh(model)`.
 
     `fold` > 0: when one adapter at scale 1 covers every row, each layer runs its op on `W + dW`, folded once
     and kept for the `fold` adapters used so most recently (a copy of each adapted weight per adapter kept),
-    so a batch of one adapter costs the base model's forward. A layer that folds the `S` row selections of a
-    mixed batch (the cost model's choice: convs over images, long prompts) keeps them too when `S <= fold`, so the
-    next block with the same selections folds nothing. `fold` counts weight copies per layer; 0 keeps none.
+    so a batch of one adapter costs the base model's forward. That weight is taken as the block opens: edits
+    made inside the block are seen from the next block on, or after `lokr.refresh(model)`. A layer that folds
+    the `S` row selections of a mixed batch (the cost model's choice: convs over images, long prompts) keeps them
+    too when `S <= fold`, so the next block with the same selections folds nothing (those are checked per forward:
+    edits are seen). `fold` counts weight copies per layer; 0 keeps none.
     """
     plan = RowPlan.from_rows(rows, tokens=tokens, fold=fold)
     layers = lokr_layers(model)
@@ -305,6 +309,19 @@ def adapter_batch(
             for layer in layers:
                 layer.prepare_rows(scoped)
         yield scoped
+
+
+def refresh(model: nn.Module) -> None:
+    """Make the next forwards read every adapter's parameters as they are now.
+
+    Needed after edits that bypass PyTorch's version counters (`p.data.mul_(...)`, `p.data.copy_(...)`,
+    `p.data = t`), which kept results (dense deltas, folded weights) and the factor banks do not notice; and, inside
+    an open `adapter_batch` with `fold` > 0, after any edit. Open blocks of the calling thread prepare again.
+    """
+    layers = lokr_layers(model)
+    for layer in layers:
+        layer.refresh()
+    forget_prepared(layers)
 
 
 # ------------------------------------------------------------------------------------------ merge / save

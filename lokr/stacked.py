@@ -355,6 +355,14 @@ class LayerBanks:
         with self._lock, _writable():
             self._where[name].set_scale(name, scale)
 
+    def refresh(self) -> None:
+        """Re-home every adapter whose parameters were given other storage; forget every bank's kron operands."""
+        with self._lock:
+            for name in list(self._where):
+                self.rehome(name)
+            for bank in self._banks.values():
+                bank._folds = {}
+
     def place(self, names: list[str]) -> PlaceResult:
         """Banks holding `names` now, with their data and each one's `(name, slot)` pairs (name order); kept for
         the next steps with the same names until an adapter comes, goes or moves."""
