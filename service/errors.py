@@ -84,6 +84,14 @@ class NotReadyError(ServiceError):
     headers = {"Retry-After": "5"}
 
 
+class AdapterUnavailableError(ServiceError):
+    """A registered adapter could not be brought back into memory (its file gone or broken): the server's fault,
+    not the request's; the adapter stays registered and the next request tries again."""
+
+    status, type, code = 503, "unavailable_error", "adapter_unavailable"
+    headers = {"Retry-After": "5"}
+
+
 class AdapterBusyError(ServiceError):
     status, type, code = 409, "conflict_error", "adapter_busy"
 

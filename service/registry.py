@@ -27,7 +27,14 @@ import torch
 import lokr
 
 from .engine import Engine
-from .errors import AdapterBusyError, ConflictError, NotFoundError, NotReadyError
+from .errors import (
+    AdapterBusyError,
+    AdapterUnavailableError,
+    ConflictError,
+    NotFoundError,
+    NotReadyError,
+    ServiceError,
+)
 from .lifecycle import AdapterRecord, Lease, Phase, Tier
 from .metrics import Metrics
 from .scratch import run_in_scratch_thread
@@ -179,7 +186,7 @@ class Registry:
         except BaseException as exc:
             log.warning("could not bring adapter %s back: %s", record.name, exc)
             self._settle(record, Tier.DISK)  # a host copy that failed to restore is not trusted again
-            move.set_exception(exc)
+            move.set_exception(exc if isinstance(exc, ServiceError) else _unavailable(record.name, exc))
             return
         with self._cond:
             record.info = info
@@ -319,6 +326,17 @@ class Registry:
         self.metrics.adapters_resident.set(len(residents))
         self.metrics.adapter_bytes.set(sum(r.device_nbytes for r in residents))
         self.metrics.adapters_host.set(host)
+
+
+def _unavailable(name: str, cause: BaseException) -> AdapterUnavailableError:
+    """What a request for `name` hears when it cannot be brought back: not the file's path or its defect (the
+    server log has both), and not a 4xx: the request was fine."""
+    error = AdapterUnavailableError(
+        f"adapter {name!r} is registered but could not be brought back into memory (see the server log); "
+        "retry later, or ask an operator to reload or unload it"
+    )
+    error.__cause__ = cause
+    return error
 
 
 # -------------------------------------------------------------------------------------- engine commands

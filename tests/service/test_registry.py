@@ -340,3 +340,24 @@ def _series(s: Serving, adapter: str) -> dict[tuple[str, tuple[tuple[str, str], 
         for sample in family.samples
         if sample.labels.get("adapter") == adapter
     }
+
+
+def test_an_adapter_whose_file_is_gone_is_unavailable_not_a_bad_request(world: World, tmp_path: Any) -> None:
+    """An adapter on the disk tier whose source went away: the request was fine, so a 503 (no path in it), and
+    the adapter stays registered: once the file is back, the next request brings it back."""
+    import shutil
+
+    source = tmp_path / "alpha"
+    shutil.copytree(world.adapters["alpha"], source)
+    with serving(world, max_resident_adapters=1, max_host_adapters=0) as s:
+        s.registry.load("alpha", source)
+        s.registry.load("beta", world.adapters["beta"])
+        assert s.tiers() == {"alpha": "disk", "beta": "device"}
+        shutil.move(source, tmp_path / "moved")
+        response = s.complete("alpha")
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        error = response.json()["error"]
+        assert error["code"] == "adapter_unavailable" and str(tmp_path) not in error["message"]
+        assert s.tiers()["alpha"] == "disk"
+        shutil.move(tmp_path / "moved", source)
+        assert s.complete("alpha").status_code == 200
