@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -65,8 +66,9 @@ async def upload_adapter(name: str, request: Request, c: Deps) -> dict[str, Any]
 
 @router.delete("/v1/adapters/{name}")
 async def unload_adapter(name: str, c: Deps) -> dict[str, Any]:
-    """Hide the adapter from new requests, wait for running ones, then free its memory."""
-    await run_in_threadpool(_registry(c).unload, name)
+    """Hide the adapter from new requests, wait for running ones, then free its memory. The wait (up to 60 s)
+    holds a thread of its own pool, not one of the pool that loads, uploads and drains share."""
+    await anyio.to_thread.run_sync(_registry(c).unload, name, limiter=c.unload_limiter())
     return {"id": name, "object": "adapter", "deleted": True}
 
 

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
+import anyio
 from fastapi import Depends, Request
 
 from ..engine import Engine
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from ..images.front import ImageFront
 
 __all__ = ["AdminAuth", "ApiAuth", "Components", "Deps", "process_replica_id"]
+
+UNLOAD_THREADS = 1024  # unloads waiting at once on their adapters' leases (each a mostly idle thread)
 
 
 def process_replica_id() -> str:
@@ -43,6 +46,13 @@ class Components:
     inference: Inference | None = None
     replica: str = field(default_factory=process_replica_id)  # sent as `x-lokr-replica`
     images: ImageFront | None = None  # an image pipeline's front (then `inference` is None)
+    _unloads: anyio.CapacityLimiter | None = None
+
+    def unload_limiter(self) -> anyio.CapacityLimiter:
+        """The threads unloads wait on their adapters' leases in (made on first use, in the event loop)."""
+        if self._unloads is None:
+            self._unloads = anyio.CapacityLimiter(UNLOAD_THREADS)
+        return self._unloads
 
     def ready_registry(self) -> Registry:
         """The registry (any model kind), or a 503 while the model is still loading."""

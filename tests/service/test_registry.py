@@ -361,3 +361,27 @@ def test_an_adapter_whose_file_is_gone_is_unavailable_not_a_bad_request(world: W
         assert s.tiers()["alpha"] == "disk"
         shutil.move(tmp_path / "moved", source)
         assert s.complete("alpha").status_code == 200
+
+
+def test_unloads_waiting_on_busy_adapters_leave_the_shared_threads_free(world: World) -> None:
+    """A DELETE waits (up to 60 s) for its adapter's leases on a thread: dozens of them must not hold every thread
+    that loads, uploads and drains share (here that pool has one thread, and one DELETE waits)."""
+    import anyio.to_thread
+
+    with serving(world, adapter_root=[world.adapter_root]) as s:
+        s.registry.load("alpha", world.adapters["alpha"])
+        portal = s.client.portal
+        assert portal is not None
+        portal.call(anyio.to_thread.current_default_thread_limiter).total_tokens = 1
+
+        async def hold() -> Callable[[], None]:
+            async with s.registry.lease(["alpha"]) as lease:
+                return lease.hold()
+
+        release = portal.call(hold)
+        deleting = in_thread(s.client.delete, "/v1/adapters/alpha")
+        wait_until(lambda: "alpha" not in s.registry.names())  # draining: hidden, waiting for the lease
+        loading = in_thread(s.client.post, "/v1/adapters", json={"name": "beta", "source": "beta"})
+        assert loading.result(PATIENCE_S).status_code == 201  # not queued behind the waiting unload
+        release()
+        assert deleting.result(PATIENCE_S).status_code == 200
