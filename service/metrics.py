@@ -23,15 +23,19 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 class Metrics:
     """All series the service exports; `adapter` labels use the adapter name or the base name."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: bool = True) -> None:
+        """`engine` False (the Ray ingress, which forwards requests and runs no engine): only the request,
+        process and GC series are exported; the engine's (batches, adapters, tiers) are made but not exported."""
         self.registry = CollectorRegistry()
-        r = self.registry
         self.requests = Counter(
-            "lokr_requests", "HTTP requests by route, adapter and status", ["route", "adapter", "status"], registry=r
-        )
+            "lokr_requests", "HTTP requests by route, adapter and status", ["route", "adapter", "status"],
+            registry=self.registry,
+        )  # fmt: skip
         self.latency = Histogram(
-            "lokr_request_latency_seconds", "End-to-end request latency", ["route"], buckets=_LATENCY, registry=r
-        )
+            "lokr_request_latency_seconds", "End-to-end request latency", ["route"], buckets=_LATENCY,
+            registry=self.registry,
+        )  # fmt: skip
+        r = self.registry if engine else CollectorRegistry()
         self.ttft = Histogram(
             "lokr_time_to_first_token_seconds",
             "Time to first generated token",
@@ -62,9 +66,9 @@ class Metrics:
             "lokr_engine_seconds", "Engine thread wall time by work: step (forwards) or command (attach, offload, ...)",
             ["work"], registry=r,
         )  # fmt: skip
-        self.gc_pauses = GcPauses(r)  # counted while the app runs (its lifespan installs the callback)
-        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
-        PlatformCollector(registry=r)  # python_info
+        self.gc_pauses = GcPauses(self.registry)  # counted while the app runs (its lifespan installs the callback)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
+        PlatformCollector(registry=self.registry)  # python_info
 
     def forget_adapter(self, name: str) -> None:
         """Drop every series labelled with adapter `name` (it was unloaded): a fleet that churns thousands of

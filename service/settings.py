@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -120,6 +121,12 @@ class Settings(BaseSettings):
         if self.served_model_name:
             return self.served_model_name
         return Path(self.model).name if self.model else "base"
+
+    def upload_root(self) -> Path:
+        """Where uploads go (`--upload-dir`, else a folder in the system temp dir); made if missing."""
+        root = self.upload_dir or Path(tempfile.gettempdir()) / "lokr-serve-uploads"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
 
     @property
     def loopback_bind(self) -> bool:

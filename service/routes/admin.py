@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -85,9 +84,7 @@ async def vllm_unload(body: VllmUnloadRequest, c: Deps) -> dict[str, Any]:
 
 
 def _upload_root(c: Components) -> Path:
-    root = c.settings.upload_dir or Path(tempfile.gettempdir()) / "lokr-serve-uploads"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return c.settings.upload_root()
 
 
 async def _save_upload(request: Request, target: Path, limit: int) -> Path:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from ..settings import Settings
@@ -43,6 +46,9 @@ def run(settings: Settings, args: Any) -> int:
         target_ongoing_requests=args.target_ongoing_requests,
         replica_cpus=args.replica_cpus,
     )
+    # this run's uploads in a folder of its own, deleted at exit (the catalog that knew them is gone by then)
+    uploads = Path(tempfile.mkdtemp(prefix="ray-run-", dir=settings.upload_root()))
+    settings = settings.model_copy(update={"upload_dir": uploads})
     application = build_application(settings, scale)  # flag errors before anything starts
     stop, deployed = threading.Event(), threading.Event()
 
@@ -73,7 +79,10 @@ def run(settings: Settings, args: Any) -> int:
     finally:
         deployed.set()  # a second signal during teardown must not interrupt it
         _event("stopping")
-        _teardown(started)
+        try:
+            _teardown(started)
+        finally:
+            shutil.rmtree(uploads, ignore_errors=True)
         _event("stopped")
     return 0
 

@@ -38,7 +38,7 @@ class LokrIngress:
 
         self.settings = Settings(**settings)
         self.replicas, self.catalog = replicas, catalog
-        self.components = Components(self.settings, Metrics())
+        self.components = Components(self.settings, Metrics(engine=False))
         self.components.replica = serve.get_replica_context().replica_id.to_full_id_str()
         self.snapshot = Snapshot(0, {})
         for name, source in self.settings.preload_pairs():  # operator-trusted, like `serve --adapter`

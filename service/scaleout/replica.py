@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from fastapi.concurrency import run_in_threadpool
 
 from ..app import create_app
-from ..errors import HttpError, NotFoundError, http_error_for
+from ..errors import AdapterBusyError, HttpError, NotFoundError, http_error_for
 from ..registry import Registry
 from ..settings import Settings
 from .asgi import Forwarded, Start, call_app
@@ -43,6 +44,7 @@ class LokrReplica:
         await self._lifespan.__aenter__()  # loads the model and starts the engine, as `serve` does
         self._versions: dict[str, int] = {}  # adapters registered here -> their catalog version
         self._lock = asyncio.Lock()  # orders registrations against removals
+        self._leaving: dict[str, asyncio.Event] = {}  # unloads under way: set once the name is free again
         self._seen = 0
         self._resident = serve.multiplexed(max_num_models_per_replica=self.settings.max_resident_adapters)(_held)
         self._sync = asyncio.ensure_future(self._sync_loop())
@@ -84,6 +86,8 @@ class LokrReplica:
         """Register `name` here from the catalog unless it already is (tiers then bring it on device)."""
         if name in self._versions:
             return None
+        if (leaving := self._leaving.get(name)) is not None:  # a replaced adapter: its old version leaves first
+            await leaving.wait()
         async with self._lock:
             if name in self._versions:
                 return None
@@ -111,16 +115,31 @@ class LokrReplica:
                 await asyncio.sleep(1.0)
 
     async def _reconcile(self, snap: Snapshot) -> None:
-        """Unload adapters the catalog removed (or replaced); entries newer than `snap` are left alone."""
+        """Unload adapters the catalog removed (or replaced); entries newer than `snap` are left alone. The
+        unloads wait for their running requests outside the lock, so loads and other adapters go on meanwhile."""
         async with self._lock:
+            gone = {}
             for name, version in list(self._versions.items()):
                 entry = snap.entries.get(name)
-                if version > snap.gen or (entry is not None and entry.version == version):
-                    continue
-                with contextlib.suppress(NotFoundError):
-                    await run_in_threadpool(self.registry.unload, name)
-                del self._versions[name]
+                if not (version > snap.gen or (entry is not None and entry.version == version)):
+                    gone[name] = self._versions.pop(name)
             self._seen = snap.gen
+            for name in gone:
+                self._leaving[name] = asyncio.Event()
+        await asyncio.gather(*(self._unload(name, version) for name, version in gone.items()))
+
+    async def _unload(self, name: str, version: int) -> None:
+        """Unload `name` here; one still busy after the registry's wait is put back, for the next sync to retry."""
+        limiter = self.app.state.components.unload_limiter()
+        try:
+            await anyio.to_thread.run_sync(self.registry.unload, name, limiter=limiter)
+        except NotFoundError:
+            pass
+        except AdapterBusyError:
+            async with self._lock:
+                self._versions.setdefault(name, version)
+        finally:
+            self._leaving.pop(name).set()
 
     def _holdings(self) -> dict[str, dict[str, Any]]:
         return {

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -74,8 +72,7 @@ def _openai(ingress: LokrIngress) -> APIRouter:
         base = ingress.settings.base_name
         data = [{"id": base, "object": "model", "owned_by": "lokr-serve", "root": base, "parent": None}]
         for name in ingress.snapshot.names():
-            entry = ingress.snapshot.entries[name]
-            data.append({"id": name, "object": "model", "owned_by": "lokr-serve", "root": entry.source, "parent": base})
+            data.append({"id": name, "object": "model", "owned_by": "lokr-serve", "root": name, "parent": base})
         return {"object": "list", "data": data}
 
     @router.post("/v1/completions", response_model=None, responses=_STREAMABLE)
@@ -112,8 +109,7 @@ def _admin(ingress: LokrIngress) -> APIRouter:
     async def upload_adapter(name: str, request: Request) -> dict[str, Any]:
         """Multipart upload, stored under `--upload-dir` (shared storage on a multi-node cluster)."""
         name = validate_adapter_name(name, settings.base_name)
-        root = settings.upload_dir or Path(tempfile.gettempdir()) / "lokr-serve-uploads"
-        target = root / f"{name}-{uuid.uuid4().hex[:8]}"
+        target = settings.upload_root() / f"{name}-{uuid.uuid4().hex[:8]}"
         target.mkdir(parents=True)
         try:
             source = await _save_upload(request, target, settings.max_upload_bytes)

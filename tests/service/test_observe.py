@@ -117,3 +117,14 @@ def test_no_thread_pool_or_relay_task_per_request() -> None:
     dependencies = [ApiAuth.dependency, AdminAuth.dependency, *(d.dependency for d in get_args(Deps)[1:])]
     assert len(dependencies) == 3
     assert all(inspect.iscoroutinefunction(d) for d in dependencies)
+
+
+def test_an_ingress_exports_request_series_and_no_engine_gauges() -> None:
+    """The Ray ingress runs no engine: its scrape must not say `lokr_adapters_registered 0` beside replicas
+    that hold adapters."""
+    from service.metrics import Metrics
+
+    text = Metrics(engine=False).render().decode()
+    assert "lokr_requests_total" in text and "process_resident_memory_bytes" in text
+    assert "lokr_adapters_registered" not in text and "lokr_batch_size" not in text
+    assert "lokr_adapters_registered" in Metrics().render().decode()

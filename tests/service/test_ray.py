@@ -204,8 +204,14 @@ def test_killed_replica_is_replaced(ray_app: RayApp, rc: httpx.Client, monkeypat
     assert texts == {expected}  # the adapter came back on demand, wherever it now lives
 
 
-def test_sigterm_stops_everything(ray_app: RayApp) -> None:
-    """Drains, deletes the app and stops the Ray instance it started: no process of it is left."""
+def test_sigterm_stops_everything(ray_app: RayApp, rc: httpx.Client, world: World) -> None:
+    """Drains, deletes the app and stops the Ray instance it started: no process of it is left, and no upload
+    (the catalog that knew them is gone)."""
+    gamma = world.adapters["gamma"]
+    files = [("files", (n, (gamma / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
+    assert rc.put("/v1/adapters/up", files=files, headers=ADMIN).status_code == 201
+    uploads = world.root / "ray-uploads"
+    assert [p for p in uploads.rglob("*") if p.is_file()]  # kept while loaded
     tree = psutil.Process(ray_app.process.pid).children(recursive=True)
     assert len(tree) > 3  # raylet, GCS, workers...
     started = time.monotonic()
@@ -216,3 +222,4 @@ def test_sigterm_stops_everything(ray_app: RayApp) -> None:
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [p.cmdline()[:3] for p in alive]
     assert '"event": "stopped"' in ray_app.log.read_text()
+    assert not [p for p in uploads.rglob("*") if p.is_file()]

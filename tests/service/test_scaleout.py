@@ -139,3 +139,34 @@ def test_app_builder_takes_serve_config_args(world: World) -> None:
     assert app_builder({**args, "max_replicas": 3}) is not None
     with pytest.raises(ValueError):
         app_builder({**args, "min_replicas": 4, "max_replicas": 3})
+
+
+def test_a_replica_loads_while_an_unload_waits_for_its_running_requests(world: World) -> None:
+    """The catalog removed `alpha` while a request still holds it: the replica's unload waits for that request,
+    and meanwhile other adapters load there (they waited behind the unload's lock for up to 60 s)."""
+    from service.scaleout.catalog import Snapshot
+    from service.scaleout.replica import LokrReplica
+
+    settings = Settings(model=str(world.model_dir), served_model_name="tiny", device="cpu", shutdown_grace_s=1)
+    app = create_app(settings, load_causal_lm(str(world.model_dir), "cpu", "auto"))
+
+    async def resident(name: str) -> str:
+        return name
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            bare = type("BareReplica", (LokrReplica,), {"__del__": lambda self: None})  # Serve awaits the real one
+            replica = object.__new__(bare)  # its parts, without a Ray Serve context
+            replica.app, replica._versions, replica._seen = app, {}, 0
+            replica._lock, replica._leaving, replica._resident = asyncio.Lock(), {}, resident
+            assert (await replica.admit("alpha", str(world.adapters["alpha"]), 1))[0] == 201
+            async with replica.registry.lease(["alpha"]):  # a request still runs on alpha
+                removal = asyncio.ensure_future(replica._reconcile(Snapshot(2, {})))
+                while "alpha" in replica.registry.names():  # draining
+                    await asyncio.sleep(0.01)
+                assert (await replica.admit("beta", str(world.adapters["beta"]), 3))[0] == 201
+                assert not removal.done()  # still waiting for the request on alpha
+            await removal
+            assert replica.registry.names() == ["beta"] and list(replica._versions) == ["beta"]
+
+    asyncio.run(scenario())
