@@ -81,6 +81,8 @@ class RowPlan:
 
     @classmethod
     def from_rows(cls, rows: Sequence[RowSpec], tokens: bool = False, fold: int = 0) -> RowPlan:
+        if isinstance(rows, str):  # a string is a sequence too: "ab" would be rows "a" and "b"
+            raise ConfigError(f"rows holds one selection per row, not one name ({rows!r}); e.g. [{rows!r}] * batch")
         groups: dict[str, RowGroup] = {}
         resolved: dict[object, list[tuple[RowGroup, float]]] = {}  # rows repeat specs (a packed step: one per token)
         for i, spec in enumerate(rows):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import AdapterNotFoundError
-from .inject import iter_lokr_layers, wrap_module
+from .errors import AdapterNotFoundError, UnknownModuleError
+from .inject import get_submodule, iter_lokr_layers, wrap_module
 from .layer import LoKrAdapter
 from .model import AdapterInfo, _check_new_name, delete_adapter, describe_adapter
 
@@ -49,10 +49,24 @@ def offload_adapter(
     return OffloadedAdapter(name, kept)
 
 
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        get_submodule(model, name)
+    except AttributeError:
+        return False
+    return True
+
+
 def restore_adapter(model: nn.Module, offloaded: OffloadedAdapter, name: str | None = None) -> AdapterInfo:
     """Put an offloaded adapter back on `model` (on each base layer's device), as `name` or its own name."""
     name = name or offloaded.name
     _check_new_name(model, name)
+    missing = [m for m in offloaded.modules if not _has_module(model, m)]
+    if missing:  # checked before anything is attached: a failed restore changes nothing
+        raise UnknownModuleError(
+            f"cannot restore adapter {name!r}: the model has no module(s) {missing[:5]}"
+            f"{f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''}; it was offloaded from another model"
+        )
     for module_name, adapter in offloaded.modules.items():
         wrap_module(model, module_name).add_adapter(name, adapter)
     return describe_adapter(model, name)

@@ -49,3 +49,23 @@ def test_offload_restore_round_trip() -> None:
         lokr.restore_adapter(model, off)
     with pytest.raises(lokr.AdapterNotFoundError):
         lokr.offload_adapter(model, "missing")
+
+
+def test_restoring_onto_a_model_without_its_modules_changes_nothing() -> None:
+    """An offloaded adapter taken to a model lacking one of its modules: a clear refusal before any attach."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["lin0", "conv"], init_weights=False, r=2), "a")
+    off = lokr.offload_adapter(model, "a")
+    other = nn.Module()
+    other.add_module("lin0", nn.Linear(16, 24))  # has lin0, not conv
+    with pytest.raises(lokr.UnknownModuleError, match="conv"):
+        lokr.restore_adapter(other, off)
+    assert lokr.list_adapters(other) == [] and isinstance(other.lin0, nn.Linear)
+
+
+def test_rows_given_as_one_string_are_refused() -> None:
+    model = Net().eval()
+    lokr.inject(model, lokr.LoKrConfig(target_modules=["lin0"], init_weights=False), "ab")
+    with pytest.raises(lokr.ConfigError, match=r"\['ab'\] \* batch"), lokr.adapter_batch(model, "ab"):
+        pass
