@@ -6,7 +6,9 @@ safetensors only: pickle-based files are refused, never opened.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,6 @@ from typing import Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -101,17 +102,39 @@ def read_safetensors(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[di
     if size > max_bytes:
         raise AdapterFormatError(f"{path} is {size} bytes, over the {max_bytes}-byte limit for adapter files")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:  # checks the header and the offsets
             metadata = dict(handle.metadata() or {})
-        with path.open("rb") as file:
-            data = file.read(max_bytes + 1)
-        # not `handle.get_tensor`: safetensors 0.8 leaks two Python ints per tensor read that way
-        tensors = dict(sorted(load_safetensors(data).items())) if len(data) <= max_bytes else None  # name order
+        tensors = _mapped_tensors(path)
     except Exception as exc:  # safetensors raises several types (SafetensorError, OSError, ...)
         raise AdapterFormatError(f"{path} is not a valid safetensors file: {exc}") from exc
-    if tensors is None:
-        raise AdapterFormatError(f"{path} grew over the {max_bytes}-byte limit for adapter files while being read")
     return tensors, metadata
+
+
+def _mapped_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file `path` (its header already checked by `safe_open`), in name order, as
+    views of a private (copy-on-write) map of the file: nothing is copied until written.
+
+    Not `safe_open(...).get_tensor`: safetensors 0.8 keeps two Python ints alive per tensor read that way, which
+    a server reading adapter files again and again accumulates."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for name in sorted(k for k in header if k != "__metadata__"):
+        entry = header[name]
+        dtype, (start, end) = _SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + length + start) if count else None
+        tensors[name] = (flat if flat is not None else torch.empty(0, dtype=dtype)).view(entry["shape"])
+    return tensors
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 def _refuse_pickle(path: Path) -> None:
