@@ -52,7 +52,7 @@ async def upload_adapter(name: str, request: Request, c: Deps) -> dict[str, Any]
     """Multipart upload: `adapter_config.json` + `adapter_model.safetensors`, or one LyCORIS `.safetensors`."""
     name = validate_adapter_name(name, c.settings.base_name)
     registry = _registry(c)
-    target = _upload_root(c) / f"{name}-{uuid.uuid4().hex[:8]}"
+    target = c.settings.upload_root() / f"{name}-{uuid.uuid4().hex[:8]}"
     target.mkdir(parents=True)
     try:
         source = await _save_upload(request, target, c.settings.max_upload_bytes)
@@ -81,10 +81,6 @@ async def vllm_load(body: VllmLoadRequest, c: Deps) -> dict[str, Any]:
 async def vllm_unload(body: VllmUnloadRequest, c: Deps) -> dict[str, Any]:
     """vLLM-compatible alias of DELETE /v1/adapters/{name}."""
     return await unload_adapter(body.lora_name, c)
-
-
-def _upload_root(c: Components) -> Path:
-    return c.settings.upload_root()
 
 
 async def _save_upload(request: Request, target: Path, limit: int) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ADMIN_TOKEN, World, ensure_loaded, start_server, stop_server
+from .conftest import ADMIN_TOKEN, Server, World, ensure_loaded, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -133,17 +133,21 @@ lm.CausalLMBackend.step = _slow
 """
 
 
+def _slow_server(world: World, tmp_path: Path, *flags: str) -> Server:
+    """A server for `alpha` whose engine steps take 0.2 s (`SLOW_STEPS`, loaded by the server process)."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_STEPS)
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    adapter = f"alpha={world.adapters['alpha']}"
+    return start_server(world, "--adapter", adapter, *flags, env={"PYTHONPATH": pythonpath})
+
+
 @pytest.mark.parametrize("grace", ["0", "1"])
 def test_sigterm_past_the_grace_answers_503_and_ends_streams_with_an_error(
     world: World, tmp_path: Path, grace: str
 ) -> None:
     """Requests still running when the grace runs out hear why (503, or an error event then `[DONE]` on a stream)
     instead of a cut connection; a grace of 0 means none, not forever."""
-    (tmp_path / "sitecustomize.py").write_text(SLOW_STEPS)
-    server = start_server(
-        world, "--adapter", f"alpha={world.adapters['alpha']}", "--shutdown-grace-s", grace,
-        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
-    )  # fmt: skip
+    server = _slow_server(world, tmp_path, "--shutdown-grace-s", grace)
     long = {"model": "alpha", "prompt": "the sea is", "max_tokens": 100, "temperature": 0}
 
     async def scenario() -> tuple[httpx.Response, list[str]]:
@@ -198,11 +202,7 @@ def test_a_full_queue_refuses_a_stream_with_503_and_a_client_that_leaves_cancels
 ) -> None:
     """A stream refused before its first token gets the refusal's own status (503 + Retry-After), not a 200 with
     an error event; a non-streamed request whose client hangs up stops generating and gives its adapter back."""
-    (tmp_path / "sitecustomize.py").write_text(SLOW_STEPS)
-    server = start_server(
-        world, "--adapter", f"alpha={world.adapters['alpha']}", "--max-batch-size", "1", "--max-queue", "1",
-        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
-    )  # fmt: skip
+    server = _slow_server(world, tmp_path, "--max-batch-size", "1", "--max-queue", "1")
     long = {"model": "alpha", "prompt": "the sea is", "max_tokens": 100, "temperature": 0}
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
