@@ -20,6 +20,7 @@ __all__ = [
     "get_submodule",
     "has_adapter",
     "iter_lokr_layers",
+    "layout_epoch",
     "lokr_layers",
     "matches_target",
     "model_modules",
@@ -73,6 +74,11 @@ class _Layout:
     """Bumped whenever lokr wraps or unwraps a module of any model; cached layer lists then rebuild."""
 
     epoch = 0
+
+
+def layout_epoch() -> int:
+    """Changes whenever lokr wraps or unwraps a module of any model."""
+    return _Layout.epoch
 
 
 def lokr_layers(model: nn.Module) -> tuple[LoKrLayer, ...]:

@@ -213,9 +213,22 @@ class LoKrLayer(nn.Module):
         return not self.training and not torch.is_grad_enabled()
 
     def prepare_rows(self, plan: RowPlan) -> None:
-        """Record what this layer's forward runs for `plan` (as an `adapter_batch` opens, in one loop)."""
+        """Record what this layer's forward runs for `plan` (as an `adapter_batch` opens, in one loop). A plan kept
+        from the block before (`lokr.plancache`) keeps this layer's share where it still holds."""
         if self._inference():
-            self._prepare(plan)
+            kept = plan.prepared.get(id(self))
+            if kept is None or not self._still_holds(kept, plan):
+                self._prepare(plan)
+
+    def _still_holds(self, kept: Prepared, plan: RowPlan) -> bool:
+        """Whether `kept`, prepared for `plan` in an earlier block, serves this one: the base op takes a folded
+        weight as it did, and the folded weight of a lone adapter is made again if its adapter or `W` was edited."""
+        if kept.eligible != eligible(self.base_layer):
+            return False
+        if kept.hot is not None:
+            kept.hot = self._folds.hot(plan, kept.present, kept.placed, self.spec, self.weight)
+            return kept.hot is not None
+        return True
 
     def _prepare(self, plan: RowPlan) -> Prepared:
         """What this layer's inference forward needs for `plan`: the kept folded weight of its one adapter; else
@@ -224,16 +237,17 @@ class LoKrLayer(nn.Module):
         present = [name for name in plan.groups if name in self._held]
         placed = self._banks.place(present)
         weight = self.weight
-        foldable = eligible(self.base_layer) and all(bank.dtype == weight.dtype for bank, *_ in placed)
+        base_ok = eligible(self.base_layer)
+        foldable = base_ok and all(bank.dtype == weight.dtype for bank, *_ in placed)
         hot = self._folds.hot(plan, present, placed, self.spec, weight) if foldable else None
         if hot is not None:  # plain calls run on it; any other (extra arguments, a cast) takes the per-adapter path
-            prepared = plan.prepared[id(self)] = Prepared(present, False, 0, None, hot, placed)
+            prepared = plan.prepared[id(self)] = Prepared(present, False, 0, None, hot, placed, base_ok)
             return prepared
         passes = None
         if self.spec.kind == "linear":
             passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
         factored = placed_cost(placed, self.spec, plan)
-        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes, None, placed)
+        prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes, None, placed, base_ok)
         return prepared
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:

@@ -87,10 +87,11 @@ class Prepared:
         passes: list[Any] | None,
         hot: Tensor | None = None,
         placed: PlaceResult | None = None,
+        eligible: bool = False,
     ) -> None:
         self.present, self.foldable, self.factored, self.passes = present, foldable, factored, passes
         self.hot = hot  # the folded weight when one adapter at scale 1 covers every row and it is cached
-        self.placed = placed  # `LayerBanks.place(present)` as the block opened
+        self.placed, self.eligible = placed, eligible  # `LayerBanks.place(present)`, `eligible(base)`, at the time
         self._merge: MergePlan | None = None
         self._declined: torch.Size | None = None  # an input shape for which folding cannot win
 

@@ -46,6 +46,7 @@ from .inject import (
 )
 from .keymap import is_pipeline, resolve_pipeline_modules
 from .layer import SUPPORTED_LAYERS, LoKrAdapter, LoKrLayer
+from .plancache import forget_plan, kept_plan
 from .stacked import slot_nbytes
 from .validate import validate_factors
 
@@ -263,6 +264,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for module_name, layer in layers:
         layer.remove_adapter(name)
         unwrap_module(model, module_name)
+    forget_plan(model)
 
 
 @contextmanager
@@ -300,11 +302,13 @@ def adapter_batch(
     too when `S <= fold`, so the next block with the same selections folds nothing (those are checked per forward:
     edits are seen). `fold` counts weight copies per layer; 0 keeps none.
     """
-    plan = RowPlan.from_rows(rows, tokens=tokens, fold=fold)
     layers = lokr_layers(model)
     if any(layer.merged for layer in layers):
         raise AdapterStateError("per-row adapter selection needs unmerged adapters; call unmerge_adapter first")
-    with selection_scope(layers, plan, lambda name: any(name in layer.lokr_adapters for layer in layers)) as scoped:
+    with (
+        kept_plan(model, rows, tokens=tokens, fold=fold) as plan,  # the last block's, when its rows were the same
+        selection_scope(layers, plan, lambda name: any(name in layer.lokr_adapters for layer in layers)) as scoped,
+    ):
         if plan.groups:  # base rows only: every layer runs its base op, nothing to prepare
             for layer in layers:
                 layer.prepare_rows(scoped)
@@ -322,6 +326,7 @@ def refresh(model: nn.Module) -> None:
     for layer in layers:
         layer.refresh()
     forget_prepared(layers)
+    forget_plan(model)
 
 
 # ------------------------------------------------------------------------------------------ merge / save

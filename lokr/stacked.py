@@ -13,6 +13,7 @@ started with, so a concurrent resize cannot free it."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,7 @@ __all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "
 SLACK = 32  # a bank keeps at most max(1, capacity // SLACK) spare slots beyond its members
 FOLD_CACHE = 8  # adapter sets whose kron operands a bank keeps between steps (`fold_operands`)
 PLACED_KEPT = 8  # adapter sets whose `LayerBanks.place` answer a layer keeps between steps
+_CHANGES = itertools.count(1)  # `LayerBanks.changes`
 
 KronOperands = tuple[Tensor, Tensor, tuple[int, ...]]  # (a, b, shape): dW[e] = (a[e] * b[e]).reshape(weight)
 # For a forward: each bank, its `data` at that moment and the `(name, slot)` pairs it holds.
@@ -293,7 +295,14 @@ class FactorBank:
 
 
 class LayerBanks:
-    """One layer's banks, by signature, and where each adapter sits. Thread-safe; copies start empty."""
+    """One layer's banks, by signature, and where each adapter sits. Thread-safe; copies start empty. `changes`
+    (class-wide) moves on whenever an adapter comes, goes, moves, is cast, re-scaled or refreshed on any layer."""
+
+    changes = 0
+
+    @classmethod
+    def _changed(cls) -> None:
+        cls.changes = next(_CHANGES)
 
     def __init__(self) -> None:
         self._banks: dict[tuple[object, ...], FactorBank] = {}
@@ -316,6 +325,7 @@ class LayerBanks:
         with self._lock, _writable():
             self._remove(name)
             self._placed = {}
+            LayerBanks._changed()
             key = _signature(adapter)
             bank = self._banks.get(key)
             if bank is None:
@@ -334,6 +344,7 @@ class LayerBanks:
         if bank is None:
             return
         self._placed = {}
+        LayerBanks._changed()
         adapter = bank.members[name]
         bank.remove(name)
         adapter._set_home(None)
@@ -354,10 +365,12 @@ class LayerBanks:
     def set_scale(self, name: str, scale: float) -> None:
         with self._lock, _writable():
             self._where[name].set_scale(name, scale)
+            LayerBanks._changed()
 
     def refresh(self) -> None:
         """Re-home every adapter whose parameters were given other storage; forget every bank's kron operands."""
         with self._lock:
+            LayerBanks._changed()
             for name in list(self._where):
                 self.rehome(name)
             for bank in self._banks.values():
@@ -381,6 +394,7 @@ class LayerBanks:
     def apply_(self, fn: Callable[[Tensor], Tensor]) -> None:
         """A module `_apply` (`.to()`, `.half()`...): every bank's data through `fn`, members re-pointed."""
         with self._lock, _writable():
+            LayerBanks._changed()
             banks, self._banks, self._placed = list(self._banks.values()), {}, {}
             for bank in banks:
                 bank.apply_(fn)
