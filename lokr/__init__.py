@@ -20,6 +20,7 @@ from .errors import (
 )
 from .formats import ParsedAdapter, read_adapter
 from .functional import factorization, make_kron, make_weight_cp
+from .growth import grow_in_place
 from .inject import lokr_layers
 from .keymap import pipeline_modules
 from .layer import LoKrAdapter, LoKrLayer
@@ -74,6 +75,7 @@ __all__ = [
     "describe_adapter",
     "disable_adapters",
     "factorization",
+    "grow_in_place",
     "inject",
     "list_adapters",
     "load_adapter",

@@ -1,4 +1,5 @@
-"""The batched factored Linear delta, read straight from a factor bank's gathered rows.
+"""A factor bank's rows: how one is laid out (`BankLayout`: `[scale, *factors]`), and the batched factored Linear
+delta read straight from gathered rows (`LinearRows`).
 
 A mixed-adapter decode step runs every adapted Linear layer's delta over a handful of tokens, so each layer's cost is
 the number of ops it issues, not their multiply-adds. Here each factor is one strided view of the gathered rows
@@ -12,15 +13,21 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .contract import LinearOrder, kron_rows, linear_order
-from .functional import LayerSpec
+from .functional import FACTOR_NAMES, LayerSpec
 
-__all__ = ["LinearRows", "ScaleTally"]
+if TYPE_CHECKING:
+    from .stacked import LayerBanks
+
+__all__ = ["BankLayout", "BankedAdapter", "LinearRows", "ScaleTally"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +128,59 @@ class ScaleTally:
     def common(self) -> float | None:
         """The scale every adapter holds, when there is one (the usual case: one alpha / r for all)."""
         return next(iter(self._counts)) if len(self._counts) == 1 else None
+
+
+class BankedAdapter(Protocol):
+    """What a bank reads and re-points of an adapter (`LoKrAdapter`)."""
+
+    _parameters: dict[str, nn.Parameter | None]
+    swapped: bool
+
+    @property
+    def scale(self) -> float: ...
+
+    def _set_home(self, home: tuple[LayerBanks, str] | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class BankLayout:
+    """A row: `[scale, *factors flattened]`; `parts` = `(name, shape, offset)` of each factor, in PEFT order."""
+
+    parts: tuple[tuple[str, tuple[int, ...], int], ...]
+    swapped: bool
+
+    @classmethod
+    def of(cls, adapter: BankedAdapter) -> BankLayout:
+        parts, offset = [], 1
+        for name in FACTOR_NAMES:
+            p = adapter._parameters.get(name)
+            if p is not None:
+                parts.append((name, tuple(p.shape), offset))
+                offset += p.numel()
+        return cls(tuple(parts), adapter.swapped)
+
+    @property
+    def row_numel(self) -> int:
+        name, shape, offset = self.parts[-1]
+        return offset + math.prod(shape)
+
+    @property
+    def factor_numel(self) -> int:
+        return self.row_numel - 1
+
+    @functools.cached_property
+    def _columns(self) -> tuple[tuple[str, int, int, tuple[int, ...]], ...]:
+        """`(short name, first column, end column, (-1, *shape))` of each factor: `split` runs per layer per step."""
+        return tuple((name[5:], offset, offset + math.prod(shape), (-1, *shape)) for name, shape, offset in self.parts)
+
+    def split(self, rows: Tensor) -> dict[str, Tensor]:
+        """Views of `rows (G, row_numel)`: `{"scale": (G,), "w1": (G, m1, n1), ...}` (names without `lokr_`)."""
+        views = {"scale": rows[:, 0]}
+        for name, start, end, shape in self._columns:
+            views[name] = rows[:, start:end].view(shape)
+        return views
+
+    def row_views(self, row: Tensor) -> Iterator[tuple[str, Tensor]]:
+        """`(name, view)` of each factor in one row `(row_numel,)`."""
+        for name, shape, offset in self.parts:
+            yield name, row[offset : offset + math.prod(shape)].view(shape)

@@ -6,31 +6,33 @@ parameters are views of that row: in-place edits, `load_state_dict`, optimiser s
 the bank itself, so nothing needs to be kept in sync. A mixed-adapter step gathers the factors of all its entries with
 one `index_select` and runs them through batched matmuls.
 
-Banks keep at most ~3% spare slots (`SLACK`); a bank that grows or shrinks gets a new tensor, every member's parameters
-re-pointed at it (`p.data = view`: parameters, and optimisers holding them, stay valid). A forward holds the tensor it
-started with, so a concurrent resize cannot free it."""
+Banks keep under 5% spare slots (`SLACK`, `SHRINK_AT`); a bank that grows or shrinks gets a new tensor, every
+member's parameters re-pointed at it (`p.data = view`: parameters, and optimisers holding them, stay valid). A forward
+holds the tensor it started with, so a concurrent resize cannot free it. Inside `lokr.grow_in_place()` (a caller that
+runs no forward on another thread) the tensor is resized in place instead (`lokr.growth`)."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from .bankrows import LinearRows, ScaleTally
-from .functional import FACTOR_NAMES, Factors, LayerSpec, factored_cost
+from .bankrows import BankedAdapter, BankLayout, LinearRows, ScaleTally
+from .functional import Factors, LayerSpec, factored_cost
+from .growth import growing_in_place, resize_rows
 from .stamp import Same, Stamp
 
 __all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "slot_nbytes"]
 
-SLACK = 32  # a bank keeps at most max(1, capacity // SLACK) spare slots beyond its members
+SLACK = 32  # a full bank grows by max(1, capacity // SLACK) slots
+SHRINK_AT, SHRINK_TO = 20, 64  # it shrinks past capacity // SHRINK_AT spare slots, to members // SHRINK_TO spare:
+# spare slots stay under 5% of a bank, and a run of unloads shrinks it once per ~3% of its members, not at each one
 FOLD_CACHE = 8  # adapter sets whose kron operands a bank keeps between steps (`fold_operands`)
 PLACED_KEPT = 8  # adapter sets whose `LayerBanks.place` answer a layer keeps between steps
 _CHANGES = itertools.count(1)  # `LayerBanks.changes`
@@ -40,18 +42,6 @@ KronOperands = tuple[Tensor, Tensor, tuple[int, ...]]  # (a, b, shape): dW[e] = 
 PlaceResult = list[tuple["FactorBank", Tensor, tuple[tuple[str, int], ...]]]
 
 
-class BankedAdapter(Protocol):
-    """What a bank reads and re-points of an adapter (`LoKrAdapter`)."""
-
-    _parameters: dict[str, nn.Parameter | None]
-    swapped: bool
-
-    @property
-    def scale(self) -> float: ...
-
-    def _set_home(self, home: tuple[LayerBanks, str] | None) -> None: ...
-
-
 @dataclass(frozen=True)
 class Slots:
     """Which rows each entry of a batched delta uses: one slot for all (`index` None) or a slot per entry."""
@@ -59,50 +49,6 @@ class Slots:
     slot: int = 0
     index: Tensor | None = None  # (E,) long
     coeff: Tensor | None = None  # (E,) per-entry multiplier on top of each slot's scale; None means 1
-
-
-@dataclass(frozen=True)
-class BankLayout:
-    """A row: `[scale, *factors flattened]`; `parts` = `(name, shape, offset)` of each factor, in PEFT order."""
-
-    parts: tuple[tuple[str, tuple[int, ...], int], ...]
-    swapped: bool
-
-    @classmethod
-    def of(cls, adapter: BankedAdapter) -> BankLayout:
-        parts, offset = [], 1
-        for name in FACTOR_NAMES:
-            p = adapter._parameters.get(name)
-            if p is not None:
-                parts.append((name, tuple(p.shape), offset))
-                offset += p.numel()
-        return cls(tuple(parts), adapter.swapped)
-
-    @property
-    def row_numel(self) -> int:
-        name, shape, offset = self.parts[-1]
-        return offset + math.prod(shape)
-
-    @property
-    def factor_numel(self) -> int:
-        return self.row_numel - 1
-
-    @functools.cached_property
-    def _columns(self) -> tuple[tuple[str, int, int, tuple[int, ...]], ...]:
-        """`(short name, first column, end column, (-1, *shape))` of each factor: `split` runs per layer per step."""
-        return tuple((name[5:], offset, offset + math.prod(shape), (-1, *shape)) for name, shape, offset in self.parts)
-
-    def split(self, rows: Tensor) -> dict[str, Tensor]:
-        """Views of `rows (G, row_numel)`: `{"scale": (G,), "w1": (G, m1, n1), ...}` (names without `lokr_`)."""
-        views = {"scale": rows[:, 0]}
-        for name, start, end, shape in self._columns:
-            views[name] = rows[:, start:end].view(shape)
-        return views
-
-    def row_views(self, row: Tensor) -> Iterator[tuple[str, Tensor]]:
-        """`(name, view)` of each factor in one row `(row_numel,)`."""
-        for name, shape, offset in self.parts:
-            yield name, row[offset : offset + math.prod(shape)].view(shape)
 
 
 def slot_nbytes(adapter: nn.Module) -> int:
@@ -147,7 +93,7 @@ class FactorBank:
     def add(self, name: str, adapter: BankedAdapter) -> None:
         """Copy `adapter`'s scale and factors into a free row and make its parameters views of it."""
         if not self._free:
-            self._resize(self.capacity + max(1, self.capacity // SLACK))
+            self._grow(self.capacity + max(1, self.capacity // SLACK))
         slot = self._free.pop()
         row = self.data[slot]
         row[0] = adapter.scale
@@ -168,9 +114,8 @@ class FactorBank:
                 p.data = p.data.clone()
         self.data[slot].zero_()
         self._free.append(slot)
-        spare = len(self._free)
-        if self.slots and spare > max(1, self.capacity // SLACK):
-            self._resize(len(self.slots) + len(self.slots) // SLACK)
+        if self.slots and len(self._free) > max(1, self.capacity // SHRINK_AT):
+            self._shrink(len(self.slots) + len(self.slots) // SHRINK_TO)
 
     def at_home(self, name: str) -> bool:
         """True while `name`'s parameters are still the views of its row (not replaced, moved or cast)."""
@@ -195,12 +140,41 @@ class FactorBank:
         self._bind(self.members)
 
     def _bind(self, names: Iterable[str]) -> None:
-        """Point the parameters of `names` at their rows: a row of one `(capacity, *shape)` view per factor each."""
-        factors = [(p, self.data[:, o : o + math.prod(shape)].view(-1, *shape)) for p, shape, o in self.layout.parts]
-        for name in names:
-            params, slot = self.members[name]._parameters, self.slots[name]
-            for pname, full in factors:
-                params[pname].data = full[slot]  # type: ignore[union-attr]
+        """Point the parameters of `names` at their rows: a row of one `(capacity, *shape)` view per factor each
+        (for a quarter of the rows or more, all rows' views made at once: half the Python time of one at a time)."""
+        names = list(names)
+        for pname, shape, offset in self.layout.parts:
+            full = self.data[:, offset : offset + math.prod(shape)].view(-1, *shape)
+            rows = full.unbind(0) if 4 * len(names) > len(full) else full
+            for name in names:
+                self.members[name]._parameters[pname].data = rows[self.slots[name]]  # type: ignore[union-attr]
+
+    def _grow(self, capacity: int) -> None:
+        """`capacity` rows; in place where the caller allows it (`lokr.growth`): members stay where they are."""
+        old = self.capacity
+        if growing_in_place() and old and resize_rows(self.data, capacity):
+            self._free, self._folds = list(range(capacity - 1, old - 1, -1)), {}
+        else:
+            self._resize(capacity)
+
+    def _shrink(self, capacity: int) -> None:
+        """`capacity` rows (at least the members); in place where the caller allows it: members in the rows dropped
+        move down into free ones first, and only they are re-pointed."""
+        if growing_in_place():
+            movers = sorted((s, n) for n, s in self.slots.items() if s >= capacity)
+            holes = sorted(s for s in self._free if s < capacity)[: len(movers)]
+            if movers:
+                src = torch.tensor([s for s, _ in movers], dtype=torch.long, device=self.device)
+                dst = torch.tensor(holes, dtype=torch.long, device=self.device)
+                self.data.index_copy_(0, dst, self.data.index_select(0, src))
+                self.slots.update((n, hole) for (_, n), hole in zip(movers, holes, strict=True))
+                self._bind([n for _, n in movers])
+            if resize_rows(self.data, capacity):
+                taken = set(self.slots.values())
+                self._free = [s for s in range(capacity - 1, -1, -1) if s not in taken]
+                self._folds = {}
+                return
+        self._resize(capacity)
 
     def _resize(self, capacity: int) -> None:
         """A new `data` of `capacity` rows, members packed to the lowest slots in slot order; re-point them."""

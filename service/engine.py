@@ -20,6 +20,8 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+import lokr
+
 from .errors import NotReadyError, OverloadedError
 from .jobs import ErrorEvent, Event, FinishEvent, Job, fail_jobs
 from .metrics import Metrics
@@ -296,7 +298,10 @@ class Engine:
 
 
 def _run_into(future: Future[T], fn: Callable[[Any], T], model: Any) -> None:
+    """`fn(model)` into `future`. Forwards run on the engine thread only, so the banks of attaches grow in place."""
     try:
-        future.set_result(fn(model))
+        with lokr.grow_in_place():
+            result = fn(model)
+        future.set_result(result)
     except BaseException as exc:
         future.set_exception(exc)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from lokr.growth import growing_in_place
 from service.engine import Engine
 from service.errors import NotReadyError
 from service.jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
@@ -94,12 +95,19 @@ def test_commands_run_on_the_worker_between_steps(engine: Engine) -> None:
     done = threading.Event()
     engine.submit(_job([], done))
     assert backend.entered.wait(30)  # a step is open...
-    seen: list[tuple[str, bool]] = []
-    future = engine.call(lambda model: seen.append((threading.current_thread().name, backend.in_step)) or "ok")
+    seen: list[tuple[str, bool, bool]] = []
+
+    def command(model: Any) -> str:
+        seen.append((threading.current_thread().name, backend.in_step, growing_in_place()))
+        return "ok"
+
+    future = engine.call(command)
     assert not future.done()  # ...so the command waits for it to end
     backend.gate.set()
     assert future.result(timeout=30) == "ok"
-    assert seen == [("lokr-engine", False)]
+    # No forward runs meanwhile (steps run on this thread only), so the banks of its attaches may grow in place.
+    assert seen == [("lokr-engine", False, True)]
+    assert not growing_in_place()
     assert done.wait(30)
 
 
