@@ -143,7 +143,11 @@ class Registry:
                 self._movers.submit(self._rebalance)  # off the caller's thread: offloads wait on the engine
 
     def _device_fits(self) -> bool:
-        """Whether the device tier is within its budget (call holding `_cond`)."""
+        """Whether the device tier is within its budget (call holding `_cond`); O(1) while every adapter would fit
+        (every lease's end asks, on the engine thread too)."""
+        budget = self.limits.device
+        if len(self._records) <= budget.adapters and not budget.nbytes:
+            return True
         residents = [r for r in self._records.values() if r.tier is Tier.DEVICE]
         return self.limits.device.fits(len(residents), sum(r.device_nbytes for r in residents))
 
