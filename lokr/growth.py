@@ -1,4 +1,4 @@
-"""Growing a factor bank's storage in place, for callers that run every forward and every attach on one thread.
+"""Resizing a factor bank's storage in place, for callers that run every forward and every attach on one thread.
 
 A bank that fills up (or empties past its spare slots) normally moves to a new tensor and re-points every member's
 parameters at it: Python work in the number of members (~0.3 s per resize over a 28-layer model's banks at 1,000
@@ -25,8 +25,8 @@ _IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("lokr_grow_in_p
 
 @contextmanager
 def grow_in_place() -> Iterator[None]:
-    """Inside the block (this thread / task only), banks that fill up extend their storage in place. Use only where
-    no forward through the same model runs on another thread meanwhile."""
+    """Inside the block (this thread / task only), banks that fill up or empty out resize their storage in place.
+    Use only where no forward through the same model runs on another thread meanwhile."""
     token = _IN_PLACE.set(True)
     try:
         yield
