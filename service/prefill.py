@@ -23,7 +23,13 @@ class PrefillBudget:
     decode-only step of the rows running now: `stall * (fixed / per_unit + decode work)`, within `[floor,
     limit]`; `limit` when no row decodes or `stall` is 0 (fixed chunks). So a long prompt costs the running
     rows' steps at most about `1 + stall` times their time, on any device and model (a GPU's fixed cost buys
-    large chunks). `key_cost`: one attended key's work in units (`attention_key_cost`); 0 counts tokens only."""
+    large chunks). `key_cost`: one attended key's work in units (`attention_key_cost`); 0 counts tokens only.
+
+    A line fitted to small steps does not hold far beyond them: on a CPU a 16-row decode step is bound by reading the
+    weights, a 250-token step by arithmetic, so the fit priced a long prompt's first chunk at 2x a decode step and
+    it took 4x (a 150 ms gap at the serving benchmark's p99). A step's work is therefore also kept within `1 + stall`
+    times the largest step measured lately (or its decode work, if larger): a long prompt's chunks grow over a few
+    steps, each measured before the next."""
 
     def __init__(
         self, limit: int, stall: float = 0.0, floor: int = 16, memory: float = 0.95, key_cost: float = 0.0
@@ -31,6 +37,7 @@ class PrefillBudget:
         self.limit, self.stall, self.floor, self.memory = limit, stall, min(floor, limit), memory
         self.key_cost = key_cost
         self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, sum x, sum y, sum x^2, sum xy
+        self._largest = 0.0  # the largest step's work measured, fading as the fit's weights do
 
     def tokens(self, decoding: float) -> int:
         """The step's prompt work (units), given the decoding rows' work (`decode_work`, or their count)."""
@@ -46,7 +53,8 @@ class PrefillBudget:
         if fit is None:
             return float(self.floor)
         fixed, per_unit = fit
-        return float(max(self.floor, min(self.limit, round(self.stall * (fixed / per_unit + decoding)))))
+        within = (1 + self.stall) * max(self._largest, decoding) - decoding  # near what has been measured
+        return float(max(self.floor, min(self.limit, round(self.stall * (fixed / per_unit + decoding)), within)))
 
     def decode_work(self, lengths: Sequence[int]) -> float:
         """Work of one decode token per row, each attending its row's `lengths[i]` keys."""
@@ -74,6 +82,7 @@ class PrefillBudget:
             return
         w, sx, sy, sxx, sxy = (v * self.memory for v in self._sums)
         self._sums = (w + 1, sx + work, sy + seconds, sxx + work * work, sxy + work * seconds)
+        self._largest = max(work, self._largest * self.memory)
 
     def fit(self) -> tuple[float, float] | None:
         """`(fixed s, s per unit)`; all the time per unit (fixed 0) while the work barely varies."""

@@ -83,3 +83,20 @@ def test_chunks_take_what_fits_oldest_first() -> None:
     assert take_chunks([short, deep], None, unbounded) == [(short, 100), (deep, 412)]
     echo = _row(300, 0, echo=True)
     assert take_chunks([echo, first], 10.0, budget) == [(echo, 300)]  # an echo prompt goes whole, alone
+
+
+def test_a_step_grows_only_as_far_as_steps_measured_so_far() -> None:
+    """Small steps that cost 25 ms + 0.1 ms per unit (a CPU reading its weights) fit a line that would let stall 1
+    take 266 units at once; chunks instead grow to twice the largest step measured lately (then the next
+    measurement decides)."""
+    budget = PrefillBudget(4096, stall=1.0)
+    for work in (16.0, 48.0, 16.0, 48.0, 16.0):
+        budget.observe(0.025 + 0.0001 * work, work)
+    largest = 48 * budget.memory  # the 48-unit step, one step ago
+    assert budget.allowed(16.0) == pytest.approx(2 * largest - 16)
+    budget.observe(0.025 + 0.0001 * 96, 96.0)
+    assert budget.allowed(16.0) == pytest.approx(2 * 96 - 16)
+    assert budget.allowed(300.0) == 300  # decode work past anything measured: as much prompt again at most
+    for _ in range(200):  # many decode-only steps: the large one fades, a new long prompt ramps up again
+        budget.observe(0.0266, 16.0)
+    assert budget.allowed(16.0) < 2 * 48
