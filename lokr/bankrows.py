@@ -5,8 +5,9 @@ A mixed-adapter decode step runs every adapted Linear layer's delta over a handf
 the number of ops it issues, not their multiply-adds. Here each factor is one strided view of the gathered rows
 (transposed where the matmul wants it), and the last matmul accumulates into the base layer's output (`baddbmm_`)
 with the rows' scale as its `alpha` when they all share one; otherwise a multiply scales the first intermediate in
-place. The sandwich order is three matmuls after the gather. Inference only: intermediates and `out` are written in
-place.
+place. The sandwich order is three matmuls after the gather. `LinearRows.operands` reads all that once, for a caller
+that runs it again (`lokr.bankpass`), optionally as contiguous copies for the row-major chain of one input row per
+entry. Inference only: intermediates and `out` are written in place.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .functional import FACTOR_NAMES, LayerSpec
 if TYPE_CHECKING:
     from .stacked import LayerBanks
 
-__all__ = ["BankLayout", "BankedAdapter", "LinearRows", "ScaleTally"]
+__all__ = ["BankLayout", "BankedAdapter", "LinearRows", "RowOperands", "ScaleTally"]
 
 
 @dataclass(frozen=True)
@@ -69,33 +70,41 @@ class LinearRows:
 
         `common`: the scale every row holds, when the caller knows it is one value; with no `coeff` it then rides
         on the last matmul instead of a multiply."""
-        g = rows.shape[0]
-        scaled: Tensor | float | None = None  # what the first intermediate is multiplied by
-        fused = 1.0  # what the accumulating matmul multiplies by
-        if coeff is None and common is not None:
-            scaled, fused = (None, common) if out is not None else (common, 1.0)
-        else:
-            scaled = self._mat(rows, "scale")
+        return self.operands(rows, coeff, common).run(x, out)
+
+    def operands(
+        self,
+        rows: Tensor,
+        coeff: Tensor | None = None,
+        common: float | None = None,
+        *,
+        index: Tensor | None = None,
+        row_major: bool = False,
+    ) -> RowOperands:
+        """What `delta` multiplies by, read once from `rows (G, D)` (or from the entries `index (G,)` of a bank's
+        rows), to run on any number of inputs while `rows` stay as they are: the product of `w1_a` and `w1_b` and the
+        per-entry multipliers are made here. Views of `rows`, or with `row_major` (inputs of one row per entry)
+        contiguous copies of each factor as the row-major chain takes it, gathered from `index` directly."""
+        if index is not None and not row_major:
+            rows, index = rows.index_select(0, index), None
+        take = functools.partial(self._take, rows, index, row_major)
+        times = None
+        if coeff is not None or common is None:
+            times = take("scale")
             if coeff is not None:
-                scaled = scaled * coeff.view(-1, 1, 1).to(scaled.dtype)
-        k = x.numel() // (g * self.n1 * self.n2)  # rows of x per entry
-        m1, m2 = self.m1, self.m2
-        into = None if out is None else out.view(g, k * m1, m2)
-        xs = x.reshape(g, k, self.n1, self.n2)
-        y = kron_rows(xs, self._w1(rows), self._w2_chain(rows), self.order, times=scaled, out=into, alpha=fused)
-        return y.view(*x.shape[:-1], m1 * m2) if out is None else out
+                times = times * coeff.view(-1, 1, 1).to(times.dtype)
+        w1 = take("w1") if "w1" in self.columns else torch.bmm(take("w1_a"), take("w1_b"))  # (G, m1, n1)
+        # `w2` as the matrices applied to row vectors: `[w2^T]`, or `[w2_b^T, w2_a^T]`.
+        chain = [take("w2", True)] if self.rank is None else [take("w2_b", True), take("w2_a", True)]
+        return RowOperands(self, w1, chain, times, common, row_major)
 
-    def _w2_chain(self, rows: Tensor) -> list[Tensor]:
-        """`w2` as the matrices applied to row vectors: `[w2^T]`, or `[w2_b^T, w2_a^T]`."""
-        if self.rank is None:
-            return [self._mat(rows, "w2", transposed=True)]
-        return [self._mat(rows, "w2_b", transposed=True), self._mat(rows, "w2_a", transposed=True)]
-
-    def _w1(self, rows: Tensor) -> Tensor:
-        """`w1 (G, m1, n1)`: a view, or the product of its two factors."""
-        if "w1" in self.columns:
-            return self._mat(rows, "w1")
-        return torch.bmm(self._mat(rows, "w1_a"), self._mat(rows, "w1_b"))
+    def _take(self, rows: Tensor, index: Tensor | None, row_major: bool, name: str, transposed: bool = False) -> Tensor:
+        """Factor `name` as `_mat` views it: of the entries `index` (a contiguous copy), else a view of `rows`,
+        contiguous with `row_major`."""
+        mat = self._mat(rows, name, transposed)
+        if index is not None:
+            return mat.index_select(0, index)
+        return mat.contiguous() if row_major else mat
 
     def _mat(self, rows: Tensor, name: str, transposed: bool = False) -> Tensor:
         """Factor `name` of every row as `(G, a, b)` (`(G, b, a)` transposed); `scale` as `(G, 1, 1)`."""
@@ -104,6 +113,42 @@ class LinearRows:
         if transposed:
             return rows.as_strided((rows.shape[0], b, a), (stride, 1, b), rows.storage_offset() + offset)
         return rows.as_strided((rows.shape[0], a, b), (stride, b, 1), rows.storage_offset() + offset)
+
+
+class RowOperands:
+    """`LinearRows` operands read from one set of rows (`LinearRows.operands`): `w1 (G, m1, n1)`, the `w2` chain,
+    the per-entry multipliers `times (G, 1, 1)` (None: every entry's scale is `common`); `row_major`: contiguous
+    factors, for inputs of one row per entry."""
+
+    __slots__ = ("kernel", "w1", "chain", "times", "common", "row_major")
+
+    def __init__(
+        self,
+        kernel: LinearRows,
+        w1: Tensor,
+        chain: list[Tensor],
+        times: Tensor | None,
+        common: float | None,
+        row_major: bool,
+    ) -> None:
+        self.kernel, self.w1, self.chain, self.times, self.common = kernel, w1, chain, times, common
+        self.row_major = row_major
+
+    def run(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """`x (G, ..., n1*n2)` -> the delta `(G, ..., m1*m2)`, or `out` (contiguous, that shape) plus it."""
+        kernel, g = self.kernel, self.w1.shape[0]
+        times: Tensor | float | None = self.times
+        fused = 1.0  # what the accumulating matmul multiplies by
+        if times is None and self.common is not None:
+            times, fused = (None, self.common) if out is not None else (self.common, 1.0)
+        k = x.numel() // (g * kernel.n1 * kernel.n2)  # rows of x per entry
+        m1, m2 = kernel.m1, kernel.m2
+        into = None if out is None else out.view(g, k * m1, m2)
+        xs = x.reshape(g, k, kernel.n1, kernel.n2)
+        y = kron_rows(
+            xs, self.w1, self.chain, kernel.order, times=times, out=into, alpha=fused, row_major=self.row_major
+        )
+        return y.view(*x.shape[:-1], m1 * m2) if out is None else out
 
 
 class ScaleTally:

@@ -42,6 +42,7 @@ def kron_rows(
     times: Tensor | float | None = None,
     out: Tensor | None = None,
     alpha: float = 1.0,
+    row_major: bool = False,
 ) -> Tensor:
     """`rows (G, K, n1, n2) -> (G, K, m1, m2)`: the K rows of group `g` through `kron(w1[g], w2[g])`.
 
@@ -49,6 +50,8 @@ def kron_rows(
     `[w2_b^T, w2_a^T]` (the only form `sandwich` takes). G is 1 for one adapter, or one per entry.
     Inference only (they write in place): `times` (`(G, 1, 1)` or a number) multiplies the first intermediate,
     and `out` (`(G, K * m1, m2)`, contiguous) gets `alpha` times the result added by the last matmul (returned).
+    `row_major`: the factors are contiguous matrices (batch strides aside), as `LinearRows.operands(row_major=True)`
+    makes them; with one row per group the low-rank chain then runs row-major.
     """
     g, k, n1, n2 = rows.shape
     m1 = w1.shape[1]
@@ -69,6 +72,9 @@ def kron_rows(
     # (`X @ w2_b^T` first, `(G, K * n1, r)`) ran 1.1-2.5x slower on CPU: BLAS handles an r-wide output poorly.
     w2_bt, w2_at = chain
     r = w2_bt.shape[-1]
+    if row_major and k == 1:  # `(G, n1, r)` then `(G, m1, r)`: 31 against 47 us at 16 groups, 2-core CPU
+        p = _times(torch.bmm(rows.reshape(g, n1, n2), w2_bt), times)
+        return _last(torch.bmm(w1, p), w2_at, out, alpha).view(g, 1, m1, -1)
     p = _times(torch.bmm(w2_bt.transpose(1, 2), rows.reshape(g, k * n1, n2).transpose(1, 2)), times)  # (G, r, K*n1)
     q = torch.bmm(p.view(g, r * k, n1), w1.transpose(1, 2))  # (G, r*K, m1)
     return _last(q.view(g, r, k * m1).transpose(1, 2), w2_at, out, alpha).view(g, k, m1, -1)

@@ -12,17 +12,17 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import LoKrAdapter
+from .bankpass import BankPass
 from .batch import RowPlan, accumulate, current_plan, per_row, scatter_add
 from .errors import AdapterNotFoundError, AdapterStateError, NonFiniteError, RowCountError
 from .foldcache import FoldCache
 from .functional import LayerSpec, apply_delta, delta_weight, prefer_factored
 from .merged import Prepared, base_op, cheaper, eligible, folded_weight, merged_forward, placed_cost
-from .stacked import FactorBank, LayerBanks, Slots
+from .stacked import LayerBanks
 
 __all__ = ["SUPPORTED_LAYERS", "LoKrAdapter", "LoKrLayer"]
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-BankPass = tuple[FactorBank, Tensor, Tensor | None, Slots]  # bank, its data, entry rows (None: row order), slots
 
 
 class LoKrLayer(nn.Module):
@@ -190,13 +190,8 @@ class LoKrLayer(nn.Module):
             passes = prepared.passes
             if passes is not None:
                 result = self.base_layer(x, *args, **kwargs)
-                for bank, data, rows, slots in passes:
-                    xs = x if x.dtype == bank.dtype else x.to(bank.dtype)
-                    if rows is None and result.dtype == bank.dtype and result.is_contiguous():
-                        result = bank.apply(xs, slots, self.spec, data, out=result)  # added in place
-                        continue
-                    delta = bank.apply(xs if rows is None else xs.index_select(0, rows), slots, self.spec, data)
-                    result = accumulate(result, delta) if rows is None else scatter_add(result, rows, delta)
+                for bank_pass in passes:
+                    result = bank_pass.add_to(result, x, self.spec)
                 return _like(result, x)
         result = self.base_layer(x, *args, **kwargs)
         for name in [name for name in plan.groups if name in self._held]:
@@ -222,12 +217,15 @@ class LoKrLayer(nn.Module):
 
     def _still_holds(self, kept: Prepared, plan: RowPlan) -> bool:
         """Whether `kept`, prepared for `plan` in an earlier block, serves this one: the base op takes a folded
-        weight as it did, and the folded weight of a lone adapter is made again if its adapter or `W` was edited."""
+        weight as it did, and the folded weight of a lone adapter is made again if its adapter or `W` was edited
+        (the bank passes' kept operands likewise, `BankPass.recheck`)."""
         if kept.eligible != eligible(self.base_layer):
             return False
         if kept.hot is not None:
             kept.hot = self._folds.hot(plan, kept.present, kept.placed, self.spec, self.weight)
             return kept.hot is not None
+        for bank_pass in kept.passes or ():
+            bank_pass.recheck()
         return True
 
     def _prepare(self, plan: RowPlan) -> Prepared:
@@ -245,7 +243,10 @@ class LoKrLayer(nn.Module):
             return prepared
         passes = None
         if self.spec.kind == "linear":
-            passes = [(bank, data, *plan.bank_entries(pairs, bank.device)) for bank, data, pairs in placed]
+            passes = [
+                BankPass(bank, data, [name for name, _ in pairs], *plan.bank_entries(pairs, bank.device))
+                for bank, data, pairs in placed
+            ]
         factored = placed_cost(placed, self.spec, plan)
         prepared = plan.prepared[id(self)] = Prepared(present, foldable, factored, passes, None, placed, base_ok)
         return prepared

@@ -76,7 +76,7 @@ class MergePlan:
 
 class Prepared:
     """One layer's share of an open `adapter_batch`: the adapters present, whether its base op can take a folded
-    weight, the factored deltas' cost per position, the bank passes of a Linear layer (`layer.BankPass` tuples),
+    weight, the factored deltas' cost per position, the bank passes of a Linear layer (`lokr.bankpass.BankPass`),
     and the merge plan, built at most once per block and only where folding may win."""
 
     def __init__(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .bankrows import BankedAdapter, BankLayout, LinearRows, ScaleTally
+from .bankrows import BankedAdapter, BankLayout, ScaleTally
 from .functional import Factors, LayerSpec, factored_cost
 from .growth import growing_in_place, resize_rows
 from .stamp import Same, Stamp
@@ -193,14 +193,6 @@ class FactorBank:
         """The rows of the entries `(G, row_numel)`: G = 1 for a shared slot (a view), else gathered."""
         data = self.data if data is None else data
         return data[slots.slot : slots.slot + 1] if slots.index is None else data.index_select(0, slots.index)
-
-    def apply(
-        self, x: Tensor, slots: Slots, spec: LayerSpec, data: Tensor | None = None, out: Tensor | None = None
-    ) -> Tensor:
-        """Linear, at inference: `x (E, ..., n1*n2) -> (E, ..., m1*m2)`, entry `e` through `coeff[e] * kron(w1, w2)`
-        of its slot; with `out` (contiguous, that shape) the delta is added to it in place and `out` returned."""
-        common = self.scales.common if slots.coeff is None else None
-        return LinearRows.of(self.layout.parts, spec).delta(x, self._rows(slots, data), slots.coeff, out, common)
 
     def kron_operands(self, slots: Slots, spec: LayerSpec, data: Tensor | None = None) -> KronOperands:
         """`(a, b, shape)` with `dW = (a[e] * b[e]).reshape(weight_shape)` for each entry `e` (its coefficient

@@ -40,8 +40,11 @@ def _weight(row: torch.Tensor, parts: tuple) -> torch.Tensor:
 @pytest.mark.parametrize("per_entry", [1, 3], ids=["one-row-each", "three-rows-each"])
 @pytest.mark.parametrize("scales", ["per-row", "coeff", "common"])
 @pytest.mark.parametrize("into_out", [False, True], ids=["returned", "in-place"])
-def test_delta_equals_kron_per_entry(shape: tuple, per_entry: int, scales: str, into_out: bool) -> None:
-    """`per-row`: each row's own scale; `coeff`: times a per-entry multiplier; `common`: one scale, said so."""
+@pytest.mark.parametrize("read", ["rows", "index", "index-row-major"])
+def test_delta_equals_kron_per_entry(shape: tuple, per_entry: int, scales: str, into_out: bool, read: str) -> None:
+    """`per-row`: each row's own scale; `coeff`: times a per-entry multiplier; `common`: one scale, said so. `read`:
+    from gathered rows (`delta`), or operands gathered from the bank by index, as views or contiguous row-major
+    copies (`operands`, what a kept bank pass holds)."""
     m1, n1, m2, n2, r1, r2, order = shape
     parts, width = _layout(m1, n1, m2, n2, r1, r2)
     spec = LayerSpec("linear", m1 * m2, n1 * n2)
@@ -59,7 +62,12 @@ def test_delta_equals_kron_per_entry(shape: tuple, per_entry: int, scales: str, 
     with torch.inference_mode():
         base = torch.randn(entries, per_entry, m1 * m2, generator=gen)
         out = base.clone() if into_out else None
-        got = kernel.delta(x, rows, coeff, out, common=0.7 if scales == "common" else None)
+        common = 0.7 if scales == "common" else None
+        if read == "rows":
+            got = kernel.delta(x, rows, coeff, out, common=common)
+        else:
+            operands = kernel.operands(bank, coeff, common, index=index, row_major=read == "index-row-major")
+            got = operands.run(x, out)
     times = coeff if coeff is not None else torch.ones(entries)
     want = torch.stack([x[e] @ (times[e] * _weight(rows[e], parts)).T for e in range(entries)])
     if into_out:

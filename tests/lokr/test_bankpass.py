@@ -1,0 +1,121 @@
+"""A Linear layer's bank pass (`lokr.bankpass`) reads its operands once per kept plan: a plan's first forward keeps
+nothing, its next ones keep what they read (contiguous row-major copies for one row per entry), and any write to
+the adapters since (through a parameter, a scale, the bank itself) is read by the next block, equal to a fresh plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lokr
+from lokr import plancache
+from lokr.bankpass import BankPass
+
+ROWS = ["a", "b", "a", None]
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).eval()
+    for name in ("a", "b"):
+        lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "2"], init_weights=False, r=4), name)
+    return model
+
+
+def _block(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(), lokr.adapter_batch(model, ROWS):  # type: ignore[arg-type]
+        return model(x).clone()
+
+
+def _fresh(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    plancache.forget_plan(model)
+    return _block(model, x)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Every operand read of a bank pass, by whether it was row-major."""
+    calls: list[bool] = []
+    original = BankPass._read
+
+    def counted(self: BankPass, spec: object, row_major: bool) -> object:
+        calls.append(row_major)
+        return original(self, spec, row_major)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BankPass, "_read", counted)
+    return calls
+
+
+X_SHAPES = {"one row each": (4, 32), "five rows each": (4, 5, 32)}
+
+
+@pytest.mark.parametrize("shape", X_SHAPES.values(), ids=list(X_SHAPES))
+def test_a_kept_plan_reads_each_pass_once_more_then_never(shape: tuple[int, ...], reads: list[bool]) -> None:
+    model = _net()
+    x = torch.randn(shape)
+    first = _block(model, x)  # plans; each of the 2 layers' one pass reads views and keeps nothing
+    assert reads == [False, False]
+    second = _block(model, x)  # the plan is kept: each pass reads what it keeps
+    one_each = len(shape) == 2
+    assert reads == [False, False, one_each, one_each]
+    for _ in range(3):
+        torch.testing.assert_close(_block(model, x), second, rtol=0, atol=0)
+    assert len(reads) == 4
+    torch.testing.assert_close(second, first)
+    torch.testing.assert_close(second, _fresh(model, x))
+
+
+def _edit_a_parameter_in_place(model: nn.Module) -> None:
+    params = dict(model[0].lokr_adapters["b"].named_parameters())
+    with torch.no_grad():
+        params.get("lokr_w2_b", params.get("lokr_w2")).mul_(-3.0)  # type: ignore[union-attr]
+
+
+def _copy_into_a_parameter(model: nn.Module) -> None:
+    w1 = model[2].lokr_adapters["a"].lokr_w1
+    with torch.no_grad():
+        w1.copy_(torch.randn_like(w1))
+
+
+def _set_a_scale(model: nn.Module) -> None:
+    model[2].lokr_adapters["b"].scale = 5.0
+
+
+EDITS: dict[str, Callable[[nn.Module], None]] = {
+    "parameter edited in place": _edit_a_parameter_in_place,
+    "parameter copied into": _copy_into_a_parameter,
+    "scale set": _set_a_scale,
+}
+
+
+@pytest.mark.parametrize("edit", EDITS.values(), ids=list(EDITS))
+@pytest.mark.parametrize("shape", X_SHAPES.values(), ids=list(X_SHAPES))
+def test_a_write_after_operands_were_kept_is_read_by_the_next_block(
+    shape: tuple[int, ...], edit: Callable[[nn.Module], None]
+) -> None:
+    model = _net()
+    x = torch.randn(shape)
+    _block(model, x)
+    kept = _block(model, x)  # operands kept now
+    edit(model)
+    after = _block(model, x)
+    assert not torch.allclose(after, kept)
+    torch.testing.assert_close(after, _fresh(model, x), rtol=0, atol=0)
+    torch.testing.assert_close(_block(model, x), after, rtol=0, atol=0)  # and kept again from there
+
+
+@pytest.mark.parametrize("shape", X_SHAPES.values(), ids=list(X_SHAPES))
+def test_a_scale_set_inside_an_open_block_is_read_by_its_next_forward(shape: tuple[int, ...]) -> None:
+    """The bank's own writes (a scale lives in its rows) are checked at every forward, not only as a block opens."""
+    model = _net()
+    x = torch.randn(shape)
+    with torch.inference_mode(), lokr.adapter_batch(model, ROWS):  # type: ignore[arg-type]
+        model(x)
+        kept = model(x).clone()
+        _set_a_scale(model)
+        after = model(x).clone()
+    assert not torch.allclose(after, kept)
+    torch.testing.assert_close(after, _fresh(model, x), rtol=0, atol=0)
