@@ -2,11 +2,12 @@
 
 A decode step runs each adapted Linear layer's bank delta over a handful of tokens, so the Python and view ops
 around its three small matmuls cost as much as the matmuls (measured on a 2-core CPU, 16 rows over 16 adapters,
-a 512x512 layer: ~45 us of them against ~25 us of matmuls). A `BankPass` reads its operands (the gathered rows
-and the views `kron_rows` multiplies by) once and keeps them while the bank's data is unchanged: its version
-counter is checked at every forward (a scale set, a row written), its adapters' parameters' counters (writes through
-a parameter do not move the bank's) as a kept plan opens the next block, as the kept plan's folded weights are. So a
-step that keeps its rows (`lokr.plancache`) runs the matmuls alone.
+a 512x512 layer: ~45 us of them against ~25 us of matmuls). A `BankPass` of a plan that runs again and again
+(`lokr.plancache`: a decode loop over the same rows, a denoising loop) reads its operands (the gathered rows, as
+contiguous row-major matrices for one token per entry) once and then runs the matmuls alone. What it keeps is read
+again after a write: the bank's version counter is checked at every forward (a scale set, a row written), its
+adapters' parameters' counters (writes through a parameter do not move the bank's) as a kept plan opens the next
+block, as the kept plan's folded weights are.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from .functional import LayerSpec
 from .stacked import FactorBank, Slots
 
 __all__ = ["BankPass"]
+
+READ_EACH_TIME = 2  # forwards of a pass that read their operands and keep nothing (see `BankPass.operands`)
 
 
 class BankPass:
@@ -49,12 +52,13 @@ class BankPass:
         return accumulate(result, operands.run(xs))
 
     def operands(self, spec: LayerSpec, one_row_each: bool) -> RowOperands:
-        """The entries' operands. A pass's first forward reads views of one gather and keeps nothing (most plans of
-        a serving engine run once: rows join and leave); later ones keep what they read, contiguous copies for
-        inputs of one row per entry, until the bank's data is written (checked here) or an adapter's parameters
-        are (checked by `recheck` as a kept plan opens a block)."""
+        """The entries' operands. A pass's first `READ_EACH_TIME` forwards read views of one gather and keep
+        nothing (a serving engine's plans mostly run once or twice: rows join and leave; keeping costs more reads
+        than it saves then); later ones keep what they read, contiguous copies for inputs of one row per entry,
+        until the bank's data is written (checked here) or an adapter's parameters are (checked by `recheck` as a
+        kept plan opens a block)."""
         self._forwards += 1
-        if self._forwards == 1:
+        if self._forwards <= READ_EACH_TIME:
             return self._read(spec, row_major=False)
         if self.data._version != self._version:
             self._kept.clear()
