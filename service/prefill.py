@@ -27,9 +27,12 @@ class PrefillBudget:
 
     A line fitted to small steps does not hold far beyond them: on a CPU a 16-row decode step is bound by reading the
     weights, a 250-token step by arithmetic, so the fit priced a long prompt's first chunk at 2x a decode step and
-    it took 4x (a 150 ms gap at the serving benchmark's p99). A step's work is therefore also kept within `1 + stall`
-    times the largest step measured lately (or its decode work, if larger): a long prompt's chunks grow over a few
-    steps, each measured before the next."""
+    it took 4x (a 150 ms gap at the serving benchmark's p99). Two more bounds hold a step near what was measured:
+    its work stays within `1 + stall` times the largest step measured lately (or its decode work, if larger), and
+    its time, priced at that largest step's time per unit of work, within `1 + stall` times the decode step's.
+    The second is safe wherever a step's time per unit does not grow with its work (a fixed cost, then memory- or
+    compute-bound work), so a long prompt's chunks grow over a few steps, each measured before the next, up to the
+    stall and not past it."""
 
     def __init__(
         self, limit: int, stall: float = 0.0, floor: int = 16, memory: float = 0.95, key_cost: float = 0.0
@@ -38,6 +41,7 @@ class PrefillBudget:
         self.key_cost = key_cost
         self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, sum x, sum y, sum x^2, sum xy
         self._largest = 0.0  # the largest step's work measured, fading as the fit's weights do
+        self._pace = 0.0  # that step's seconds per unit of work
 
     def tokens(self, decoding: float) -> int:
         """The step's prompt work (units), given the decoding rows' work (`decode_work`, or their count)."""
@@ -54,7 +58,10 @@ class PrefillBudget:
             return float(self.floor)
         fixed, per_unit = fit
         within = (1 + self.stall) * max(self._largest, decoding) - decoding  # near what has been measured
-        return float(max(self.floor, min(self.limit, round(self.stall * (fixed / per_unit + decoding)), within)))
+        bounds = [self.limit, round(self.stall * (fixed / per_unit + decoding)), within]
+        if self._pace > 0 and self._largest >= decoding:  # its time at the largest step's pace, within the stall
+            bounds.append((1 + self.stall) * (fixed + per_unit * decoding) / self._pace - decoding)
+        return float(max(self.floor, min(bounds)))
 
     def decode_work(self, lengths: Sequence[int]) -> float:
         """Work of one decode token per row, each attending its row's `lengths[i]` keys."""
@@ -82,6 +89,8 @@ class PrefillBudget:
             return
         w, sx, sy, sxx, sxy = (v * self.memory for v in self._sums)
         self._sums = (w + 1, sx + work, sy + seconds, sxx + work * work, sxy + work * seconds)
+        if work >= self._largest * self.memory:
+            self._pace = seconds / work
         self._largest = max(work, self._largest * self.memory)
 
     def fit(self) -> tuple[float, float] | None:
