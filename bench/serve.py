@@ -72,7 +72,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.report import environment, markdown_table, measure, paired_ratio, plot_loglog  # noqa: E402
-from bench.serve_kinds import hf_serve_command, long_prompt_probe, run_limit  # noqa: E402
+from bench.serve_kinds import hf_serve_command, long_prompt_probe, loopback_client, run_limit  # noqa: E402
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASE_NAME = "bench-llama"
@@ -359,7 +359,7 @@ async def load_adapters(url: str, names: Sequence[str], dirs: Sequence[Path], pa
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     todo = collections.deque(zip(names, dirs))
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120.0) as client:
+    async with loopback_client(url, headers=headers, timeout=120.0) as client:
 
         async def worker() -> None:
             while todo:
@@ -432,7 +432,7 @@ async def run_load(
     t0 = time.perf_counter()
     deadline = t0 + deadline_s if deadline_s else math.inf
     stops: list[float] = []
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
+    async with loopback_client(url, limits=limits, timeout=timeout_s) as client:
 
         async def client_loop() -> None:
             while time.perf_counter() < deadline:
