@@ -81,6 +81,8 @@ class PrefillBudget:
         tokens = int((math.sqrt(b * b + 4 * a * work) - b) / (2 * a))
         while tokens > 0 and self.work(tokens, prefix) > work:  # float rounding at the boundary
             tokens -= 1
+        while self.work(tokens + 1, prefix) <= work:
+            tokens += 1
         return tokens
 
     def observe(self, seconds: float, work: float) -> None:
@@ -115,7 +117,30 @@ class _Prefilling(Protocol):
 
 def take_chunks(rows: Sequence[_Prefilling], work: float | None, budget: PrefillBudget) -> list[tuple[Any, int]]:
     """Prompt chunks `(row, tokens)` whose work fits `work` units (`PrefillBudget.allowed`; None: `limit` tokens
-    in all), oldest row first (the first takes at least one token); an echo row's prompt goes whole, alone."""
+    in all), oldest row first (the first takes at least one token); an echo row's prompt goes whole, alone.
+
+    Under a work budget, newer prompts take up to half of it first, shortest first, and the oldest row (then the
+    others, oldest first) takes what is left, at least half: behind a long prompt's chunks, short requests start
+    decoding within a step or two instead of queueing for the whole prompt (as vLLM's concurrent partial prefills
+    let them), the running batch does not drain while it goes in, and the long prompt still gets half of every
+    step (two steps at most for each one it would take alone)."""
+    if work is None or not rows or rows[0].job.params.echo:
+        return _oldest_first(rows, work, budget)
+    newer = sorted((r for r in rows[1:] if not r.job.params.echo), key=lambda r: _left_work(r, budget))
+    ahead = _oldest_first(newer, work / 2, budget, progress=False)
+    work -= sum(budget.work(tokens, row.length) for row, tokens in ahead)
+    taken = {id(row) for row, _ in ahead}
+    return ahead + _oldest_first([row for row in rows if id(row) not in taken], work, budget)
+
+
+def _left_work(row: _Prefilling, budget: PrefillBudget) -> float:
+    return budget.work(len(row.job.prompt_ids) - row.length, row.length)
+
+
+def _oldest_first(
+    rows: Sequence[_Prefilling], work: float | None, budget: PrefillBudget, progress: bool = True
+) -> list[tuple[Any, int]]:
+    """Chunks in the order of `rows` while `work` lasts; with `progress` the first row takes at least one token."""
     chunks: list[tuple[Any, int]] = []
     tokens = budget.limit
     for row in rows:
@@ -123,7 +148,7 @@ def take_chunks(rows: Sequence[_Prefilling], work: float | None, budget: Prefill
         if row.job.params.echo:
             return chunks or [(row, left)]
         take = min(left, tokens if work is None else budget.fit_tokens(work, row.length))
-        if not chunks:
+        if progress and not chunks:
             take = max(take, min(left, 1))
         if take <= 0:
             break

@@ -70,8 +70,8 @@ def test_a_long_prompts_steps_stay_within_the_stall() -> None:
 def test_chunks_take_what_fits_oldest_first() -> None:
     budget = PrefillBudget(4096, key_cost=KEY_COST)
     first, second = _row(40, 30), _row(5000, 2000)
-    chunks = take_chunks([first, second], 100.0, budget)
-    assert chunks[0] == (first, 10)  # its last 10 tokens
+    chunks = take_chunks([second, first], 100.0, budget)  # the long one is the oldest
+    assert chunks[0] == (first, 10)  # its last 10 tokens (newer prompts take up to half first)
     left = 100.0 - budget.work(10, 30)
     assert chunks[1] == (second, budget.fit_tokens(left, 2000)) and chunks[1][1] < 89
     (only,) = take_chunks([_row(9000, 8000)], 0.5, budget)
@@ -128,3 +128,51 @@ def test_a_long_prompt_stays_within_the_stall_where_steps_turn_compute_bound() -
         worst, steps, row.length = max(worst, seconds / decode_step), steps + 1, row.length + tokens
     assert worst <= 2.0 + 1e-9
     assert steps <= 40
+
+
+def test_short_prompts_go_ahead_of_a_long_one_that_keeps_half_of_each_step() -> None:
+    """Behind a long prompt's chunks, newer prompts take up to half of the step, shortest first; the long (oldest)
+    one takes the rest, at least half of the step and one token."""
+    budget = PrefillBudget(4096, key_cost=KEY_COST)
+    long, short, shorter = _row(2000, 500), _row(32, 0), _row(40, 10)
+    chunks = take_chunks([long, short, shorter], 100.0, budget)
+    assert chunks[0] == (shorter, 30)  # 30 tokens left: the shortest goes first
+    assert chunks[1] == (short, budget.fit_tokens(50.0 - budget.work(30, 10), 0))  # the rest of the half
+    ahead = budget.work(30, 10) + budget.work(chunks[1][1], 0)
+    assert chunks[2] == (long, budget.fit_tokens(100.0 - ahead, 500)) and 100.0 - ahead >= 50.0
+    assert len(chunks) == 3
+    small = 2 * budget.work(32, 0)  # newer prompts' half: one 32-token prompt whole
+    assert take_chunks([long, _row(32, 0), _row(32, 0)], small, budget)[0][1] == 32
+    assert take_chunks([long, _row(32, 0)], 1.0, budget)[-1] == (long, 1)  # the oldest still moves
+    assert take_chunks([long, short], None, budget) == [(long, 1500), (short, 32)]  # no budget: oldest first
+    echo = _row(300, 0, echo=True)
+    assert take_chunks([long, echo], 100.0, budget) == [(long, budget.fit_tokens(100.0, 500))]  # echo waits its turn
+
+
+def test_behind_a_long_prompt_short_ones_start_decoding_within_a_few_steps() -> None:
+    """A model of the engine's queue: 16 rows decode; a 2,000-token prompt arrives, then a 32-token prompt every 4
+    steps. Each short prompt is in within 3 steps (oldest first, each queued for the rest of the long prompt: up
+    to ~100 steps), and the long one takes at most twice the steps it takes alone."""
+    budget = _measured(KEY_COST)
+    allowed = budget.allowed(budget.decode_work([64] * 16))
+
+    def run(arrivals: int) -> tuple[int, int]:
+        waiting, steps, worst_wait, arrived = [_row(2000, 0)], 0, 0, {}
+        long = waiting[0]
+        while long.length < 2000:
+            if steps < arrivals and steps % 4 == 0:
+                waiting.append(_row(32, 0))
+                arrived[id(waiting[-1])] = steps
+            for row, tokens in take_chunks(waiting, allowed, budget):
+                row.length += tokens
+                if row.length == len(row.job.prompt_ids):
+                    waiting.remove(row)
+                    if row is not long:
+                        worst_wait = max(worst_wait, steps + 1 - arrived[id(row)])
+            steps += 1
+        return steps, worst_wait
+
+    alone, _ = run(0)
+    steps, worst_wait = run(1000)
+    assert worst_wait <= 3
+    assert steps <= 2 * alone + 1
