@@ -18,6 +18,7 @@ from .bankrows import LinearRows, RowOperands
 from .batch import accumulate, scatter_add
 from .functional import LayerSpec
 from .stacked import FactorBank, Slots
+from .stamp import versions_of
 
 __all__ = ["BankPass"]
 
@@ -66,8 +67,13 @@ class BankPass:
         operands = self._kept.get(row_major)
         if operands is None:
             if not self._kept:
+                params = self._parameters()
+                versions = versions_of(params)
+                if versions is None:  # writes to them cannot be seen: read every time
+                    self._forwards = 0
+                    return self._read(spec, row_major=False)
                 self._version = self.data._version
-                self._watched = [(p, p._version) for p in self._parameters()]
+                self._watched = list(zip(params, versions, strict=True))
             operands = self._kept[row_major] = self._read(spec, row_major)
         return operands
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from .batch import RowPlan
 from .functional import LayerSpec
 from .stacked import FactorBank, Slots
+from .stamp import versions_of
 
 __all__ = ["FoldCache", "Gather", "stamp"]
 
@@ -35,8 +36,11 @@ class _Entry:
 def stamp(gathers: tuple[Gather, ...], weight: Tensor, only: frozenset[str] | None = None) -> tuple[Any, ...] | None:
     """What folded weights of these adapters (those named in `only`, if given) were made from: the base weight's
     storage and version, inference mode, and each bank's `FactorBank.stamp` of the adapters. None when an adapter
-    has left its bank (nothing is kept)."""
-    parts: list[Any] = [weight.data_ptr(), weight._version, torch.is_inference_mode_enabled()]
+    has left its bank, or a version cannot be read (nothing is kept)."""
+    version = versions_of((weight,))
+    if version is None:
+        return None
+    parts: list[Any] = [weight.data_ptr(), version[0], torch.is_inference_mode_enabled()]
     for bank, data, slots, names in gathers:
         if only is not None:
             picked = [(slot, name) for slot, name in zip(slots, names, strict=True) if name in only]

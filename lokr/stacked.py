@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .bankrows import BankedAdapter, BankLayout, ScaleTally
 from .functional import Factors, LayerSpec, factored_cost
 from .growth import growing_in_place, resize_rows
-from .stamp import Same, Stamp
+from .stamp import Same, Stamp, versions_of
 
 __all__ = ["BankLayout", "BankedAdapter", "FactorBank", "LayerBanks", "Slots", "slot_nbytes"]
 
@@ -147,7 +147,12 @@ class FactorBank:
             full = self.data[:, offset : offset + math.prod(shape)].view(-1, *shape)
             rows = full.unbind(0) if 4 * len(names) > len(full) else full
             for name in names:
-                self.members[name]._parameters[pname].data = rows[self.slots[name]]  # type: ignore[union-attr]
+                params, row = self.members[name]._parameters, rows[self.slots[name]]
+                param = params[pname]
+                if param is not None and versions_of((param,)) is not None:
+                    param.data = row  # the same object: optimizers and hooks may hold it
+                else:  # made under inference mode it keeps no version counter, which views and caches need
+                    params[pname] = nn.Parameter(row, requires_grad=False)
 
     def _grow(self, capacity: int) -> None:
         """`capacity` rows; in place where the caller allows it (`lokr.growth`): members stay where they are."""
@@ -242,13 +247,17 @@ class FactorBank:
         return (Same(data), data._version, slots, versions, torch.is_inference_mode_enabled())
 
     def member_versions(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
-        """The version counters of `names`' parameters; None when one has left the bank since (no caching)."""
+        """The version counters of `names`' parameters; None when one has left the bank since or keeps no counter
+        (no caching)."""
         out: list[int] = []
         for name in names:
             member = self.members.get(name)
             if member is None:
                 return None
-            out.extend(p._version for p in member._parameters.values() if p is not None)
+            versions = versions_of(p for p in member._parameters.values() if p is not None)
+            if versions is None:
+                return None
+            out.extend(versions)
         return tuple(out)
 
     def factored_cost(self, spec: LayerSpec) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["Same", "Stamp"]
+from collections.abc import Iterable
+
+from torch import Tensor
+
+__all__ = ["Same", "Stamp", "versions_of"]
 
 Stamp = tuple[object, ...]  # e.g. `FactorBank.stamp`
 
@@ -20,3 +24,13 @@ class Same:
 
     def __hash__(self) -> int:
         return id(self.obj)
+
+
+def versions_of(tensors: Iterable[Tensor]) -> list[int] | None:
+    """The tensors' version counters (they move with every in-place write); None if one keeps none -- an inference
+    tensor, or a parameter made under inference mode even once it views ordinary storage: a result made from
+    it cannot be known to be current, so it is not kept."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return None
