@@ -1,4 +1,4 @@
-"""Tiny models and a model snapshot shared by the format and parser tests."""
+"""Tiny models and a model snapshot shared by the lokr tests."""
 
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.down_blocks = nn.ModuleList([Block(), Block()])
+
+
+def two_adapter_mlp(sizes: tuple[int, int, int] = (32, 48, 16)) -> nn.Sequential:
+    """`Linear(in, hidden) -> GELU -> Linear(hidden, out)` in eval mode (seed 0), LoKr adapters "a" and "b" (r=4,
+    random factors) on both Linear layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.GELU(), nn.Linear(sizes[1], sizes[2])).eval()
+    for name in ("a", "b"):
+        lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "2"], init_weights=False, r=4), name)
+    return model
 
 
 Snapshot = tuple[dict[str, torch.Tensor], list[tuple[str, type]], list[str]]

@@ -14,15 +14,9 @@ import lokr
 from lokr import plancache
 from lokr.bankpass import READ_EACH_TIME, BankPass
 
+from .nets import two_adapter_mlp
+
 ROWS = ["a", "b", "a", None]
-
-
-def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).eval()
-    for name in ("a", "b"):
-        lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "2"], init_weights=False, r=4), name)
-    return model
 
 
 def _block(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +48,7 @@ X_SHAPES = {"one row each": (4, 32), "five rows each": (4, 5, 32)}
 
 @pytest.mark.parametrize("shape", X_SHAPES.values(), ids=list(X_SHAPES))
 def test_a_kept_plan_reads_each_pass_once_more_then_never(shape: tuple[int, ...], reads: list[bool]) -> None:
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(shape)
     outs = [_block(model, x) for _ in range(READ_EACH_TIME)]  # each of the 2 layers' pass reads views, keeps nothing
     assert reads == [False, False] * READ_EACH_TIME
@@ -98,7 +92,7 @@ EDITS: dict[str, Callable[[nn.Module], None]] = {
 def test_a_write_after_operands_were_kept_is_read_by_the_next_block(
     shape: tuple[int, ...], edit: Callable[[nn.Module], None]
 ) -> None:
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(shape)
     for _ in range(READ_EACH_TIME):
         _block(model, x)
@@ -113,7 +107,7 @@ def test_a_write_after_operands_were_kept_is_read_by_the_next_block(
 @pytest.mark.parametrize("shape", X_SHAPES.values(), ids=list(X_SHAPES))
 def test_a_scale_set_inside_an_open_block_is_read_by_its_next_forward(shape: tuple[int, ...]) -> None:
     """The bank's own writes (a scale lives in its rows) are checked at every forward, not only as a block opens."""
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(shape)
     with torch.inference_mode(), lokr.adapter_batch(model, ROWS):  # type: ignore[arg-type]
         for _ in range(READ_EACH_TIME):

@@ -15,15 +15,8 @@ from torch import nn
 
 import lokr
 
+from .nets import two_adapter_mlp
 from .threads import run_in_threads
-
-
-def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).eval()
-    for name in ("a", "b"):
-        lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "2"], init_weights=False, r=4), name)
-    return model
 
 
 def _run(model: nn.Module, rows: list[object], x: torch.Tensor, fold: int, tokens: bool = False) -> torch.Tensor:
@@ -47,7 +40,7 @@ def _folds(model: nn.Module) -> list[int]:
 
 
 def test_one_adapter_batches_fold_once_and_stay_exact() -> None:
-    model = _net()
+    model = two_adapter_mlp((64, 96, 32))
     x = torch.randn(5, 3, 64)
     got = _run(model, ["a"] * 5, x, fold=1)
     torch.testing.assert_close(got, _dense(model, "a", x), rtol=1e-5, atol=1e-5)
@@ -66,7 +59,7 @@ def test_one_adapter_batches_fold_once_and_stay_exact() -> None:
     "rows", [["a", "b", "a"], ["a", None, "a"], [[("a", 0.5)]] * 3, [[("a", 1.0), ("b", 1.0)]] * 3]
 )
 def test_mixed_batches_the_cost_model_keeps_factored_keep_no_folds(rows: list[object]) -> None:
-    model = _net()
+    model = two_adapter_mlp((64, 96, 32))
     x = torch.randn(3, 2, 64)
     unfolded = _run(model, rows, x, fold=0)
     torch.testing.assert_close(_run(model, rows, x, fold=4), unfolded, rtol=0, atol=0)
@@ -160,7 +153,7 @@ def test_mixed_folds_see_a_changed_adapter(change: str, monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("change", ["in_place", "scale", "replace", "attach_over", "deleted"])
 def test_a_changed_adapter_is_folded_again(change: str) -> None:
-    model = _net()
+    model = two_adapter_mlp((64, 96, 32))
     x = torch.randn(4, 64)
     _run(model, ["a"] * 4, x, fold=2)
     layer = model[0]
@@ -184,7 +177,7 @@ def test_a_changed_adapter_is_folded_again(change: str) -> None:
 
 
 def test_tokens_select_per_position_of_a_packed_sequence() -> None:
-    model = _net()
+    model = two_adapter_mlp((64, 96, 32))
     rows: list[object] = ["a", None, "b", [("a", 0.5), ("b", 2.0)], "a"]
     x = torch.randn(len(rows), 64)
     per_row = _run(model, rows, x[:, None], fold=0)[:, 0]
@@ -197,7 +190,7 @@ def test_tokens_select_per_position_of_a_packed_sequence() -> None:
 def test_adapter_batch_walks_the_module_tree_only_after_lokr_rewraps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-step callers pay no module-tree walk: the layer list is cached until lokr wraps or unwraps a module."""
     inject_module = importlib.import_module("lokr.inject")  # `lokr.inject` is also a function
-    model = _net()
+    model = two_adapter_mlp((64, 96, 32))
     walks = []
     walk = inject_module.iter_lokr_layers
 

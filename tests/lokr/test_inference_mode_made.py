@@ -12,6 +12,8 @@ from torch import nn
 
 import lokr
 
+from .nets import two_adapter_mlp
+
 ROWS: dict[str, list[object]] = {
     "one adapter": ["a", "a", "a", "a"],
     "mixed": ["a", "b", None, "a"],
@@ -21,11 +23,7 @@ ROWS: dict[str, list[object]] = {
 
 def _model(inference: bool) -> nn.Sequential:
     with torch.inference_mode(inference):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).eval()
-        for name in ("a", "b"):
-            lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "2"], init_weights=False, r=4), name)
-    return model
+        return two_adapter_mlp()
 
 
 def _answers(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

@@ -18,13 +18,7 @@ import lokr
 from lokr import plancache
 from lokr.layer import LoKrLayer
 
-
-def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).eval()
-    for name in ("a", "b"):
-        lokr.inject(model, lokr.LoKrConfig(target_modules=["0", "2"], init_weights=False, r=4), name)
-    return model
+from .nets import two_adapter_mlp
 
 
 def _run(model: nn.Module, rows: list[object], x: torch.Tensor, fold: int = 0) -> tuple[torch.Tensor, object]:
@@ -57,7 +51,7 @@ ROWS: list[list[object]] = [["a", "b", None, "a"], [[("a", 0.5), ("b", 2.0)], "b
 
 @pytest.mark.parametrize("rows", ROWS, ids=["names", "scaled"])
 def test_the_same_rows_reuse_the_plan_and_prepare_nothing(rows: list[object], prepares: list[int]) -> None:
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(4, 3, 32)
     first, plan = _run(model, rows, x)
     assert len(prepares) == 2
@@ -70,7 +64,7 @@ def test_the_same_rows_reuse_the_plan_and_prepare_nothing(rows: list[object], pr
 
 
 def test_a_plan_open_in_one_block_is_not_shared_with_a_nested_one() -> None:
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(2, 32)
     with torch.inference_mode(), lokr.adapter_batch(model, ["a", "b"]) as outer:
         with lokr.adapter_batch(model, ["a", "b"]) as inner:
@@ -130,7 +124,7 @@ CHANGES = {  # what it does, and whether it changes the answer for rows that use
 @pytest.mark.parametrize("rows", [["a", "a", "a"], ["a", "b", None]], ids=["one adapter", "mixed"])
 def test_a_change_between_blocks_is_seen_by_the_next(rows: list[object], fold: int, change: tuple) -> None:
     apply, changes_answer = change
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(3, 32)
     before, _ = _run(model, rows, x, fold)
     apply(model)
@@ -143,7 +137,7 @@ def test_a_change_between_blocks_is_seen_by_the_next(rows: list[object], fold: i
 
 
 def test_a_hook_added_to_a_base_layer_runs_in_the_next_block() -> None:
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(3, 32)
     _run(model, ["a"] * 3, x, fold=2)  # one adapter on every row: the base op runs on a folded weight
     seen: list[int] = []
@@ -154,7 +148,7 @@ def test_a_hook_added_to_a_base_layer_runs_in_the_next_block() -> None:
 
 
 def test_deleting_an_adapter_frees_what_the_kept_plan_ran_on() -> None:
-    model = _net()
+    model = two_adapter_mlp()
     _run(model, ["a", "b"], torch.randn(2, 32))
     bank = model[0]._banks.bank_of("b")
     assert bank is not None
@@ -167,7 +161,7 @@ def test_deleting_an_adapter_frees_what_the_kept_plan_ran_on() -> None:
 
 
 def test_copies_and_pickles_of_a_model_carry_no_plan() -> None:
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(2, 32)
     want, _ = _run(model, ["a", "b"], x)
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
@@ -177,7 +171,7 @@ def test_copies_and_pickles_of_a_model_carry_no_plan() -> None:
 
 
 def test_a_model_that_goes_away_takes_its_plan_with_it() -> None:
-    model = _net()
+    model = two_adapter_mlp()
     _run(model, ["a", "b"], torch.randn(2, 32))
     gone = weakref.ref(model)
     del model
@@ -186,7 +180,7 @@ def test_a_model_that_goes_away_takes_its_plan_with_it() -> None:
 
 
 def test_rows_that_cannot_be_keys_are_planned_every_time() -> None:
-    model = _net()
+    model = two_adapter_mlp()
     x = torch.randn(2, 32)
     rows: list[object] = [[["a", 1.0]], [["b", {}]]]  # a pair holding a dict: no key; refused as a scale anyway
     with pytest.raises(lokr.ConfigError):
