@@ -125,22 +125,23 @@ def take_chunks(rows: Sequence[_Prefilling], work: float | None, budget: Prefill
     let them), the running batch does not drain while it goes in, and the long prompt still gets half of every
     step (two steps at most for each one it would take alone)."""
     if work is None or not rows or rows[0].job.params.echo:
-        return _oldest_first(rows, work, budget)
+        return _in_order(rows, work, budget)
     newer = sorted((r for r in rows[1:] if not r.job.params.echo), key=lambda r: _left_work(r, budget))
-    ahead = _oldest_first(newer, work / 2, budget, progress=False)
+    ahead = _in_order(newer, work / 2, budget, progress=False)
     work -= sum(budget.work(tokens, row.length) for row, tokens in ahead)
     taken = {id(row) for row, _ in ahead}
-    return ahead + _oldest_first([row for row in rows if id(row) not in taken], work, budget)
+    return ahead + _in_order([row for row in rows if id(row) not in taken], work, budget)
 
 
 def _left_work(row: _Prefilling, budget: PrefillBudget) -> float:
     return budget.work(len(row.job.prompt_ids) - row.length, row.length)
 
 
-def _oldest_first(
+def _in_order(
     rows: Sequence[_Prefilling], work: float | None, budget: PrefillBudget, progress: bool = True
 ) -> list[tuple[Any, int]]:
-    """Chunks in the order of `rows` while `work` lasts; with `progress` the first row takes at least one token."""
+    """Chunks in the order of `rows` (callers give oldest first, or shortest first) while `work` lasts; with
+    `progress` the first row takes at least one token."""
     chunks: list[tuple[Any, int]] = []
     tokens = budget.limit
     for row in rows:
