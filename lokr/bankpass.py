@@ -88,9 +88,8 @@ class BankPass:
         bank, slots = self.bank, self.slots
         kernel = LinearRows.of(bank.layout.parts, spec)
         common = bank.scales.common if slots.coeff is None else None
-        rows, index = self.data, slots.index
-        if index is None:
-            rows = rows[slots.slot : slots.slot + 1]
+        index = slots.index  # a gather is left to `operands`, which may take each factor from it directly
+        rows = self.data if index is not None else bank._rows(slots, self.data)
         return kernel.operands(rows, slots.coeff, common, index=index, row_major=row_major)
 
     def _parameters(self) -> list[Tensor]:
