@@ -149,6 +149,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         headers = getattr(exc, "headers", None)
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body"
+            return _json_error(HttpError(400, kind, "invalid_encoding", _not_utf8(exc.__cause__)))
         return _json_error(HttpError(exc.status_code, kind, f"http_{exc.status_code}", str(exc.detail), headers))
 
     async def on_error(_: Request, exc: Exception) -> JSONResponse:
@@ -173,6 +175,14 @@ def _describe_invalid(error: Mapping[str, Any]) -> str:
         return f"the request body is not valid JSON ({reason}{at})" if reason else f"the request body is not JSON{at}"
     where = ".".join(str(p) for p in loc if p != "body")
     return f"{where or 'body'}: {str(error.get('msg')).removeprefix('Value error, ')}"
+
+
+def _not_utf8(error: UnicodeDecodeError) -> str:
+    byte = error.object[error.start : error.start + 1].hex()
+    return (
+        f"the request body is not UTF-8 (byte 0x{byte} at offset {error.start}): JSON bodies must be UTF-8 encoded; "
+        "re-encode the text (e.g. from Latin-1 or UTF-16) before sending it"
+    )
 
 
 def _not_json(request: Request, exc: RequestValidationError) -> bool:

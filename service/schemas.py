@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "AdapterRef",
@@ -13,6 +13,7 @@ __all__ = [
     "CompletionRequest",
     "ErrorResponse",
     "LoadAdapterRequest",
+    "RequestBody",
     "StreamOptions",
     "VllmLoadRequest",
     "VllmUnloadRequest",
@@ -20,6 +21,39 @@ __all__ = [
 
 MAX_STOPS = 16  # OpenAI takes 4; vLLM any number. More than this is refused, never cut short.
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None
+
+
+def _unencodable(value: Any, path: str) -> str | None:
+    """Where in a decoded JSON `value` a string first holds a lone UTF-16 surrogate (JSON `"\\ud800"` decodes to
+    one; no tokenizer, stop-string match or UTF-8 response can carry it), as `path[i].key`; None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = _unencodable(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if where is not None:
+            return where
+    return None
+
+
+class RequestBody(BaseModel):
+    """Base of every JSON request body: text anywhere in it must be valid Unicode (no lone surrogates)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data: Any) -> Any:
+        where = _unencodable(data, "")
+        if where is not None:
+            raise ValueError(
+                f"`{where}` holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which is "
+                "not valid Unicode text; send the text as UTF-8, or escape characters outside the BMP as a full "
+                "surrogate pair"
+            )
+        return data
 
 
 class AdapterRef(BaseModel):
@@ -52,7 +86,7 @@ _NEUTRAL: dict[str, tuple[object, ...]] = {
 }
 
 
-class _Sampling(BaseModel):
+class _Sampling(RequestBody):
     model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="before")
@@ -91,9 +125,24 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, object]] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content: str | list[dict[str, object]] | None) -> str | list[dict[str, object]] | None:
+        """Content parts other than text (`image_url`, `input_audio`, `file`) are refused, never dropped: the model
+        would answer without them."""
+        for i, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                got = f"has type {kind!r}" if kind != "text" else "is a text part without a string `text`"
+                raise ValueError(
+                    f"part {i} {got}; this server serves a text model and takes only "
+                    '{"type": "text", "text": "..."} parts (or a plain string)'
+                )
+        return content
+
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+            return "".join(str(part["text"]) for part in self.content)
         return self.content or ""
 
 
@@ -105,19 +154,19 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0)
 
 
-class LoadAdapterRequest(BaseModel):
+class LoadAdapterRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=256)
     source: str = Field(min_length=1, max_length=4096)
 
 
-class VllmLoadRequest(BaseModel):
+class VllmLoadRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(max_length=256)
     lora_path: str = Field(min_length=1, max_length=4096)
 
 
-class VllmUnloadRequest(BaseModel):
+class VllmUnloadRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(max_length=256)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from ..schemas import AdapterRef
+from ..schemas import AdapterRef, RequestBody
 
 __all__ = ["ImageGenerationRequest", "Txt2ImgRequest"]
 
@@ -22,7 +22,7 @@ def _true_cfg_field() -> Any:
     )
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(RequestBody):
     """`POST /v1/images/generations`. OpenAI fields we cannot honour (quality, style) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
@@ -39,7 +39,7 @@ class ImageGenerationRequest(BaseModel):
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
 
 
-class Txt2ImgRequest(BaseModel):
+class Txt2ImgRequest(RequestBody):
     """`POST /sdapi/v1/txt2img` (AUTOMATIC1111). Prompt tags `<lora:NAME:WEIGHT>` select adapters."""
 
     model_config = ConfigDict(extra="ignore")

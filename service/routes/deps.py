@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
@@ -46,6 +47,7 @@ class Components:
     inference: Inference | None = None
     replica: str = field(default_factory=process_replica_id)  # sent as `x-lokr-replica`
     images: ImageFront | None = None  # an image pipeline's front (then `inference` is None)
+    created: int = field(default_factory=lambda: int(time.time()))  # the base model's `created` in /v1/models
     _unloads: anyio.CapacityLimiter | None = None
 
     def unload_limiter(self) -> anyio.CapacityLimiter:

@@ -14,7 +14,7 @@ from ..app import _install_error_handlers  # the single-process app's own handle
 from ..observe import ObserveMiddleware
 from ..routes.admin import _save_upload
 from ..routes.deps import AdminAuth, ApiAuth
-from ..routes.openai import _STREAMABLE
+from ..routes.openai import _STREAMABLE, card_named, model_card
 from ..schemas import (
     ERROR_RESPONSES,
     ChatRequest,
@@ -67,13 +67,19 @@ def _ops(ingress: LokrIngress) -> APIRouter:
 def _openai(ingress: LokrIngress) -> APIRouter:
     router = APIRouter(dependencies=[ApiAuth], tags=["openai"])
 
+    def cards() -> list[dict[str, Any]]:
+        base, created = ingress.settings.base_name, ingress.components.created
+        names = ingress.snapshot.names()
+        return [model_card(base, created, None), *(model_card(name, created, base) for name in names)]
+
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        base = ingress.settings.base_name
-        data = [{"id": base, "object": "model", "owned_by": "lokr-serve", "root": base, "parent": None}]
-        for name in ingress.snapshot.names():
-            data.append({"id": name, "object": "model", "owned_by": "lokr-serve", "root": name, "parent": base})
-        return {"object": "list", "data": data}
+        """The base model and every registered adapter (created: when this ingress started)."""
+        return {"object": "list", "data": cards()}
+
+    @router.get("/v1/models/{model_id}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        return card_named(cards(), model_id)
 
     @router.post("/v1/completions", response_model=None, responses=_STREAMABLE)
     async def completions(body: CompletionRequest, request: Request) -> StreamingResponse:

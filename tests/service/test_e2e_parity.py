@@ -139,8 +139,10 @@ def test_openai_client_completions_chat_and_streaming(server, client: httpx.Clie
 
     ensure_loaded(client, "alpha")
     oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    models = {m.id for m in oai.models.list().data}
-    assert {"tiny", "alpha"} <= models
+    models = {m.id: m for m in oai.models.list().data}
+    assert {"tiny", "alpha"} <= set(models)
+    assert oai.models.retrieve("alpha") == models["alpha"] and oai.models.retrieve("tiny") == models["tiny"]
+    assert oai.models.list().data[0].created == models["tiny"].created  # the base's: when the server started
 
     completion = oai.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=6, temperature=0)
     _, tokenizer = reference

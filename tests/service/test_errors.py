@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -96,6 +98,69 @@ def test_malformed_json_and_unknown_routes(client: httpx.Client) -> None:
     assert response.json()["error"]["message"].startswith("the request body is not valid JSON (")
     assert _status_and_shape(client.get("/v1/nothing-here")) == 404
     assert _status_and_shape(client.post("/v1/chat/completions", json={"model": "tiny", "messages": []})) == 400
+
+
+def test_a_body_that_is_not_utf8_is_400_saying_so(client: httpx.Client) -> None:
+    body = b'{"model": "tiny", "prompt": "caf\xe9", "max_tokens": 2}'  # Latin-1, not UTF-8
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert _status_and_shape(response) == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_encoding"
+    assert error["message"].startswith(f"the request body is not UTF-8 (byte 0xe9 at offset {body.index(0xE9)})")
+
+
+LONE = "the \ud800 sea"  # JSON's "\ud800" escape decodes to a lone surrogate: not encodable text
+LONE_SURROGATES = [
+    ("/v1/completions", {"prompt": LONE}, "prompt"),
+    ("/v1/completions", {"prompt": ["the sea", LONE]}, "prompt[1]"),
+    ("/v1/completions", {"prompt": "the sea", "stop": ["x", LONE]}, "stop[1]"),
+    ("/v1/completions", {"prompt": "the sea", "model": LONE}, "model"),
+    ("/v1/completions", {"prompt": "the sea", "adapters": [{"name": LONE}]}, "adapters[0].name"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+        "messages[1].content[0].text",
+    ),
+]
+
+
+@pytest.mark.parametrize(("route", "fields", "where"), LONE_SURROGATES)
+def test_lone_surrogates_are_400_naming_the_field(
+    client: httpx.Client, route: str, fields: dict[str, object], where: str
+) -> None:
+    """Before: the tokenizer raised (500) and the keep-alive connection broke for the next request."""
+    body = json.dumps({"model": "tiny", "max_tokens": 2, **fields})  # ASCII: the surrogate as a \\ud800 escape
+    response = client.post(route, content=body, headers={"content-type": "application/json"})
+    assert _status_and_shape(response) == 400
+    assert response.json()["error"]["message"].startswith(f"body: `{where}` holds a lone UTF-16 surrogate")
+    again = client.post("/v1/completions", json={"model": "tiny", "prompt": "the sea", "max_tokens": 1})
+    assert again.status_code == 200  # the same connection
+
+
+@pytest.mark.parametrize(
+    ("part", "got"),
+    [({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}, "has type 'image_url'"),
+     ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "has type 'input_audio'"),
+     ({"type": "text"}, "is a text part without a string `text`")],
+)  # fmt: skip
+def test_chat_parts_other_than_text_are_refused_not_dropped(
+    client: httpx.Client, part: dict[str, object], got: str
+) -> None:
+    content = [{"type": "text", "text": "what is in this picture?"}, part]
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+    response = client.post("/v1/chat/completions", json=body)
+    assert _status_and_shape(response) == 400
+    assert response.json()["error"]["message"].startswith(f"messages.0.content: part 1 {got}")
+
+
+def test_models_can_be_retrieved_one_by_one(client: httpx.Client) -> None:
+    ensure_loaded(client, "alpha")
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert client.get("/v1/models/alpha").json() == listed["alpha"]
+    assert client.get("/v1/models/tiny").json() == listed["tiny"] == client.get("/v1/models").json()["data"][0]
+    missing = client.get("/v1/models/nope")
+    assert _status_and_shape(missing) == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_oversized_body_is_413(client: httpx.Client) -> None:
