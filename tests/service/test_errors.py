@@ -119,7 +119,12 @@ LONE_SURROGATES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "user", "content": [{"type": "text", "text": LONE}]},
+            ]
+        },
         "messages[1].content[0].text",
     ),
 ]
