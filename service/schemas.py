@@ -103,7 +103,7 @@ class _Sampling(RequestBody):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: Stop = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, strict=True)  # the server's limit (LOKR_MAX_N) is checked per route, in one message
     stream: bool = False
     stream_options: StreamOptions | None = None
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
@@ -115,9 +115,9 @@ class _Sampling(RequestBody):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(None, ge=0, strict=True)  # None: 16, or what the context leaves
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, strict=True)
 
 
 class ChatMessage(BaseModel):
@@ -148,10 +148,10 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, strict=True)
 
 
 class LoadAdapterRequest(RequestBody):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -11,6 +12,9 @@ import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+
+import lokr
+from lokr.formats import PICKLE_SUFFIXES
 
 from ..errors import BadRequestError, PayloadTooLargeError
 from ..registry import Registry
@@ -57,10 +61,19 @@ async def upload_adapter(name: str, request: Request, c: Deps) -> dict[str, Any]
     try:
         source = await _save_upload(request, target, c.settings.max_upload_bytes)
         record = await run_in_threadpool(registry.load, name, source, owned_dir=target)
+    except lokr.LoKrError as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        exc.args = (_as_uploaded(str(exc), target),)  # the server's scratch path is none of the client's business
+        raise
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
     return record.to_dict()
+
+
+def _as_uploaded(message: str, target: Path) -> str:
+    """`message` with the upload's scratch paths (`target/file`, `target`) as the client named them."""
+    return message.replace(f"{target}{os.sep}", "uploaded ").replace(str(target), "the upload")
 
 
 @router.delete("/v1/adapters/{name}")
@@ -116,6 +129,12 @@ def _upload_problem(names: list[str]) -> str:
         "send multipart/form-data file parts (any field name, e.g. -F files=@adapter_config.json "
         "-F files=@adapter_model.safetensors) for a PEFT adapter, or one LyCORIS/kohya .safetensors file"
     )
+    pickled = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        return (
+            f"{pickled[0]} is a pickle checkpoint, and pickles are never opened (loading one runs its code); "
+            f"convert it to safetensors (safetensors.torch.save_file) and {expected}"
+        )
     if names == [_UPLOAD_NAMES[1]]:
         return f"a PEFT {_UPLOAD_NAMES[1]} needs its {_UPLOAD_NAMES[0]} in the same upload; {expected}"
     if names == [_UPLOAD_NAMES[0]]:

@@ -30,6 +30,7 @@ _STREAMABLE: dict[int | str, dict[str, Any]] = {
 
 
 _GONE = "its completions were"  # what a client that leaves has cancelled
+DEFAULT_MAX_TOKENS = 16  # completions without `max_tokens` (OpenAI's default)
 
 
 def _inference(c: Components) -> Inference:
@@ -82,10 +83,9 @@ async def completions(body: CompletionRequest, c: Deps, request: Request) -> dic
     request.scope["lokr_adapter"] = sel.label
     prompts = _prompts(inf, body.prompt)
     k = _logprobs_k(body.logprobs, c.settings.max_logprobs)
-    if body.n > c.settings.max_n:
-        raise BadRequestError(f"n must be <= {c.settings.max_n}", code="invalid_n")
+    _check_choices(len(prompts), body.n, c)
     params = SamplingParams(
-        max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+        max_tokens=body.max_tokens if body.max_tokens is not None else _default_max_tokens(inf, prompts),
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
@@ -117,6 +117,27 @@ def _prompts(inf: Inference, prompt: Any) -> list[list[int]]:
     if not items or len(items) > 64:
         raise BadRequestError("prompt must be a string, a list of 1-64 strings, or token ids", code="invalid_prompt")
     return [inf.tokenize(p) for p in items]
+
+
+def _default_max_tokens(inf: Inference, prompts: list[list[int]]) -> int:
+    """OpenAI's default of 16, cut to what the longest prompt leaves of the context (a prompt one token short of
+    the context gets 1, not a context-length error for a limit the client never set)."""
+    left = inf.lm.context_length - max(len(ids) for ids in prompts)
+    return min(DEFAULT_MAX_TOKENS, left) if left > 0 else DEFAULT_MAX_TOKENS
+
+
+def _check_choices(prompts: int, n: int, c: Components) -> None:
+    """`n` within the server's limit, and all `prompts x n` choices able to wait in the queue at once (else the
+    request could only ever get a 503, however often it is retried)."""
+    s = c.settings
+    if n > s.max_n:
+        raise BadRequestError(f"n must be <= {s.max_n} on this server (LOKR_MAX_N), got {n}", code="invalid_n")
+    if prompts * n > s.max_queue:
+        raise BadRequestError(
+            f"this request asks for {prompts * n} choices ({prompts} prompts x n={n}), more than the {s.max_queue} "
+            "the server queues at once (--max-queue); send fewer prompts per request or a smaller n",
+            code="invalid_n",
+        )
 
 
 def _logprobs_k(k: int | None, limit: int) -> int | None:
@@ -207,6 +228,9 @@ async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict
     sel = inf.select(body.model, body.adapters)
     request.scope["lokr_adapter"] = sel.label
     ids = _chat_prompt(inf, body)
+    _check_choices(1, body.n, c)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise BadRequestError("top_logprobs needs `logprobs: true`", code="invalid_logprobs")
     k = _logprobs_k(body.top_logprobs if body.logprobs else None, c.settings.max_logprobs)
     if body.logprobs and k is None:
         k = 0

@@ -59,6 +59,13 @@ def test_every_stop_string_counts_and_an_empty_prompt_is_invalid(client: httpx.C
     assert _status_and_shape(empty) == 400 and empty.json()["error"]["code"] == "invalid_prompt"
 
 
+def _minimal(route: str) -> dict[str, object]:
+    """The smallest valid body of a completions or chat route."""
+    if route == "/v1/completions":
+        return {"model": "tiny", "prompt": "the sea"}
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
 @pytest.mark.parametrize(
     ("route", "field", "value"),
     [("/v1/completions", "logit_bias", {"5": 100}), ("/v1/completions", "presence_penalty", 1.5),
@@ -70,11 +77,7 @@ def test_every_stop_string_counts_and_an_empty_prompt_is_invalid(client: httpx.C
 def test_sampling_fields_the_server_lacks_are_refused_not_ignored(
     client: httpx.Client, route: str, field: str, value: object
 ) -> None:
-    body: dict[str, object] = {"model": "tiny", "max_tokens": 2, field: value}
-    body.update(
-        {"prompt": "the sea"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
-    )
-    response = client.post(route, json=body)
+    response = client.post(route, json={**_minimal(route), "max_tokens": 2, field: value})
     assert _status_and_shape(response) == 400
     assert (
         response.json()["error"]["message"]
@@ -157,6 +160,40 @@ def test_chat_parts_other_than_text_are_refused_not_dropped(
     response = client.post("/v1/chat/completions", json=body)
     assert _status_and_shape(response) == 400
     assert response.json()["error"]["message"].startswith(f"messages.0.content: part 1 {got}")
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "message"),
+    [("/v1/completions", {"n": 17}, "n must be <= 16 on this server (LOKR_MAX_N), got 17"),
+     ("/v1/completions", {"n": 200}, "n must be <= 16 on this server (LOKR_MAX_N), got 200"),
+     ("/v1/chat/completions", {"n": 17}, "n must be <= 16 on this server (LOKR_MAX_N), got 17"),
+     ("/v1/completions", {"prompt": ["the sea"] * 64, "n": 16},
+      "this request asks for 1024 choices (64 prompts x n=16), more than the 256 the server queues at once"),
+     ("/v1/completions", {"max_tokens": "5"}, "max_tokens: Input should be a valid integer"),
+     ("/v1/completions", {"max_tokens": True}, "max_tokens: Input should be a valid integer"),
+     ("/v1/chat/completions", {"n": 2.0}, "n: Input should be a valid integer"),
+     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs needs `logprobs: true`")],
+)  # fmt: skip
+def test_limits_and_types_say_which_and_why(
+    client: httpx.Client, route: str, fields: dict[str, object], message: str
+) -> None:
+    """One message per limit (before: "n must be <= 16" or pydantic's "<= 128" by size, chat without limit; 64 x
+    16 choices a 503 that no retry could pass), and no number sent as text or bool taken as one."""
+    response = client.post(route, json={**_minimal(route), "max_tokens": 1, **fields})
+    assert _status_and_shape(response) == 400
+    assert response.json()["error"]["message"].startswith(message), response.json()
+
+
+def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(client: httpx.Client) -> None:
+    """The default of 16 is cut to the context (128 tokens here) instead of a context-length error."""
+    body = {"model": "tiny", "temperature": 0}
+    answer = client.post("/v1/completions", json={**body, "prompt": [5] * 127})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"] == {"prompt_tokens": 127, "completion_tokens": 1, "total_tokens": 128}
+    too_long = client.post("/v1/completions", json={**body, "prompt": [5] * 128})
+    assert _status_and_shape(too_long) == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    short = client.post("/v1/completions", json={**body, "prompt": [5] * 10}).json()
+    assert short["usage"]["completion_tokens"] == 16 or short["choices"][0]["finish_reason"] == "stop"
 
 
 def test_models_can_be_retrieved_one_by_one(client: httpx.Client) -> None:

@@ -217,11 +217,14 @@ def test_symlinked_parent_dir_escaping_the_root(client: httpx.Client, world: Wor
 def test_pickle_uploads_are_refused_unopened(client: httpx.Client, armed: tuple[bytes, Path]) -> None:
     payload, marker = armed
     before = _registry(client)
-    for filename in ("adapter.ckpt", "adapter.pt", "model.pth"):
+    for filename in ("adapter.ckpt", "adapter.pt", "model.pth", "adapter_model.bin"):
         files = [("files", (filename, payload, "application/octet-stream"))]
-        _error(client.put("/v1/adapters/pickled", files=files, headers=AUTH), 400)
+        message = _error(client.put("/v1/adapters/pickled", files=files, headers=AUTH), 400)["message"]
+        assert message.startswith(f"{filename} is a pickle checkpoint, and pickles are never opened"), message
     files = [("files", ("adapter.safetensors", payload, "application/octet-stream"))]
-    _error(client.put("/v1/adapters/pickled", files=files, headers=AUTH), 400)
+    message = _error(client.put("/v1/adapters/pickled", files=files, headers=AUTH), 400)["message"]
+    assert message.startswith("uploaded adapter.safetensors is not a valid safetensors file"), message
+    assert "lokr-serve-uploads" not in message and "pickled-" not in message  # no server scratch path
     assert _registry(client) == before
     assert not marker.exists()
 
