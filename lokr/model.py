@@ -147,6 +147,11 @@ class PreparedAttach:
     name: str
     adapters: dict[str, LoKrAdapter]  # module name -> its adapter
 
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes it will take on the model's device once attached (`AdapterInfo.device_nbytes`)."""
+        return sum(slot_nbytes(a) for a in self.adapters.values())
+
 
 def attach_adapter(
     model: nn.Module, parsed: ParsedAdapter, adapter_name: str, *, dtype: torch.dtype | None = None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .demo import DemoAssets
 
-__all__ = ["CHAT_PROMPT", "demo_banner", "demo_examples", "demo_vocabulary"]
+__all__ = ["CHAT_PROMPT", "PROMPTS_THAT_WORK", "demo_banner", "demo_examples", "demo_vocabulary"]
 
 CHAT_PROMPT = "the sea is"  # every word of every example prompt is in the demo's vocabulary
 SPECIALS = ("<unk>", "<pad>", "<s>", "</s>")
@@ -22,6 +22,9 @@ def demo_vocabulary(model_dir: Path) -> list[str]:
     return sorted(w for w in data["model"]["vocab"] if w not in SPECIALS)
 
 
+PROMPTS_THAT_WORK = ("the sea", "the garden", "in the kitchen", "my friend", "the boat")  # README lists them too
+
+
 def demo_banner(assets: DemoAssets) -> str:
     """What the demo serves, where its adapters live, and what its tiny vocabulary means for prompts."""
     words = demo_vocabulary(assets.model_dir)
@@ -31,7 +34,7 @@ def demo_banner(assets: DemoAssets) -> str:
   model dir:    {assets.model_dir}
   adapter root: {adapter_root} (admin loads by path read from here)
   vocabulary:   {len(words)} lower-case words; any other word becomes <unk> (a word the model never saw).
-                Prompts that work: "the sea", "the garden", "in the kitchen", "my friend".
+                Prompts that work: {", ".join(f'"{p}"' for p in PROMPTS_THAT_WORK)}.
                 Words: {sample}"""
 
 

@@ -30,6 +30,7 @@ from .engine import Engine
 from .errors import (
     AdapterBusyError,
     AdapterUnavailableError,
+    BadRequestError,
     ConflictError,
     NotFoundError,
     NotReadyError,
@@ -276,6 +277,7 @@ class Registry:
             self._records[name] = record  # LOADING: reserves the name, invisible
         try:
             prepared = run_in_scratch_thread(self._prepare, name, path)
+            self._check_fits_device(prepared)
             info = self.engine.call(partial(lokr.attach_prepared, prepared=prepared)).result()
         except BaseException:
             with self._cond:
@@ -288,6 +290,17 @@ class Registry:
         log.info("loaded adapter %s from %s (%d modules, %d bytes)", name, path, len(info.modules), info.nbytes)
         self._rebalance()
         return record
+
+    def _check_fits_device(self, prepared: lokr.PreparedAttach) -> None:
+        """An adapter larger than the whole device budget could only serve over budget, moved back and forth on
+        every request: refused, saying which limit to raise."""
+        limit = self.limits.device.nbytes
+        if 0 < limit < prepared.device_nbytes:
+            raise BadRequestError(
+                f"adapter {prepared.name!r} takes {prepared.device_nbytes} bytes on the device, more than the whole "
+                f"device tier's budget of {limit} bytes (--max-resident-bytes); raise it or load a smaller adapter",
+                code="adapter_too_large",
+            )
 
     def unload(self, name: str, timeout_s: float = 60.0) -> None:
         """Hide `name` from new requests, wait for its leases and any move in flight, then free it.

@@ -218,7 +218,7 @@ def test_demo_examples_are_pasteable() -> None:
 
 # ------------------------------------------------------------------------------------------ banner
 def test_banner_states_vocabulary_unk_and_adapter_root(built: demo.DemoAssets) -> None:
-    from service.demo_text import demo_vocabulary
+    from service.demo_text import PROMPTS_THAT_WORK, demo_vocabulary
 
     text = demo.demo_banner(built)
     words = demo_vocabulary(built.model_dir)
@@ -230,5 +230,8 @@ def test_banner_states_vocabulary_unk_and_adapter_root(built: demo.DemoAssets) -
     prompts = re.findall(r'"(?:prompt|content)": "([^"]+)"', examples) + re.findall(r'prompt="([^"]+)"', examples)
     prompts += re.findall(r'"([a-z ]+)"', text.split("Prompts that work:")[1].splitlines()[0])
     assert len(prompts) >= 6
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    listed = readme.split("Prompts that work:")[1].split(". It is built")[0]
+    assert re.findall(r"`([a-z ]+)`", listed) == list(PROMPTS_THAT_WORK)  # the README's list is the banner's
     for prompt in prompts:  # every suggested prompt is made of words the demo knows
         assert tokenizer.unk_token_id not in tokenizer(prompt)["input_ids"], prompt

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 import lokr
 from service.app import create_app
-from service.errors import NotFoundError
+from service.errors import BadRequestError, NotFoundError
 from service.jobs import Event, FinishEvent, Job, SamplingParams
 from service.lifecycle import Lease
 from service.routes.deps import Components
@@ -317,6 +317,21 @@ def test_the_device_tier_returns_to_its_budget_when_leases_end(world: World) -> 
         # release (alpha is then the only idle resident) or after (beta, used least recently)
         wait_until(lambda: sorted(s.tiers().values()) == ["device", "host"])
         assert s.complete("beta").status_code == 200
+
+
+def test_an_adapter_larger_than_the_device_budget_is_refused_saying_which_limit(world: World) -> None:
+    """It could only serve over budget, moved on and off the device on every request: refused, others kept."""
+    with serving(world) as s:
+        sizes = {name: s.registry.load(name, world.adapters[name]).device_nbytes for name in ("alpha", "beta")}
+    big, small = sorted(sizes, key=sizes.__getitem__, reverse=True)
+    assert sizes[small] < sizes[big]
+    with serving(world, max_resident_bytes=sizes[big] - 1) as s:
+        s.registry.load(small, world.adapters[small])
+        with pytest.raises(BadRequestError, match=r"more than the whole device tier's budget of \d+ bytes"):
+            s.registry.load(big, world.adapters[big])
+        assert [r.name for r in s.registry.records()] == [small] and s.complete(small).status_code == 200
+    with serving(world, max_resident_bytes=sizes[big]) as s:
+        s.registry.load(big, world.adapters[big])  # exactly the budget fits
 
 
 def test_an_unloaded_adapter_leaves_no_metrics_series(world: World) -> None:
