@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic_core import PydanticUndefined
@@ -155,14 +156,28 @@ def _serve(settings: Any, on_ready: Callable[[], None] | None = None) -> int:
         import lokr
 
         from .errors import ServiceError
+        from .scratch import run_in_scratch_thread
         from .server import serve
 
         try:
+            run_in_scratch_thread(_read_preloads, settings)  # see service.scratch
             return serve(settings, sock, on_ready)
         except (ServiceError, lokr.LoKrError) as exc:
             raise StartupError(str(exc)) from exc
     finally:
         sock.close()
+
+
+def _read_preloads(settings: Any) -> None:
+    """Read every `--adapter` file before the model loads (which may take minutes), so one that is not a LoKr
+    adapter (a LoRA, a pickle, NaN weights...) fails at once; whether it fits the model is checked after."""
+    import lokr
+
+    for name, source in settings.preload_pairs():
+        try:
+            lokr.read_adapter(Path(source).expanduser(), max_bytes=settings.max_adapter_bytes)
+        except lokr.LoKrError as exc:
+            raise StartupError(f"--adapter {name}={source}: {exc}") from exc
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -81,6 +81,20 @@ def test_bad_adapter_file_at_start_up_is_one_line(world: World, tmp_path: Path) 
     assert "not a valid safetensors file" in _one_error_line(proc)
 
 
+def test_an_adapter_that_is_not_lokr_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"not weights")  # loading it would fail with another error
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (lora / "adapter_model.safetensors").write_bytes(b"unread")
+    proc = _cli("serve", "--model", str(model), "--port", "0", "--adapter", f"l={lora}")
+    line = _one_error_line(proc)
+    assert line.startswith(f"lokr-serve: error: --adapter l={lora}: ") and "'LORA' adapter config" in line, line
+
+
 def test_an_adapter_name_given_twice_is_refused_before_the_model_loads(world: World) -> None:
     source = str(world.adapters["alpha"])
     proc = _cli(
