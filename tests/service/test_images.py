@@ -123,6 +123,8 @@ def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
         ("/v1/images/generations", {"prompt": "a", "model": "nope"}, 404, "model_not_found"),
         ("/v1/images/generations", {"prompt": "a", "response_format": "url"}, 400, "invalid_response_format"),
         ("/v1/images/generations", {"prompt": "a", "n": 99}, 400, "invalid_n"),
+        ("/v1/images/generations", {"prompt": "a \ud800 cat"}, 400, "invalid_request"),  # a lone surrogate
+        ("/sdapi/v1/txt2img", {"prompt": "a", "negative_prompt": "\udfff"}, 400, "invalid_request"),
         ("/sdapi/v1/txt2img", {"prompt": "<lora:nope:1> a"}, 404, "adapter_not_found"),
         ("/sdapi/v1/txt2img", {"prompt": "<lora:ink:x> a"}, 400, "invalid_lora_tag"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "width": 30, "height": 32}, 400, "invalid_size"),
@@ -132,7 +134,8 @@ def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
     ],
 )  # fmt: skip
 def test_bad_requests_are_4xx_in_one_shape(http: httpx.Client, path: str, body: dict, status: int, code: str) -> None:
-    response = http.post(path, json=body)
+    content = json.dumps(body)  # ASCII, lone surrogates as escapes (httpx's json= cannot encode them)
+    response = http.post(path, content=content, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and error["message"] and error["type"]
