@@ -30,7 +30,7 @@ from .lm import CausalLMBackend
 from .metrics import Metrics
 from .observe import ObserveMiddleware
 from .registry import Registry, TierLimits
-from .routes import admin, openai, ops
+from .routes import admin, models, openai, ops
 from .routes.deps import Components
 from .routes.docs import install_docs
 from .schemas import ERROR_RESPONSES
@@ -81,7 +81,7 @@ def create_app(
     install_docs(app)  # Swagger UI from the installed package: /docs works offline
     app.state.components = components
     app.state.loaded = loaded
-    for router in (ops.router, *image_routers(images), openai.router, admin.router):
+    for router in (ops.router, *image_routers(images), models.router, openai.router, admin.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     if settings.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"], allow_headers=["*"])

@@ -14,7 +14,8 @@ from ..app import _install_error_handlers  # the single-process app's own handle
 from ..observe import ObserveMiddleware
 from ..routes.admin import _save_upload
 from ..routes.deps import AdminAuth, ApiAuth
-from ..routes.openai import _STREAMABLE, card_named, model_card
+from ..routes.models import card_named, model_card
+from ..routes.openai import _STREAMABLE
 from ..schemas import (
     ERROR_RESPONSES,
     ChatRequest,
