@@ -181,8 +181,6 @@ def _read_preloads(settings: Any) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .backend import resolve_device
     from .demo import demo_banner, demo_examples, ensure_demo
     from .errors import ServiceError
