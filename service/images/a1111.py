@@ -1,4 +1,5 @@
-"""AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` (adapters as `<lora:NAME:WEIGHT>` tags), `GET /sdapi/v1/loras`."""
+"""AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` (adapters as `<lora:NAME:WEIGHT>` tags, `sampler_name`, `scheduler`),
+`GET /sdapi/v1/loras`, `/sdapi/v1/samplers`, `/sdapi/v1/schedulers`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..routes.deps import ApiAuth, Deps
 from .front import png_b64, seed_or_random
 from .routes import front
 from .rows import ImageSpec
+from .samplers import sampler_listing, schedule_listing
 from .schemas import Txt2ImgRequest
 
 __all__ = ["parse_lora_tags", "router"]
@@ -59,6 +61,7 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
         guidance_scale=body.cfg_scale,
         seed=seed,
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
+        sampler=images.sampler(body.sampler_name or body.sampler_index, body.scheduler),
     )
     count = body.batch_size * body.n_iter
     pictures = await images.generate(images.specs(spec, count), sel, lambda: until_disconnected(request))
@@ -69,8 +72,8 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
         "seed": seed, "all_seeds": seeds, "width": spec.width, "height": spec.height, "steps": spec.steps,
         "cfg_scale": spec.guidance_scale, "sd_model_name": c.settings.base_name,
         "loras": [{"name": n, "weight": w} for n, w in pairs],
-        "sampler_name": type(images.backend.loaded.pipe.scheduler).__name__,
     }  # fmt: skip
+    info["sampler_name"], info["scheduler"] = images.sampler_label(spec.sampler)
     return {"images": encoded, "parameters": body.model_dump(), "info": json.dumps(info)}
 
 
@@ -84,3 +87,16 @@ async def loras(c: Deps) -> list[dict[str, Any]]:
         for r in c.registry.records()
         if r.info is not None
     ]
+
+
+@router.get("/sdapi/v1/samplers")
+async def samplers(c: Deps) -> list[dict[str, Any]]:
+    """The samplers `sampler_name` takes on this pipeline, with their aliases and the diffusers class each is."""
+    loaded = front(c).backend.loaded
+    return await run_in_threadpool(sampler_listing, loaded.pipe.scheduler, loaded.ops.flow)
+
+
+@router.get("/sdapi/v1/schedulers")
+async def schedulers(c: Deps) -> list[dict[str, Any]]:
+    """The schedule types `scheduler` takes on this pipeline."""
+    return schedule_listing(front(c).backend.loaded.ops.flow)

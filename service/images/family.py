@@ -21,11 +21,12 @@ from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
 from .rows import Conditioning, ImageJob, ImageSpec, Row
+from .samplers import Sampler
 
 if TYPE_CHECKING:
     from .load import LoadedPipeline
 
-__all__ = ["DenoiserBatch", "Family", "StableDiffusion", "denoiser", "family_ops", "step_kwargs"]
+__all__ = ["DenoiserBatch", "Family", "StableDiffusion", "denoiser", "family_ops", "new_scheduler", "step_kwargs"]
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Family(ABC):
     """The per-family parts of serving a pipeline (stateless; one instance per family)."""
 
     denoiser = "unet"  # the pipeline attribute holding the denoiser
+    flow = False  # flow matching (Flux): one sampler, the pipeline's own (`samplers`)
 
     @abstractmethod
     def default_size(self, pipe: Any) -> tuple[int, int]:
@@ -73,6 +75,11 @@ class Family(ABC):
     @abstractmethod
     def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
         """Finished rows' latents (same size) as the VAE decodes them: `(B, C, h, w)`, unscaled, in its dtype."""
+
+
+def new_scheduler(base: Any, sampler: Sampler | None) -> Any:
+    """An image's own scheduler: `sampler`'s, or the pipeline's (`base`) class, from `base`'s config."""
+    return type(base).from_config(base.config) if sampler is None else sampler.make(base)
 
 
 def step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
@@ -153,7 +160,7 @@ class StableDiffusion(Family):
 
         assert job.spec is not None
         spec, pipe = job.spec, loaded.pipe
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler = new_scheduler(pipe.scheduler, spec.sampler)
         scheduler.set_timesteps(spec.steps, device=loaded.device)
         if self.xl and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)

@@ -35,6 +35,7 @@ class Flux(Family):
     """`FluxPipeline` rows: packed latents `(1, N, 4C)` with `N = (H/2f) * (W/2f)`; a negative row with true CFG."""
 
     denoiser = "transformer"
+    flow = True
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)

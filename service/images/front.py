@@ -19,6 +19,7 @@ from ..metrics import Metrics
 from ..registry import Registry
 from .backend import ImageBackend, check_spec
 from .rows import ImageJob, ImageSpec, random_seed
+from .samplers import Sampler, resolve
 
 __all__ = ["ImageFront", "png_b64", "seed_or_random"]
 
@@ -42,6 +43,18 @@ class ImageFront:
     def select(self, model: str | None, pairs: Sequence[tuple[str, float]]) -> Selection:
         """`model` = the base name (or None) or one adapter; `pairs` composes adapters on the base."""
         return select_adapters(model or self.base_name, pairs, set(self.registry.names()), self.base_name)
+
+    def sampler(self, name: str | None, schedule: str | None) -> Sampler | None:
+        """The sampler and schedule type a request names (None: the pipeline's own); a 400 for unknown ones."""
+        loaded = self.backend.loaded
+        return resolve(name, schedule, loaded.pipe.scheduler, loaded.ops.flow)
+
+    def sampler_label(self, sampler: Sampler | None) -> tuple[str, str]:
+        """`(sampler, schedule type)` as A1111's `info` reports them."""
+        if sampler is not None:
+            return sampler.name, sampler.schedule
+        loaded = self.backend.loaded
+        return ("Euler" if loaded.ops.flow else type(loaded.pipe.scheduler).__name__), "Automatic"
 
     def specs(self, spec: ImageSpec, n: int) -> list[ImageSpec]:
         """Image k of a request gets seed `seed + k` (a random seed when none is given); checked for 400s."""

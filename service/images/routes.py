@@ -57,6 +57,7 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
         guidance_scale=loaded.default_guidance if body.guidance_scale is None else body.guidance_scale,
         seed=seed_or_random(body.seed),
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
+        sampler=images.sampler(body.sampler, body.scheduler),
     )
     pictures = await images.generate(images.specs(spec, body.n), sel, lambda: until_disconnected(request))
     data = [{"b64_json": await run_in_threadpool(png_b64, p), "revised_prompt": None} for p in pictures]
@@ -81,6 +82,8 @@ async def not_a_language_model(c: Deps) -> None:
 @image_refusals.post("/v1/images/generations")
 @image_refusals.post("/sdapi/v1/txt2img")
 @image_refusals.get("/sdapi/v1/loras")
+@image_refusals.get("/sdapi/v1/samplers")
+@image_refusals.get("/sdapi/v1/schedulers")
 async def not_an_image_model(c: Deps) -> None:
     raise BadRequestError(
         f"{c.settings.base_name!r} is a causal language model: use /v1/completions or /v1/chat/completions",

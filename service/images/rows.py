@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..jobs import Job
 from .load import LoadedPipeline
+from .samplers import Sampler
 
 __all__ = ["Conditioning", "ImageJob", "ImageSpec", "Row", "start_row"]
 
@@ -26,6 +27,7 @@ class ImageSpec:
     guidance_scale: float
     seed: int
     true_cfg_scale: float = 1.0  # Flux: > 1 with a negative prompt runs true classifier-free guidance
+    sampler: Sampler | None = None  # None: the pipeline's own scheduler
 
 
 @dataclass

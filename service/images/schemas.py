@@ -11,6 +11,16 @@ from ..schemas import AdapterRef, RequestBody
 __all__ = ["ImageGenerationRequest", "Txt2ImgRequest"]
 
 
+def _sampler_field(what: str) -> Any:
+    return Field(None, max_length=64, description=what)
+
+
+_SAMPLER = (
+    'A1111\'s sampler name ("Euler a", "DPM++ 2M Karras") or a diffusers scheduler class; default: the pipeline\'s'
+)
+_SCHEDULE = 'A1111\'s schedule type ("karras", "exponential", "beta", "sgm_uniform", "simple"); default: automatic'
+
+
 def _true_cfg_field() -> Any:
     return Field(
         None,
@@ -37,6 +47,8 @@ class ImageGenerationRequest(RequestBody):
     true_cfg_scale: float | None = _true_cfg_field()
     seed: int | None = Field(None, ge=0, le=2**62)
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
+    sampler: str | None = _sampler_field(_SAMPLER)
+    scheduler: str | None = _sampler_field(_SCHEDULE)
 
 
 class Txt2ImgRequest(RequestBody):
@@ -53,3 +65,6 @@ class Txt2ImgRequest(RequestBody):
     height: int | None = Field(None, ge=1, le=16384)
     batch_size: int = Field(1, ge=1, le=128)
     n_iter: int = Field(1, ge=1, le=16)
+    sampler_name: str | None = _sampler_field(_SAMPLER)
+    sampler_index: str | None = _sampler_field("deprecated in A1111: sampler_name when that is not given")
+    scheduler: str | None = _sampler_field(_SCHEDULE)

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from service.backend import ModelLoadError
@@ -128,6 +129,11 @@ def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
         ("/sdapi/v1/txt2img", {"prompt": "<lora:nope:1> a"}, 404, "adapter_not_found"),
         ("/sdapi/v1/txt2img", {"prompt": "<lora:ink:x> a"}, 400, "invalid_lora_tag"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "width": 30, "height": 32}, 400, "invalid_size"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "sampler_name": "DPM fast"}, 400, "invalid_sampler"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "sampler_name": "Euler a", "scheduler": "karras"}, 400,
+         "invalid_scheduler"),
+        ("/v1/images/generations", {"prompt": "a", "sampler": "nope"}, 400, "invalid_sampler"),
+        ("/v1/images/generations", {"prompt": "a", "scheduler": "DDIMScheduler"}, 400, "invalid_scheduler"),
         ("/v1/completions", {"model": "tiny", "prompt": "a"}, 400, "wrong_model_kind"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}]}, 400,
          "wrong_model_kind"),
@@ -139,6 +145,30 @@ def test_bad_requests_are_4xx_in_one_shape(http: httpx.Client, path: str, body: 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and error["message"] and error["type"]
+
+
+def test_samplers_by_a1111_and_diffusers_names_give_diffusers_images(http: httpx.Client, image_world: World) -> None:
+    """Old-style "DPM++ 2M Karras", A1111 1.9's sampler + scheduler, and the OpenAI route's extension fields give
+    the same image: diffusers' with `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`."""
+    body = {"prompt": "a red cat", "steps": 3, "cfg_scale": 7.5, "seed": 9, "width": 32, "height": 32}
+    old = http.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "DPM++ 2M Karras"}).json()
+    new = http.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}).json()
+    info = json.loads(old["info"])
+    assert (info["sampler_name"], info["scheduler"]) == ("DPM++ 2M", "Karras")
+    (openai_route,) = generate(
+        http, prompt="a red cat", seed=9, guidance_scale=7.5, sampler="DPMSolverMultistepScheduler", scheduler="karras"
+    )
+    pipe = load(image_world.model_dir).pipe
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    want = reference_image(pipe, "a red cat", 9, guidance_scale=7.5)
+    for got in (png(old["images"][0]), png(new["images"][0]), openai_route):
+        assert_pixels_close(got, want)
+    default = http.post("/sdapi/v1/txt2img", json=body).json()
+    assert json.loads(default["info"])["sampler_name"] == "PNDMScheduler"  # none named: the pipeline's own
+    assert np.abs(png(default["images"][0]) - want).max() > 8
+    samplers = {s["name"]: s for s in http.get("/sdapi/v1/samplers").json()}
+    assert samplers["Euler a"]["options"]["diffusers"] == "EulerAncestralDiscreteScheduler"
+    assert "karras" in {s["name"] for s in http.get("/sdapi/v1/schedulers").json()}
 
 
 def test_a_huge_size_is_refused_for_its_size_not_its_form(http: httpx.Client) -> None:
@@ -168,7 +198,9 @@ def test_the_image_server_keeps_a_folded_copy_per_batch_image_by_default(image_s
 
 
 def test_causal_lm_server_refuses_image_routes(client: httpx.Client) -> None:
-    for method, path in [("POST", "/v1/images/generations"), ("POST", "/sdapi/v1/txt2img"), ("GET", "/sdapi/v1/loras")]:
+    routes = [("POST", "/v1/images/generations"), ("POST", "/sdapi/v1/txt2img"), ("GET", "/sdapi/v1/loras"),
+              ("GET", "/sdapi/v1/samplers"), ("GET", "/sdapi/v1/schedulers")]  # fmt: skip
+    for method, path in routes:
         response = client.request(method, path, json={"prompt": "a"} if method == "POST" else None)
         assert response.status_code == 400 and response.json()["error"]["code"] == "wrong_model_kind"
     assert {m["kind"] for m in client.get("/v1/models").json()["data"]} == {"causal-lm"}
