@@ -43,6 +43,7 @@ class AdapterRecord:
     name: str
     source: Path
     owned_dir: Path | None = None  # an upload dir deleted with the adapter
+    digest: str | None = None  # of the source's files as loaded (`sources.source_digest`): re-reads must match it
     info: lokr.AdapterInfo | None = None  # set once the first attach succeeded
     phase: Phase = Phase.LOADING
     tier: Tier = Tier.DEVICE

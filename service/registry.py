@@ -39,6 +39,7 @@ from .errors import (
 from .lifecycle import AdapterRecord, Lease, Phase, Tier
 from .metrics import Metrics
 from .scratch import run_in_scratch_thread
+from .sources import SourceChangedError, source_digest
 from .tiers import Slot, TierLimits, pick_victims
 
 __all__ = ["AdapterRecord", "Lease", "Registry", "TierLimits"]
@@ -186,7 +187,7 @@ class Registry:
             if host is not None:
                 info = self.engine.call(partial(_restore_on, offloaded=host)).result()
             else:
-                prepared = run_in_scratch_thread(self._prepare, record.name, record.source)
+                prepared, _ = run_in_scratch_thread(self._prepare, record.name, record.source, record.digest)
                 info = self.engine.call(partial(lokr.attach_prepared, prepared=prepared)).result()
         except BaseException as exc:
             log.warning("could not bring adapter %s back: %s", record.name, exc)
@@ -259,11 +260,19 @@ class Registry:
         return Slot(r.name, nbytes, r.last_used, movable)
 
     # ---------------------------------------------------------------------------------- load / unload
-    def _prepare(self, name: str, path: Path) -> lokr.PreparedAttach:
+    def _prepare(self, name: str, path: Path, digest: str | None = None) -> tuple[lokr.PreparedAttach, str]:
         """Off the engine thread: read the file, check every module against the model and build them; the engine
-        then only attaches (`lokr.attach_prepared`), between two steps."""
+        then only attaches (`lokr.attach_prepared`), between two steps. Returns the files' digest too; a re-read
+        whose files no longer match the `digest` they had at load fails (`SourceChangedError`)."""
         parsed = lokr.read_adapter(path, max_bytes=self.max_bytes)
-        return lokr.prepare_attach(self.engine.model, parsed, name, dtype=self.dtype)
+        prepared = lokr.prepare_attach(self.engine.model, parsed, name, dtype=self.dtype)
+        now = source_digest(path)
+        if digest is not None and now != digest:
+            raise SourceChangedError(
+                f"the files of adapter {name!r} ({path}) changed since it was loaded; the server will not serve other "
+                f"weights under the same name: DELETE /v1/adapters/{name} and load it again to serve the new files"
+            )
+        return prepared, now
 
     def load(self, name: str, path: Path, *, owned_dir: Path | None = None) -> AdapterRecord:
         """Read and validate on this thread, attach on the engine's; a failure leaves the registry as it was.
@@ -276,7 +285,7 @@ class Registry:
                 raise ConflictError(f"an adapter named {name!r} is already loaded or loading", code="adapter_exists")
             self._records[name] = record  # LOADING: reserves the name, invisible
         try:
-            prepared = run_in_scratch_thread(self._prepare, name, path)
+            prepared, digest = run_in_scratch_thread(self._prepare, name, path)
             self._check_fits_device(prepared)
             info = self.engine.call(partial(lokr.attach_prepared, prepared=prepared)).result()
         except BaseException:
@@ -285,7 +294,7 @@ class Registry:
             self.metrics.adapter_loads.labels("failure").inc()
             raise
         with self._cond:
-            record.info, record.phase, record.last_used = info, Phase.LIVE, next(self._tick)
+            record.info, record.phase, record.last_used, record.digest = info, Phase.LIVE, next(self._tick), digest
         self.metrics.adapter_loads.labels("success").inc()
         log.info("loaded adapter %s from %s (%d modules, %d bytes)", name, path, len(info.modules), info.nbytes)
         self._rebalance()

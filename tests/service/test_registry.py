@@ -378,6 +378,36 @@ def test_an_adapter_whose_file_is_gone_is_unavailable_not_a_bad_request(world: W
         assert s.complete("alpha").status_code == 200
 
 
+def test_an_adapter_whose_file_was_replaced_is_not_served_under_its_name(
+    world: World, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file copied over an evicted adapter's source is another adapter: bringing the old name back from disk must
+    not serve it (the same name would give other answers depending on evictions). A 503 with no path, a log line
+    saying what to do; the original files put back serve again, and a reload serves the new ones."""
+    import shutil
+
+    source = tmp_path / "alpha"
+    shutil.copytree(world.adapters["alpha"], source)
+    with serving(world, max_resident_adapters=1, max_host_adapters=0) as s:
+        s.registry.load("alpha", source)
+        want = s.complete("alpha").json()["choices"][0]["text"]
+        s.registry.load("beta", world.adapters["beta"])
+        assert s.tiers() == {"alpha": "disk", "beta": "device"}
+        shutil.copytree(source, tmp_path / "original")
+        shutil.copy(world.adapters["beta"] / "adapter_model.safetensors", source / "adapter_model.safetensors")
+        response = s.complete("alpha")
+        assert response.status_code == 503 and str(tmp_path) not in response.json()["error"]["message"]
+        assert "changed since it was loaded" in caplog.text and "DELETE /v1/adapters/alpha" in caplog.text
+        assert s.tiers()["alpha"] == "disk"
+        shutil.copy(tmp_path / "original" / "adapter_model.safetensors", source / "adapter_model.safetensors")
+        assert s.complete("alpha").json()["choices"][0]["text"] == want
+        shutil.rmtree(source)
+        shutil.copytree(world.adapters["beta"], source)
+        assert s.client.delete("/v1/adapters/alpha").status_code == 200
+        s.registry.load("alpha", source)
+        assert s.complete("alpha").json()["choices"][0]["text"] == s.complete("beta").json()["choices"][0]["text"]
+
+
 def test_unloads_waiting_on_busy_adapters_leave_the_shared_threads_free(world: World) -> None:
     """A DELETE waits (up to 60 s) for its adapter's leases on a thread: dozens of them must not hold every thread
     that loads, uploads and drains share (here that pool has one thread, and one DELETE waits)."""

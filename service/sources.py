@@ -1,0 +1,31 @@
+"""What an adapter was loaded from, as a digest of the files read, so a later re-read (a disk-tier miss) serves the
+same adapter or none: a file replaced after its load is a different adapter, to be loaded again on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from lokr.formats import CONFIG_NAME, WEIGHTS_NAME
+
+__all__ = ["SourceChangedError", "source_digest"]
+
+
+class SourceChangedError(Exception):
+    """An adapter's files changed since it was loaded. Raised on the registry's mover thread and logged there; the
+    request hears `adapter_unavailable` (503), which names no path."""
+
+
+def source_digest(source: Path) -> str:
+    """SHA-256 over the files `lokr.read_adapter(source)` reads: a `.safetensors` file, or a PEFT dir's config and
+    weights (each file's name and length go in too, so no two file sets share a digest)."""
+    files = [source / CONFIG_NAME, source / WEIGHTS_NAME] if source.is_dir() else [source]
+    if source.name in (CONFIG_NAME, WEIGHTS_NAME):
+        files = [source.parent / CONFIG_NAME, source.parent / WEIGHTS_NAME]
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            part = hashlib.file_digest(handle, "sha256").digest()
+        digest.update(f"{path.name}:{path.stat().st_size}:".encode())
+        digest.update(part)
+    return digest.hexdigest()
