@@ -48,7 +48,7 @@ from .keymap import is_pipeline, resolve_pipeline_modules
 from .layer import SUPPORTED_LAYERS, LoKrAdapter, LoKrLayer
 from .plancache import forget_plan, kept_plan
 from .stacked import slot_nbytes
-from .validate import validate_factors
+from .validate import validate_all
 
 __all__ = [
     "AdapterInfo",
@@ -167,11 +167,11 @@ def prepare_attach(
     nothing, so it may run off the thread that runs forwards and attaches (a server keeps that thread's work short)."""
     _check_new_name(model, adapter_name)
     resolved = _resolve_modules(model, parsed)
+    specs = {name: _layer_spec(get_submodule(model, name)) for name in resolved}
+    validate_all(parsed.source, ((name, w.tensors, specs[name]) for name, w in resolved.items()))
     adapters: dict[str, LoKrAdapter] = {}
     for name, weights in resolved.items():
-        module = get_submodule(model, name)
-        spec = module.spec if isinstance(module, LoKrLayer) else LayerSpec.from_module(module)
-        validate_factors(name, weights.tensors, spec)
+        module, spec = get_submodule(model, name), specs[name]
         weights.swapped = parsed.format == "peft" and spec.kind == "conv1d" and "lokr_w2" in weights.tensors
         base_weight: torch.Tensor = module.weight  # type: ignore[assignment]
         target_dtype = dtype or adapter_dtype(base_weight.dtype)
@@ -180,6 +180,10 @@ def prepare_attach(
         _check_scale(name, adapters[name].scale)
         adapters[name].origin = (parsed.format, parsed.source)
     return PreparedAttach(adapter_name, adapters)
+
+
+def _layer_spec(module: nn.Module) -> LayerSpec:
+    return module.spec if isinstance(module, LoKrLayer) else LayerSpec.from_module(module)
 
 
 def attach_prepared(model: nn.Module, prepared: PreparedAttach) -> AdapterInfo:

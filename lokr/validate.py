@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from .errors import (
 )
 from .functional import LayerSpec
 
-__all__ = ["validate_factors"]
+__all__ = ["validate_all", "validate_factors"]
 
 _W1_FORMS = ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
 _W2_FORMS = ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"}, {"lokr_t2", "lokr_w2_a", "lokr_w2_b"})
@@ -40,6 +41,28 @@ def validate_factors(module: str, tensors: dict[str, Tensor], spec: LayerSpec) -
             + (" (in_channels // groups)" if spec.groups > 1 else "")
             + "; was the adapter trained on another base model?"
         )
+
+
+_LISTED = 5  # shape mismatches named in one message
+
+
+def validate_all(source: str, modules: Iterable[tuple[str, dict[str, Tensor], LayerSpec]]) -> None:
+    """`validate_factors` on every `(module, tensors, spec)`; shape mismatches are gathered into one error naming
+    `source`, how many modules do not fit and the first few (an adapter made for another model fails on many)."""
+    mismatches, total = [], 0
+    for module, tensors, spec in modules:
+        total += 1
+        try:
+            validate_factors(module, tensors, spec)
+        except ShapeMismatchError as exc:
+            mismatches.append(str(exc).removesuffix("; was the adapter trained on another base model?"))
+    if not mismatches:
+        return
+    more = f"; and {len(mismatches) - _LISTED} more" if len(mismatches) > _LISTED else ""
+    raise ShapeMismatchError(
+        f"{source}: {len(mismatches)} of {total} modules do not fit this model's layers (was the adapter trained on "
+        f"another base model?): " + "; ".join(mismatches[:_LISTED]) + more
+    )
 
 
 def _check_structure(module: str, tensors: dict[str, Tensor]) -> None:

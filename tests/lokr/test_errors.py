@@ -116,3 +116,19 @@ def test_merge_into_non_finite_weights_is_a_non_finite_error() -> None:
 def test_layer_spec_of_an_unsupported_module() -> None:
     with pytest.raises(lokr.UnsupportedLayerError, match="Embedding"):
         LayerSpec.from_module(nn.Embedding(4, 4))
+
+
+def test_an_adapter_for_another_model_names_every_module_that_does_not_fit(tmp_path: Any) -> None:
+    """Saved from a wider MLP and loaded onto a narrower one: one error naming the file, how many modules do not fit
+    and each of them (not only the first), and nothing attached."""
+    from .nets import assert_unchanged, snapshot, two_adapter_mlp
+
+    lokr.save_adapter(two_adapter_mlp((32, 48, 16)), "a", tmp_path / "wide")
+    narrow = nn.Sequential(nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 16))
+    before = snapshot(narrow)
+    with pytest.raises(lokr.ShapeMismatchError) as caught:
+        lokr.load_adapter(narrow, tmp_path / "wide", "wide")
+    message = str(caught.value)
+    assert str(tmp_path / "wide") in message and "2 of 2 modules do not fit" in message
+    assert "0: factors give" in message and "2: factors give" in message and "another base model" in message
+    assert_unchanged(narrow, before)
