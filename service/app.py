@@ -123,7 +123,7 @@ def _start(c: Components, loaded: LoadedModel | LoadedPipeline) -> None:
         registry.load(name, Path(source).resolve())  # listed as absolute, like admin loads
     c.engine, c.registry = engine, registry
     if isinstance(backend, ImageBackend):
-        c.images = ImageFront(engine, backend, registry, c.metrics, s.base_name, s.max_n)
+        c.images = ImageFront(engine, backend, registry, c.metrics, s.base_name, s.max_n, s.max_queue)
     else:
         c.inference = Inference(engine, backend, registry, c.metrics, s.base_name)
     engine.start()
@@ -155,7 +155,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def on_error(_: Request, exc: Exception) -> JSONResponse:
         err = http_error_for(exc)
-        if err.status >= 500:
+        if err.status >= 500 and isinstance(exc, ServiceError) and err.status != 500:  # a state it answers for
+            log.warning("request refused (%d %s): %s", err.status, err.code, exc)  # shutting down, queue full...
+        elif err.status >= 500:  # a defect: its traceback
             log.error("request failed: %s", exc, exc_info=exc)
         return _json_error(err)
 

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from ..disconnect import until_disconnected
 from ..errors import BadRequestError
 from ..routes.deps import ApiAuth, Deps
-from .front import png_b64, seed_or_random
+from .front import A1111_NAMES, png_b64, seed_or_random
 from .routes import front
 from .rows import ImageSpec
 from .samplers import sampler_listing, schedule_listing
@@ -47,6 +47,12 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, Any]:
     """`batch_size * n_iter` images, seeds `seed, seed + 1, ...` (seed -1: random)."""
     images = front(c)
+    if body.enable_hr:
+        raise BadRequestError(
+            "enable_hr (the hires fix: a second img2img pass) is not served; ask for the final width and height "
+            "directly, or leave enable_hr out",
+            code="invalid_request",
+        )
     prompt, pairs = parse_lora_tags(body.prompt)
     sel = images.select(None, pairs)
     request.scope["lokr_adapter"] = sel.label
@@ -64,7 +70,7 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
         sampler=images.sampler(body.sampler_name or body.sampler_index, body.scheduler),
     )
     count = body.batch_size * body.n_iter
-    pictures = await images.generate(images.specs(spec, count), sel, lambda: until_disconnected(request))
+    pictures = await images.generate(images.specs(spec, count, A1111_NAMES), sel, lambda: until_disconnected(request))
     encoded = [await run_in_threadpool(png_b64, p) for p in pictures]
     seeds = [seed + k for k in range(count)]
     info = {
@@ -79,11 +85,12 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
 
 @router.get("/sdapi/v1/loras")
 async def loras(c: Deps) -> list[dict[str, Any]]:
-    """Every loaded adapter, as A1111 lists LoRA/LyCORIS files."""
+    """Every loaded adapter, as A1111 lists LoRA/LyCORIS files; `path` is the file's name only (the server's
+    directories are for the admin API, as in `/v1/adapters`' public listings)."""
     front(c)
     assert c.registry is not None
     return [
-        {"name": r.name, "alias": r.name, "path": str(r.source), "metadata": {"format": r.info.format}}
+        {"name": r.name, "alias": r.name, "path": r.source.name, "metadata": {"format": r.info.format}}
         for r in c.registry.records()
         if r.info is not None
     ]

@@ -28,9 +28,12 @@ MAX_PIXELS = 2048 * 2048
 MAX_STEPS = 200
 
 
-def check_spec(loaded: LoadedPipeline, spec: ImageSpec, max_pixels: int = MAX_PIXELS) -> None:
-    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), over `max_pixels`, bad step counts,
-    or what the pipeline's family cannot honour (Flux: a negative prompt)."""
+def check_spec(
+    loaded: LoadedPipeline, spec: ImageSpec, max_pixels: int = MAX_PIXELS, steps_field: str = "num_inference_steps"
+) -> None:
+    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), over `max_pixels`, bad step counts
+    (`steps_field`: what the request calls them), or what the pipeline's family cannot honour (Flux: a negative
+    prompt)."""
     unit = max(8, loaded.vae_scale_factor * 2)
     if spec.width % unit or spec.height % unit or spec.width < unit or spec.height < unit:
         raise BadRequestError(
@@ -45,7 +48,7 @@ def check_spec(loaded: LoadedPipeline, spec: ImageSpec, max_pixels: int = MAX_PI
             code="invalid_size",
         )
     if not 1 <= spec.steps <= MAX_STEPS:
-        raise BadRequestError(f"num_inference_steps must be in [1, {MAX_STEPS}]", code="invalid_steps")
+        raise BadRequestError(f"{steps_field} must be in [1, {MAX_STEPS}], got {spec.steps}", code="invalid_steps")
     loaded.ops.check(spec)
 
 

@@ -7,7 +7,7 @@ import base64
 import contextlib
 import io
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..disconnect import unless_gone
@@ -21,9 +21,21 @@ from .backend import ImageBackend, check_spec
 from .rows import ImageJob, ImageSpec, random_seed
 from .samplers import Sampler, resolve
 
-__all__ = ["ImageFront", "png_b64", "seed_or_random"]
+__all__ = ["A1111_NAMES", "OPENAI_NAMES", "FieldNames", "ImageFront", "png_b64", "seed_or_random"]
 
 Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """What a route calls the image count and the step count, for its 400s."""
+
+    n: str
+    steps: str
+
+
+OPENAI_NAMES = FieldNames("n", "num_inference_steps")
+A1111_NAMES = FieldNames("batch_size x n_iter", "steps")
 _NO_TOKENS = SamplingParams(max_tokens=0)
 
 
@@ -31,10 +43,17 @@ class ImageFront:
     """Turns validated image requests into one engine job per image and gathers the PNGs."""
 
     def __init__(
-        self, engine: Engine, backend: ImageBackend, registry: Registry, metrics: Metrics, base_name: str, max_n: int
+        self,
+        engine: Engine,
+        backend: ImageBackend,
+        registry: Registry,
+        metrics: Metrics,
+        base_name: str,
+        max_n: int,
+        max_queue: int,
     ) -> None:
         self.engine, self.backend, self.registry = engine, backend, registry
-        self.metrics, self.base_name, self.max_n = metrics, base_name, max_n
+        self.metrics, self.base_name, self.max_n, self.max_queue = metrics, base_name, max_n, max_queue
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -56,11 +75,17 @@ class ImageFront:
         loaded = self.backend.loaded
         return ("Euler" if loaded.ops.flow else type(loaded.pipe.scheduler).__name__), "Automatic"
 
-    def specs(self, spec: ImageSpec, n: int) -> list[ImageSpec]:
-        """Image k of a request gets seed `seed + k` (a random seed when none is given); checked for 400s."""
-        if not 1 <= n <= self.max_n:
-            raise BadRequestError(f"n must be in [1, {self.max_n}]", code="invalid_n")
-        check_spec(self.backend.loaded, spec, self.backend.max_pixels)
+    def specs(self, spec: ImageSpec, n: int, names: FieldNames = OPENAI_NAMES) -> list[ImageSpec]:
+        """Image k of a request gets seed `seed + k` (a random seed when none is given); checked for 400s, which
+        name the request's own fields (`names`). All `n` images must be able to wait in the queue at once (else
+        the request could only ever get a 503, however often it is retried)."""
+        limit = min(self.max_n, self.max_queue)
+        if not 1 <= n <= limit:
+            why = "LOKR_MAX_N" if limit == self.max_n else "--max-queue: the images the server queues at once"
+            raise BadRequestError(
+                f"{names.n} must be in [1, {limit}] on this server ({why}), got {n}", code="invalid_n"
+            )
+        check_spec(self.backend.loaded, spec, self.backend.max_pixels, names.steps)
         return [replace(spec, seed=spec.seed + k) for k in range(n)]
 
     async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:
@@ -94,10 +119,15 @@ class ImageFront:
             return holder[0].image
 
 
-def png_b64(image: Any) -> str:
-    """A PIL image as base64 PNG text."""
+def png_b64(image: Any, output_format: str = "png", compression: int | None = None) -> str:
+    """A PIL image as base64 text of a PNG (lossless), JPEG or WebP file; `compression` 0-100 is OpenAI's
+    `output_compression` (0: best quality; JPEG / WebP only, 100 - compression is their quality)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    if output_format == "png":
+        image.save(buf, format="PNG")
+    else:
+        quality = 100 - (compression if compression is not None else 25)  # PIL's default quality is 75
+        image.save(buf, format="JPEG" if output_format == "jpeg" else "WEBP", quality=quality)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -53,15 +53,20 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
         negative_prompt=body.negative_prompt,
         width=width,
         height=height,
-        steps=body.num_inference_steps or loaded.default_steps,
+        steps=loaded.default_steps if body.num_inference_steps is None else body.num_inference_steps,
         guidance_scale=loaded.default_guidance if body.guidance_scale is None else body.guidance_scale,
         seed=seed_or_random(body.seed),
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
         sampler=images.sampler(body.sampler, body.scheduler),
     )
-    pictures = await images.generate(images.specs(spec, body.n), sel, lambda: until_disconnected(request))
-    data = [{"b64_json": await run_in_threadpool(png_b64, p), "revised_prompt": None} for p in pictures]
-    return {"created": int(time.time()), "data": data}
+    specs = images.specs(spec, body.n)
+    pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
+    fmt, compression = body.output_format or "png", body.output_compression
+    data = [
+        {"b64_json": await run_in_threadpool(png_b64, p, fmt, compression), "revised_prompt": None, "seed": s.seed}
+        for p, s in zip(pictures, specs, strict=True)
+    ]  # `seed`, an extension: what reproduces each image (also when the request named none)
+    return {"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{width}x{height}"}
 
 
 # ------------------------------------------------------------------------------------------ wrong kind

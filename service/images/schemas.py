@@ -33,19 +33,22 @@ def _true_cfg_field() -> Any:
 
 
 class ImageGenerationRequest(RequestBody):
-    """`POST /v1/images/generations`. OpenAI fields we cannot honour (quality, style) are ignored."""
+    """`POST /v1/images/generations`. OpenAI fields that only describe their own models (quality, style,
+    background, moderation, user) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = Field(None, min_length=1, max_length=256)
     prompt: str = Field(min_length=1, max_length=4000)
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, strict=True)  # the server's limits are checked in one message (`ImageFront.specs`)
     size: str | None = Field(None, max_length=16, description='"WxH", e.g. "512x512"; default: the pipeline\'s')
     response_format: Literal["b64_json", "url"] | None = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] | None = "png"
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True)
     negative_prompt: str | None = Field(None, max_length=4000)
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    num_inference_steps: int | None = Field(None, strict=True)  # checked with the step limit's message
     guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
     true_cfg_scale: float | None = _true_cfg_field()
-    seed: int | None = Field(None, ge=0, le=2**62)
+    seed: int | None = Field(None, ge=0, le=2**62, strict=True)
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
     sampler: str | None = _sampler_field(_SAMPLER)
     scheduler: str | None = _sampler_field(_SCHEDULE)
@@ -57,14 +60,15 @@ class Txt2ImgRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     prompt: str = Field("", max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
-    steps: int = Field(20, ge=1, le=1000)
+    steps: int = Field(20, strict=True)
     cfg_scale: float = Field(7.0, ge=0, le=100, allow_inf_nan=False)
     true_cfg_scale: float | None = _true_cfg_field()  # an extension: Flux's true CFG (cfg_scale is its guidance)
-    seed: int = Field(-1, ge=-1, le=2**62)
-    width: int | None = Field(None, ge=1, le=16384)
-    height: int | None = Field(None, ge=1, le=16384)
-    batch_size: int = Field(1, ge=1, le=128)
-    n_iter: int = Field(1, ge=1, le=16)
+    seed: int = Field(-1, ge=-1, le=2**62, strict=True)
+    width: int | None = Field(None, ge=1, le=16384, strict=True)
+    height: int | None = Field(None, ge=1, le=16384, strict=True)
+    batch_size: int = Field(1, ge=1, strict=True)
+    n_iter: int = Field(1, ge=1, strict=True)
+    enable_hr: bool = Field(False, description="A1111's hires fix: not served (true is a 400)")
     sampler_name: str | None = _sampler_field(_SAMPLER)
     sampler_index: str | None = _sampler_field("deprecated in A1111: sampler_name when that is not given")
     scheduler: str | None = _sampler_field(_SCHEDULE)

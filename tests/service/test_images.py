@@ -105,7 +105,8 @@ def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
         assert_pixels_close(png(got), want)
     base = generate(http, prompt="a red cat", seed=3, guidance_scale=7.5)[0]
     assert np.abs(same[0] - base).max() > 8  # the tag's adapter was applied
-    assert [x["name"] for x in http.get("/sdapi/v1/loras").json()] == ["ink"]
+    loras = http.get("/sdapi/v1/loras").json()
+    assert [x["name"] for x in loras] == ["ink"] and loras[0]["path"] == "ink"  # no server directories
     models = http.get("/v1/models").json()["data"]
     assert {(m["id"], m["kind"]) for m in models} == {("tiny", "image"), ("ink", "image")}
 
@@ -116,7 +117,16 @@ def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
         ("/v1/images/generations", {"prompt": "a", "size": "33x32"}, 400, "invalid_size"),
         ("/v1/images/generations", {"prompt": "a", "size": "4096x4096"}, 400, "invalid_size"),
         ("/v1/images/generations", {"prompt": "a", "size": "big"}, 400, "invalid_size"),
-        ("/v1/images/generations", {"prompt": "a", "num_inference_steps": 0}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "num_inference_steps": 0}, 400, "invalid_steps"),
+        ("/v1/images/generations", {"prompt": "a", "num_inference_steps": 1001}, 400, "invalid_steps"),
+        ("/v1/images/generations", {"prompt": "a", "num_inference_steps": "2"}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "num_inference_steps": True}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "num_inference_steps": 2.0}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "n": "2"}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "seed": "1"}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "output_format": "gif"}, 400, "invalid_request"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "steps": "20"}, 400, "invalid_request"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_scale": 2}, 400, "invalid_request"),
         ("/v1/images/generations", {"prompt": "a", "num_inference_steps": 500}, 400, "invalid_steps"),
         ("/v1/images/generations", {"prompt": "a", "adapters": [{"name": "ink", "scale": 1e9}]}, 400,
          "invalid_request"),
@@ -169,6 +179,49 @@ def test_samplers_by_a1111_and_diffusers_names_give_diffusers_images(http: httpx
     samplers = {s["name"]: s for s in http.get("/sdapi/v1/samplers").json()}
     assert samplers["Euler a"]["options"]["diffusers"] == "EulerAncestralDiscreteScheduler"
     assert "karras" in {s["name"] for s in http.get("/sdapi/v1/schedulers").json()}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        ("/v1/images/generations", {"n": 17}, "n must be in [1, 16] on this server (LOKR_MAX_N), got 17"),
+        ("/v1/images/generations", {"n": 129}, "n must be in [1, 16] on this server (LOKR_MAX_N), got 129"),
+        ("/v1/images/generations", {"num_inference_steps": 1001}, "num_inference_steps must be in [1, 200], got 1001"),
+        ("/sdapi/v1/txt2img", {"steps": 1000}, "steps must be in [1, 200], got 1000"),
+        ("/sdapi/v1/txt2img", {"batch_size": 9, "n_iter": 2}, "batch_size x n_iter must be in [1, 16]"),
+    ],
+)  # fmt: skip
+def test_limits_are_one_message_in_the_routes_own_words(http: httpx.Client, path: str, body: dict, says: str) -> None:
+    response = http.post(path, json={"prompt": "a", **body})
+    assert response.status_code == 400 and says in response.json()["error"]["message"]
+
+
+def test_output_formats_and_the_seed_of_each_image(http: httpx.Client) -> None:
+    """OpenAI's `output_format` (png, jpeg, webp; `output_compression` for the lossy ones) and each image's `seed`,
+    which reproduces it, also when the request named none."""
+    body = {"model": "tiny", "prompt": "a red cat", "size": "32x32", "num_inference_steps": 2, "n": 2}
+    for fmt, pil in (("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")):
+        answer = http.post("/v1/images/generations", json={**body, "output_format": fmt, "output_compression": 10})
+        assert answer.status_code == 200 and answer.json()["output_format"] == fmt
+        for item in answer.json()["data"]:
+            assert Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).format == pil
+    data = http.post("/v1/images/generations", json=body).json()["data"]  # no seed: a random one per request
+    seed = data[0]["seed"]
+    assert data[1]["seed"] == seed + 1
+    again = http.post("/v1/images/generations", json={**body, "seed": seed}).json()["data"]
+    assert [d["b64_json"] for d in again] == [d["b64_json"] for d in data]
+
+
+def test_an_image_count_the_queue_cannot_hold_is_a_400_not_a_503() -> None:
+    """`n` images over `--max-queue` could only ever be refused as "queue full": a 400 naming the flag instead."""
+    from service.errors import BadRequestError
+    from service.images.front import A1111_NAMES, ImageFront
+    from service.images.rows import ImageSpec
+
+    images = ImageFront(None, None, None, None, "tiny", max_n=16, max_queue=2)  # type: ignore[arg-type]
+    spec = ImageSpec("a", None, 32, 32, 2, 7.5, 0)
+    with pytest.raises(BadRequestError, match=r"batch_size x n_iter must be in \[1, 2\] on this server \(--max-queue"):
+        images.specs(spec, 3, A1111_NAMES)
 
 
 def test_a_huge_size_is_refused_for_its_size_not_its_form(http: httpx.Client) -> None:
