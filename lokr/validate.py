@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .errors import (
     AdapterFormatError,
+    LoKrError,
     MissingKeysError,
     NonFiniteError,
     ShapeMismatchError,
@@ -48,7 +49,8 @@ _LISTED = 5  # shape mismatches named in one message
 
 def validate_all(source: str, modules: Iterable[tuple[str, dict[str, Tensor], LayerSpec]]) -> None:
     """`validate_factors` on every `(module, tensors, spec)`; shape mismatches are gathered into one error naming
-    `source`, how many modules do not fit and the first few (an adapter made for another model fails on many)."""
+    `source`, how many modules do not fit and the first few (an adapter made for another model fails on many); any
+    other defect raises at once, with `source` prefixed."""
     mismatches, total = [], 0
     for module, tensors, spec in modules:
         total += 1
@@ -56,6 +58,8 @@ def validate_all(source: str, modules: Iterable[tuple[str, dict[str, Tensor], La
             validate_factors(module, tensors, spec)
         except ShapeMismatchError as exc:
             mismatches.append(str(exc).removesuffix("; was the adapter trained on another base model?"))
+        except LoKrError as exc:  # NaN, a missing factor...: the first one, naming the file
+            raise type(exc)(f"{source}: {exc}") from None
     if not mismatches:
         return
     more = f"; and {len(mismatches) - _LISTED} more" if len(mismatches) > _LISTED else ""

@@ -132,3 +132,14 @@ def test_an_adapter_for_another_model_names_every_module_that_does_not_fit(tmp_p
     assert str(tmp_path / "wide") in message and "2 of 2 modules do not fit" in message
     assert "0: factors give" in message and "2: factors give" in message and "another base model" in message
     assert_unchanged(narrow, before)
+
+
+def test_a_broken_module_is_refused_naming_the_file(tmp_path: Any) -> None:
+    from .nets import two_adapter_mlp
+
+    model = two_adapter_mlp()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("adapters.a.lokr_w1")).fill_(float("nan"))
+    lokr.save_adapter(model, "a", tmp_path / "nan")
+    with pytest.raises(lokr.NonFiniteError, match=f"^{tmp_path / 'nan'}: .*NaN"):
+        lokr.load_adapter(nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)), tmp_path / "nan", "x")
