@@ -260,7 +260,7 @@ def test_files_are_read_and_checked_off_the_engine_thread(world: World, monkeypa
     import lokr.model
 
     threads: dict[str, list[str]] = {"validate": [], "attach": []}
-    real_validate, real_attach = lokr.model.validate_factors, lokr.attach_prepared
+    real_validate, real_attach = lokr.model.validate_all, lokr.attach_prepared
 
     def validate(*args: Any, **kwargs: Any) -> Any:
         threads["validate"].append(threading.current_thread().name)
@@ -270,7 +270,7 @@ def test_files_are_read_and_checked_off_the_engine_thread(world: World, monkeypa
         threads["attach"].append(threading.current_thread().name)
         return real_attach(*args, **kwargs)
 
-    monkeypatch.setattr(lokr.model, "validate_factors", validate)
+    monkeypatch.setattr(lokr.model, "validate_all", validate)
     monkeypatch.setattr(lokr, "attach_prepared", attach)
     with serving(world, max_resident_adapters=1, max_host_adapters=0) as s:
         s.registry.load("alpha", world.adapters["alpha"])
