@@ -1,5 +1,6 @@
 """AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` (adapters as `<lora:NAME:WEIGHT>` tags, `sampler_name`, `scheduler`),
-`GET /sdapi/v1/loras`, `/sdapi/v1/samplers`, `/sdapi/v1/schedulers`."""
+`GET /sdapi/v1/loras`, `/sdapi/v1/samplers`, `/sdapi/v1/schedulers`, and what clients read or set as they connect:
+`/sdapi/v1/sd-models`, `/sdapi/v1/options`."""
 
 from __future__ import annotations
 
@@ -107,3 +108,38 @@ async def samplers(c: Deps) -> list[dict[str, Any]]:
 async def schedulers(c: Deps) -> list[dict[str, Any]]:
     """The schedule types `scheduler` takes on this pipeline."""
     return schedule_listing(front(c).backend.loaded.ops.flow)
+
+
+@router.get("/sdapi/v1/sd-models")
+async def sd_models(c: Deps) -> list[dict[str, Any]]:
+    """The one checkpoint this server serves (clients list it before they pick one)."""
+    front(c)
+    name = c.settings.base_name
+    return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}]
+
+
+@router.get("/sdapi/v1/options")
+async def options(c: Deps) -> dict[str, Any]:
+    """The options a client reads at connect time: which checkpoint is loaded."""
+    front(c)
+    return {"sd_model_checkpoint": c.settings.base_name, "sd_checkpoint_hash": None}
+
+
+@router.post("/sdapi/v1/options")
+async def set_options(body: dict[str, Any], c: Deps) -> None:
+    """Choosing the checkpoint this server already serves is accepted (clients do so before generating); other
+    checkpoints, and options this server does not have, are 400s rather than silently ignored."""
+    front(c)
+    base = c.settings.base_name
+    wanted = body.get("sd_model_checkpoint", base)
+    if wanted != base:
+        raise BadRequestError(
+            f"this server serves one checkpoint, {base!r}; adapters are chosen per request (<lora:NAME:WEIGHT>)",
+            code="model_not_found",
+        )
+    others = sorted(k for k in body if k != "sd_model_checkpoint")
+    if others:
+        raise BadRequestError(
+            f"options not settable on this server: {', '.join(others[:10])}; only sd_model_checkpoint is",
+            code="invalid_request",
+        )

@@ -181,6 +181,17 @@ def test_samplers_by_a1111_and_diffusers_names_give_diffusers_images(http: httpx
     assert "karras" in {s["name"] for s in http.get("/sdapi/v1/schedulers").json()}
 
 
+def test_a1111_clients_connect_read_the_checkpoint_and_choose_it(http: httpx.Client) -> None:
+    """What A1111 clients do before generating: list checkpoints, read the options, set the one they want."""
+    assert [m["title"] for m in http.get("/sdapi/v1/sd-models").json()] == ["tiny"]
+    assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
+    assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}).status_code == 200
+    other = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl-base"})
+    assert other.status_code == 400 and "serves one checkpoint, 'tiny'" in other.json()["error"]["message"]
+    unknown = http.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
+    assert unknown.status_code == 400 and "CLIP_stop_at_last_layers" in unknown.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "says"),
     [
@@ -252,7 +263,8 @@ def test_the_image_server_keeps_a_folded_copy_per_batch_image_by_default(image_s
 
 def test_causal_lm_server_refuses_image_routes(client: httpx.Client) -> None:
     routes = [("POST", "/v1/images/generations"), ("POST", "/sdapi/v1/txt2img"), ("GET", "/sdapi/v1/loras"),
-              ("GET", "/sdapi/v1/samplers"), ("GET", "/sdapi/v1/schedulers")]  # fmt: skip
+              ("GET", "/sdapi/v1/samplers"), ("GET", "/sdapi/v1/schedulers"), ("GET", "/sdapi/v1/sd-models"),
+              ("GET", "/sdapi/v1/options"), ("POST", "/sdapi/v1/options")]  # fmt: skip
     for method, path in routes:
         response = client.request(method, path, json={"prompt": "a"} if method == "POST" else None)
         assert response.status_code == 400 and response.json()["error"]["code"] == "wrong_model_kind"
