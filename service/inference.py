@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from .lm import CausalLMBackend
 from .metrics import Metrics
 from .registry import Registry
 from .schemas import AdapterRef
+from .tokenbytes import TokenBytes
 
 __all__ = ["ChoiceResult", "Inference", "Launched", "Selection", "select_adapters"]
 
@@ -84,6 +86,11 @@ class Inference:
     @property
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
+
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes:
+        """Each token's own bytes (chat logprobs' `bytes`), read from the tokenizer's vocabulary once per token."""
+        return TokenBytes(self.lm.tokenizer)
 
     def select(self, model: str, adapters: Sequence[AdapterRef] | None) -> Selection:
         """`model` = an adapter or the base name; `adapters` composes on the base: `[(name, scale), ...]`."""

@@ -20,6 +20,7 @@ from ..errors import BadRequestError, http_error_for
 from ..inference import ChoiceResult, Inference
 from ..jobs import ErrorEvent, Event, FinishEvent, PromptEvent, SamplingParams, TokenEvent, TokenInfo
 from ..schemas import ChatRequest, CompletionRequest
+from ..tokenbytes import TokenBytes
 from .deps import ApiAuth, Components, Deps
 
 router = APIRouter(dependencies=[ApiAuth], tags=["openai"])
@@ -203,7 +204,7 @@ async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         launched = await inf.launch([ids], body.n, params, sel)
-        chunks = _chat_chunker(meta, k)
+        chunks = _chat_chunker(meta, k, inf.token_bytes)
         writer = _SseWriter(chunks, "chat.completion.chunk", meta, body.n, body.n, usage)
         return _sse(inf.batches(launched), writer, launched.cancel)
     results = await unless_gone(inf.run([ids], body.n, params, sel), partial(until_disconnected, request), _GONE)
@@ -211,7 +212,7 @@ async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict
         {
             "index": r.index,
             "message": {"role": "assistant", "content": r.text},
-            "logprobs": _chat_logprobs(r.token_infos) if k is not None else None,
+            "logprobs": _chat_logprobs(r.token_infos, inf.token_bytes) if k is not None else None,
             "finish_reason": r.finish_reason,
         }
         for r in results
@@ -234,16 +235,17 @@ def _chat_prompt(inf: Inference, body: ChatRequest) -> list[int]:
     return inf.tokenize(text, special=False)
 
 
-def _chat_logprobs(infos: list[TokenInfo]) -> dict[str, Any]:
-    """Chat logprobs: each token's text piece (spaces kept), its UTF-8 bytes, and its alternatives."""
+def _chat_logprobs(infos: list[TokenInfo], token_bytes: TokenBytes) -> dict[str, Any]:
+    """Chat logprobs: each token's text piece (spaces kept; "" for a token that ends inside a character), its own
+    UTF-8 bytes (those of a split character too), and its alternatives."""
 
     def entry(info: TokenInfo) -> dict[str, Any]:
-        return {"token": info.text, "logprob": _finite(info.logprob), "bytes": list(info.text.encode())}
+        return {"token": info.text, "logprob": _finite(info.logprob), "bytes": token_bytes.of(info.id, info.text)}
 
     return {"content": [{**entry(i), "top_logprobs": [entry(t) for t in i.top or []]} for i in infos]}
 
 
-def _chat_chunker(meta: dict[str, Any], k: int | None) -> _Chunker:
+def _chat_chunker(meta: dict[str, Any], k: int | None, token_bytes: TokenBytes) -> _Chunker:
     """Chat stream chunks: a choice's first event is preceded by its `role` chunk."""
     started: set[int] = set()
 
@@ -253,7 +255,7 @@ def _chat_chunker(meta: dict[str, Any], k: int | None) -> _Chunker:
             started.add(index)
             out.append(_chat_chunk(meta, index, {"role": "assistant", "content": ""}, None))
         if isinstance(event, TokenEvent):
-            logprobs = _chat_logprobs(event.tokens) if k is not None and event.tokens else None
+            logprobs = _chat_logprobs(event.tokens, token_bytes) if k is not None and event.tokens else None
             out.append(_chat_chunk(meta, index, {"content": event.text}, None, logprobs))
         elif isinstance(event, FinishEvent):
             out.append(_chat_chunk(meta, index, {"content": event.text} if event.text else {}, event.reason))

@@ -19,6 +19,8 @@ from service.app import create_app
 from service.backend import LoadedModel
 from service.demo import CHAT_TEMPLATE, build_tiny_llama, build_word_tokenizer
 from service.settings import Settings
+from service.textstream import PieceDecoder
+from service.tokenbytes import TokenBytes
 
 from .conftest import WORDS
 from .tokenizers_bpe import byte_level_bpe, metaspace_bpe
@@ -113,7 +115,38 @@ def test_chat_logprob_tokens_keep_their_spaces(clients: dict[str, TestClient], n
     choice = response.json()["choices"][0]
     content = choice["logprobs"]["content"]
     assert "".join(c["token"] for c in content) == choice["message"]["content"]
-    assert all(c["bytes"] == list(c["token"].encode()) and len(c["top_logprobs"]) == 3 for c in content)
+    assert all(len(c["top_logprobs"]) == 3 for c in content)
+    whole = [c for c in content if c["token"]]  # tokens ending inside a character have no text piece of their own
+    assert all(c["bytes"] == list(c["token"].encode()) for c in whole) or name != "word"
+
+
+@pytest.mark.parametrize("make", [byte_level_bpe, metaspace_bpe])
+def test_token_bytes_rebuild_characters_that_tokens_split(make: Any) -> None:
+    """Tokens of a text with multi-byte characters: each token's bytes are its own (not empty, not the whole
+    character), so they join into the text's bytes, as OpenAI's `bytes` promise."""
+    tokenizer = make()
+    text = "naïve café said 한국어 Ωμέγα ✓ 日本語 🙂"  # some characters the tokenizers never saw
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder, token_bytes = PieceDecoder(tokenizer), TokenBytes(tokenizer)
+    pieces = [decoder.push(i) for i in ids]
+    assert "" in pieces  # some token ends inside a character
+    joined = b"".join(bytes(token_bytes.of(i, p)) for i, p in zip(ids, pieces, strict=True))
+    assert joined.decode().lstrip() == text  # SentencePiece drops the first token's space when it decodes
+    assert all(token_bytes.of(i, p) for i, p in zip(ids, pieces, strict=True))
+
+
+@pytest.mark.parametrize("name", ["byte_level", "metaspace"])
+def test_chat_logprobs_give_split_tokens_their_bytes(clients: dict[str, TestClient], name: str) -> None:
+    """Sampled from a random model, some tokens end inside a character: their `token` is "" and their `bytes`
+    are theirs (empty before); alternatives carry bytes too."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "日本語 🙂"}], "max_tokens": 48}
+    split = 0
+    for seed in range(8):
+        body.update(temperature=1.0, seed=seed, logprobs=True, top_logprobs=2)
+        content = clients[name].post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
+        split += sum(1 for c in content if not c["token"] and c["bytes"])
+        assert all(alt["bytes"] for c in content for alt in c["top_logprobs"] if alt["token"])
+    assert split
 
 
 # ------------------------------------------------------------------------------------------ EOS
