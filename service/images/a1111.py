@@ -1,6 +1,6 @@
 """AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` (adapters as `<lora:NAME:WEIGHT>` tags, `sampler_name`, `scheduler`),
 `GET /sdapi/v1/loras`, `/sdapi/v1/samplers`, `/sdapi/v1/schedulers`, and what clients read or set as they connect:
-`/sdapi/v1/sd-models`, `/sdapi/v1/options`."""
+`/sdapi/v1/sd-models`, `/sdapi/v1/options`; `/sdapi/v1/progress`."""
 
 from __future__ import annotations
 
@@ -143,3 +143,16 @@ async def set_options(body: dict[str, Any], c: Deps) -> None:
             f"options not settable on this server: {', '.join(others[:10])}; only sd_model_checkpoint is",
             code="invalid_request",
         )
+
+
+@router.get("/sdapi/v1/progress")
+async def progress(c: Deps) -> dict[str, Any]:
+    """A1111's progress poll, for the whole server (as A1111's is): the share of denoiser forwards the running
+    images have done, and the seconds left estimated from recent steps. No preview image (`current_image`)."""
+    now = front(c).backend.progress()
+    state = {
+        "skipped": False, "interrupted": False, "job": "", "job_count": now.running + now.waiting,
+        "job_timestamp": "", "job_no": 0, "sampling_step": now.done, "sampling_steps": now.total,
+    }  # fmt: skip
+    share = now.done / now.total if now.total else 0.0
+    return {"progress": share, "eta_relative": now.eta_s, "state": state, "current_image": None, "textinfo": None}

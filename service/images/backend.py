@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from . import steps
 from .load import LoadedPipeline
 from .rows import ImageJob, ImageSpec, Row, start_row
 
-__all__ = ["MAX_PIXELS", "MAX_STEPS", "ImageBackend", "check_spec"]
+__all__ = ["MAX_PIXELS", "MAX_STEPS", "ImageBackend", "Progress", "check_spec"]
 
 log = logging.getLogger("lokr_serve.images")
 MAX_PIXELS = 2048 * 2048
@@ -52,6 +54,17 @@ def check_spec(
     loaded.ops.check(spec)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Images denoising and waiting to start, their forwards done and in all, and the seconds left estimated."""
+
+    running: int
+    waiting: int
+    done: int
+    total: int
+    eta_s: float
+
+
 class ImageBackend:
     """Up to `max_batch_size` images denoise together, each with its own scheduler and adapters.
 
@@ -74,6 +87,7 @@ class ImageBackend:
         self.max_pixels = max_pixels
         self._rows: list[Row] = []
         self._new: list[ImageJob] = []
+        self._step_s = 0.0  # a moving average of one step's seconds, for `progress`'s estimate
 
     @property
     def model(self) -> Any:
@@ -98,6 +112,7 @@ class ImageBackend:
     def step(self) -> None:
         """Admit new images, drop cancelled ones, one forward per size (and text length), decode and finish the
         done ones."""
+        started = time.perf_counter()
         self._admit()
         self._drop_cancelled()
         groups: dict[tuple[int, int, int], list[Row]] = defaultdict(list)
@@ -110,6 +125,17 @@ class ImageBackend:
             except Exception as exc:  # one group's forward (an out-of-memory size) fails only that group's images
                 self._fail_rows(rows, exc)
         self._finish_done()
+        took = time.perf_counter() - started
+        self._step_s = took if not self._step_s else 0.8 * self._step_s + 0.2 * took
+
+    def progress(self) -> Progress:
+        """What the running images have done: read from any thread (a snapshot of the rows; every row advances
+        one denoiser forward per step, so the longest left sets the estimate)."""
+        rows, waiting = list(self._rows), len(self._new)
+        done = sum(row.index for row in rows)
+        total = sum(len(row.scheduler.timesteps) for row in rows)
+        left = max((len(row.scheduler.timesteps) - row.index for row in rows), default=0)
+        return Progress(len(rows), waiting, done, total, left * self._step_s)
 
     def jobs(self) -> list[ImageJob]:
         return [row.job for row in self._rows] + self._new

@@ -92,6 +92,7 @@ async def not_a_language_model(c: Deps) -> None:
 @image_refusals.get("/sdapi/v1/sd-models")
 @image_refusals.get("/sdapi/v1/options")
 @image_refusals.post("/sdapi/v1/options")
+@image_refusals.get("/sdapi/v1/progress")
 async def not_an_image_model(c: Deps) -> None:
     raise BadRequestError(
         f"{c.settings.base_name!r} is a causal language model: use /v1/completions or /v1/chat/completions",

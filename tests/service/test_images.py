@@ -188,6 +188,8 @@ def test_a1111_clients_connect_read_the_checkpoint_and_choose_it(http: httpx.Cli
     assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}).status_code == 200
     other = http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl-base"})
     assert other.status_code == 400 and "serves one checkpoint, 'tiny'" in other.json()["error"]["message"]
+    idle = http.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
     unknown = http.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
     assert unknown.status_code == 400 and "CLIP_stop_at_last_layers" in unknown.json()["error"]["message"]
 
@@ -264,7 +266,7 @@ def test_the_image_server_keeps_a_folded_copy_per_batch_image_by_default(image_s
 def test_causal_lm_server_refuses_image_routes(client: httpx.Client) -> None:
     routes = [("POST", "/v1/images/generations"), ("POST", "/sdapi/v1/txt2img"), ("GET", "/sdapi/v1/loras"),
               ("GET", "/sdapi/v1/samplers"), ("GET", "/sdapi/v1/schedulers"), ("GET", "/sdapi/v1/sd-models"),
-              ("GET", "/sdapi/v1/options"), ("POST", "/sdapi/v1/options")]  # fmt: skip
+              ("GET", "/sdapi/v1/options"), ("POST", "/sdapi/v1/options"), ("GET", "/sdapi/v1/progress")]  # fmt: skip
     for method, path in routes:
         response = client.request(method, path, json={"prompt": "a"} if method == "POST" else None)
         assert response.status_code == 400 and response.json()["error"]["code"] == "wrong_model_kind"

@@ -125,3 +125,30 @@ def test_images_with_mixed_samplers_in_one_batch_equal_diffusers(sd_dir: Path, m
         assert_pixels_close(run.pixels(job), reference_image(ref, s.prompt, s.seed))
         images.append(run.pixels(job))
     assert len({im.tobytes() for im in images}) == len(images)  # each sampler made its own image
+
+
+def test_progress_counts_the_running_images_forwards(sd_dir: Path) -> None:
+    """What `/sdapi/v1/progress` reports: images waiting, then running with their forwards done of all, and an
+    estimate of the seconds left; nothing once they are done."""
+    from service.images.backend import ImageBackend
+    from service.images.rows import ImageJob
+    from service.metrics import Metrics
+
+    backend = ImageBackend(load(sd_dir), Metrics(), max_batch_size=4)
+    heun = resolve("Heun", None, backend.loaded.pipe.scheduler, flow=False)  # two forwards per step
+    jobs = [
+        ImageJob([], None, None, lambda _: None, spec=ImageSpec("a cat", None, 32, 32, 3, 7.5, 1)),  # type: ignore[arg-type]
+        ImageJob([], None, None, lambda _: None, spec=ImageSpec("a dog", None, 32, 32, 2, 7.5, 2, sampler=heun)),  # type: ignore[arg-type]
+    ]
+    for job in jobs:
+        assert backend.offer(job)
+    idle = backend.progress()
+    assert (idle.running, idle.waiting, idle.done, idle.total) == (0, 2, 0, 0)
+    backend.step()
+    now = backend.progress()
+    forwards = [len(row.scheduler.timesteps) for row in backend._rows]
+    assert sorted(forwards) == [3, 4]  # PNDM: 3 steps are 4 forwards (its first is repeated); Heun: 2 steps, 3
+    assert (now.running, now.waiting, now.done, now.total) == (2, 0, 2, sum(forwards)) and now.eta_s > 0
+    while backend.jobs():
+        backend.step()
+    assert backend.progress().total == 0 and all(job.image is not None for job in jobs)
