@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from ..disconnect import until_disconnected
 from ..errors import BadRequestError
 from ..routes.deps import ApiAuth, Deps
-from .front import A1111_NAMES, png_b64, seed_or_random
+from .front import A1111_NAMES, image_b64, seed_or_random
 from .routes import front
 from .rows import ImageSpec
 from .samplers import sampler_listing, schedule_listing
@@ -72,7 +72,7 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
     )
     count = body.batch_size * body.n_iter
     pictures = await images.generate(images.specs(spec, count, A1111_NAMES), sel, lambda: until_disconnected(request))
-    encoded = [await run_in_threadpool(png_b64, p) for p in pictures]
+    encoded = [await run_in_threadpool(image_b64, p) for p in pictures]
     seeds = [seed + k for k in range(count)]
     info = {
         "prompt": prompt, "all_prompts": [prompt] * count, "negative_prompt": body.negative_prompt,

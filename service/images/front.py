@@ -21,7 +21,7 @@ from .backend import ImageBackend, check_spec
 from .rows import ImageJob, ImageSpec, random_seed
 from .samplers import Sampler, resolve
 
-__all__ = ["A1111_NAMES", "OPENAI_NAMES", "FieldNames", "ImageFront", "png_b64", "seed_or_random"]
+__all__ = ["A1111_NAMES", "OPENAI_NAMES", "FieldNames", "ImageFront", "image_b64", "seed_or_random"]
 
 Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 
@@ -119,7 +119,7 @@ class ImageFront:
             return holder[0].image
 
 
-def png_b64(image: Any, output_format: str = "png", compression: int | None = None) -> str:
+def image_b64(image: Any, output_format: str = "png", compression: int | None = None) -> str:
     """A PIL image as base64 text of a PNG (lossless), JPEG or WebP file; `compression` 0-100 is OpenAI's
     `output_compression` (0: best quality; JPEG / WebP only, 100 - compression is their quality)."""
     buf = io.BytesIO()

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from ..disconnect import until_disconnected
 from ..errors import BadRequestError, NotReadyError
 from ..routes.deps import ApiAuth, Components, Deps
-from .front import ImageFront, png_b64, seed_or_random
+from .front import ImageFront, image_b64, seed_or_random
 from .rows import ImageSpec
 from .schemas import ImageGenerationRequest
 
@@ -63,7 +63,7 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
     pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
     fmt, compression = body.output_format or "png", body.output_compression
     data = [
-        {"b64_json": await run_in_threadpool(png_b64, p, fmt, compression), "revised_prompt": None, "seed": s.seed}
+        {"b64_json": await run_in_threadpool(image_b64, p, fmt, compression), "revised_prompt": None, "seed": s.seed}
         for p, s in zip(pictures, specs, strict=True)
     ]  # `seed`, an extension: what reproduces each image (also when the request named none)
     return {"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{width}x{height}"}

@@ -170,8 +170,10 @@ def _keys(entry: SamplerName) -> set[str]:
     return {entry.name.casefold(), entry.cls.casefold(), *(a.casefold() for a in entry.aliases)}
 
 
+@functools.lru_cache(maxsize=1024)
 def _check_fits(sampler: Sampler, base: Any) -> None:
-    """Each override is a setting of the class, and the class builds from this pipeline's config."""
+    """Each override is a setting of the class, and the class builds from this pipeline's config (`base`, the
+    pipeline's scheduler, which lives as long as the server: a fit is checked once, a refusal every time)."""
     cls = _scheduler_class(sampler.cls)
     accepted = set(inspect.signature(cls.__init__).parameters)
     for key, _ in sampler.overrides:
