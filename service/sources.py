@@ -19,9 +19,8 @@ class SourceChangedError(Exception):
 def source_digest(source: Path) -> str:
     """SHA-256 over the files `lokr.read_adapter(source)` reads: a `.safetensors` file, or a PEFT dir's config and
     weights (each file's name and length go in too, so no two file sets share a digest)."""
-    files = [source / CONFIG_NAME, source / WEIGHTS_NAME] if source.is_dir() else [source]
-    if source.name in (CONFIG_NAME, WEIGHTS_NAME):
-        files = [source.parent / CONFIG_NAME, source.parent / WEIGHTS_NAME]
+    folder = source.parent if source.name in (CONFIG_NAME, WEIGHTS_NAME) else source if source.is_dir() else None
+    files = [source] if folder is None else [folder / CONFIG_NAME, folder / WEIGHTS_NAME]
     digest = hashlib.sha256()
     for path in files:
         with path.open("rb") as handle:

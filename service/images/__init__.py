@@ -20,4 +20,4 @@ def routers(images: bool) -> list[Any]:
 
     if images:
         return [routes.lm_refusals, routes.router, a1111.router]
-    return [routes.image_refusals]
+    return [routes.refusals_of(routes.router, a1111.router)]

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 
 from ..disconnect import until_disconnected
 from ..errors import BadRequestError, NotReadyError
@@ -16,7 +17,7 @@ from .front import ImageFront, image_b64, seed_or_random
 from .rows import ImageSpec
 from .schemas import ImageGenerationRequest
 
-__all__ = ["image_refusals", "lm_refusals", "router"]
+__all__ = ["lm_refusals", "refusals_of", "router"]
 
 router = APIRouter(dependencies=[ApiAuth], tags=["images"])
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -72,7 +73,6 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
 # ------------------------------------------------------------------------------------------ wrong kind
 # behind the same key as the routes they stand for: an unauthenticated caller learns nothing of the model
 lm_refusals = APIRouter(dependencies=[ApiAuth], tags=["images"], include_in_schema=False)
-image_refusals = APIRouter(dependencies=[ApiAuth], tags=["openai"], include_in_schema=False)
 
 
 @lm_refusals.post("/v1/completions")
@@ -84,17 +84,19 @@ async def not_a_language_model(c: Deps) -> None:
     )
 
 
-@image_refusals.post("/v1/images/generations")
-@image_refusals.post("/sdapi/v1/txt2img")
-@image_refusals.get("/sdapi/v1/loras")
-@image_refusals.get("/sdapi/v1/samplers")
-@image_refusals.get("/sdapi/v1/schedulers")
-@image_refusals.get("/sdapi/v1/sd-models")
-@image_refusals.get("/sdapi/v1/options")
-@image_refusals.post("/sdapi/v1/options")
-@image_refusals.get("/sdapi/v1/progress")
 async def not_an_image_model(c: Deps) -> None:
     raise BadRequestError(
         f"{c.settings.base_name!r} is a causal language model: use /v1/completions or /v1/chat/completions",
         code="wrong_model_kind",
     )
+
+
+def refusals_of(*routers: APIRouter) -> APIRouter:
+    """A 400 `wrong_model_kind` at every path and method of `routers` (the image APIs, on a causal-LM server):
+    derived from them, so a new image route is refused there without being listed twice."""
+    refusals = APIRouter(dependencies=[ApiAuth], tags=["openai"], include_in_schema=False)
+    for router_ in routers:
+        for route in router_.routes:
+            if isinstance(route, APIRoute):
+                refusals.add_api_route(route.path, not_an_image_model, methods=sorted(route.methods or ()))
+    return refusals
