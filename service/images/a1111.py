@@ -1,6 +1,6 @@
-"""AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` (adapters as `<lora:NAME:WEIGHT>` tags, `sampler_name`, `scheduler`),
-`GET /sdapi/v1/loras`, `/sdapi/v1/samplers`, `/sdapi/v1/schedulers`, and what clients read or set as they connect:
-`/sdapi/v1/sd-models`, `/sdapi/v1/options`; `/sdapi/v1/progress`."""
+"""AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` and `/sdapi/v1/img2img` (adapters as `<lora:NAME:WEIGHT>` tags,
+`sampler_name`, `scheduler`), `GET /sdapi/v1/loras`, `/sdapi/v1/samplers`, `/sdapi/v1/schedulers`, and what clients
+read or set as they connect: `/sdapi/v1/sd-models`, `/sdapi/v1/options`; `/sdapi/v1/progress`."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from ..disconnect import until_disconnected
 from ..errors import BadRequestError
-from ..routes.deps import ApiAuth, Deps
+from ..routes.deps import ApiAuth, Components, Deps
 from .front import A1111_NAMES, image_b64, seed_or_random
+from .init_image import decode_b64
 from .routes import front
 from .rows import ImageSpec
 from .samplers import sampler_listing, schedule_listing
-from .schemas import Txt2ImgRequest
+from .schemas import A1111Request, Img2ImgRequest, Txt2ImgRequest
 
 __all__ = ["parse_lora_tags", "router"]
 
@@ -54,34 +55,79 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
             "directly, or leave enable_hr out",
             code="invalid_request",
         )
+    width, height = images.default_size
+    return await _generate(body, c, request, (body.width or width, body.height or height), body.batch_size)
+
+
+@router.post("/sdapi/v1/img2img")
+async def img2img(body: Img2ImgRequest, c: Deps, request: Request) -> dict[str, Any]:
+    """Images that start from `init_images` (`denoising_strength`: the share of the schedule run, as diffusers'
+    img2img `strength`); sized as asked (the image stretched) or as the first image."""
+    images = front(c)
+    if body.mask is not None:
+        raise BadRequestError("inpainting (a mask) is not served; leave mask out for img2img", code="invalid_request")
+    if body.resize_mode != 0:
+        raise BadRequestError(
+            f"resize_mode {body.resize_mode} is not served; 0 (just resize: the image stretched to width x height) is",
+            code="invalid_request",
+        )
+    if len(body.init_images) > 1 and body.batch_size < len(body.init_images):
+        raise BadRequestError(
+            f"{len(body.init_images)} init_images for batch_size {body.batch_size}: send one image (it serves the "
+            "whole batch) or at most batch_size",
+            code="invalid_request",
+        )
+    files = [(f"init_images[{i}]", decode_b64(text, f"init_images[{i}]")) for i, text in enumerate(body.init_images)]
+    starts = await run_in_threadpool(images.starting_images, files)
+    size = images.output_size(starts[0], body.width, body.height)
+    batch = body.batch_size if len(starts) == 1 else len(starts)
+    return await _generate(body, c, request, size, batch, (starts, body.denoising_strength))
+
+
+async def _generate(
+    body: A1111Request,
+    c: Components,
+    request: Request,
+    size: tuple[int, int],
+    batch: int,
+    start: tuple[list[Any], float] | None = None,
+) -> dict[str, Any]:
+    """`batch * n_iter` images of `size`, seeds `seed, seed + 1, ...`; from `start` = (images, strength) when
+    given, image k from `images[k % len]`. A1111's answer: base64 PNGs, the body, and `info` as JSON text."""
+    images = front(c)
     prompt, pairs = parse_lora_tags(body.prompt)
     sel = images.select(None, pairs)
     request.scope["lokr_adapter"] = sel.label
-    width, height = images.default_size
     seed = seed_or_random(body.seed)
     spec = ImageSpec(
         prompt=prompt,
         negative_prompt=body.negative_prompt,
-        width=body.width or width,
-        height=body.height or height,
+        width=size[0],
+        height=size[1],
         steps=body.steps,
         guidance_scale=body.cfg_scale,
         seed=seed,
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
         sampler=images.sampler(body.sampler_name or body.sampler_index, body.scheduler),
+        strength=1.0 if start is None else start[1],
     )
-    count = body.batch_size * body.n_iter
-    pictures = await images.generate(images.specs(spec, count, A1111_NAMES), sel, lambda: until_disconnected(request))
+    count = batch * body.n_iter
+    specs = images.specs(spec, count, A1111_NAMES)
+    if start is not None:
+        specs = await run_in_threadpool(images.starting_from, specs, start[0])
+    pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
     encoded = [await run_in_threadpool(image_b64, p) for p in pictures]
-    seeds = [seed + k for k in range(count)]
     info = {
         "prompt": prompt, "all_prompts": [prompt] * count, "negative_prompt": body.negative_prompt,
-        "seed": seed, "all_seeds": seeds, "width": spec.width, "height": spec.height, "steps": spec.steps,
-        "cfg_scale": spec.guidance_scale, "sd_model_name": c.settings.base_name,
+        "seed": seed, "all_seeds": [s.seed for s in specs], "width": spec.width, "height": spec.height,
+        "steps": spec.steps, "cfg_scale": spec.guidance_scale, "sd_model_name": c.settings.base_name,
         "loras": [{"name": n, "weight": w} for n, w in pairs],
     }  # fmt: skip
+    if start is not None:
+        info["denoising_strength"] = spec.strength
     info["sampler_name"], info["scheduler"] = images.sampler_label(spec.sampler)
-    return {"images": encoded, "parameters": body.model_dump(), "info": json.dumps(info)}
+    parameters = body.model_dump(exclude={"init_images"})  # A1111 leaves the images out of `parameters` too
+    return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
 
 
 @router.get("/sdapi/v1/loras")

@@ -23,20 +23,41 @@ from . import steps
 from .load import LoadedPipeline
 from .rows import ImageJob, ImageSpec, Row, start_row
 
-__all__ = ["MAX_PIXELS", "MAX_STEPS", "ImageBackend", "Progress", "check_spec"]
+__all__ = [
+    "A1111_NAMES", "MAX_PIXELS", "MAX_STEPS", "OPENAI_NAMES", "FieldNames", "ImageBackend", "Progress", "check_spec",
+    "size_unit",
+]  # fmt: skip
 
 log = logging.getLogger("lokr_serve.images")
 MAX_PIXELS = 2048 * 2048
 MAX_STEPS = 200
 
 
+@dataclass(frozen=True)
+class FieldNames:
+    """What a route calls the image count, the step count and img2img's strength, for its 400s."""
+
+    n: str
+    steps: str
+    strength: str
+
+
+OPENAI_NAMES = FieldNames("n", "num_inference_steps", "strength")
+A1111_NAMES = FieldNames("batch_size x n_iter", "steps", "denoising_strength")
+
+
+def size_unit(loaded: LoadedPipeline) -> int:
+    """What image widths and heights must be multiples of: 8 and twice the VAE factor (latents 2x2-packable)."""
+    return max(8, loaded.vae_scale_factor * 2)
+
+
 def check_spec(
-    loaded: LoadedPipeline, spec: ImageSpec, max_pixels: int = MAX_PIXELS, steps_field: str = "num_inference_steps"
+    loaded: LoadedPipeline, spec: ImageSpec, max_pixels: int = MAX_PIXELS, names: FieldNames = OPENAI_NAMES
 ) -> None:
-    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), over `max_pixels`, bad step counts
-    (`steps_field`: what the request calls them), or what the pipeline's family cannot honour (Flux: a negative
-    prompt)."""
-    unit = max(8, loaded.vae_scale_factor * 2)
+    """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), over `max_pixels`, bad step counts,
+    an img2img strength that leaves no step, or what the pipeline's family cannot honour (Flux: a negative prompt
+    without true CFG); the messages name the request's own fields (`names`)."""
+    unit = size_unit(loaded)
     if spec.width % unit or spec.height % unit or spec.width < unit or spec.height < unit:
         raise BadRequestError(
             f"size {spec.width}x{spec.height}: width and height must be positive multiples of {unit}",
@@ -50,7 +71,14 @@ def check_spec(
             code="invalid_size",
         )
     if not 1 <= spec.steps <= MAX_STEPS:
-        raise BadRequestError(f"{steps_field} must be in [1, {MAX_STEPS}], got {spec.steps}", code="invalid_steps")
+        raise BadRequestError(f"{names.steps} must be in [1, {MAX_STEPS}], got {spec.steps}", code="invalid_steps")
+    if not 0.0 <= spec.strength <= 1.0 or int(spec.steps * spec.strength) < 1:
+        raise BadRequestError(
+            f"{names.strength} {spec.strength} with {names.steps} {spec.steps} runs int({names.steps} x "
+            f"{names.strength}) = {int(spec.steps * spec.strength)} denoising steps; it must be in [0, 1] and leave "
+            f"at least one: raise {names.strength} or {names.steps}",
+            code="invalid_strength",
+        )
     loaded.ops.check(spec)
 
 
@@ -132,8 +160,8 @@ class ImageBackend:
         """What the running images have done: read from any thread (a snapshot of the rows; every row advances
         one denoiser forward per step, so the longest left sets the estimate)."""
         rows, waiting = list(self._rows), len(self._new)
-        done = sum(row.index for row in rows)
-        total = sum(len(row.scheduler.timesteps) for row in rows)
+        done = sum(row.index - row.first for row in rows)
+        total = sum(len(row.scheduler.timesteps) - row.first for row in rows)
         left = max((len(row.scheduler.timesteps) - row.index for row in rows), default=0)
         return Progress(len(rows), waiting, done, total, left * self._step_s)
 
@@ -177,7 +205,7 @@ class ImageBackend:
         kept = []
         for row in self._rows:
             if row.job.cancelled.is_set():
-                row.job.finish(FinishEvent("cancelled", 0, row.index))
+                row.job.finish(FinishEvent("cancelled", 0, row.index - row.first))
             else:
                 kept.append(row)
         self._rows = kept
@@ -198,4 +226,4 @@ class ImageBackend:
                 continue
             for row, image in zip(rows, images):
                 row.job.image = image
-                row.job.finish(FinishEvent("stop", 0, row.index))
+                row.job.finish(FinishEvent("stop", 0, row.index - row.first))

@@ -154,7 +154,8 @@ class StableDiffusion(Family):
 
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
         """Latents: `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))` times the
-        scheduler's initial sigma, as `pipe(..., generator=...)` draws them; the generator then feeds
+        scheduler's initial sigma, as `pipe(..., generator=...)` draws them; with a starting image (`spec.init`),
+        its VAE latents noised to the first timestep run, as the img2img pipelines do. The generator then feeds
         stochastic schedulers' steps, as in the pipeline."""
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -162,14 +163,39 @@ class StableDiffusion(Family):
         spec, pipe = job.spec, loaded.pipe
         scheduler = new_scheduler(pipe.scheduler, spec.sampler)
         scheduler.set_timesteps(spec.steps, device=loaded.device)
-        if self.xl and hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+        first = (spec.steps - min(int(spec.steps * spec.strength), spec.steps)) * scheduler.order
+        if (self.xl or spec.init is not None) and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first)
         generator = torch.Generator("cpu").manual_seed(spec.seed)
-        f = loaded.vae_scale_factor
-        shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
-        latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        return Row(job, spec, cond, scheduler, latents, step_kwargs(scheduler, generator))
+        if spec.init is not None:
+            latents = self._noised_image(loaded, spec.init, scheduler, first, generator, cond.cond.dtype)
+        else:
+            f = loaded.vae_scale_factor
+            shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
+            latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
+            latents = latents * scheduler.init_noise_sigma
+        row = Row(job, spec, cond, scheduler, latents, step_kwargs(scheduler, generator), index=first, first=first)
+        return row
+
+    def _noised_image(
+        self, loaded: LoadedPipeline, pixels: Tensor, scheduler: Any, first: int, gen: torch.Generator, dtype: Any
+    ) -> Tensor:
+        """`pixels` `(1, 3, H, W)` VAE-encoded (a draw from its latent distribution), scaled (SDXL: normalised by
+        the VAE's latents mean / std where it has them) and noised to timestep `first`: `(1, C, H/f, W/f)`."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        vae = loaded.pipe.vae
+        latents = vae.encode(pixels.to(loaded.device, vae.dtype)).latent_dist.sample(gen)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if self.xl and mean is not None and std is not None:
+            m, s = (torch.tensor(v).view(1, len(v), 1, 1).to(latents) for v in (mean, std))
+            latents = (latents - m) * vae.config.scaling_factor / s
+        else:
+            latents = latents * vae.config.scaling_factor
+        latents = latents.to(dtype)
+        noise = randn_tensor(latents.shape, generator=gen, device=loaded.device, dtype=dtype)
+        noised: Tensor = scheduler.add_noise(latents, noise, scheduler.timesteps[first : first + 1])
+        return noised
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
         """Both CFG rows of an image (uncond first) use the image's adapters; SDXL adds pooled embeds + time ids."""

@@ -42,6 +42,12 @@ class Flux(Family):
         return side, side
 
     def check(self, spec: ImageSpec) -> None:
+        if spec.init is not None:
+            raise BadRequestError(
+                "img2img (a starting image) is served on Stable Diffusion and SDXL pipelines; this one is Flux: "
+                "generate from the prompt alone (/v1/images/generations, /sdapi/v1/txt2img)",
+                code="invalid_request",
+            )
         if spec.negative_prompt and spec.true_cfg_scale <= 1.0:
             raise BadRequestError(
                 "negative_prompt on a Flux pipeline takes effect only with true_cfg_scale above 1 (true "

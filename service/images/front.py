@@ -7,7 +7,7 @@ import base64
 import contextlib
 import io
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ..disconnect import unless_gone
@@ -17,7 +17,8 @@ from ..inference import Selection, select_adapters
 from ..jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
 from ..metrics import Metrics
 from ..registry import Registry
-from .backend import ImageBackend, check_spec
+from .backend import A1111_NAMES, OPENAI_NAMES, FieldNames, ImageBackend, check_spec, size_unit
+from .init_image import open_image, pixels_for
 from .rows import ImageJob, ImageSpec, random_seed
 from .samplers import Sampler, resolve
 
@@ -26,16 +27,6 @@ __all__ = ["A1111_NAMES", "OPENAI_NAMES", "FieldNames", "ImageFront", "image_b64
 Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
 
 
-@dataclass(frozen=True)
-class FieldNames:
-    """What a route calls the image count and the step count, for its 400s."""
-
-    n: str
-    steps: str
-
-
-OPENAI_NAMES = FieldNames("n", "num_inference_steps")
-A1111_NAMES = FieldNames("batch_size x n_iter", "steps")
 _NO_TOKENS = SamplingParams(max_tokens=0)
 
 
@@ -85,8 +76,26 @@ class ImageFront:
             raise BadRequestError(
                 f"{names.n} must be in [1, {limit}] on this server ({why}), got {n}", code="invalid_n"
             )
-        check_spec(self.backend.loaded, spec, self.backend.max_pixels, names.steps)
+        check_spec(self.backend.loaded, spec, self.backend.max_pixels, names)
         return [replace(spec, seed=spec.seed + k) for k in range(n)]
+
+    def starting_images(self, files: Sequence[tuple[str, bytes]]) -> list[Any]:
+        """img2img's starting images: `(field, file bytes)` pairs as RGB PIL images; a 400 naming the field for
+        one that is not an image or is over the pixel limit (blocking: run it off the event loop)."""
+        return [open_image(data, field, self.backend.max_pixels) for field, data in files]
+
+    def output_size(self, image: Any, width: int | None, height: int | None) -> tuple[int, int]:
+        """The size asked for, or what of it is missing from `image`'s own size rounded down to the size unit."""
+        unit = size_unit(self.backend.loaded)
+        own = (max(unit, image.width // unit * unit), max(unit, image.height // unit * unit))
+        return width or own[0], height or own[1]
+
+    def starting_from(self, specs: Sequence[ImageSpec], images: Sequence[Any]) -> list[ImageSpec]:
+        """`specs` (checked, so their size is) with image k starting from `images[k % len(images)]`, resized to
+        the spec's size (blocking: run it off the event loop)."""
+        processor = self.backend.loaded.pipe.image_processor
+        pixels = [pixels_for(processor, image, (specs[0].width, specs[0].height)) for image in images]
+        return [replace(spec, init=pixels[k % len(pixels)]) for k, spec in enumerate(specs)]
 
     async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:
         """PIL images in order; the first error fails the request; a client that leaves cancels every image."""

@@ -28,6 +28,10 @@ class ImageSpec:
     seed: int
     true_cfg_scale: float = 1.0  # Flux: > 1 with a negative prompt runs true classifier-free guidance
     sampler: Sampler | None = None  # None: the pipeline's own scheduler
+    # img2img: the starting image `(1, 3, H, W)` in [-1, 1] (`init_image.pixels_for`) and the share of the
+    # schedule run from it (diffusers' `strength`: `int(steps * strength)` denoiser steps); None: from noise
+    init: Tensor | None = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Row:
     latents: Tensor  # (1, C, h, w); Flux: packed (1, h/2 * w/2, 4C)
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
+    first: int = 0  # the timestep index it starts at (img2img skips the schedule's first ones)
 
     @property
     def timestep(self) -> Tensor:

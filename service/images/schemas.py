@@ -1,4 +1,5 @@
-"""Request bodies of the image routes: OpenAI's images API (plus extensions) and AUTOMATIC1111's txt2img."""
+"""Request bodies of the image routes: OpenAI's images API (plus extensions) and AUTOMATIC1111's txt2img and
+img2img."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pydantic import ConfigDict, Field
 
 from ..schemas import AdapterRef, RequestBody
 
-__all__ = ["ImageGenerationRequest", "Txt2ImgRequest"]
+__all__ = ["A1111Request", "ImageGenerationRequest", "Img2ImgRequest", "Txt2ImgRequest"]
 
 
 def _sampler_field(what: str) -> Any:
@@ -54,8 +55,8 @@ class ImageGenerationRequest(RequestBody):
     scheduler: str | None = _sampler_field(_SCHEDULE)
 
 
-class Txt2ImgRequest(RequestBody):
-    """`POST /sdapi/v1/txt2img` (AUTOMATIC1111). Prompt tags `<lora:NAME:WEIGHT>` select adapters."""
+class A1111Request(RequestBody):
+    """What AUTOMATIC1111's txt2img and img2img bodies share. Prompt tags `<lora:NAME:WEIGHT>` select adapters."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str = Field("", max_length=4000)
@@ -68,7 +69,22 @@ class Txt2ImgRequest(RequestBody):
     height: int | None = Field(None, ge=1, le=16384, strict=True)
     batch_size: int = Field(1, ge=1, strict=True)
     n_iter: int = Field(1, ge=1, strict=True)
-    enable_hr: bool = Field(False, description="A1111's hires fix: not served (true is a 400)")
     sampler_name: str | None = _sampler_field(_SAMPLER)
     sampler_index: str | None = _sampler_field("deprecated in A1111: sampler_name when that is not given")
     scheduler: str | None = _sampler_field(_SCHEDULE)
+
+
+class Txt2ImgRequest(A1111Request):
+    """`POST /sdapi/v1/txt2img` (AUTOMATIC1111)."""
+
+    enable_hr: bool = Field(False, description="A1111's hires fix: not served (true is a 400)")
+
+
+class Img2ImgRequest(A1111Request):
+    """`POST /sdapi/v1/img2img` (AUTOMATIC1111): image k starts from `init_images[k % len]` (one image serves the
+    whole batch; more set the batch size, as in A1111). Without width and height, the first image's size."""
+
+    init_images: list[str] = Field(min_length=1, max_length=64, description="base64 images (data URLs allowed)")
+    denoising_strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    resize_mode: int = Field(0, strict=True, description='0 ("just resize": stretched) is served')
+    mask: str | None = Field(None, description="inpainting: not served (a mask is a 400)")

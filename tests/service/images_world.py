@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 import lokr
 from service.images.load import LoadedPipeline, load_pipeline
@@ -78,3 +79,29 @@ def assert_pixels_close(a: np.ndarray, b: np.ndarray) -> None:
     assert a.shape == b.shape
     diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
     assert diff <= 1, f"pixels differ by up to {diff}/255"
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth colour gradient with some texture: far from the tiny VAE's saturation."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height) + 64], axis=-1)
+    rgb = rgb + rng.normal(0, 12, rgb.shape)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def img2img_reference(
+    pipe: Any, kind: str, image: Image.Image, prompt: str, seed: int, **kwargs: Any
+) -> tuple[Any, Any]:
+    """diffusers' own img2img pipeline on `pipe`'s components: (latents, pixels) for `seed`."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    cls = StableDiffusionXLImg2ImgPipeline if kind == "sdxl" else StableDiffusionImg2ImgPipeline
+    img2img = cls.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    out = []
+    for output_type in ("latent", "pil"):
+        result = img2img(prompt, image=image, generator=torch.Generator("cpu").manual_seed(seed),
+                         output_type=output_type, **kwargs).images  # fmt: skip
+        out.append(result if output_type == "latent" else np.asarray(result[0]).astype(np.int16))
+    return out[0], out[1]

@@ -23,9 +23,11 @@ from service.images.load import load_pipeline
 from .conftest import ADMIN_TOKEN, Server, World, start_server, stop_server
 from .images_world import (
     assert_pixels_close,
+    img2img_reference,
     load,
     peft_reference_pipe,
     peft_unet_adapter,
+    picture,
     pipeline_dir,
     reference_image,
 )
@@ -308,3 +310,53 @@ def test_max_image_pixels_bounds_what_a_request_may_ask(image_world: World) -> N
     backend.check(job(64))
     with pytest.raises(BadRequestError, match=r"over this server's 4096-pixel limit \(64x64; --max-image-pixels\)"):
         backend.check(job(72))
+
+
+def b64_png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a1111_img2img_equals_diffusers_img2img(http: httpx.Client, image_world: World) -> None:
+    """One starting image serves the batch (seeds S, S + 1), as diffusers' img2img pipeline draws them; without
+    width and height the output takes the image's size rounded down to the size unit (8 here: 44x70 -> 40x64)."""
+    start = picture(32, 32, seed=2)
+    body = {"prompt": "a red cat", "init_images": [b64_png(start)], "denoising_strength": 0.6, "steps": 5,
+            "cfg_scale": 7.5, "seed": 3, "batch_size": 2, "width": 32, "height": 32}  # fmt: skip
+    response = http.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    info = json.loads(answer["info"])
+    assert info["denoising_strength"] == 0.6 and info["all_seeds"] == [3, 4]
+    assert "init_images" not in answer["parameters"]
+    pipe = load(image_world.model_dir).pipe
+    for k, got in enumerate(answer["images"]):
+        _, want = img2img_reference(pipe, "sd", start, "a red cat", 3 + k, strength=0.6, num_inference_steps=5,
+                                    guidance_scale=7.5)  # fmt: skip
+        assert_pixels_close(png(got), want)
+    own = {"prompt": "a", "init_images": [f"data:image/png;base64,{b64_png(picture(44, 70))}"], "steps": 2}
+    response = http.post("/sdapi/v1/img2img", json=own)
+    assert response.status_code == 200, response.text
+    assert Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).size == (40, 64)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "says"),
+    [
+        ({"mask": "x"}, "invalid_request", "inpainting (a mask) is not served"),
+        ({"resize_mode": 1}, "invalid_request", "resize_mode 1 is not served"),
+        ({"init_images": ["A", "B", "C"], "batch_size": 2}, "invalid_request", "3 init_images for batch_size 2"),
+        ({"init_images": ["%%%"]}, "invalid_image", "init_images[0] is not base64"),
+        ({"init_images": [base64.b64encode(b"not an image").decode()]}, "invalid_image", "not a readable image"),
+        ({"denoising_strength": 0.1, "steps": 4}, "invalid_strength", "denoising_strength 0.1 with steps 4 runs"),
+        ({"denoising_strength": 1.5}, "invalid_request", "denoising_strength"),
+        ({"width": 30}, "invalid_size", "size 30x32"),
+    ],
+)  # fmt: skip
+def test_img2img_refusals_name_the_field(http: httpx.Client, extra: dict, code: str, says: str) -> None:
+    body = {"prompt": "a", "init_images": [b64_png(picture(32, 32))], "steps": 4, **extra}
+    response = http.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and says in error["message"], error

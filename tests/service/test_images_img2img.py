@@ -1,0 +1,130 @@
+"""Img2img in the engine: rows that start from an image equal diffusers' img2img pipelines (SD and SDXL, samplers
+of order 1 and 2, adapters), also batched with text-to-image rows that join at other steps; and the starting
+image's decoding and checks."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lokr
+from service.errors import BadRequestError
+from service.images.backend import A1111_NAMES, check_spec
+from service.images.family import family_ops
+from service.images.init_image import decode_b64, open_image, pixels_for
+from service.images.load import LoadedPipeline
+from service.images.samplers import resolve
+
+from .images_world import (
+    assert_pixels_close,
+    img2img_reference,
+    load,
+    peft_reference_pipe,
+    peft_unet_adapter,
+    picture,
+    pipeline_dir,
+)
+from .test_images_parity import TOL, Run, spec
+
+
+def init_spec(loaded: LoadedPipeline, image: Image.Image, strength: float, **kwargs: Any) -> Any:
+    base = spec(**kwargs)
+    pixels = pixels_for(loaded.pipe.image_processor, image, (base.width, base.height))
+    return replace(base, init=pixels, strength=strength)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("img2img")
+    return {kind: pipeline_dir(root, kind) for kind in ("sd", "sdxl")}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_img2img_rows_equal_diffusers_img2img_beside_txt2img_rows(
+    kind: str, dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = load(dirs[kind])
+    run = Run(loaded, monkeypatch)
+    image = picture(32, 32)
+    heun = resolve("Heun", None, loaded.pipe.scheduler, False)  # order 2: two forwards per step
+    items = [
+        (spec("a red cat", 3), None),  # text to image, in the same batches
+        (init_spec(loaded, image, 0.6, prompt="a red cat", seed=4, steps_=5), None),
+        (replace(init_spec(loaded, image, 0.5, prompt="the dog", seed=5, steps_=4, neg="blue"), sampler=heun), None),
+    ]
+    jobs = run(items, joins=[0, 1, 2])
+    ref = load(dirs[kind]).pipe
+    for job, (s, _) in list(zip(jobs, items))[1:]:
+        kwargs: dict[str, Any] = {"strength": s.strength, "num_inference_steps": s.steps,
+                                  "negative_prompt": s.negative_prompt, "guidance_scale": s.guidance_scale}  # fmt: skip
+        if s.sampler is not None:
+            ref.scheduler = s.sampler.make(loaded.pipe.scheduler)
+        want_latents, want_pixels = img2img_reference(ref, kind, image, s.prompt, s.seed, **kwargs)
+        torch.testing.assert_close(run.latents[job.id], want_latents, **TOL)
+        assert_pixels_close(run.pixels(job), want_pixels)
+
+
+@pytest.mark.slow
+def test_an_adapter_on_an_img2img_row_equals_peft_img2img(
+    dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = load(dirs["sd"])
+    lokr.load_adapter(loaded.container, peft_unet_adapter(dirs["sd"], tmp_path / "peft", seed=5), "p")
+    run = Run(loaded, monkeypatch)
+    image = picture(32, 32, seed=1)
+    s = init_spec(loaded, image, 0.8, prompt="the dog", seed=9, steps_=4)
+    base, adapted = run([(s, None), (s, "p")])  # one batch, with and without the adapter
+    assert np.abs(run.pixels(adapted) - run.pixels(base)).max() > 8
+    want_latents, want_pixels = img2img_reference(
+        peft_reference_pipe(dirs["sd"], seed=5),
+        "sd",
+        image,
+        s.prompt,
+        s.seed,
+        strength=0.8,
+        num_inference_steps=4,
+        guidance_scale=s.guidance_scale,
+    )
+    torch.testing.assert_close(run.latents[adapted.id], want_latents, **TOL)
+    assert_pixels_close(run.pixels(adapted), want_pixels)
+
+
+def test_strength_must_leave_a_step_and_flux_refuses_a_starting_image(dirs: dict[str, Path]) -> None:
+    loaded = load(dirs["sd"])
+    image = picture(32, 32)
+    check_spec(loaded, init_spec(loaded, image, 0.25, prompt="x", seed=0, steps_=4))  # one step
+    with pytest.raises(BadRequestError, match=r"denoising_strength 0.2 with steps 4 runs int\(steps x denoising"):
+        check_spec(loaded, init_spec(loaded, image, 0.2, prompt="x", seed=0, steps_=4), names=A1111_NAMES)
+    with pytest.raises(BadRequestError, match="must be in \\[0, 1\\]"):
+        check_spec(loaded, init_spec(loaded, image, 1.5, prompt="x", seed=0, steps_=4))
+    with pytest.raises(BadRequestError, match="Stable Diffusion and SDXL pipelines; this one is Flux"):
+        family_ops("flux").check(init_spec(loaded, image, 0.5, prompt="x", seed=0))
+
+
+def test_starting_images_decode_from_base64_or_are_refused() -> None:
+    buf = io.BytesIO()
+    Image.new("RGBA", (40, 24), (10, 20, 30, 128)).save(buf, format="PNG")
+    text = base64.b64encode(buf.getvalue()).decode()
+    for sent in (text, f"data:image/png;base64,{text}"):
+        image = open_image(decode_b64(sent, "init_images[0]"), "init_images[0]", 10_000)
+        assert image.mode == "RGB" and image.size == (40, 24)
+    with pytest.raises(BadRequestError, match=r"init_images\[0\] is not base64"):
+        decode_b64("not base64!", "init_images[0]")
+    with pytest.raises(BadRequestError, match="image is not a readable image file"):
+        open_image(b"GIF89a garbage", "image", 10_000)
+    with pytest.raises(BadRequestError, match="a 40x24 image is over this server's 900-pixel limit"):
+        open_image(buf.getvalue(), "image", 900)
+
+
+def test_a_starting_image_is_stretched_to_the_asked_size(dirs: dict[str, Path]) -> None:
+    processor = load(dirs["sd"]).pipe.image_processor
+    stretched = pixels_for(processor, picture(40, 70), (48, 32))
+    assert stretched.shape == (1, 3, 32, 48) and -1 <= float(stretched.min()) <= float(stretched.max()) <= 1
