@@ -1,4 +1,5 @@
-"""OpenAI's images API on an image server, and clear 400s for routes of the other model kind."""
+"""OpenAI's images API on an image server (generations; edits as img2img), and clear 400s for routes of the other
+model kind."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
 
 from ..disconnect import until_disconnected
 from ..errors import BadRequestError, NotReadyError
+from ..inference import Selection
 from ..routes.deps import ApiAuth, Components, Deps
 from .front import ImageFront, image_b64, seed_or_random
 from .rows import ImageSpec
-from .schemas import ImageGenerationRequest
+from .schemas import ImageEditRequest, ImageGenerationRequest
 
 __all__ = ["lm_refusals", "refusals_of", "router"]
 
@@ -43,31 +48,85 @@ def parse_size(size: str | None, default: tuple[int, int]) -> tuple[int, int]:
 async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -> dict[str, Any]:
     """OpenAI-compatible image generation; image k of the request uses seed `seed + k`."""
     images = front(c)
+    size = parse_size(body.size, images.default_size)
+    sel = _selection(images, body, request)
+    specs = images.specs(_spec(images, body, size), body.n)
+    return await _answer(images, body, specs, sel, request)
+
+
+@router.post("/v1/images/edits")
+async def edits(c: Deps, request: Request) -> dict[str, Any]:
+    """OpenAI's image edits (multipart form) as img2img: every image starts from the form's `image` file, at
+    `strength`; sized as `size` (the image stretched) or as the image. Image k uses seed `seed + k`."""
+    images = front(c)
+    async with request.form(max_files=4, max_fields=64) as form:
+        body, upload = _edit_form(form)
+        data = await upload.read()
+    (start,) = await run_in_threadpool(images.starting_images, [("image", data)])
+    size = parse_size(body.size, images.output_size(start, None, None))
+    sel = _selection(images, body, request)
+    specs = images.specs(_spec(images, body, size, body.strength), body.n)
+    specs = await run_in_threadpool(images.starting_from, specs, [start])
+    return await _answer(images, body, specs, sel, request)
+
+
+def _edit_form(form: FormData) -> tuple[ImageEditRequest, UploadFile]:
+    """The edit's fields, validated, and its one image file; a 400 for a mask, several images or none."""
+    if "mask" in form:
+        raise BadRequestError("inpainting (a mask) is not served; leave mask out to edit the whole image",
+                              code="invalid_request")  # fmt: skip
+    files = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    if len(files) != 1 or files[0][0] not in ("image", "image[]"):
+        raise BadRequestError(
+            f"send one image file as the multipart/form-data field `image` (got {len(files)} files); several "
+            "images are not served",
+            code="invalid_image",
+        )
+    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+    try:
+        body = ImageEditRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+    return body, files[0][1]
+
+
+def _selection(images: ImageFront, body: ImageGenerationRequest, request: Request) -> Selection:
     if body.response_format == "url":
         raise BadRequestError('response_format "url" is not served; use "b64_json"', code="invalid_response_format")
     sel = images.select(body.model, [(a.name, a.scale) for a in body.adapters or []])
     request.scope["lokr_adapter"] = sel.label
+    return sel
+
+
+def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int], strength: float = 1.0) -> ImageSpec:
+    """Image 0's spec; the pipeline's defaults where the request leaves steps and guidance out."""
     loaded = images.backend.loaded
-    width, height = parse_size(body.size, images.default_size)
-    spec = ImageSpec(
+    return ImageSpec(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
-        width=width,
-        height=height,
+        width=size[0],
+        height=size[1],
         steps=loaded.default_steps if body.num_inference_steps is None else body.num_inference_steps,
         guidance_scale=loaded.default_guidance if body.guidance_scale is None else body.guidance_scale,
         seed=seed_or_random(body.seed),
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
         sampler=images.sampler(body.sampler, body.scheduler),
+        strength=strength,
     )
-    specs = images.specs(spec, body.n)
+
+
+async def _answer(
+    images: ImageFront, body: ImageGenerationRequest, specs: list[ImageSpec], sel: Selection, request: Request
+) -> dict[str, Any]:
+    """Run `specs`; OpenAI's answer, each image with its `seed` (an extension: what reproduces it)."""
     pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
     fmt, compression = body.output_format or "png", body.output_compression
     data = [
         {"b64_json": await run_in_threadpool(image_b64, p, fmt, compression), "revised_prompt": None, "seed": s.seed}
         for p, s in zip(pictures, specs, strict=True)
-    ]  # `seed`, an extension: what reproduces each image (also when the request named none)
-    return {"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{width}x{height}"}
+    ]
+    size = f"{specs[0].width}x{specs[0].height}"
+    return {"created": int(time.time()), "data": data, "output_format": fmt, "size": size}
 
 
 # ------------------------------------------------------------------------------------------ wrong kind

@@ -3,13 +3,14 @@ img2img."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from ..schemas import AdapterRef, RequestBody
 
-__all__ = ["A1111Request", "ImageGenerationRequest", "Img2ImgRequest", "Txt2ImgRequest"]
+__all__ = ["A1111Request", "ImageEditRequest", "ImageGenerationRequest", "Img2ImgRequest", "Txt2ImgRequest"]
 
 
 def _sampler_field(what: str) -> Any:
@@ -53,6 +54,28 @@ class ImageGenerationRequest(RequestBody):
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
     sampler: str | None = _sampler_field(_SAMPLER)
     scheduler: str | None = _sampler_field(_SCHEDULE)
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """The text fields of `POST /v1/images/edits` (multipart form: values arrive as text, so numbers are parsed;
+    `adapters` is JSON text). The image itself is the form's `image` file; OpenAI's `mask` (inpainting) is not
+    served. `strength`: the share of the schedule run from the image (diffusers' img2img `strength`)."""
+
+    n: int = Field(1, ge=1)
+    num_inference_steps: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**62)
+    output_compression: int | None = Field(None, ge=0, le=100)
+    strength: float = Field(0.8, ge=0, le=1, allow_inf_nan=False)
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapters_from_json(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f'adapters must be JSON text, e.g. [{{"name": "ink", "scale": 0.8}}]: {exc}') from exc
 
 
 class A1111Request(RequestBody):

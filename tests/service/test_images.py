@@ -360,3 +360,46 @@ def test_img2img_refusals_name_the_field(http: httpx.Client, extra: dict, code: 
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == code and says in error["message"], error
+
+
+def test_openai_image_edits_are_img2img(image_server: Server, image_world: World) -> None:
+    """The `openai` client's `images.edit` (multipart form): every image starts from the uploaded one, as diffusers'
+    img2img pipeline at the same `strength` and seed S + k; the form's numbers arrive as text."""
+    from openai import OpenAI
+
+    start = picture(32, 32, seed=4)
+    client = OpenAI(base_url=f"{image_server.url}/v1", api_key="unused", timeout=300)
+    result = client.images.edit(
+        model="tiny", image=("start.png", base64.b64decode(b64_png(start)), "image/png"), prompt="the dog", n=2,
+        response_format="b64_json",
+        extra_body={"seed": 7, "num_inference_steps": 4, "strength": 0.75, "guidance_scale": 6.0},
+    )  # fmt: skip
+    assert result.data is not None and len(result.data) == 2
+    pipe = load(image_world.model_dir).pipe
+    for k, image in enumerate(result.data):
+        assert image.b64_json is not None
+        _, want = img2img_reference(pipe, "sd", start, "the dog", 7 + k, strength=0.75, num_inference_steps=4,
+                                    guidance_scale=6.0)  # fmt: skip
+        assert_pixels_close(png(image.b64_json), want)
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "code", "says"),
+    [
+        ({"mask": b"x"}, {}, "invalid_request", "inpainting (a mask) is not served"),
+        ({"other": b"x"}, {}, "invalid_image", "send one image file as the multipart/form-data field `image`"),
+        ({}, {"n": "two"}, "invalid_request", "n:"),
+        ({}, {"adapters": "[{"}, "invalid_request", "adapters must be JSON text"),
+        ({}, {"adapters": '[{"name": "nope"}]'}, "adapter_not_found", "nope"),
+        ({}, {"strength": "0.1", "num_inference_steps": "4"}, "invalid_strength", "strength 0.1 with"),
+        ({}, {"size": "30x32"}, "invalid_size", "size 30x32"),
+    ],
+)  # fmt: skip
+def test_image_edit_refusals(http: httpx.Client, files: dict, data: dict, code: str, says: str) -> None:
+    parts = {"image": ("a.png", base64.b64decode(b64_png(picture(32, 32))), "image/png"), **files}
+    if "other" in files:
+        del parts["image"]
+    response = http.post("/v1/images/edits", files=parts, data={"prompt": "a", **data})
+    assert response.status_code in (400, 404), response.text
+    error = response.json()["error"]
+    assert error["code"] == code and says in error["message"], error
