@@ -57,7 +57,8 @@ def test_frozen_objects_leave_the_collections_and_are_still_freed_by_reference()
     probe = weakref.ref(acyclic)
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 0
+        # it may only fall since: another thread's temporaries, alive at the freeze, are freed by reference count
+        assert 0 < gc.get_freeze_count() <= frozen
         assert dead() is None
         assert not any(obj is kept for obj in gc.get_objects())  # later collections no longer walk it
         del acyclic
