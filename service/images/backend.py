@@ -184,12 +184,13 @@ class ImageBackend:
             return
         try:
             conds = steps.encode(self.loaded, new, self.fold)
-        except Exception as exc:  # the joiners' prompts are encoded together: a failure fails only the joiners
+            starts = steps.encode_starts(self.loaded, new)
+        except Exception as exc:  # the joiners' prompts (and images) are encoded together: a failure fails only them
             fail_jobs(new, exc)
             return
         for job, cond in zip(new, conds, strict=True):
             try:
-                row = start_row(self.loaded, job, cond)
+                row = start_row(self.loaded, job, cond, starts.get(id(job.spec.init)) if job.spec else None)
             except Exception as exc:  # this joiner alone: no row of a failed job may run on
                 fail_jobs([job], exc)
                 continue

@@ -61,8 +61,9 @@ class Family(ABC):
         (`fold`: `lokr.adapter_batch`'s, the same as the denoiser's, which would otherwise drop its kept folds)."""
 
     @abstractmethod
-    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
-        """A row with its own scheduler (timesteps set) and the initial latents diffusers draws for its seed."""
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
+        """A row with its own scheduler (timesteps set) and the initial latents diffusers draws for its seed
+        (`start`: the VAE's latent distribution of the starting image, where the spec has one)."""
 
     @abstractmethod
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
@@ -152,7 +153,7 @@ class StableDiffusion(Family):
             result.append(cond)
         return result
 
-    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
         """Latents: `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))` times the
         scheduler's initial sigma, as `pipe(..., generator=...)` draws them; with a starting image (`spec.init`),
         its VAE latents noised to the first timestep run, as the img2img pipelines do. The generator then feeds
@@ -168,7 +169,8 @@ class StableDiffusion(Family):
             scheduler.set_begin_index(first)
         generator = torch.Generator("cpu").manual_seed(spec.seed)
         if spec.init is not None:
-            latents = self._noised_image(loaded, spec.init, scheduler, first, generator, cond.cond.dtype)
+            assert start is not None, "an img2img row needs its image's latent distribution"
+            latents = self._noised_image(loaded, start, scheduler, first, generator, cond.cond.dtype)
         else:
             f = loaded.vae_scale_factor
             shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
@@ -178,14 +180,15 @@ class StableDiffusion(Family):
         return row
 
     def _noised_image(
-        self, loaded: LoadedPipeline, pixels: Tensor, scheduler: Any, first: int, gen: torch.Generator, dtype: Any
+        self, loaded: LoadedPipeline, moments: Tensor, scheduler: Any, first: int, gen: torch.Generator, dtype: Any
     ) -> Tensor:
-        """`pixels` `(1, 3, H, W)` VAE-encoded (a draw from its latent distribution), scaled (SDXL: normalised by
-        the VAE's latents mean / std where it has them) and noised to timestep `first`: `(1, C, H/f, W/f)`."""
+        """A draw from the starting image's VAE latent distribution (`moments` `(1, 2C, h, w)`), scaled (SDXL:
+        normalised by the VAE's latents mean / std where it has them) and noised to timestep `first`."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
         vae = loaded.pipe.vae
-        latents = vae.encode(pixels.to(loaded.device, vae.dtype)).latent_dist.sample(gen)
+        latents = DiagonalGaussianDistribution(moments).sample(gen)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if self.xl and mean is not None and std is not None:
             m, s = (torch.tensor(v).view(1, len(v), 1, 1).to(latents) for v in (mean, std))

@@ -80,7 +80,7 @@ class Flux(Family):
             out.append(cond)
         return out
 
-    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
         """Latents: `randn_tensor((1, C, 2*(H//2f), 2*(W//2f)), generator=Generator("cpu").manual_seed(seed))`
         packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps

@@ -92,6 +92,7 @@ def random_seed() -> int:
     return secrets.randbits(62)
 
 
-def start_row(loaded: LoadedPipeline, job: ImageJob, cond: Conditioning) -> Row:
-    """A fresh row for `job`: its family's scheduler, timesteps and the initial latents diffusers would draw."""
-    return loaded.ops.start(loaded, job, cond)
+def start_row(loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
+    """A fresh row for `job`: its family's scheduler, timesteps and the initial latents diffusers would draw
+    (`start`: the VAE's latent distribution of its starting image, `steps.encode_starts`)."""
+    return loaded.ops.start(loaded, job, cond, start)

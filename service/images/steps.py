@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 import lokr
 from lokr.batch import RowSpec
@@ -19,7 +20,7 @@ from .family import denoiser
 from .load import LoadedPipeline
 from .rows import Conditioning, ImageJob, Row
 
-__all__ = ["by_selection", "decode", "denoise", "encode"]
+__all__ = ["by_selection", "decode", "denoise", "encode", "encode_starts"]
 
 
 @torch.inference_mode()
@@ -27,6 +28,26 @@ def encode(loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> l
     """Encode every prompt (and negative prompt) of `jobs` in one batch per text encoder (`fold`: as `denoise`'s;
     a block with a smaller one drops the folded weights every layer of the pipeline keeps beyond it)."""
     return loaded.ops.encode(loaded, jobs, fold)
+
+
+@torch.inference_mode()
+def encode_starts(loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> dict[int, Tensor]:
+    """The VAE's latent distribution `(1, 2C, h, w)` (mean and log-variance) of every distinct starting image of
+    `jobs`, keyed by the `id` of its pixels (the images of one request share them, and one encoding): one encoder
+    forward per image size."""
+    distinct: dict[int, Tensor] = {}
+    for job in jobs:
+        if job.spec is not None and job.spec.init is not None:
+            distinct.setdefault(id(job.spec.init), job.spec.init)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for key, pixels in distinct.items():
+        by_size.setdefault(tuple(pixels.shape), []).append(key)
+    vae, out = loaded.pipe.vae, dict[int, Tensor]()
+    for keys in by_size.values():
+        pixels = torch.cat([distinct[key] for key in keys]).to(loaded.device, vae.dtype)
+        moments = vae.encode(pixels).latent_dist.parameters
+        out.update((key, moments[i : i + 1]) for i, key in enumerate(keys))
+    return out
 
 
 def by_selection(rows: Sequence[Row]) -> list[Row]:

@@ -128,3 +128,29 @@ def test_a_starting_image_is_stretched_to_the_asked_size(dirs: dict[str, Path]) 
     processor = load(dirs["sd"]).pipe.image_processor
     stretched = pixels_for(processor, picture(40, 70), (48, 32))
     assert stretched.shape == (1, 3, 32, 48) and -1 <= float(stretched.min()) <= float(stretched.max()) <= 1
+
+
+def test_starting_images_are_encoded_once_each_in_one_forward_per_size(
+    dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three images of one request share one starting image (one encoding); another request's image of the same
+    size joins the same encoder forward; an image of another size gets its own. Each equals its lone run."""
+    loaded = load(dirs["sd"])
+    batches: list[int] = []
+    real = loaded.pipe.vae.encode
+
+    def counting(pixels: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        batches.append(pixels.shape[0])
+        return real(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipe.vae, "encode", counting)
+    shared = init_spec(loaded, picture(32, 32), 0.5, prompt="a red cat", seed=1, steps_=2)
+    items = [(replace(shared, seed=1 + k), None) for k in range(3)]
+    items.append((init_spec(loaded, picture(32, 32, seed=3), 0.5, prompt="the dog", seed=7, steps_=2), None))
+    items.append((init_spec(loaded, picture(48, 48), 0.5, prompt="the dog", seed=8, size=48, steps_=2), None))
+    run = Run(loaded, monkeypatch)
+    jobs = run(items)
+    assert sorted(batches) == [1, 2]
+    alone = [run([item])[0] for item in (items[1], items[4])]
+    for job, lone in zip((jobs[1], jobs[4]), alone):
+        torch.testing.assert_close(run.latents[job.id], run.latents[lone.id], **TOL)
