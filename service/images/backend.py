@@ -72,11 +72,11 @@ def check_spec(
         )
     if not 1 <= spec.steps <= MAX_STEPS:
         raise BadRequestError(f"{names.steps} must be in [1, {MAX_STEPS}], got {spec.steps}", code="invalid_steps")
-    if not 0.0 <= spec.strength <= 1.0 or int(spec.steps * spec.strength) < 1:
+    run = spec.steps - loaded.ops.first_step(spec.steps, spec.strength)
+    if not 0.0 <= spec.strength <= 1.0 or run < 1:
         raise BadRequestError(
-            f"{names.strength} {spec.strength} with {names.steps} {spec.steps} runs int({names.steps} x "
-            f"{names.strength}) = {int(spec.steps * spec.strength)} denoising steps; it must be in [0, 1] and leave "
-            f"at least one: raise {names.strength} or {names.steps}",
+            f"{names.strength} {spec.strength} with {names.steps} {spec.steps} runs {run} of the {spec.steps} "
+            f"denoising steps; it must be in [0, 1] and leave at least one: raise {names.strength} or {names.steps}",
             code="invalid_strength",
         )
     loaded.ops.check(spec)

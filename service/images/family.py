@@ -55,6 +55,11 @@ class Family(ABC):
         """Raise `BadRequestError` for what this family cannot honour (beyond the shared size / step checks)."""
         return None
 
+    def first_step(self, steps: int, strength: float) -> int:
+        """The schedule's steps img2img skips at `strength` (diffusers' SD / SDXL img2img: the rest, `int(steps *
+        strength)`, run; before the scheduler's order multiplies them)."""
+        return steps - min(int(steps * strength), steps)
+
     @abstractmethod
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
         """Every prompt of `jobs` encoded in one batch per text encoder, each job under its own adapters
@@ -164,7 +169,7 @@ class StableDiffusion(Family):
         spec, pipe = job.spec, loaded.pipe
         scheduler = new_scheduler(pipe.scheduler, spec.sampler)
         scheduler.set_timesteps(spec.steps, device=loaded.device)
-        first = (spec.steps - min(int(spec.steps * spec.strength), spec.steps)) * scheduler.order
+        first = self.first_step(spec.steps, spec.strength) * scheduler.order
         if (self.xl or spec.init is not None) and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(first)
         generator = torch.Generator("cpu").manual_seed(spec.seed)

@@ -42,12 +42,6 @@ class Flux(Family):
         return side, side
 
     def check(self, spec: ImageSpec) -> None:
-        if spec.init is not None:
-            raise BadRequestError(
-                "img2img (a starting image) is served on Stable Diffusion and SDXL pipelines; this one is Flux: "
-                "generate from the prompt alone (/v1/images/generations, /sdapi/v1/txt2img)",
-                code="invalid_request",
-            )
         if spec.negative_prompt and spec.true_cfg_scale <= 1.0:
             raise BadRequestError(
                 "negative_prompt on a Flux pipeline takes effect only with true_cfg_scale above 1 (true "
@@ -80,29 +74,36 @@ class Flux(Family):
             out.append(cond)
         return out
 
+    def first_step(self, steps: int, strength: float) -> int:
+        """Flux's img2img rounds as SD3's does: `int(steps - steps * strength)` steps are skipped."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
         """Latents: `randn_tensor((1, C, 2*(H//2f), 2*(W//2f)), generator=Generator("cpu").manual_seed(seed))`
-        packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them. With a starting image
+        (`start`: its VAE latent distribution), a draw from it, shifted and scaled, then that noise mixed in at the
+        first sigma run (`scale_noise`), as `FluxImg2ImgPipeline` does."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
         assert job.spec is not None
         spec, pipe = job.spec, loaded.pipe
         h, w = _latent_size(loaded, spec)
-        channels = pipe.transformer.config.in_channels // 4
+        channels, dtype = pipe.transformer.config.in_channels // 4, cond.cond.dtype
         generator = torch.Generator("cpu").manual_seed(spec.seed)
-        latents = randn_tensor((1, channels, h, w), generator=generator, device=loaded.device, dtype=cond.cond.dtype)
+        scheduler = _scheduler(loaded, spec.steps, (h // 2) * (w // 2))
+        first = self.first_step(spec.steps, spec.strength)
+        scheduler.set_begin_index(first)
+        image: Tensor | None = None
+        if spec.init is not None:
+            assert start is not None, "an img2img row needs its image's latent distribution"
+            vae = pipe.vae.config
+            image = (DiagonalGaussianDistribution(start).sample(generator) - vae.shift_factor) * vae.scaling_factor
+        latents = randn_tensor((1, channels, h, w), generator=generator, device=loaded.device, dtype=dtype)
+        if image is not None:
+            latents = scheduler.scale_noise(image.to(dtype), scheduler.timesteps[first : first + 1], latents)
         latents = pipe._pack_latents(latents, 1, channels, h, w)
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        config = scheduler.config
-        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / spec.steps, spec.steps).tolist()
-        mu = calculate_shift(
-            latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
-        )  # fmt: skip
-        retrieve_timesteps(scheduler, spec.steps, loaded.device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
-        return Row(job, spec, cond, scheduler, latents)  # the pipeline steps without a generator
+        return Row(job, spec, cond, scheduler, latents, index=first, first=first)  # steps take no generator
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
         """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)`. An image
@@ -170,3 +171,20 @@ def _pair(pos: Tensor, neg: Tensor | None) -> list[Tensor]:
 def _pooled(row: Row) -> Tensor:
     assert row.cond.pooled is not None
     return row.cond.pooled
+
+
+def _scheduler(loaded: LoadedPipeline, steps: int, seq_len: int) -> Any:
+    """An image's own flow-matching scheduler, its sigmas and shift (`mu`, from the packed sequence length) set as
+    `FluxPipeline` sets them."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    pipe = loaded.pipe
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    config = scheduler.config
+    sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps).tolist()
+    mu = calculate_shift(
+        seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+    )  # fmt: skip
+    retrieve_timesteps(scheduler, steps, loaded.device, sigmas=sigmas, mu=mu)
+    return scheduler

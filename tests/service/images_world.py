@@ -94,9 +94,13 @@ def img2img_reference(
     pipe: Any, kind: str, image: Image.Image, prompt: str, seed: int, **kwargs: Any
 ) -> tuple[Any, Any]:
     """diffusers' own img2img pipeline on `pipe`'s components: (latents, pixels) for `seed`."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+    from diffusers import FluxImg2ImgPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
-    cls = StableDiffusionXLImg2ImgPipeline if kind == "sdxl" else StableDiffusionImg2ImgPipeline
+    cls = {"sd": StableDiffusionImg2ImgPipeline, "sdxl": StableDiffusionXLImg2ImgPipeline}.get(
+        kind, FluxImg2ImgPipeline
+    )
+    if kind == "flux":  # its own default size otherwise, not the image's
+        kwargs = {"height": image.height, "width": image.width, **kwargs}
     img2img = cls.from_pipe(pipe)
     img2img.set_progress_bar_config(disable=True)
     out = []

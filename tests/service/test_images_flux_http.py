@@ -11,8 +11,8 @@ import pytest
 
 from .conftest import ADMIN_TOKEN, World, start_server, stop_server
 from .flux_world import MULT, lycoris_flux_file, register_linear_preset, with_extra_key
-from .images_world import assert_pixels_close, load, pipeline_dir, reference_image
-from .test_images import png
+from .images_world import assert_pixels_close, img2img_reference, load, picture, pipeline_dir, reference_image
+from .test_images import b64_png, png
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -59,6 +59,14 @@ def test_flux_dir_served_over_http(flux_world: tuple[World, Any]) -> None:
                       "cfg_scale": 5.0, "steps": 3, "seed": 4, "width": 32, "height": 32}  # fmt: skip
             response = http.post("/sdapi/v1/txt2img", json=tagged)  # AUTOMATIC1111's API, the same extension
             assert response.status_code == 200, response.text
+            assert_pixels_close(png(response.json()["images"][0]), want)
+            start = picture(32, 32, seed=6)
+            img2img = {**tagged, "init_images": [b64_png(start)], "denoising_strength": 0.7, "negative_prompt": "",
+                       "true_cfg_scale": None}  # fmt: skip
+            response = http.post("/sdapi/v1/img2img", json=img2img)  # a starting image, on Flux too
+            assert response.status_code == 200, response.text
+            _, want = img2img_reference(reference, "flux", start, "a red cat", 4, strength=0.7, num_inference_steps=3,
+                                        guidance_scale=5.0)  # fmt: skip
             assert_pixels_close(png(response.json()["images"][0]), want)
             bad = http.post("/v1/adapters", json={"name": "bad", "source": "bad.safetensors"}, headers=AUTH)
             assert bad.status_code == 400 and MISSING in bad.json()["error"]["message"], bad.text

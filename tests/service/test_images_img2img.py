@@ -22,7 +22,9 @@ from service.images.family import family_ops
 from service.images.init_image import decode_b64, open_image, pixels_for
 from service.images.load import LoadedPipeline
 from service.images.samplers import resolve
+from service.images.tiny_flux import save_peft_flux_lokr
 
+from .flux_world import peft_flux_reference
 from .images_world import (
     assert_pixels_close,
     img2img_reference,
@@ -73,6 +75,28 @@ def test_img2img_rows_equal_diffusers_img2img_beside_txt2img_rows(
 
 
 @pytest.mark.slow
+def test_flux_img2img_rows_equal_flux_img2img_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flux rounds the skipped steps as SD3 does and mixes noise in at the first sigma run (`scale_noise`); a peft
+    LoKr row and a text-to-image row share the transformer forwards."""
+    flux_dir = pipeline_dir(tmp_path, "flux")
+    loaded = load(flux_dir)
+    lokr.load_adapter(loaded.container, save_peft_flux_lokr(flux_dir, tmp_path / "peft", 5), "pe")
+    run = Run(loaded, monkeypatch)
+    image = picture(32, 32, seed=5)
+    s = init_spec(loaded, image, 0.6, prompt="a red cat", seed=3, steps_=4, guidance=3.5)
+    items = [(spec("the dog", 2, guidance=3.5), None), (s, None), (replace(s, seed=4), "pe")]
+    jobs = run(items, joins=[0, 1, 0])
+    for job, pipe in ((jobs[1], load(flux_dir).pipe), (jobs[2], peft_flux_reference(flux_dir, 5))):
+        seed = job.spec.seed if job.spec else -1
+        want_latents, want_pixels = img2img_reference(
+            pipe, "flux", image, s.prompt, seed, strength=0.6, num_inference_steps=4, guidance_scale=3.5
+        )
+        torch.testing.assert_close(run.latents[job.id], want_latents, **TOL)
+        assert_pixels_close(run.pixels(job), want_pixels)
+    assert np.abs(run.pixels(jobs[2]) - run.pixels(jobs[1])).max() > 8  # different seeds; the adapter ran
+
+
+@pytest.mark.slow
 def test_an_adapter_on_an_img2img_row_equals_peft_img2img(
     dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -97,16 +121,15 @@ def test_an_adapter_on_an_img2img_row_equals_peft_img2img(
     assert_pixels_close(run.pixels(adapted), want_pixels)
 
 
-def test_strength_must_leave_a_step_and_flux_refuses_a_starting_image(dirs: dict[str, Path]) -> None:
+def test_strength_must_leave_a_step_rounded_as_each_family_does(dirs: dict[str, Path]) -> None:
     loaded = load(dirs["sd"])
     image = picture(32, 32)
     check_spec(loaded, init_spec(loaded, image, 0.25, prompt="x", seed=0, steps_=4))  # one step
-    with pytest.raises(BadRequestError, match=r"denoising_strength 0.2 with steps 4 runs int\(steps x denoising"):
+    with pytest.raises(BadRequestError, match="denoising_strength 0.2 with steps 4 runs 0 of the 4"):
         check_spec(loaded, init_spec(loaded, image, 0.2, prompt="x", seed=0, steps_=4), names=A1111_NAMES)
     with pytest.raises(BadRequestError, match="must be in \\[0, 1\\]"):
         check_spec(loaded, init_spec(loaded, image, 1.5, prompt="x", seed=0, steps_=4))
-    with pytest.raises(BadRequestError, match="Stable Diffusion and SDXL pipelines; this one is Flux"):
-        family_ops("flux").check(init_spec(loaded, image, 0.5, prompt="x", seed=0))
+    assert (family_ops("sd").first_step(4, 0.6), family_ops("flux").first_step(4, 0.6)) == (2, 1)  # as diffusers
 
 
 def test_starting_images_decode_from_base64_or_are_refused() -> None:
