@@ -5,14 +5,14 @@ safetensors only: pickle-based files are refused, never opened.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -25,8 +25,10 @@ from .functional import FACTOR_NAMES
 
 __all__ = [
     "LYCORIS_PREFIXES",
+    "FileRead",
     "ModuleWeights",
     "ParsedAdapter",
+    "SafetensorsFile",
     "map_lycoris_stems",
     "read_adapter",
     "read_safetensors",
@@ -66,6 +68,21 @@ class ModuleWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+class FileRead(NamedTuple):
+    """A file as it was read: its length in bytes and the SHA-256 digest of those bytes."""
+
+    size: int
+    sha256: bytes
+
+
+class SafetensorsFile(NamedTuple):
+    """A safetensors file read: its tensors (on CPU, in name order), metadata, and what was read (`FileRead`)."""
+
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+    read: FileRead
+
+
 @dataclass
 class ParsedAdapter:
     """An adapter read from disk, not yet matched to a model.
@@ -79,6 +96,7 @@ class ParsedAdapter:
     modules: dict[str, ModuleWeights]
     config: LoKrConfig | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    files: dict[str, FileRead] = field(default_factory=dict)  # tensor file path -> what of it was read
 
     @property
     def nbytes(self) -> int:
@@ -90,8 +108,9 @@ class ParsedAdapter:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_safetensors(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors (on CPU) and the metadata of a safetensors file; any defect is an AdapterFormatError."""
+def read_safetensors(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> SafetensorsFile:
+    """All tensors (on CPU), the metadata and the digest of a safetensors file, read once; any defect (a file that
+    changes while it is read included) is an AdapterFormatError."""
     _refuse_pickle(path)
     try:
         size = path.stat().st_size
@@ -104,28 +123,44 @@ def read_safetensors(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[di
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:  # checks the header and the offsets
             metadata = dict(handle.metadata() or {})
-        tensors = _mapped_tensors(path)
+        data = _read_bytes(path, max_bytes)
+        tensors = _tensors_in(data)
+    except AdapterFormatError:
+        raise
     except Exception as exc:  # safetensors raises several types (SafetensorError, OSError, ...)
         raise AdapterFormatError(f"{path} is not a valid safetensors file: {exc}") from exc
-    return tensors, metadata
+    return SafetensorsFile(tensors, metadata, FileRead(len(data), hashlib.sha256(data).digest()))
 
 
-def _mapped_tensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file `path` (its header already checked by `safe_open`), in name order, as
-    views of a private (copy-on-write) map of the file: nothing is copied until written.
+def _read_bytes(path: Path, max_bytes: int) -> bytearray:
+    """The whole file, read once into memory. Not a map of it: a writer truncating the file in place (`open(path,
+    "wb")`, as a training run saving over its checkpoint does) would kill the process with SIGBUS at the next
+    read of a mapped page; a read sees the file as it is, and a short one is refused."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > max_bytes:
+            raise AdapterFormatError(f"{path} is {size} bytes, over the {max_bytes}-byte limit for adapter files")
+        data = bytearray(size)
+        got = file.readinto(data)
+    if got != size:
+        raise AdapterFormatError(f"{path} changed while it was read ({got} of {size} bytes); load it again")
+    return data
+
+
+def _tensors_in(data: bytearray) -> dict[str, Tensor]:
+    """The tensors of safetensors file bytes `data` (the file's header already checked by `safe_open`), in name
+    order, as views of `data`: nothing is copied.
 
     Not `safe_open(...).get_tensor`: safetensors 0.8 keeps two Python ints alive per tensor read that way, which
     a server reading adapter files again and again accumulates."""
-    with path.open("rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
-        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    (length,) = struct.unpack_from("<Q", data, 0)
+    header = json.loads(bytes(data[8 : 8 + length]))
     tensors = {}
     for name in sorted(k for k in header if k != "__metadata__"):
         entry = header[name]
         dtype, (start, end) = _SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
         count = (end - start) // dtype.itemsize
-        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + length + start) if count else None
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + length + start) if count else None
         tensors[name] = (flat if flat is not None else torch.empty(0, dtype=dtype)).view(entry["shape"])
     return tensors
 
@@ -176,7 +211,7 @@ def _read_peft_dir(path: Path, max_bytes: int) -> ParsedAdapter:
             f"{path}: modules_to_save ({config.modules_to_save}) replaces whole modules per adapter, "
             "which cannot be switched per request; retrain without modules_to_save"
         )
-    tensors, metadata = read_safetensors(weights, max_bytes)
+    tensors, metadata, read = read_safetensors(weights, max_bytes)
     grouped = _group_by_module(tensors, str(weights), strip=PEFT_PREFIX)
     modules = {}
     for name, group in grouped.items():
@@ -184,7 +219,7 @@ def _read_peft_dir(path: Path, max_bytes: int) -> ParsedAdapter:
             raise UnexpectedKeysError(f"{weights}: {PEFT_PREFIX}{name}.alpha is not a PEFT LoKr tensor")
         r, alpha = config.rank_for(name), config.alpha_for(name)
         modules[name] = ModuleWeights(group, alpha / r, r, alpha)
-    return ParsedAdapter("peft", str(path), modules, config, metadata)
+    return ParsedAdapter("peft", str(path), modules, config, metadata, {str(weights): read})
 
 
 def _no_weights_error(path: Path) -> AdapterFormatError:
@@ -200,7 +235,7 @@ def _no_weights_error(path: Path) -> AdapterFormatError:
 
 
 def _read_lycoris_file(path: Path, max_bytes: int) -> ParsedAdapter:
-    tensors, metadata = read_safetensors(path, max_bytes)
+    tensors, metadata, read = read_safetensors(path, max_bytes)
     grouped = _group_by_module(tensors, str(path), strip=None)
     modules = {}
     for stem, group in grouped.items():
@@ -220,7 +255,7 @@ def _read_lycoris_file(path: Path, max_bytes: int) -> ParsedAdapter:
         if alpha != alpha or alpha in (float("inf"), float("-inf")):
             raise AdapterFormatError(f"{path}: {stem}.alpha is not finite ({alpha})")
         modules[stem] = ModuleWeights(group, alpha / rank, rank, alpha)
-    return ParsedAdapter("lycoris", str(path), modules, None, metadata)
+    return ParsedAdapter("lycoris", str(path), modules, None, metadata, {str(path): read})
 
 
 def _lycoris_rank(group: Mapping[str, Tensor]) -> int | None:

@@ -266,7 +266,7 @@ class Registry:
         whose files no longer match the `digest` they had at load fails (`SourceChangedError`)."""
         parsed = lokr.read_adapter(path, max_bytes=self.max_bytes)
         prepared = lokr.prepare_attach(self.engine.model, parsed, name, dtype=self.dtype)
-        now = source_digest(path)
+        now = source_digest(path, parsed.files)
         if digest is not None and now != digest:
             raise SourceChangedError(
                 f"the files of adapter {name!r} ({path}) changed since it was loaded; the server will not serve other "

@@ -4,9 +4,10 @@ same adapter or none: a file replaced after its load is a different adapter, to 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
-from lokr.formats import CONFIG_NAME, WEIGHTS_NAME
+from lokr.formats import CONFIG_NAME, WEIGHTS_NAME, FileRead
 
 __all__ = ["SourceChangedError", "source_digest"]
 
@@ -16,15 +17,19 @@ class SourceChangedError(Exception):
     request hears `adapter_unavailable` (503), which names no path."""
 
 
-def source_digest(source: Path) -> str:
+def source_digest(source: Path, read: Mapping[str, FileRead] | None = None) -> str:
     """SHA-256 over the files `lokr.read_adapter(source)` reads: a `.safetensors` file, or a PEFT dir's config and
-    weights (each file's name and length go in too, so no two file sets share a digest)."""
+    weights (each file's name and length go in too, so no two file sets share a digest). `read`: what the parse
+    itself read of them (`ParsedAdapter.files`, keyed by path), so the digest is of the bytes it used; the files
+    it lacks are read here."""
     folder = source.parent if source.name in (CONFIG_NAME, WEIGHTS_NAME) else source if source.is_dir() else None
     files = [source] if folder is None else [folder / CONFIG_NAME, folder / WEIGHTS_NAME]
     digest = hashlib.sha256()
     for path in files:
-        with path.open("rb") as handle:
-            part = hashlib.file_digest(handle, "sha256").digest()
-        digest.update(f"{path.name}:{path.stat().st_size}:".encode())
-        digest.update(part)
+        seen = (read or {}).get(str(path))
+        if seen is None:
+            with path.open("rb") as handle:
+                seen = FileRead(path.stat().st_size, hashlib.file_digest(handle, "sha256").digest())
+        digest.update(f"{path.name}:{seen.size}:".encode())
+        digest.update(seen.sha256)
     return digest.hexdigest()

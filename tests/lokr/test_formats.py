@@ -394,7 +394,7 @@ def test_reading_a_file_again_and_again_keeps_no_python_objects(tmp_path: Path) 
 
     path = tmp_path / "many.safetensors"
     save_file({f"layer{i}.lokr_w1": torch.randn(4, 4) for i in range(68)}, path, metadata={"ss_note": "x"})
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata, _ = read_safetensors(path)
     assert len(tensors) == 68 and metadata == {"ss_note": "x"}
     for _ in range(5):
         read_safetensors(path)
@@ -594,3 +594,20 @@ def test_a_peft_lora_config_is_named_as_such() -> None:
     data["peft_type"] = "LORA"  # as `adapter_config.json` stores it
     with pytest.raises(lokr.ConfigError, match=r"'LORA' adapter config; only LoKr adapters"):
         lokr.LoKrConfig.from_dict(data)
+
+
+def test_a_file_truncated_after_it_was_read_leaves_the_tensors_intact(tmp_path: Path) -> None:
+    """A training run saving over its checkpoint (`open(path, "wb")`) while the server reads it: the tensors read are
+    the process's own bytes (a mapped file's pages past the new end would kill the process with SIGBUS)."""
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(1 << 18)}, path)
+    size = path.stat().st_size
+    script = (
+        "import sys; from pathlib import Path; from lokr.formats import read_safetensors\n"
+        "tensors, _, read = read_safetensors(Path(sys.argv[1]))\n"
+        "open(sys.argv[1], 'wb').close()\n"
+        "print(int(tensors['w'].sum()), read.size)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == [str(1 << 18), str(size)] and path.stat().st_size == 0

@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 import lokr
@@ -431,3 +433,20 @@ def test_unloads_waiting_on_busy_adapters_leave_the_shared_threads_free(world: W
         assert loading.result(PATIENCE_S).status_code == 201  # not queued behind the waiting unload
         release()
         assert deleting.result(PATIENCE_S).status_code == 200
+
+
+def test_the_digest_is_of_the_bytes_the_parse_read(tmp_path: Path) -> None:
+    """The weights are read once: their digest comes from the parse (the file need not be read again, and a file
+    replaced between the two reads cannot give the parsed weights another file's digest)."""
+    from safetensors.torch import save_file
+
+    from lokr.formats import read_adapter
+    from service.sources import source_digest
+
+    path = tmp_path / "style.safetensors"
+    save_file({"lora_unet_x.lokr_w1": torch.ones(2, 2), "lora_unet_x.lokr_w2": torch.ones(3, 3)}, path)
+    parsed = read_adapter(path)
+    before = source_digest(path)
+    assert source_digest(path, parsed.files) == before
+    save_file({"lora_unet_x.lokr_w1": torch.zeros(2, 2), "lora_unet_x.lokr_w2": torch.ones(3, 3)}, path)
+    assert source_digest(path, parsed.files) == before != source_digest(path)
