@@ -86,7 +86,8 @@ def create_app(
     if settings.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"], allow_headers=["*"])
     _install_error_handlers(app)
-    app.add_middleware(ObserveMiddleware, components=components)  # outermost of ours: sees every answer
+    limit = settings.body_limit(images)
+    app.add_middleware(ObserveMiddleware, components=components, body_limit=limit)  # outermost: sees every answer
     return app
 
 

@@ -55,7 +55,14 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-resident-bytes", {"metavar": "BYTES", "help": "bytes of resident adapters (0: no limit)"}),
     ("--max-host-adapters", {"type": int, "help": "offloaded adapters kept in host memory (LRU)"}),
     ("--max-host-bytes", {"metavar": "BYTES", "help": "bytes of host-tier adapters (0: no limit)"}),
-    ("--max-body-bytes", {"metavar": "BYTES", "help": "largest JSON request body (413 above)"}),
+    (
+        "--max-body-bytes",
+        {
+            "metavar": "BYTES",
+            "help": "largest request body but uploads (413 above; default 4MiB, 64MiB on an image server, whose "
+            "img2img bodies carry pictures)",
+        },
+    ),
     ("--max-upload-bytes", {"metavar": "BYTES", "help": "largest adapter upload (PUT /v1/adapters/NAME)"}),
     ("--max-adapter-bytes", {"metavar": "BYTES", "help": "largest adapter read from disk"}),
     ("--upload-dir", {"help": "where uploaded adapters are kept while loaded (default: a dir under the temp dir)"}),

@@ -33,9 +33,10 @@ class ObserveMiddleware:
     `x-lokr-replica` (a forwarded answer keeps its replica's), and counts the request (route, adapter, status)
     and its latency to the last body byte."""
 
-    def __init__(self, app: ASGIApp, components: Components) -> None:
+    def __init__(self, app: ASGIApp, components: Components, body_limit: int) -> None:
         self.app = app
         self.c = components
+        self.body_limit = body_limit  # `Settings.body_limit`; uploads (PUT) have theirs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,7 +59,7 @@ class ObserveMiddleware:
             await send(message)
 
         token = request_id_var.set(rid)
-        limit = self.c.settings.max_upload_bytes if scope["method"] == "PUT" else self.c.settings.max_body_bytes
+        limit = self.c.settings.max_upload_bytes if scope["method"] == "PUT" else self.body_limit
         try:
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > limit:

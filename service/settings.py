@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_resident_bytes: int = Field(0, ge=0)
     max_host_adapters: int = Field(512, ge=0)
     max_host_bytes: int = Field(0, ge=0)
-    max_body_bytes: int = Field(4 << 20, ge=1024)
+    max_body_bytes: int | None = Field(None, ge=1024)  # None: `body_limit`'s default for the model's kind
     max_upload_bytes: int = Field(2 << 30, ge=1024)
     max_adapter_bytes: int = Field(4 << 30, ge=1024)
     max_logprobs: int = Field(20, ge=0, le=100)
@@ -78,6 +78,13 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [v.strip() for v in text.split(",") if v.strip()]
         return value
+
+    def body_limit(self, images: bool) -> int:
+        """The largest request body but uploads: `max_body_bytes`, else 4 MiB of JSON on a causal-LM server and
+        64 MiB on an image server, whose img2img requests carry pictures (base64 JSON or multipart)."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return (64 if images else 4) << 20
 
     @field_validator(*BYTE_FIELDS, mode="before")
     @classmethod

@@ -38,7 +38,8 @@ def build_ingress_app(ingress: LokrIngress) -> FastAPI:
     for router in (_ops(ingress), _openai(ingress), _admin(ingress)):
         app.include_router(router, responses=ERROR_RESPONSES)
     _install_error_handlers(app)
-    app.add_middleware(ObserveMiddleware, components=ingress.components)
+    limit = ingress.components.settings.body_limit(images=False)  # the ingress serves the completions routes
+    app.add_middleware(ObserveMiddleware, components=ingress.components, body_limit=limit)
     return app
 
 
