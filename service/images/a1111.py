@@ -110,6 +110,7 @@ async def _generate(
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
         sampler=images.sampler(body.sampler_name or body.sampler_index, body.scheduler),
         strength=1.0 if start is None else start[1],
+        clip_skip=clip_skip_of(body.override_settings, c.settings.base_name),
     )
     count = batch * body.n_iter
     specs = images.specs(spec, count, A1111_NAMES)
@@ -125,6 +126,7 @@ async def _generate(
     }  # fmt: skip
     if start is not None:
         info["denoising_strength"] = spec.strength
+    info["clip_skip"] = 1 if spec.clip_skip is None else spec.clip_skip + 1
     info["sampler_name"], info["scheduler"] = images.sampler_label(spec.sampler)
     parameters = body.model_dump(exclude={"init_images"})  # A1111 leaves the images out of `parameters` too
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
@@ -176,18 +178,44 @@ async def set_options(body: dict[str, Any], c: Deps) -> None:
     """Choosing the checkpoint this server already serves is accepted (clients do so before generating); other
     checkpoints, and options this server does not have, are 400s rather than silently ignored."""
     front(c)
-    base = c.settings.base_name
-    wanted = body.get("sd_model_checkpoint", base)
-    if wanted != base:
-        raise BadRequestError(
-            f"this server serves one checkpoint, {base!r}; adapters are chosen per request (<lora:NAME:WEIGHT>)",
-            code="model_not_found",
-        )
+    _check_checkpoint(body.get("sd_model_checkpoint"), c.settings.base_name)
     others = sorted(k for k in body if k != "sd_model_checkpoint")
     if others:
         raise BadRequestError(
-            f"options not settable on this server: {', '.join(others[:10])}; only sd_model_checkpoint is",
+            f"options not settable on this server: {', '.join(others[:10])}; only sd_model_checkpoint is (CLIP "
+            "skip is per request: override_settings.CLIP_stop_at_last_layers)",
             code="invalid_request",
+        )
+
+
+def clip_skip_of(overrides: dict[str, Any] | None, base: str) -> int | None:
+    """diffusers' `clip_skip` from A1111's `override_settings` (`CLIP_stop_at_last_layers` N: N - 1; 1, the last
+    layer, is None); the checkpoint may only be this server's; other settings are 400s, not ignored."""
+    overrides = overrides or {}
+    _check_checkpoint(overrides.get("sd_model_checkpoint"), base)
+    others = sorted(k for k in overrides if k not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers"))
+    if others:
+        raise BadRequestError(
+            f"override_settings not served: {', '.join(others[:10])}; CLIP_stop_at_last_layers and "
+            "sd_model_checkpoint are",
+            code="invalid_request",
+        )
+    stop = overrides.get("CLIP_stop_at_last_layers")
+    if stop is None:
+        return None
+    if not isinstance(stop, int) or isinstance(stop, bool) or stop < 1:
+        raise BadRequestError(
+            f"override_settings.CLIP_stop_at_last_layers must be a whole number from 1 (the last layer), got {stop!r}",
+            code="invalid_request",
+        )
+    return None if stop == 1 else stop - 1
+
+
+def _check_checkpoint(wanted: Any, base: str) -> None:
+    if wanted is not None and wanted != base:
+        raise BadRequestError(
+            f"this server serves one checkpoint, {base!r}; adapters are chosen per request (<lora:NAME:WEIGHT>)",
+            code="model_not_found",
         )
 
 

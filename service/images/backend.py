@@ -40,10 +40,17 @@ class FieldNames:
     n: str
     steps: str
     strength: str
+    clip_skip: str
+    clip_skip_offset: int = 0  # A1111 counts CLIP skip from 1 (1: the last layer), diffusers from 0
+
+    def clip_skip_value(self, clip_skip: int) -> int:
+        return clip_skip + self.clip_skip_offset
 
 
-OPENAI_NAMES = FieldNames("n", "num_inference_steps", "strength")
-A1111_NAMES = FieldNames("batch_size x n_iter", "steps", "denoising_strength")
+OPENAI_NAMES = FieldNames("n", "num_inference_steps", "strength", "clip_skip")
+A1111_NAMES = FieldNames(
+    "batch_size x n_iter", "steps", "denoising_strength", "override_settings.CLIP_stop_at_last_layers", 1
+)
 
 
 def size_unit(loaded: LoadedPipeline) -> int:
@@ -79,7 +86,23 @@ def check_spec(
             f"denoising steps; it must be in [0, 1] and leave at least one: raise {names.strength} or {names.steps}",
             code="invalid_strength",
         )
+    if spec.clip_skip is not None:
+        _check_clip_skip(loaded, spec.clip_skip, names)
     loaded.ops.check(spec)
+
+
+def _check_clip_skip(loaded: LoadedPipeline, clip_skip: int, names: FieldNames) -> None:
+    layers = loaded.ops.clip_layers(loaded.pipe)
+    if not layers:
+        raise BadRequestError(f"{names.clip_skip} applies to Stable Diffusion and SDXL's CLIP text encoders; leave it "
+                              "out on this pipeline", code="invalid_request")  # fmt: skip
+    if not 0 <= clip_skip < layers:
+        low, high = names.clip_skip_value(0), names.clip_skip_value(layers - 1)
+        raise BadRequestError(
+            f"{names.clip_skip} must be in [{low}, {high}] (the text encoder has {layers} layers), got "
+            f"{names.clip_skip_value(clip_skip)}",
+            code="invalid_request",
+        )
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,10 @@ class Family(ABC):
         """Raise `BadRequestError` for what this family cannot honour (beyond the shared size / step checks)."""
         return None
 
+    def clip_layers(self, pipe: Any) -> int:
+        """Layers of the CLIP text encoder(s) `clip_skip` counts from the end of (the fewest); 0: no CLIP skip."""
+        return 0
+
     def first_step(self, steps: int, strength: float) -> int:
         """The schedule's steps img2img skips at `strength` (diffusers' SD / SDXL img2img: the rest, `int(steps *
         strength)`, run; before the scheduler's order multiplies them)."""
@@ -118,6 +122,10 @@ class StableDiffusion(Family):
                 code="invalid_request",
             )
 
+    def clip_layers(self, pipe: Any) -> int:
+        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        return min(int(e.config.num_hidden_layers) for e in encoders if e is not None)
+
     def uses_cfg(self, pipe: Any) -> bool:
         """Classifier-free guidance is possible (no guidance-distilled timestep_cond)."""
         return pipe.unet.config.time_cond_proj_dim is None
@@ -126,37 +134,51 @@ class StableDiffusion(Family):
         return guidance_scale > 1.0 and self.uses_cfg(loaded.pipe)
 
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
-        """A negative prompt of None is "" (SD) or, where the SDXL pipeline zeroes empty prompts, zeros."""
-        texts: list[str] = []
-        specs: list[RowSpec] = []
+        """A negative prompt of None is "" (SD) or, where the SDXL pipeline zeroes empty prompts, zeros. A job's
+        `clip_skip` applies to its prompt alone, as in diffusers (whose negative prompts take the encoder's own
+        output, the penultimate layer's on SDXL)."""
+        texts: list[tuple[str, RowSpec, int | None]] = []  # (text, adapters, clip_skip)
         plan: list[tuple[int, int | None]] = []  # per job: (prompt index, negative index | None = zeros / no CFG)
         zero_neg = self.xl and bool(loaded.pipe.config.get("force_zeros_for_empty_prompt", False))
         for job in jobs:
             assert job.spec is not None
             p = len(texts)
-            texts.append(job.spec.prompt)
-            specs.append(job.selection)
+            texts.append((job.spec.prompt, job.selection, job.spec.clip_skip))
             neg: int | None = None
             if self._needs_cfg(loaded, job.spec.guidance_scale) and not (zero_neg and job.spec.negative_prompt is None):
                 neg = len(texts)
-                texts.append(job.spec.negative_prompt or "")
-                specs.append(job.selection)
+                texts.append((job.spec.negative_prompt or "", job.selection, None))
             plan.append((p, neg))
-        with lokr.adapter_batch(loaded.container, specs, fold=fold):
-            out = loaded.pipe.encode_prompt(texts, device=loaded.device, num_images_per_prompt=1,
-                                            do_classifier_free_guidance=False)  # fmt: skip
-        embeds: Tensor = out[0]
-        pooled: Tensor | None = out[2] if self.xl else None
+        embeds, pooled = self._encode_texts(loaded, texts, fold)
         result = []
         for job, (p, n) in zip(jobs, plan):
             assert job.spec is not None
-            cond = Conditioning(embeds[p : p + 1], None, _row(pooled, p))
+            cond = Conditioning(embeds[p], None, pooled[p])
             if self._needs_cfg(loaded, job.spec.guidance_scale):
-                cond.uncond = embeds[n : n + 1] if n is not None else torch.zeros_like(cond.cond)
-                if pooled is not None:
-                    cond.uncond_pooled = _row(pooled, n) if n is not None else torch.zeros_like(pooled[p : p + 1])
+                cond.uncond = embeds[n] if n is not None else torch.zeros_like(cond.cond)
+                if cond.pooled is not None:
+                    cond.uncond_pooled = pooled[n] if n is not None else torch.zeros_like(cond.pooled)
             result.append(cond)
         return result
+
+    def _encode_texts(
+        self, loaded: LoadedPipeline, texts: Sequence[tuple[str, RowSpec, int | None]], fold: int
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Each `(text, adapters, clip_skip)` encoded, one encoder batch per clip_skip: `(1, L, D)` embeddings and
+        (SDXL) `(1, P)` pooled ones, in order."""
+        groups: dict[int | None, list[int]] = {}
+        for i, (_, _, skip) in enumerate(texts):
+            groups.setdefault(skip, []).append(i)
+        embeds: list[Tensor] = [torch.empty(0)] * len(texts)
+        pooled: list[Tensor | None] = [None] * len(texts)
+        for skip, members in groups.items():
+            with lokr.adapter_batch(loaded.container, [texts[i][1] for i in members], fold=fold):
+                out = loaded.pipe.encode_prompt([texts[i][0] for i in members], device=loaded.device,
+                                                num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                clip_skip=skip)  # fmt: skip
+            for k, i in enumerate(members):
+                embeds[i], pooled[i] = out[0][k : k + 1], _row(out[2], k) if self.xl else None
+        return embeds, pooled
 
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
         """Latents: `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))` times the

@@ -94,11 +94,23 @@ def load_pipeline(source: str, device: str = "auto", dtype: str = "auto") -> Loa
     pipe.set_progress_bar_config(disable=True)
     if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # what the pipeline does before decoding (fp16 VAEs overflow)
+    _name_text_model(pipe)
     parts = {n: getattr(pipe, n) for n in ADAPTER_COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
     for module in [*parts.values(), pipe.vae]:
         module.eval()
         module.requires_grad_(False)
     return LoadedPipeline(pipe, nn.ModuleDict(parts), FAMILIES[cls_name], dev, dt)
+
+
+def _name_text_model(pipe: Any) -> None:
+    """diffusers' SD `clip_skip` reads `text_encoder.text_model.final_layer_norm`; transformers 5's CLIPTextModel
+    holds `final_layer_norm` itself, with no `text_model`. Name the model itself so (a plain attribute, not a
+    submodule: module names, adapter keys and weights stay as they are)."""
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        named = isinstance(encoder, nn.Module) and "text_model" in encoder._modules
+        if isinstance(encoder, nn.Module) and not named and hasattr(encoder, "final_layer_norm"):
+            object.__setattr__(encoder, "text_model", encoder)
 
 
 def _pipeline_class(path: Path) -> str:

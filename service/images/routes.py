@@ -112,6 +112,7 @@ def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
         sampler=images.sampler(body.sampler, body.scheduler),
         strength=strength,
+        clip_skip=body.clip_skip,
     )
 
 

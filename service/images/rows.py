@@ -32,6 +32,7 @@ class ImageSpec:
     # schedule run from it (diffusers' `strength`: `int(steps * strength)` denoiser steps); None: from noise
     init: Tensor | None = field(default=None, compare=False, repr=False)
     strength: float = 1.0
+    clip_skip: int | None = None  # CLIP layers skipped from the end (diffusers' `clip_skip`; A1111's CLIP skip - 1)
 
 
 @dataclass

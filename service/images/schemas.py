@@ -23,6 +23,9 @@ _SAMPLER = (
 _SCHEDULE = 'A1111\'s schedule type ("karras", "exponential", "beta", "sgm_uniform", "simple"); default: automatic'
 
 
+_CLIP_SKIP = "SD / SDXL: CLIP layers skipped from the end (diffusers' clip_skip; A1111's CLIP skip 2 is 1)"
+
+
 def _true_cfg_field() -> Any:
     return Field(
         None,
@@ -54,6 +57,7 @@ class ImageGenerationRequest(RequestBody):
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
     sampler: str | None = _sampler_field(_SAMPLER)
     scheduler: str | None = _sampler_field(_SCHEDULE)
+    clip_skip: int | None = Field(None, ge=0, le=64, strict=True, description=_CLIP_SKIP)
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -65,6 +69,7 @@ class ImageEditRequest(ImageGenerationRequest):
     num_inference_steps: int | None = None
     seed: int | None = Field(None, ge=0, le=2**62)
     output_compression: int | None = Field(None, ge=0, le=100)
+    clip_skip: int | None = Field(None, ge=0, le=64, description=_CLIP_SKIP)
     strength: float = Field(0.8, ge=0, le=1, allow_inf_nan=False)
 
     @field_validator("adapters", mode="before")
@@ -95,6 +100,10 @@ class A1111Request(RequestBody):
     sampler_name: str | None = _sampler_field(_SAMPLER)
     sampler_index: str | None = _sampler_field("deprecated in A1111: sampler_name when that is not given")
     scheduler: str | None = _sampler_field(_SCHEDULE)
+    override_settings: dict[str, Any] | None = Field(
+        None, description="per request: CLIP_stop_at_last_layers (CLIP skip) and sd_model_checkpoint (this one)"
+    )
+    override_settings_restore_afterwards: bool = True  # always: overrides are this request's alone
 
 
 class Txt2ImgRequest(A1111Request):

@@ -417,3 +417,36 @@ def test_an_image_server_takes_img2img_bodies_over_the_json_default(http: httpx.
     assert response.status_code == 200, response.text[:500]
     assert Settings(model="x").body_limit(images=False) == 4 << 20
     assert Settings(model="x", max_body_bytes="1MiB").body_limit(images=True) == 1 << 20
+
+
+def test_clip_skip_per_request_on_both_routes(http: httpx.Client, image_world: World) -> None:
+    """A1111's CLIP skip 2 (`override_settings.CLIP_stop_at_last_layers`, as its clients send it) and the OpenAI
+    route's `clip_skip` 1 are diffusers' `clip_skip=1`; a CLIP skip of 1 is the default."""
+    body = {"prompt": "a red cat", "steps": 3, "cfg_scale": 7.5, "seed": 5, "width": 32, "height": 32}
+    overrides = {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "tiny"}
+    skip = http.post("/sdapi/v1/txt2img", json={**body, "override_settings": overrides})
+    assert skip.status_code == 200, skip.text
+    assert json.loads(skip.json()["info"])["clip_skip"] == 2
+    (openai_route,) = generate(http, prompt="a red cat", seed=5, guidance_scale=7.5, clip_skip=1)
+    pipe = load(image_world.model_dir).pipe
+    want = reference_image(pipe, "a red cat", 5, guidance_scale=7.5, negative_prompt="", clip_skip=1)
+    assert_pixels_close(png(skip.json()["images"][0]), want)
+    assert_pixels_close(openai_route, reference_image(pipe, "a red cat", 5, guidance_scale=7.5, clip_skip=1))
+    plain = http.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"CLIP_stop_at_last_layers": 1}})
+    assert_pixels_close(png(plain.json()["images"][0]), reference_image(pipe, "a red cat", 5, negative_prompt=""))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"CLIP_stop_at_last_layers": 0}, "must be a whole number from 1"),
+        ({"CLIP_stop_at_last_layers": "2"}, "must be a whole number from 1"),
+        ({"CLIP_stop_at_last_layers": 40}, "override_settings.CLIP_stop_at_last_layers must be in [1, "),
+        ({"sd_vae": "other.vae"}, "override_settings not served: sd_vae"),
+        ({"sd_model_checkpoint": "other"}, "serves one checkpoint, 'tiny'"),
+    ],
+)  # fmt: skip
+def test_override_settings_are_honoured_or_refused(http: httpx.Client, overrides: dict, says: str) -> None:
+    body = {"prompt": "a", "steps": 2, "width": 32, "height": 32, "override_settings": overrides}
+    response = http.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 400 and says in response.json()["error"]["message"], response.text

@@ -4,6 +4,7 @@ lokr's adapter on text encoder + UNet vs the same merged); mixed batches equal o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,20 @@ def test_mixed_steps_reuse_kept_folds_and_stay_exact(
     for job, item in zip(together, items):
         (alone,) = single([item])
         torch.testing.assert_close(kept.latents[job.id], single.latents[alone.id], **TOL)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_clip_skips_in_one_batch_equal_diffusers_clip_skip(
+    kind: str, sd_dir: Path, sdxl_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images with and without CLIP skip join one batch (one text-encoder batch per clip_skip); each equals the
+    pipeline called with its `clip_skip`."""
+    path = sd_dir if kind == "sd" else sdxl_dir
+    run = Run(load(path), monkeypatch)
+    items = [(replace(spec(PROMPTS[0], 3), clip_skip=skip), None) for skip in (None, 1, None, 1)]
+    jobs = run(items)
+    ref = load(path).pipe
+    for job, (s, _) in zip(jobs, items):
+        want = reference_latents(ref, s.prompt, s.seed, s.width, s.steps, guidance_scale=7.5, clip_skip=s.clip_skip)
+        torch.testing.assert_close(run.latents[job.id], want, **TOL)
+    assert not torch.allclose(run.latents[jobs[0].id], run.latents[jobs[1].id], atol=1e-2)  # it changes the image
