@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from ..disconnect import until_disconnected
 from ..errors import BadRequestError
 from ..routes.deps import ApiAuth, Components, Deps
-from .front import A1111_NAMES, image_b64, seed_or_random
+from .front import A1111_NAMES, ImageFront, image_b64, seed_or_random
 from .init_image import decode_b64
 from .routes import front
 from .rows import ImageSpec
@@ -77,11 +77,16 @@ async def img2img(body: Img2ImgRequest, c: Deps, request: Request) -> dict[str, 
             "whole batch) or at most batch_size",
             code="invalid_request",
         )
-    files = [(f"init_images[{i}]", decode_b64(text, f"init_images[{i}]")) for i, text in enumerate(body.init_images)]
-    starts = await run_in_threadpool(images.starting_images, files)
+    starts = await run_in_threadpool(_open_all, images, body.init_images)  # up to the body limit: off the loop
     size = images.output_size(starts[0], body.width, body.height)
     batch = body.batch_size if len(starts) == 1 else len(starts)
     return await _generate(body, c, request, size, batch, (starts, body.denoising_strength))
+
+
+def _open_all(images: ImageFront, texts: list[str]) -> list[Any]:
+    """`init_images` as PIL images; a 400 naming the first that is not base64 of an image file."""
+    fields = [f"init_images[{i}]" for i in range(len(texts))]
+    return images.starting_images([(field, decode_b64(text, field)) for field, text in zip(fields, texts)])
 
 
 async def _generate(
