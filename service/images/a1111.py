@@ -51,8 +51,9 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
     images = front(c)
     if body.enable_hr:
         raise BadRequestError(
-            "enable_hr (the hires fix: a second img2img pass) is not served; ask for the final width and height "
-            "directly, or leave enable_hr out",
+            "enable_hr (the hires fix: a second img2img pass) is not served in one request; generate at the base "
+            "size, then send the image to /sdapi/v1/img2img with the final width and height and a "
+            "denoising_strength (e.g. 0.5), or leave enable_hr out",
             code="invalid_request",
         )
     width, height = images.default_size
