@@ -14,6 +14,9 @@ Scenarios (each: `--clients` concurrent clients sending `--requests` image reque
              adapter into the UNet, run the diffusers pipeline, unmerge
   peft-set-8 no server: peft's 8 LoKr adapters injected once, `set_adapter` per request (unmerged), the pipeline
              call a user would write
+  edit-8     the batch-8 server, img2img through A1111's /sdapi/v1/img2img (`<lora:aI:1>`, one starting picture,
+             denoising_strength 0.6: 6 of 10 steps run), adapter i % 8
+  edit-single-8  the same img2img requests on the one-image-at-a-time server
 The naive baselines' ratio is taken against the faster of the two. With `--repeats N` the scenarios run N times,
 in rounds (each round runs every scenario once; batch-8 and batch-1 swap order every round), and each scenario's
 median is reported. Then the denoiser's own batching ceiling on this machine: the bare denoiser's step per image
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import statistics
 import subprocess
@@ -41,6 +46,7 @@ if str(_ROOT) not in sys.path:  # run as a script: make `lokr`, `service` and `b
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from bench.report import environment, markdown_table, paired_ratio, plot_loglog  # noqa: E402
 from bench.serve import free_port  # noqa: E402
@@ -53,13 +59,15 @@ from service.images.tiny import (  # noqa: E402
 from service.images.tiny_flux import FLUX_TARGETS, build_tiny_flux, save_peft_flux_lokr  # noqa: E402
 
 N_ADAPTERS = 8
-RATIOS = (  # (name, numerator, denominator, target); "naive" = the faster of peft-8 and peft-set-8
-    ("8 adapters / 1 adapter", "batch-8", "batch-1", 0.8),
+RATIOS: tuple[tuple[str, str, str, float | None], ...] = (  # (name, numerator, denominator, issue's target)
+    ("8 adapters / 1 adapter", "batch-8", "batch-1", 0.8),  # "naive" = the faster of peft-8 and peft-set-8
     ("batched / one at a time", "batch-8", "single-8", 2.0),
     ("ours / naive peft (merge per request)", "batch-8", "peft-8", 3.0),
     ("ours / naive peft (set_adapter per request)", "batch-8", "peft-set-8", 3.0),
     ("ours / faster naive peft", "batch-8", "naive", 3.0),
+    ("img2img: batched / one at a time", "edit-8", "edit-single-8", None),
 )
+EDIT_STRENGTH = 0.6
 
 
 @dataclass(frozen=True)
@@ -131,15 +139,37 @@ def start(
     raise RuntimeError("server not ready")
 
 
-def bodies(args: argparse.Namespace, distinct: int) -> list[dict[str, Any]]:
+Request = tuple[str, str, dict[str, Any]]  # (adapter, route, body)
+
+
+def bodies(args: argparse.Namespace, distinct: int) -> list[Request]:
+    """Text-to-image requests over `distinct` adapters (OpenAI's route)."""
     return [
-        {"model": f"a{i % distinct}", "prompt": "a red cat", "size": f"{args.size}x{args.size}",
-         "num_inference_steps": args.steps, "seed": i}
+        (f"a{i % distinct}", "/v1/images/generations",
+         {"model": f"a{i % distinct}", "prompt": "a red cat", "size": f"{args.size}x{args.size}",
+          "num_inference_steps": args.steps, "seed": i})
         for i in range(args.requests)
     ]  # fmt: skip
 
 
-async def drive(url: str, requests: list[dict[str, Any]], clients: int) -> tuple[float, int]:
+def edit_bodies(args: argparse.Namespace, distinct: int) -> list[Request]:
+    """Img2img requests over `distinct` adapters (A1111's route), all from one picture of the output size."""
+    side = args.size
+    ramp = torch.linspace(0, 255, side).to(torch.uint8)
+    pixels = torch.stack([ramp.expand(side, side), ramp.expand(side, side).T, ramp.flip(0).expand(side, side)], -1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy(), "RGB").save(buf, format="PNG")
+    picture = base64.b64encode(buf.getvalue()).decode()
+    strength = max(EDIT_STRENGTH, 1 / args.steps)  # at least one step (--quick runs one)
+    return [
+        (f"a{i % distinct}", "/sdapi/v1/img2img",
+         {"prompt": f"a red cat <lora:a{i % distinct}:1>", "init_images": [picture], "width": side, "height": side,
+          "steps": args.steps, "denoising_strength": strength, "cfg_scale": 7.5, "seed": i})
+        for i in range(args.requests)
+    ]  # fmt: skip
+
+
+async def drive(url: str, requests: list[Request], clients: int) -> tuple[float, int]:
     """Seconds to serve every request with `clients` concurrent clients; and the number of errors.
 
     Warm-up first: one request per distinct adapter, concurrently (first use of an adapter builds its banks).
@@ -150,27 +180,28 @@ async def drive(url: str, requests: list[dict[str, Any]], clients: int) -> tuple
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal errors
         while queue:
-            response = await http.post("/v1/images/generations", json=queue.pop())
+            _, route, body = queue.pop()
+            response = await http.post(route, json=body)
             errors += response.status_code != 200
 
     async with httpx.AsyncClient(base_url=url, timeout=3600) as http:
-        firsts = {body["model"]: body for body in requests}
-        await asyncio.gather(*(http.post("/v1/images/generations", json=body) for body in firsts.values()))
+        firsts = {adapter: (route, body) for adapter, route, body in requests}
+        await asyncio.gather(*(http.post(route, json=body) for route, body in firsts.values()))
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
     return time.perf_counter() - started, errors
 
 
 def run_server(
-    args: argparse.Namespace, model: Path, adapters: list[Path], batch: int, distinct: tuple[int, ...]
-) -> list[dict[str, Any]]:
-    """One server, a measurement per entry of `distinct` (how many distinct adapters the requests name)."""
+    args: argparse.Namespace, model: Path, adapters: list[Path], batch: int, loads: dict[str, list[Request]]
+) -> dict[str, dict[str, Any]]:
+    """One server, a measurement per entry of `loads` (scenario name: its requests), in order."""
     proc, url = start(model, adapters, batch, args.work / f"server-batch{batch}.log", args.fold_cache)
-    out = []
+    out = {}
     try:
-        for n in distinct:
-            seconds, errors = asyncio.run(drive(url, bodies(args, n), args.clients))
-            out.append({"seconds": seconds, "errors": errors, "images": args.requests})
+        for name, requests in loads.items():
+            seconds, errors = asyncio.run(drive(url, requests, args.clients))
+            out[name] = {"seconds": seconds, "errors": errors, "images": args.requests}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -188,7 +219,8 @@ def run_peft(args: argparse.Namespace, model: Path, merge: bool) -> dict[str, An
         inject_peft_lokr(denoiser, seed=100 + i, name=f"a{i}", targets=targets)
     layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
 
-    def serve(body: dict[str, Any]) -> None:
+    def serve(request: Request) -> None:
+        _, _, body = request
         for layer in layers:
             if merge:
                 layer.merge(adapter_names=[body["model"]])
@@ -205,8 +237,8 @@ def run_peft(args: argparse.Namespace, model: Path, merge: bool) -> dict[str, An
         requests = bodies(args, N_ADAPTERS)
         serve(requests[0])  # warm-up
         started = time.perf_counter()
-        for body in requests:
-            serve(body)
+        for request in requests:
+            serve(request)
     return {"seconds": time.perf_counter() - started, "errors": 0, "images": args.requests}
 
 
@@ -307,7 +339,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], ceiling
     for name, num, den, target in RATIOS:
         value = speed[num] / speed[den]
         paired = paired_ratio(round_speeds(results, num), round_speeds(results, den))
-        ratios.append([name, f"{value:.3f}", f"{paired:.3f}", f">= {target}", "met" if value >= target else "missed"])
+        verdict = "(no target)" if target is None else "met" if value >= target else "missed"
+        ratios.append([name, f"{value:.3f}", f"{paired:.3f}", "" if target is None else f">= {target}", verdict])
     env = environment()
     settings = {"pipeline": args.kind.name, "clients": args.clients, "requests": args.requests, "size": args.size,
                 "steps": args.steps, "rounds (interleaved; medians)": args.repeats,
@@ -334,10 +367,13 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], ceiling
 def run_round(args: argparse.Namespace, model: Path, adapters: list[Path], k: int) -> dict[str, dict[str, Any]]:
     """Every scenario once; batch-8 and batch-1 (one server) swap order every other round."""
     order = (N_ADAPTERS, 1) if k % 2 == 0 else (1, N_ADAPTERS)
-    by_distinct = dict(zip(order, run_server(args, model, adapters, args.clients, order), strict=True))
-    (single,) = run_server(args, model, adapters, 1, (N_ADAPTERS,))
-    return {"batch-8": by_distinct[N_ADAPTERS], "batch-1": by_distinct[1], "single-8": single,
-            "peft-8": run_peft(args, model, merge=True), "peft-set-8": run_peft(args, model, merge=False)}  # fmt: skip
+    loads = {f"batch-{n}": bodies(args, n) for n in order}
+    batched = run_server(args, model, adapters, args.clients, {**loads, "edit-8": edit_bodies(args, N_ADAPTERS)})
+    one = {"single-8": bodies(args, N_ADAPTERS), "edit-single-8": edit_bodies(args, N_ADAPTERS)}
+    single = run_server(args, model, adapters, 1, one)
+    return {"batch-8": batched["batch-8"], "batch-1": batched["batch-1"], "single-8": single["single-8"],
+            "peft-8": run_peft(args, model, merge=True), "peft-set-8": run_peft(args, model, merge=False),
+            "edit-8": batched["edit-8"], "edit-single-8": single["edit-single-8"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
