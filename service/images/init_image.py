@@ -7,7 +7,6 @@ import base64
 import binascii
 import io
 import re
-import warnings
 from typing import Any
 
 from torch import Tensor
@@ -34,22 +33,19 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Any:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadRequestError(
-                    f"{field}: a {width}x{height} image is over this server's {max_pixels}-pixel limit "
-                    "(--max-image-pixels)",
-                    code="invalid_image",
-                )
-            image.load()
+        image = Image.open(io.BytesIO(data))  # reads the header only; PIL's own bomb check is far above ours
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadRequestError(
+                f"{field}: a {width}x{height} image is over this server's {max_pixels}-pixel limit "
+                "(--max-image-pixels)",
+                code="invalid_image",
+            )
+        return image.convert("RGB")  # decodes it (the first frame of an animation)
     except BadRequestError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadRequestError(f"{field} is not a readable image file: {exc}", code="invalid_image") from exc
-    return image.convert("RGB")
 
 
 def pixels_for(processor: Any, image: Any, size: tuple[int, int]) -> Tensor:

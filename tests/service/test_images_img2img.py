@@ -139,6 +139,10 @@ def test_starting_images_decode_from_base64_or_are_refused() -> None:
     for sent in (text, f"data:image/png;base64,{text}"):
         image = open_image(decode_b64(sent, "init_images[0]"), "init_images[0]", 10_000)
         assert image.mode == "RGB" and image.size == (40, 24)
+    for mode, value in (("I;16", 40000), ("CMYK", (0, 50, 90, 10)), ("P", 3), ("LA", (9, 200))):
+        other = io.BytesIO()
+        Image.new(mode, (8, 8), value).save(other, format="TIFF" if mode == "CMYK" else "PNG")
+        assert open_image(other.getvalue(), "image", 10_000).mode == "RGB"  # any mode PIL reads: RGB, not a 500
     with pytest.raises(BadRequestError, match=r"init_images\[0\] is not base64"):
         decode_b64("not base64!", "init_images[0]")
     with pytest.raises(BadRequestError, match="image is not a readable image file"):
