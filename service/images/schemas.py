@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..schemas import AdapterRef, RequestBody
 
@@ -83,6 +83,24 @@ class ImageEditRequest(ImageGenerationRequest):
             raise ValueError(f'adapters must be JSON text, e.g. [{{"name": "ink", "scale": 0.8}}]: {exc}') from exc
 
 
+def _unset(value: Any) -> bool:
+    """What A1111's clients send for a feature they do not use: false, 0, -1, "", [], {} or nothing."""
+    return value is None or value is False or value in (0, -1, "") or value == [] or value == {}
+
+
+# A1111 fields this server does not serve: set to anything but "unused", a 400 says so (not a silently other image)
+_NOT_SERVED = {
+    "restore_faces": "face restoration (GFPGAN / CodeFormer) is not served",
+    "tiling": "seamless tiling is not served",
+    "subseed_strength": "variation seeds (subseed, subseed_strength) are not served",
+    "seed_resize_from_h": "seed resize is not served",
+    "seed_resize_from_w": "seed resize is not served",
+    "styles": "A1111's saved styles are not on this server: put their text in the prompt",
+    "script_name": "scripts are not served",
+    "alwayson_scripts": "extensions (alwayson_scripts: ControlNet, ADetailer, ...) are not served",
+}
+
+
 class A1111Request(RequestBody):
     """What AUTOMATIC1111's txt2img and img2img bodies share. Prompt tags `<lora:NAME:WEIGHT>` select adapters."""
 
@@ -104,6 +122,15 @@ class A1111Request(RequestBody):
         None, description="per request: CLIP_stop_at_last_layers (CLIP skip) and sd_model_checkpoint (this one)"
     )
     override_settings_restore_afterwards: bool = True  # always: overrides are this request's alone
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_is_not_served(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            used = [f"{key}: {why}" for key, why in _NOT_SERVED.items() if not _unset(data.get(key))]
+            if used:
+                raise ValueError("; ".join(used) + " (leave these out or at their defaults)")
+        return data
 
 
 class Txt2ImgRequest(A1111Request):

@@ -450,3 +450,33 @@ def test_override_settings_are_honoured_or_refused(http: httpx.Client, overrides
     body = {"prompt": "a", "steps": 2, "width": 32, "height": 32, "override_settings": overrides}
     response = http.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+
+
+A1111_DEFAULTS = {
+    "restore_faces": False, "tiling": False, "subseed": -1, "subseed_strength": 0, "seed_resize_from_h": -1,
+    "seed_resize_from_w": 0, "styles": [], "script_name": "", "script_args": [], "alwayson_scripts": {},
+    "send_images": True, "save_images": False, "do_not_save_grid": False, "eta": 0,
+}  # fmt: skip  # what A1111 clients send when they use none of these
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("restore_faces", True, "restore_faces: face restoration"),
+        ("tiling", True, "tiling: seamless tiling"),
+        ("subseed_strength", 0.3, "subseed_strength: variation seeds"),
+        ("seed_resize_from_w", 512, "seed_resize_from_w: seed resize"),
+        ("styles", ["cinematic"], "styles: A1111's saved styles"),
+        ("script_name", "x/y/z plot", "script_name: scripts are not served"),
+        ("alwayson_scripts", {"controlnet": {"args": []}}, "alwayson_scripts: extensions"),
+    ],
+)  # fmt: skip
+def test_a1111_features_not_served_are_400s_not_other_images(
+    http: httpx.Client, field: str, value: Any, says: str
+) -> None:
+    body = {"prompt": "a", "steps": 2, "width": 32, "height": 32, **A1111_DEFAULTS}
+    assert http.post("/sdapi/v1/txt2img", json=body).status_code == 200  # a client's full default payload
+    response = http.post("/sdapi/v1/txt2img", json={**body, field: value})
+    assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+    img2img = {**body, field: value, "init_images": [b64_png(picture(32, 32))]}
+    assert http.post("/sdapi/v1/img2img", json=img2img).status_code == 400
