@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import importlib.util
 import json
 import logging
 import time
@@ -45,7 +44,5 @@ def configure_logging(level: str = "info", as_json: bool = True) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # loading bars would break the log's lines
-    if importlib.util.find_spec("diffusers") is not None:  # the [images] extra
-        import diffusers
-
-        diffusers.utils.logging.disable_progress_bar()
+    # diffusers' bars are turned off where a pipeline is loaded (`images.load`): importing it here cost every
+    # causal-LM server 3 s of start-up

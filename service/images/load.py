@@ -84,6 +84,7 @@ def load_pipeline(source: str, device: str = "auto", dtype: str = "auto") -> Loa
     _check_safetensors(path)
     import diffusers
 
+    diffusers.utils.logging.disable_progress_bar()  # its loading bars would break the server's log lines
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:  # the named class only: never a custom pipeline's code from the dir

@@ -97,3 +97,14 @@ def test_demo_refuses_a_missing_gpu_before_building(tmp_path) -> None:  # type: 
     )  # fmt: skip
     assert out.returncode == 2 and "no CUDA device is available" in out.stderr
     assert not (tmp_path / "demo").exists() and "building" not in out.stdout
+
+
+def test_logging_setup_leaves_diffusers_unimported() -> None:
+    """A causal-LM server does not pay diffusers' import (about 3 s here) to configure its logs."""
+    script = (
+        "import sys; from service.logs import configure_logging; configure_logging()\n"
+        "print('diffusers' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

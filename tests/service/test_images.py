@@ -276,6 +276,15 @@ def test_causal_lm_server_refuses_image_routes(client: httpx.Client) -> None:
     assert {m["kind"] for m in client.get("/v1/models").json()["data"]} == {"causal-lm"}
 
 
+def test_loading_a_pipeline_turns_off_diffusers_progress_bars(image_world: World) -> None:
+    """Loading bars would break the server's log lines (the logging setup leaves diffusers to the loader)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_progress_bar()
+    load(image_world.model_dir)
+    assert not diffusers_logging.is_progress_bar_enabled()
+
+
 def test_load_refuses_pickle_weights_and_other_pipelines(image_world: World, tmp_path: Path) -> None:
     import shutil
 
