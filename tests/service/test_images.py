@@ -269,7 +269,8 @@ def test_the_image_server_keeps_a_folded_copy_per_batch_image_by_default(image_s
 def test_causal_lm_server_refuses_image_routes(client: httpx.Client) -> None:
     routes = [("POST", "/v1/images/generations"), ("POST", "/sdapi/v1/txt2img"), ("GET", "/sdapi/v1/loras"),
               ("GET", "/sdapi/v1/samplers"), ("GET", "/sdapi/v1/schedulers"), ("GET", "/sdapi/v1/sd-models"),
-              ("GET", "/sdapi/v1/options"), ("POST", "/sdapi/v1/options"), ("GET", "/sdapi/v1/progress")]  # fmt: skip
+              ("GET", "/sdapi/v1/options"), ("POST", "/sdapi/v1/options"), ("GET", "/sdapi/v1/progress"),
+              ("POST", "/sdapi/v1/img2img"), ("POST", "/v1/images/edits")]  # fmt: skip
     for method, path in routes:
         response = client.request(method, path, json={"prompt": "a"} if method == "POST" else None)
         assert response.status_code == 400 and response.json()["error"]["code"] == "wrong_model_kind"
