@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -14,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from ..disconnect import until_disconnected
 from ..errors import BadRequestError
 from ..routes.deps import ApiAuth, Components, Deps
+from .backend import HIRES_NAMES, size_unit
 from .front import A1111_NAMES, ImageFront, image_b64, seed_or_random
 from .init_image import decode_b64
 from .routes import front
@@ -49,15 +51,47 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, Any]:
     """`batch_size * n_iter` images, seeds `seed, seed + 1, ...` (seed -1: random)."""
     images = front(c)
-    if body.enable_hr:
+    width, height = images.default_size
+    size = (body.width or width, body.height or height)
+    hires = _hires(body, size, size_unit(images.backend.loaded)) if body.enable_hr else None
+    return await _generate(body, c, request, size, body.batch_size, hires=hires)
+
+
+@dataclass(frozen=True)
+class Hires:
+    """The hires fix's second pass: each image upscaled to `size` with PIL's `resample`, then img2img at
+    `strength` over `steps` (diffusers' img2img: `int(steps x strength)` of them run), same seed and adapters."""
+
+    size: tuple[int, int]
+    resample: int
+    steps: int
+    strength: float
+    upscaler: str
+
+
+_UPSCALERS = {"lanczos": 1, "nearest": 0}  # PIL.Image.Resampling.LANCZOS, NEAREST
+
+
+def _hires(body: Txt2ImgRequest, size: tuple[int, int], unit: int) -> Hires:
+    """The second pass `body` asks for; a 400 for upscalers not served (latent and model upscalers)."""
+    upscaler = (body.hr_upscaler or "").strip()
+    if upscaler.lower() not in _UPSCALERS:
         raise BadRequestError(
-            "enable_hr (the hires fix: a second img2img pass) is not served in one request; generate at the base "
-            "size, then send the image to /sdapi/v1/img2img with the final width and height and a "
-            "denoising_strength (e.g. 0.5), or leave enable_hr out",
+            f"hr_upscaler {body.hr_upscaler!r} is not served (A1111's default is a latent upscaler); the pixel "
+            "upscalers 'Lanczos' and 'Nearest' are",
             code="invalid_request",
         )
-    width, height = images.default_size
-    return await _generate(body, c, request, (body.width or width, body.height or height), body.batch_size)
+    width, height = size
+    x, y = body.hr_resize_x, body.hr_resize_y
+    if not x and not y:
+        x, y = int(width * body.hr_scale), int(height * body.hr_scale)
+    elif not y:
+        y = x * height // width
+    elif not x:
+        x = y * width // height
+    target = (max(unit, x // unit * unit), max(unit, y // unit * unit))
+    steps = body.hr_second_pass_steps or body.steps
+    return Hires(target, _UPSCALERS[upscaler.lower()], steps, body.denoising_strength, upscaler)
 
 
 @router.post("/sdapi/v1/img2img")
@@ -97,9 +131,11 @@ async def _generate(
     size: tuple[int, int],
     batch: int,
     start: tuple[list[Any], float] | None = None,
+    hires: Hires | None = None,
 ) -> dict[str, Any]:
     """`batch * n_iter` images of `size`, seeds `seed, seed + 1, ...`; from `start` = (images, strength) when
-    given, image k from `images[k % len]`. A1111's answer: base64 PNGs, the body, and `info` as JSON text."""
+    given, image k from `images[k % len]`; then `hires`' pass, when given. A1111's answer: base64 PNGs, the body,
+    and `info` as JSON text."""
     images = front(c)
     prompt, pairs = parse_lora_tags(body.prompt)
     sel = images.select(None, pairs)
@@ -120,9 +156,17 @@ async def _generate(
     )
     count = batch * body.n_iter
     specs = images.specs(spec, count, A1111_NAMES)
+    second = None
+    if hires is not None:  # checked before the first pass runs
+        hr_spec = replace(spec, width=hires.size[0], height=hires.size[1], steps=hires.steps, strength=hires.strength)
+        second = images.specs(hr_spec, count, HIRES_NAMES)
     if start is not None:
         specs = await run_in_threadpool(images.starting_from, specs, start[0])
     pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
+    if hires is not None and second is not None:
+        upscaled = [await run_in_threadpool(p.resize, hires.size, hires.resample) for p in pictures]
+        second = await run_in_threadpool(images.starting_from, second, upscaled)
+        pictures = await images.generate(second, sel, lambda: until_disconnected(request))
     encoded = [await run_in_threadpool(image_b64, p) for p in pictures]
     info = {
         "prompt": prompt, "all_prompts": [prompt] * count, "negative_prompt": body.negative_prompt,
@@ -132,6 +176,9 @@ async def _generate(
     }  # fmt: skip
     if start is not None:
         info["denoising_strength"] = spec.strength
+    if hires is not None:
+        info.update(denoising_strength=hires.strength, hr_upscaler=hires.upscaler, hr_second_pass_steps=hires.steps,
+                    hr_resize_x=hires.size[0], hr_resize_y=hires.size[1])  # fmt: skip
     info["clip_skip"] = 1 if spec.clip_skip is None else spec.clip_skip + 1
     info["sampler_name"], info["scheduler"] = images.sampler_label(spec.sampler)
     parameters = body.model_dump(exclude={"init_images"})  # A1111 leaves the images out of `parameters` too

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,8 +24,8 @@ from .load import LoadedPipeline
 from .rows import ImageJob, ImageSpec, Row, start_row
 
 __all__ = [
-    "A1111_NAMES", "MAX_PIXELS", "MAX_STEPS", "OPENAI_NAMES", "FieldNames", "ImageBackend", "Progress", "check_spec",
-    "size_unit",
+    "A1111_NAMES", "HIRES_NAMES", "MAX_PIXELS", "MAX_STEPS", "OPENAI_NAMES", "FieldNames", "ImageBackend", "Progress",
+    "check_spec", "size_unit",
 ]  # fmt: skip
 
 log = logging.getLogger("lokr_serve.images")
@@ -51,6 +51,7 @@ OPENAI_NAMES = FieldNames("n", "num_inference_steps", "strength", "clip_skip")
 A1111_NAMES = FieldNames(
     "batch_size x n_iter", "steps", "denoising_strength", "override_settings.CLIP_stop_at_last_layers", 1
 )
+HIRES_NAMES = replace(A1111_NAMES, steps="hr_second_pass_steps (or steps)")
 
 
 def size_unit(loaded: LoadedPipeline) -> int:

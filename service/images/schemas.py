@@ -133,10 +133,33 @@ class A1111Request(RequestBody):
         return data
 
 
-class Txt2ImgRequest(A1111Request):
-    """`POST /sdapi/v1/txt2img` (AUTOMATIC1111)."""
+_SAME = {"", "Use same sampler", "Use same scheduler", "Use same checkpoint"}  # what A1111's UI sends for "as pass 1"
+_HIRES_NOT_SERVED = ("hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "hr_checkpoint_name")
 
-    enable_hr: bool = Field(False, description="A1111's hires fix: not served (true is a 400)")
+
+class Txt2ImgRequest(A1111Request):
+    """`POST /sdapi/v1/txt2img` (AUTOMATIC1111). `enable_hr`: the hires fix, a second pass of img2img from each
+    image upscaled (`hr_upscaler` Lanczos or Nearest) to `hr_scale` x or `hr_resize_x` x `hr_resize_y`."""
+
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, gt=0, le=8, allow_inf_nan=False)
+    hr_upscaler: str | None = Field(None, max_length=64)
+    hr_resize_x: int = Field(0, ge=0, le=16384, strict=True)
+    hr_resize_y: int = Field(0, ge=0, le=16384, strict=True)
+    hr_second_pass_steps: int = Field(0, ge=0, strict=True, description="0: steps")
+    denoising_strength: float = Field(0.7, ge=0, le=1, allow_inf_nan=False, description="the hires pass's")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_other_hires_passes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("enable_hr"):
+            used = [key for key in _HIRES_NOT_SERVED if data.get(key) not in (None, *_SAME)]
+            if used:
+                raise ValueError(
+                    f"{', '.join(used)}: a hires pass with its own prompt, sampler or checkpoint is not served; "
+                    "leave them out (the pass uses the first one's)"
+                )
+        return data
 
 
 class Img2ImgRequest(A1111Request):

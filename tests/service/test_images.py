@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
@@ -130,6 +131,11 @@ def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
         ("/v1/images/generations", {"prompt": "a", "output_format": "gif"}, 400, "invalid_request"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "steps": "20"}, 400, "invalid_request"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_scale": 2}, 400, "invalid_request"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_upscaler": "Latent"}, 400, "invalid_request"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_upscaler": "Lanczos", "hr_prompt": "b"}, 400,
+         "invalid_request"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_upscaler": "Lanczos", "hr_resize_x": 9000}, 400,
+         "invalid_size"),
         ("/v1/images/generations", {"prompt": "a", "num_inference_steps": 500}, 400, "invalid_steps"),
         ("/v1/images/generations", {"prompt": "a", "adapters": [{"name": "ink", "scale": 1e9}]}, 400,
          "invalid_request"),
@@ -490,3 +496,25 @@ def test_a1111_features_not_served_are_400s_not_other_images(
     assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
     img2img = {**body, field: value, "init_images": [b64_png(picture(32, 32))]}
     assert http.post("/sdapi/v1/img2img", json=img2img).status_code == 400
+
+
+def test_a1111_hires_fix_is_txt2img_then_img2img_from_the_upscaled_image(
+    http: httpx.Client, image_world: World
+) -> None:
+    """`enable_hr`: each image of the first pass, upscaled with PIL (Lanczos) to `hr_scale` x its size, is the
+    starting picture of diffusers' img2img at `denoising_strength` over `hr_second_pass_steps`, same seed."""
+    body = {"prompt": "a red cat", "steps": 3, "cfg_scale": 7.5, "seed": 3, "width": 32, "height": 32,
+            "batch_size": 2, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos",
+            "hr_second_pass_steps": 4, "denoising_strength": 0.5, "hr_sampler_name": "Use same sampler"}  # fmt: skip
+    response = http.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert (info["hr_resize_x"], info["hr_resize_y"], info["hr_second_pass_steps"]) == (48, 48, 4)
+    pipe = load(image_world.model_dir).pipe
+    for k, got in enumerate(response.json()["images"]):
+        first = pipe("a red cat", height=32, width=32, num_inference_steps=3, negative_prompt="",
+                     generator=torch.Generator("cpu").manual_seed(3 + k)).images[0]  # fmt: skip
+        upscaled = first.resize((48, 48), Image.Resampling.LANCZOS)
+        _, want = img2img_reference(pipe, "sd", upscaled, "a red cat", 3 + k, strength=0.5, num_inference_steps=4,
+                                    guidance_scale=7.5, negative_prompt="")  # fmt: skip
+        assert_pixels_close(png(got), want)
