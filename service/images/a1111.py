@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch.nn.functional as F
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -59,26 +61,34 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
 
 @dataclass(frozen=True)
 class Hires:
-    """The hires fix's second pass: each image upscaled to `size` with PIL's `resample`, then img2img at
-    `strength` over `steps` (diffusers' img2img: `int(steps x strength)` of them run), same seed and adapters."""
+    """The hires fix's second pass: each image upscaled to `size`, its picture with PIL's `resample` or (`latent`:
+    `(mode, antialias)` of `F.interpolate`) its latents, then img2img at `strength` over `steps` (diffusers'
+    img2img: `int(steps x strength)` of them run), same seed and adapters."""
 
     size: tuple[int, int]
-    resample: int
+    resample: int | None
+    latent: tuple[str, bool] | None
     steps: int
     strength: float
     upscaler: str
 
 
-_UPSCALERS = {"lanczos": 1, "nearest": 0}  # PIL.Image.Resampling.LANCZOS, NEAREST
+_PIXEL_UPSCALERS = {"lanczos": 1, "nearest": 0}  # PIL.Image.Resampling.LANCZOS, NEAREST
+_LATENT_UPSCALERS = {  # A1111's latent upscale modes
+    "latent": ("bilinear", False), "latent (antialiased)": ("bilinear", True), "latent (bicubic)": ("bicubic", False),
+    "latent (bicubic antialiased)": ("bicubic", True), "latent (nearest)": ("nearest", False),
+    "latent (nearest-exact)": ("nearest-exact", False),
+}  # fmt: skip
 
 
 def _hires(body: Txt2ImgRequest, size: tuple[int, int], unit: int) -> Hires:
-    """The second pass `body` asks for; a 400 for upscalers not served (latent and model upscalers)."""
-    upscaler = (body.hr_upscaler or "").strip()
-    if upscaler.lower() not in _UPSCALERS:
+    """The second pass `body` asks for (no `hr_upscaler`: A1111's default, `Latent`); a 400 for model upscalers."""
+    upscaler = (body.hr_upscaler or "Latent").strip()
+    name = upscaler.lower()
+    if name not in _PIXEL_UPSCALERS and name not in _LATENT_UPSCALERS:
         raise BadRequestError(
-            f"hr_upscaler {body.hr_upscaler!r} is not served (A1111's default is a latent upscaler); the pixel "
-            "upscalers 'Lanczos' and 'Nearest' are",
+            f"hr_upscaler {upscaler!r} is not served; the latent upscalers ({', '.join(_LATENT_UPSCALERS)}) and "
+            "the pixel upscalers 'Lanczos' and 'Nearest' are (not upscaling models such as ESRGAN)",
             code="invalid_request",
         )
     width, height = size
@@ -91,7 +101,18 @@ def _hires(body: Txt2ImgRequest, size: tuple[int, int], unit: int) -> Hires:
         x = y * width // height
     target = (max(unit, x // unit * unit), max(unit, y // unit * unit))
     steps = body.hr_second_pass_steps or body.steps
-    return Hires(target, _UPSCALERS[upscaler.lower()], steps, body.denoising_strength, upscaler)
+    resample, latent = _PIXEL_UPSCALERS.get(name), _LATENT_UPSCALERS.get(name)
+    return Hires(target, resample, latent, steps, body.denoising_strength, upscaler)
+
+
+def _upscaled(hires: Hires, images: Sequence[Any], factor: int) -> list[Any]:
+    """The first pass's images (PIL pictures, or `(1, C, h, w)` latents for a latent upscaler) at the hires size
+    (`factor`: the VAE's, pixels per latent)."""
+    if hires.latent is None:
+        return [image.resize(hires.size, hires.resample) for image in images]
+    mode, antialias = hires.latent
+    size = (hires.size[1] // factor, hires.size[0] // factor)
+    return [F.interpolate(latents, size=size, mode=mode, antialias=antialias) for latents in images]
 
 
 @router.post("/sdapi/v1/img2img")
@@ -153,19 +174,24 @@ async def _generate(
         sampler=images.sampler(body.sampler_name or body.sampler_index, body.scheduler),
         strength=1.0 if start is None else start[1],
         clip_skip=clip_skip_of(body.override_settings, c.settings.base_name),
+        latent_output=hires is not None and hires.latent is not None,
     )
     count = batch * body.n_iter
     specs = images.specs(spec, count, A1111_NAMES)
     second = None
     if hires is not None:  # checked before the first pass runs
-        hr_spec = replace(spec, width=hires.size[0], height=hires.size[1], steps=hires.steps, strength=hires.strength)
+        hr_spec = replace(spec, width=hires.size[0], height=hires.size[1], steps=hires.steps, strength=hires.strength,
+                          latent_output=False)  # fmt: skip
         second = images.specs(hr_spec, count, HIRES_NAMES)
     if start is not None:
         specs = await run_in_threadpool(images.starting_from, specs, start[0])
     pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
     if hires is not None and second is not None:
-        upscaled = [await run_in_threadpool(p.resize, hires.size, hires.resample) for p in pictures]
-        second = await run_in_threadpool(images.starting_from, second, upscaled)
+        upscaled = await run_in_threadpool(_upscaled, hires, pictures, images.backend.loaded.vae_scale_factor)
+        if hires.latent is None:
+            second = await run_in_threadpool(images.starting_from, second, upscaled)
+        else:
+            second = [replace(s, init_latents=latents) for s, latents in zip(second, upscaled, strict=True)]
         pictures = await images.generate(second, sel, lambda: until_disconnected(request))
     encoded = [await run_in_threadpool(image_b64, p) for p in pictures]
     info = {

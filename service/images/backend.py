@@ -242,7 +242,10 @@ class ImageBackend:
         self._rows = [row for row in self._rows if not row.done]
         by_size: dict[tuple[int, int], list[Row]] = defaultdict(list)
         for row in done:
-            by_size[row.size].append(row)
+            if row.spec.latent_output:  # the hires fix's first pass: its latents are the answer, not decoded
+                self._finish(row, row.latents)
+            else:
+                by_size[row.size].append(row)
         for rows in by_size.values():
             try:
                 images = steps.decode(self.loaded, rows)
@@ -250,5 +253,9 @@ class ImageBackend:
                 fail_jobs([row.job for row in rows], exc)
                 continue
             for row, image in zip(rows, images):
-                row.job.image = image
-                row.job.finish(FinishEvent("stop", 0, row.index - row.first))
+                self._finish(row, image)
+
+    @staticmethod
+    def _finish(row: Row, image: Any) -> None:
+        row.job.image = image
+        row.job.finish(FinishEvent("stop", 0, row.index - row.first))

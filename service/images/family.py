@@ -192,12 +192,11 @@ class StableDiffusion(Family):
         scheduler = new_scheduler(pipe.scheduler, spec.sampler)
         scheduler.set_timesteps(spec.steps, device=loaded.device)
         first = self.first_step(spec.steps, spec.strength) * scheduler.order
-        if (self.xl or spec.init is not None) and hasattr(scheduler, "set_begin_index"):
+        if (self.xl or spec.from_image) and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(first)
         generator = torch.Generator("cpu").manual_seed(spec.seed)
-        if spec.init is not None:
-            assert start is not None, "an img2img row needs its image's latent distribution"
-            latents = self._noised_image(loaded, start, scheduler, first, generator, cond.cond.dtype)
+        if spec.from_image:
+            latents = self._noised_image(loaded, spec, start, scheduler, first, generator, cond.cond.dtype)
         else:
             f = loaded.vae_scale_factor
             shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
@@ -207,25 +206,40 @@ class StableDiffusion(Family):
         return row
 
     def _noised_image(
-        self, loaded: LoadedPipeline, moments: Tensor, scheduler: Any, first: int, gen: torch.Generator, dtype: Any
+        self,
+        loaded: LoadedPipeline,
+        spec: ImageSpec,
+        moments: Tensor | None,
+        scheduler: Any,
+        first: int,
+        gen: torch.Generator,
+        dtype: Any,
     ) -> Tensor:
-        """A draw from the starting image's VAE latent distribution (`moments` `(1, 2C, h, w)`), scaled (SDXL:
-        normalised by the VAE's latents mean / std where it has them) and noised to timestep `first`."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        """The starting latents noised to timestep `first`: `spec.init_latents` as they are, or a draw from the
+        starting picture's VAE latent distribution (`moments` `(1, 2C, h, w)`), scaled (SDXL: normalised by the
+        VAE's latents mean / std where it has them)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        vae = loaded.pipe.vae
-        latents = DiagonalGaussianDistribution(moments).sample(gen)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if self.xl and mean is not None and std is not None:
-            m, s = (torch.tensor(v).view(1, len(v), 1, 1).to(latents) for v in (mean, std))
-            latents = (latents - m) * vae.config.scaling_factor / s
+        if spec.init_latents is not None:
+            latents = spec.init_latents.to(loaded.device, dtype)
         else:
-            latents = latents * vae.config.scaling_factor
-        latents = latents.to(dtype)
+            assert moments is not None, "an img2img row needs its picture's latent distribution"
+            latents = self._picture_latents(loaded, moments, gen).to(dtype)
         noise = randn_tensor(latents.shape, generator=gen, device=loaded.device, dtype=dtype)
         noised: Tensor = scheduler.add_noise(latents, noise, scheduler.timesteps[first : first + 1])
         return noised
+
+    def _picture_latents(self, loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator) -> Tensor:
+        """A draw from a picture's VAE latent distribution, scaled as the denoiser's latents are."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        vae = loaded.pipe.vae
+        latents: Tensor = DiagonalGaussianDistribution(moments).sample(gen)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if self.xl and mean is not None and std is not None:
+            m, s = (torch.tensor(v).view(1, len(v), 1, 1).to(latents) for v in (mean, std))
+            return (latents - m) * vae.config.scaling_factor / s
+        return latents * vae.config.scaling_factor
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
         """Both CFG rows of an image (uncond first) use the image's adapters; SDXL adds pooled embeds + time ids."""

@@ -42,6 +42,12 @@ class Flux(Family):
         return side, side
 
     def check(self, spec: ImageSpec) -> None:
+        if spec.init_latents is not None or spec.latent_output:
+            raise BadRequestError(
+                "latent upscaling (the hires fix's Latent upscalers) is served on Stable Diffusion and SDXL; on Flux "
+                "use hr_upscaler 'Lanczos' or 'Nearest'",
+                code="invalid_request",
+            )
         if spec.negative_prompt and spec.true_cfg_scale <= 1.0:
             raise BadRequestError(
                 "negative_prompt on a Flux pipeline takes effect only with true_cfg_scale above 1 (true "

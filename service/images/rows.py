@@ -32,7 +32,16 @@ class ImageSpec:
     # schedule run from it (diffusers' `strength`: `int(steps * strength)` denoiser steps); None: from noise
     init: Tensor | None = field(default=None, compare=False, repr=False)
     strength: float = 1.0
+    # or the starting latents `(1, C, H/f, W/f)` as the denoiser sees them (the hires fix's latent upscalers; what
+    # diffusers' img2img takes as a 4-channel `image`)
+    init_latents: Tensor | None = field(default=None, compare=False, repr=False)
+    latent_output: bool = False  # the final latents (`(1, C, H/f, W/f)`, not decoded) are the job's `image`
     clip_skip: int | None = None  # CLIP layers skipped from the end (diffusers' `clip_skip`; A1111's CLIP skip - 1)
+
+    @property
+    def from_image(self) -> bool:
+        """Img2img: the image starts from a picture or from latents, part way into the schedule."""
+        return self.init is not None or self.init_latents is not None
 
 
 @dataclass

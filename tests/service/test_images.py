@@ -130,8 +130,8 @@ def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
         ("/v1/images/generations", {"prompt": "a", "seed": "1"}, 400, "invalid_request"),
         ("/v1/images/generations", {"prompt": "a", "output_format": "gif"}, 400, "invalid_request"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "steps": "20"}, 400, "invalid_request"),
-        ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_scale": 2}, 400, "invalid_request"),
-        ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_upscaler": "Latent"}, 400, "invalid_request"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 400,
+         "invalid_request"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_upscaler": "Lanczos", "hr_prompt": "b"}, 400,
          "invalid_request"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_upscaler": "Lanczos", "hr_resize_x": 9000}, 400,
@@ -518,3 +518,29 @@ def test_a1111_hires_fix_is_txt2img_then_img2img_from_the_upscaled_image(
         _, want = img2img_reference(pipe, "sd", upscaled, "a red cat", 3 + k, strength=0.5, num_inference_steps=4,
                                     guidance_scale=7.5, negative_prompt="")  # fmt: skip
         assert_pixels_close(png(got), want)
+
+
+@pytest.mark.parametrize(
+    ("upscaler", "mode", "antialias"), [(None, "bilinear", False), ("Latent (nearest-exact)", "nearest-exact", False)]
+)
+def test_a1111_hires_fix_with_latent_upscalers(
+    http: httpx.Client, image_world: World, upscaler: str | None, mode: str, antialias: bool
+) -> None:
+    """A1111's default hires upscaler, `Latent`: the first pass's latents (not decoded) interpolated to the hires
+    size start diffusers' img2img (which takes 4-channel latents as its `image`) at the same seed."""
+    body = {"prompt": "the dog", "steps": 3, "cfg_scale": 7.5, "seed": 8, "width": 32, "height": 32,
+            "enable_hr": True, "hr_resize_x": 48, "hr_second_pass_steps": 4, "denoising_strength": 0.6}  # fmt: skip
+    if upscaler is not None:
+        body["hr_upscaler"] = upscaler
+    response = http.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["info"])["hr_upscaler"] == (upscaler or "Latent")
+    pipe = load(image_world.model_dir).pipe
+    first = pipe("the dog", height=32, width=32, num_inference_steps=3, negative_prompt="", output_type="latent",
+                 generator=torch.Generator("cpu").manual_seed(8)).images  # fmt: skip
+    f = pipe.vae_scale_factor
+    latents = torch.nn.functional.interpolate(first, size=(48 // f, 48 // f), mode=mode, antialias=antialias)
+    _, want = img2img_reference(pipe, "sd", latents, "the dog", 8, strength=0.6, num_inference_steps=4,
+                                guidance_scale=7.5, negative_prompt="")  # fmt: skip
+    (got,) = response.json()["images"]
+    assert_pixels_close(png(got), want)

@@ -131,6 +131,8 @@ def test_flux_refuses_unknown_modules_and_negative_prompts(
         check_spec(loaded, spec(PROMPTS[0], 1, neg="blurry"))  # ignored by diffusers without true CFG: refused
     check_spec(loaded, spec(PROMPTS[0], 1, neg=""))  # A1111 sends "" when there is none
     check_spec(loaded, replace(spec(PROMPTS[0], 1, neg="blurry"), true_cfg_scale=4.0))
+    with pytest.raises(BadRequestError, match="latent upscaling .* is served on Stable Diffusion and SDXL"):
+        check_spec(loaded, replace(spec(PROMPTS[0], 1), latent_output=True))
     with pytest.raises(BadRequestError, match="clip_skip applies to Stable Diffusion and SDXL's CLIP"):
         check_spec(loaded, replace(spec(PROMPTS[0], 1), clip_skip=1))
     with pytest.raises(BadRequestError, match="true_cfg_scale applies to Flux"):
