@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import torch.nn.functional as F
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -19,6 +17,7 @@ from ..errors import BadRequestError
 from ..routes.deps import ApiAuth, Components, Deps
 from .backend import HIRES_NAMES, size_unit
 from .front import A1111_NAMES, ImageFront, image_b64, seed_or_random
+from .hires import Hires, hires_pass, upscaled_to
 from .init_image import decode_b64
 from .routes import front
 from .rows import ImageSpec
@@ -55,64 +54,8 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
     images = front(c)
     width, height = images.default_size
     size = (body.width or width, body.height or height)
-    hires = _hires(body, size, size_unit(images.backend.loaded)) if body.enable_hr else None
+    hires = hires_pass(body, size, size_unit(images.backend.loaded)) if body.enable_hr else None
     return await _generate(body, c, request, size, body.batch_size, hires=hires)
-
-
-@dataclass(frozen=True)
-class Hires:
-    """The hires fix's second pass: each image upscaled to `size`, its picture with PIL's `resample` or (`latent`:
-    `(mode, antialias)` of `F.interpolate`) its latents, then img2img at `strength` over `steps` (diffusers'
-    img2img: `int(steps x strength)` of them run), same seed and adapters."""
-
-    size: tuple[int, int]
-    resample: int | None
-    latent: tuple[str, bool] | None
-    steps: int
-    strength: float
-    upscaler: str
-
-
-_PIXEL_UPSCALERS = {"lanczos": 1, "nearest": 0}  # PIL.Image.Resampling.LANCZOS, NEAREST
-_LATENT_UPSCALERS = {  # A1111's latent upscale modes
-    "latent": ("bilinear", False), "latent (antialiased)": ("bilinear", True), "latent (bicubic)": ("bicubic", False),
-    "latent (bicubic antialiased)": ("bicubic", True), "latent (nearest)": ("nearest", False),
-    "latent (nearest-exact)": ("nearest-exact", False),
-}  # fmt: skip
-
-
-def _hires(body: Txt2ImgRequest, size: tuple[int, int], unit: int) -> Hires:
-    """The second pass `body` asks for (no `hr_upscaler`: A1111's default, `Latent`); a 400 for model upscalers."""
-    upscaler = (body.hr_upscaler or "Latent").strip()
-    name = upscaler.lower()
-    if name not in _PIXEL_UPSCALERS and name not in _LATENT_UPSCALERS:
-        raise BadRequestError(
-            f"hr_upscaler {upscaler!r} is not served; the latent upscalers ({', '.join(_LATENT_UPSCALERS)}) and "
-            "the pixel upscalers 'Lanczos' and 'Nearest' are (not upscaling models such as ESRGAN)",
-            code="invalid_request",
-        )
-    width, height = size
-    x, y = body.hr_resize_x, body.hr_resize_y
-    if not x and not y:
-        x, y = int(width * body.hr_scale), int(height * body.hr_scale)
-    elif not y:
-        y = x * height // width
-    elif not x:
-        x = y * width // height
-    target = (max(unit, x // unit * unit), max(unit, y // unit * unit))
-    steps = body.hr_second_pass_steps or body.steps
-    resample, latent = _PIXEL_UPSCALERS.get(name), _LATENT_UPSCALERS.get(name)
-    return Hires(target, resample, latent, steps, body.denoising_strength, upscaler)
-
-
-def _upscaled(hires: Hires, images: Sequence[Any], factor: int) -> list[Any]:
-    """The first pass's images (PIL pictures, or `(1, C, h, w)` latents for a latent upscaler) at the hires size
-    (`factor`: the VAE's, pixels per latent)."""
-    if hires.latent is None:
-        return [image.resize(hires.size, hires.resample) for image in images]
-    mode, antialias = hires.latent
-    size = (hires.size[1] // factor, hires.size[0] // factor)
-    return [F.interpolate(latents, size=size, mode=mode, antialias=antialias) for latents in images]
 
 
 @router.post("/sdapi/v1/img2img")
@@ -187,7 +130,7 @@ async def _generate(
         specs = await run_in_threadpool(images.starting_from, specs, start[0])
     pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
     if hires is not None and second is not None:
-        upscaled = await run_in_threadpool(_upscaled, hires, pictures, images.backend.loaded.vae_scale_factor)
+        upscaled = await run_in_threadpool(upscaled_to, hires, pictures, images.backend.loaded.vae_scale_factor)
         if hires.latent is None:
             second = await run_in_threadpool(images.starting_from, second, upscaled)
         else:
