@@ -28,8 +28,8 @@ class ImageSpec:
     seed: int
     true_cfg_scale: float = 1.0  # Flux: > 1 with a negative prompt runs true classifier-free guidance
     sampler: Sampler | None = None  # None: the pipeline's own scheduler
-    # img2img: the starting image `(1, 3, H, W)` in [-1, 1] (`init_image.pixels_for`) and the share of the
-    # schedule run from it (diffusers' `strength`: `int(steps * strength)` denoiser steps); None: from noise
+    # img2img: the starting picture `(1, 3, H, W)` uint8 at the output size (`init_image.pixels_for`) and the share
+    # of the schedule run from it (diffusers' `strength`: `int(steps * strength)` denoiser steps); None: from noise
     init: Tensor | None = field(default=None, compare=False, repr=False)
     strength: float = 1.0
     # or the starting latents `(1, C, H/f, W/f)` as the denoiser sees them (the hires fix's latent upscalers; what

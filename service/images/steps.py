@@ -17,6 +17,7 @@ import lokr
 from lokr.batch import RowSpec
 
 from .family import denoiser
+from .init_image import model_pixels
 from .load import LoadedPipeline
 from .rows import Conditioning, ImageJob, Row
 
@@ -44,7 +45,7 @@ def encode_starts(loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> dict[int,
         by_size.setdefault(tuple(pixels.shape), []).append(key)
     vae, out = loaded.pipe.vae, dict[int, Tensor]()
     for keys in by_size.values():
-        pixels = torch.cat([distinct[key] for key in keys]).to(loaded.device, vae.dtype)
+        pixels = model_pixels(torch.cat([distinct[key] for key in keys])).to(loaded.device, vae.dtype)
         moments = vae.encode(pixels).latent_dist.parameters
         out.update((key, moments[i : i + 1]) for i, key in enumerate(keys))
     return out

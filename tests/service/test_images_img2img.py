@@ -19,7 +19,7 @@ import lokr
 from service.errors import BadRequestError
 from service.images.backend import A1111_NAMES, check_spec
 from service.images.family import family_ops
-from service.images.init_image import decode_b64, open_image, pixels_for
+from service.images.init_image import decode_b64, model_pixels, open_image, pixels_for
 from service.images.load import LoadedPipeline
 from service.images.samplers import resolve
 from service.images.tiny_flux import save_peft_flux_lokr
@@ -151,10 +151,18 @@ def test_starting_images_decode_from_base64_or_are_refused() -> None:
         open_image(buf.getvalue(), "image", 900)
 
 
-def test_a_starting_image_is_stretched_to_the_asked_size(dirs: dict[str, Path]) -> None:
-    processor = load(dirs["sd"]).pipe.image_processor
-    stretched = pixels_for(processor, picture(40, 70), (48, 32))
-    assert stretched.shape == (1, 3, 32, 48) and -1 <= float(stretched.min()) <= float(stretched.max()) <= 1
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "flux"])
+def test_a_starting_picture_waits_as_uint8_and_reaches_the_vae_as_the_pipelines_preprocess_it(
+    kind: str, dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Stretched to the asked size, kept as uint8 (a quarter of float32), and the pixels the VAE gets are, bit for
+    bit, the pipeline's own `image_processor.preprocess` of the picture at that size."""
+    path = dirs[kind] if kind in dirs else pipeline_dir(tmp_path, kind)
+    processor = load(path).pipe.image_processor
+    image = picture(40, 70)
+    kept = pixels_for(processor, image, (48, 32))
+    assert kept.shape == (1, 3, 32, 48) and kept.dtype == torch.uint8
+    assert torch.equal(model_pixels(kept), processor.preprocess(image, height=32, width=48))
 
 
 def test_starting_images_are_encoded_once_each_in_one_forward_per_size(
