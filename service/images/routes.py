@@ -54,7 +54,16 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
     return await _answer(images, body, specs, sel, request)
 
 
-@router.post("/v1/images/edits")
+def _edit_form_schema() -> dict[str, Any]:
+    """The multipart body of `/v1/images/edits` for the OpenAPI document (the route reads the form itself)."""
+    properties = dict(ImageEditRequest.model_json_schema()["properties"])
+    properties["adapters"] = {"type": "string", "description": 'JSON text, e.g. [{"name": "ink", "scale": 0.8}]'}
+    properties = {"image": {"type": "string", "format": "binary", "description": "the starting picture"}, **properties}
+    schema = {"type": "object", "required": ["image", "prompt"], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+@router.post("/v1/images/edits", openapi_extra=_edit_form_schema())
 async def edits(c: Deps, request: Request) -> dict[str, Any]:
     """OpenAI's image edits (multipart form) as img2img: every image starts from the form's `image` file, at
     `strength`; sized as `size` (the image stretched) or as the image. Image k uses seed `seed + k`."""

@@ -544,3 +544,9 @@ def test_a1111_hires_fix_with_latent_upscalers(
                                 guidance_scale=7.5, negative_prompt="")  # fmt: skip
     (got,) = response.json()["images"]
     assert_pixels_close(png(got), want)
+
+
+def test_the_edits_form_is_in_the_openapi_document(http: httpx.Client) -> None:
+    operation = http.get("/openapi.json").json()["paths"]["/v1/images/edits"]["post"]
+    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert schema["properties"]["image"]["format"] == "binary" and {"strength", "prompt"} <= set(schema["properties"])
