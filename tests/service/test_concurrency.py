@@ -127,15 +127,15 @@ SLOW_STEPS = """import time
 import service.lm as lm
 _step = lm.CausalLMBackend.step
 def _slow(self):
-    time.sleep(0.2)  # a model whose steps are slow: requests are still running when the signal comes
+    time.sleep({step_s})  # a model whose steps are slow: requests are still running when the signal comes
     _step(self)
 lm.CausalLMBackend.step = _slow
 """
 
 
-def _slow_server(world: World, tmp_path: Path, *flags: str) -> Server:
-    """A server for `alpha` whose engine steps take 0.2 s (`SLOW_STEPS`, loaded by the server process)."""
-    (tmp_path / "sitecustomize.py").write_text(SLOW_STEPS)
+def _slow_server(world: World, tmp_path: Path, *flags: str, step_s: float = 0.2) -> Server:
+    """A server for `alpha` whose engine steps take `step_s` (`SLOW_STEPS`, loaded by the server process)."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_STEPS.format(step_s=step_s))
     pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     adapter = f"alpha={world.adapters['alpha']}"
     return start_server(world, "--adapter", adapter, *flags, env={"PYTHONPATH": pythonpath})
@@ -201,8 +201,10 @@ def test_a_full_queue_refuses_a_stream_with_503_and_a_client_that_leaves_cancels
     world: World, tmp_path: Path
 ) -> None:
     """A stream refused before its first token gets the refusal's own status (503 + Retry-After), not a 200 with
-    an error event; a non-streamed request whose client hangs up stops generating and gives its adapter back."""
-    server = _slow_server(world, tmp_path, "--max-batch-size", "1", "--max-queue", "1")
+    an error event; a non-streamed request whose client hangs up stops generating and gives its adapter back.
+    Steps of 1 s: the running request's 100 tokens outlast the set-up by far, even on a busy machine (with 0.2-s
+    steps it once finished first there, and the stream meant to be refused was queued and ran)."""
+    server = _slow_server(world, tmp_path, "--max-batch-size", "1", "--max-queue", "1", step_s=1.0)
     long = {"model": "alpha", "prompt": "the sea is", "max_tokens": 100, "temperature": 0}
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
