@@ -1,5 +1,6 @@
 """lokr: PEFT-exact LoKr adapters with a factored, multi-adapter unmerged forward (pure PyTorch)."""
 
+from .bankpass import parameters_unwritten
 from .config import LoKrConfig
 from .errors import (
     AdapterExistsError,
@@ -84,6 +85,7 @@ __all__ = [
     "make_weight_cp",
     "merge_adapter",
     "offload_adapter",
+    "parameters_unwritten",
     "pipeline_modules",
     "prepare_attach",
     "read_adapter",

@@ -12,6 +12,10 @@ block, as the kept plan's folded weights are.
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import Tensor
 
 from .bankrows import LinearRows, RowOperands
@@ -20,9 +24,24 @@ from .functional import LayerSpec
 from .stacked import FactorBank, Slots
 from .stamp import versions_of
 
-__all__ = ["BankPass"]
+__all__ = ["BankPass", "parameters_unwritten"]
 
 READ_EACH_TIME = 2  # forwards of a pass that read their operands and keep nothing (see `BankPass.operands`)
+_UNWRITTEN: contextvars.ContextVar[bool] = contextvars.ContextVar("lokr_parameters_unwritten", default=False)
+
+
+@contextmanager
+def parameters_unwritten() -> Iterator[None]:
+    """Inside the block (this thread / task only), the caller promises that adapter parameters are written only
+    through lokr's own API, which writes the banks (whose version every forward checks): kept bank passes then skip
+    re-reading every adapter parameter's version as each block opens (`BankPass.recheck`: measured 0.6 ms of a
+    16-row decode step over 16 adapters on a 28-layer model, ~4%). A serving engine makes it; code that trains or
+    edits parameters in place between forwards must not."""
+    token = _UNWRITTEN.set(True)
+    try:
+        yield
+    finally:
+        _UNWRITTEN.reset(token)
 
 
 class BankPass:
@@ -79,7 +98,9 @@ class BankPass:
 
     def recheck(self) -> None:
         """As a kept plan opens a new block: forget what was read if an adapter's parameters were written since
-        (they view the bank's rows, but count their writes apart from it)."""
+        (they view the bank's rows, but count their writes apart from it); not under `parameters_unwritten`."""
+        if _UNWRITTEN.get():
+            return
         if any(p._version != version for p, version in self._watched):
             self._kept.clear()
             self._watched = []

@@ -288,7 +288,8 @@ class Engine:
     def _step(self) -> None:
         started = time.perf_counter()
         try:
-            self.backend.step()
+            with lokr.parameters_unwritten():  # the server writes adapters only through lokr (attach, restore)
+                self.backend.step()
         except Exception as exc:  # a failing step fails the rows it held; the engine keeps serving
             fail_jobs(self.backend.jobs(), exc)
             self.backend.clear()

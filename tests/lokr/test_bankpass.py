@@ -117,3 +117,24 @@ def test_a_scale_set_inside_an_open_block_is_read_by_its_next_forward(shape: tup
         after = model(x).clone()
     assert not torch.allclose(after, kept)
     torch.testing.assert_close(after, _fresh(model, x), rtol=0, atol=0)
+
+
+def test_under_parameters_unwritten_blocks_skip_the_parameter_checks_but_not_the_banks() -> None:
+    """The promise a serving engine makes: no re-read of every parameter's version as a block opens (a write through
+    a parameter inside it goes unseen, as promised), while writes through lokr (a scale, an attach) are still read;
+    outside the promise the parameter write is read again."""
+    model = two_adapter_mlp()
+    x = torch.randn(4, 32)
+    for _ in range(READ_EACH_TIME):
+        _block(model, x)
+    kept = _block(model, x)
+    with lokr.parameters_unwritten():
+        _edit_a_parameter_in_place(model)
+        torch.testing.assert_close(_block(model, x), kept, rtol=0, atol=0)  # skipped: the caller promised
+    seen = _block(model, x)
+    assert not torch.allclose(seen, kept)
+    with lokr.parameters_unwritten():
+        _set_a_scale(model)  # through the bank: its version is checked at every forward
+        scaled = _block(model, x)
+    assert not torch.allclose(scaled, seen)
+    torch.testing.assert_close(scaled, _fresh(model, x), rtol=0, atol=0)
