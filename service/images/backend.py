@@ -25,7 +25,7 @@ from .rows import ImageJob, ImageSpec, Row, start_row
 
 __all__ = [
     "A1111_NAMES", "HIRES_NAMES", "MAX_PIXELS", "MAX_STEPS", "OPENAI_NAMES", "FieldNames", "ImageBackend", "Progress",
-    "check_spec", "size_unit",
+    "check_spec", "round_to_unit", "size_unit",
 ]  # fmt: skip
 
 log = logging.getLogger("lokr_serve.images")
@@ -57,6 +57,11 @@ HIRES_NAMES = replace(A1111_NAMES, steps="hr_second_pass_steps (or steps)")
 def size_unit(loaded: LoadedPipeline) -> int:
     """What image widths and heights must be multiples of: 8 and twice the VAE factor (latents 2x2-packable)."""
     return max(8, loaded.vae_scale_factor * 2)
+
+
+def round_to_unit(width: int, height: int, unit: int) -> tuple[int, int]:
+    """`(width, height)` rounded down to multiples of `unit` (`size_unit`), at least `unit` each."""
+    return max(unit, width // unit * unit), max(unit, height // unit * unit)
 
 
 def check_spec(

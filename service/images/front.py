@@ -17,7 +17,15 @@ from ..inference import Selection, select_adapters
 from ..jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
 from ..metrics import Metrics
 from ..registry import Registry
-from .backend import A1111_NAMES, OPENAI_NAMES, FieldNames, ImageBackend, check_spec, size_unit
+from .backend import (
+    A1111_NAMES,
+    OPENAI_NAMES,
+    FieldNames,
+    ImageBackend,
+    check_spec,
+    round_to_unit,
+    size_unit,
+)
 from .init_image import open_image, pixels_for
 from .rows import ImageJob, ImageSpec, random_seed
 from .samplers import Sampler, resolve
@@ -86,8 +94,7 @@ class ImageFront:
 
     def output_size(self, image: Any, width: int | None, height: int | None) -> tuple[int, int]:
         """The size asked for, or what of it is missing from `image`'s own size rounded down to the size unit."""
-        unit = size_unit(self.backend.loaded)
-        own = (max(unit, image.width // unit * unit), max(unit, image.height // unit * unit))
+        own = round_to_unit(image.width, image.height, size_unit(self.backend.loaded))
         return width or own[0], height or own[1]
 
     def starting_from(self, specs: Sequence[ImageSpec], images: Sequence[Any]) -> list[ImageSpec]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from ..errors import BadRequestError
+from .backend import round_to_unit
 from .schemas import Txt2ImgRequest
 
 __all__ = ["Hires", "hires_pass", "upscaled_to"]
@@ -55,7 +56,7 @@ def hires_pass(body: Txt2ImgRequest, size: tuple[int, int], unit: int) -> Hires:
         y = x * height // width
     elif not x:
         x = y * width // height
-    target = (max(unit, x // unit * unit), max(unit, y // unit * unit))
+    target = round_to_unit(x, y, unit)
     steps = body.hr_second_pass_steps or body.steps
     resample, latent = _PIXEL_UPSCALERS.get(name), _LATENT_UPSCALERS.get(name)
     return Hires(target, resample, latent, steps, body.denoising_strength, upscaler)
