@@ -92,6 +92,9 @@ def check_spec(
             f"denoising steps; it must be in [0, 1] and leave at least one: raise {names.strength} or {names.steps}",
             code="invalid_strength",
         )
+    if spec.mask is not None and (spec.init is None or tuple(spec.mask.shape[-2:]) != (spec.height, spec.width)):
+        raise BadRequestError("an inpainting mask needs a starting image, and the mask must have the output size",
+                              code="invalid_request")  # fmt: skip
     if spec.clip_skip is not None:
         _check_clip_skip(loaded, spec.clip_skip, names)
     loaded.ops.check(spec)

@@ -20,6 +20,7 @@ import lokr
 from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
+from .inpaint import Inpaint, latent_mask
 from .rows import Conditioning, ImageJob, ImageSpec, Row
 from .samplers import Sampler
 
@@ -63,6 +64,20 @@ class Family(ABC):
         """The schedule's steps img2img skips at `strength` (diffusers' SD / SDXL img2img: the rest, `int(steps *
         strength)`, run; before the scheduler's order multiplies them)."""
         return steps - min(int(steps * strength), steps)
+
+    def renoised(self, row: Row, inpaint: Inpaint) -> Tensor:
+        """A masked row's picture latents noised to its current timestep (the next one it runs), as the
+        inpainting pipelines re-noise them after a step (`scheduler.add_noise`)."""
+        at = row.scheduler.timesteps[row.index : row.index + 1]
+        noised: Tensor = row.scheduler.add_noise(inpaint.image, inpaint.noise, at)
+        return noised
+
+    def keep_picture(self, row: Row) -> None:
+        """After a masked row's step: the area its mask keeps set back to its picture, noised to the next timestep
+        (the picture itself after the last)."""
+        if row.inpaint is not None:
+            kept = row.inpaint.image if row.done else self.renoised(row, row.inpaint)
+            row.latents = row.inpaint.blend(row.latents, kept)
 
     @abstractmethod
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
@@ -195,15 +210,16 @@ class StableDiffusion(Family):
         if (self.xl or spec.from_image) and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(first)
         generator = torch.Generator("cpu").manual_seed(spec.seed)
+        inpaint = None
         if spec.from_image:
-            latents = self._noised_image(loaded, spec, start, scheduler, first, generator, cond.cond.dtype)
+            latents, inpaint = self._noised_image(loaded, spec, start, scheduler, first, generator, cond.cond.dtype)
         else:
             f = loaded.vae_scale_factor
             shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
             latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
             latents = latents * scheduler.init_noise_sigma
-        row = Row(job, spec, cond, scheduler, latents, step_kwargs(scheduler, generator), index=first, first=first)
-        return row
+        return Row(job, spec, cond, scheduler, latents, step_kwargs(scheduler, generator), index=first, first=first,
+                   inpaint=inpaint)  # fmt: skip
 
     def _noised_image(
         self,
@@ -214,29 +230,43 @@ class StableDiffusion(Family):
         first: int,
         gen: torch.Generator,
         dtype: Any,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Inpaint | None]:
         """The starting latents noised to timestep `first`: `spec.init_latents` as they are, or a draw from the
-        starting picture's VAE latent distribution (`moments` `(1, 2C, h, w)`), scaled (SDXL: normalised by the
-        VAE's latents mean / std where it has them)."""
+        starting picture's VAE latent distribution (`moments` `(1, 2C, h, w)`), scaled (SDXL img2img: normalised by
+        the VAE's latents mean / std where it has them). With a mask, as the inpainting pipelines: the picture only
+        scaled, pure noise at strength 1, one more draw (theirs of the masked picture, unused by a 4-channel UNet),
+        and the row's `Inpaint`."""
         from diffusers.utils.torch_utils import randn_tensor
 
         if spec.init_latents is not None:
-            latents = spec.init_latents.to(loaded.device, dtype)
+            image = spec.init_latents.to(loaded.device, dtype)
         else:
             assert moments is not None, "an img2img row needs its picture's latent distribution"
-            latents = self._picture_latents(loaded, moments, gen).to(dtype)
-        noise = randn_tensor(latents.shape, generator=gen, device=loaded.device, dtype=dtype)
-        noised: Tensor = scheduler.add_noise(latents, noise, scheduler.timesteps[first : first + 1])
-        return noised
+            image = self._picture_latents(loaded, moments, gen, normalise=spec.mask is None).to(dtype)
+        noise = randn_tensor(image.shape, generator=gen, device=loaded.device, dtype=dtype)
+        if spec.mask is None:
+            return scheduler.add_noise(image, noise, scheduler.timesteps[first : first + 1]), None
+        if spec.strength == 1.0:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image, noise, scheduler.timesteps[first : first + 1])
+        assert moments is not None
+        randn_tensor(image.shape, generator=gen, device=moments.device, dtype=moments.dtype)
+        mask = latent_mask(spec.mask, (image.shape[-2], image.shape[-1]), loaded.device, dtype)
+        return latents, Inpaint(mask, image, noise)
 
-    def _picture_latents(self, loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator) -> Tensor:
-        """A draw from a picture's VAE latent distribution, scaled as the denoiser's latents are."""
+    def _picture_latents(
+        self, loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator, normalise: bool = True
+    ) -> Tensor:
+        """A draw from a picture's VAE latent distribution, scaled as the denoiser's latents are (SDXL, `normalise`:
+        by the VAE's latents mean / std where it has them, as its img2img pipeline does; its inpainting one does
+        not)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         vae = loaded.pipe.vae
         latents: Tensor = DiagonalGaussianDistribution(moments).sample(gen)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if self.xl and mean is not None and std is not None:
+        if self.xl and normalise and mean is not None and std is not None:
             m, s = (torch.tensor(v).view(1, len(v), 1, 1).to(latents) for v in (mean, std))
             return (latents - m) * vae.config.scaling_factor / s
         return latents * vae.config.scaling_factor

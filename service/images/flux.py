@@ -23,6 +23,7 @@ from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
 from .family import DenoiserBatch, Family
+from .inpaint import Inpaint, latent_mask
 from .rows import Conditioning, ImageJob, ImageSpec, Row
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ class Flux(Family):
         """Latents: `randn_tensor((1, C, 2*(H//2f), 2*(W//2f)), generator=Generator("cpu").manual_seed(seed))`
         packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them. With a starting image
         (`start`: its VAE latent distribution), a draw from it, shifted and scaled, then that noise mixed in at the
-        first sigma run (`scale_noise`), as `FluxImg2ImgPipeline` does."""
+        first sigma run (`scale_noise`), as `FluxImg2ImgPipeline` does; with a mask too, what `FluxInpaintPipeline`
+        keeps of the picture (`Inpaint`, packed like the latents)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -105,11 +107,23 @@ class Flux(Family):
             assert start is not None, "an img2img row needs its image's latent distribution"
             vae = pipe.vae.config
             image = (DiagonalGaussianDistribution(start).sample(generator) - vae.shift_factor) * vae.scaling_factor
-        latents = randn_tensor((1, channels, h, w), generator=generator, device=loaded.device, dtype=dtype)
+            image = image.to(dtype)
+        noise = randn_tensor((1, channels, h, w), generator=generator, device=loaded.device, dtype=dtype)
+        latents = noise
         if image is not None:
-            latents = scheduler.scale_noise(image.to(dtype), scheduler.timesteps[first : first + 1], latents)
+            latents = scheduler.scale_noise(image, scheduler.timesteps[first : first + 1], noise)
+        inpaint = None
+        if spec.mask is not None and image is not None:  # no draws follow: a Flux step takes no generator
+            mask = latent_mask(spec.mask, (h, w), loaded.device, dtype).repeat(1, channels, 1, 1)
+            inpaint = Inpaint(*(pipe._pack_latents(t, 1, channels, h, w) for t in (mask, image, noise)))
         latents = pipe._pack_latents(latents, 1, channels, h, w)
-        return Row(job, spec, cond, scheduler, latents, index=first, first=first)  # steps take no generator
+        return Row(job, spec, cond, scheduler, latents, index=first, first=first, inpaint=inpaint)
+
+    def renoised(self, row: Row, inpaint: Inpaint) -> Tensor:
+        """`FluxInpaintPipeline`'s re-noising of the picture: flow matching's `scale_noise` at the next sigma."""
+        at = row.scheduler.timesteps[row.index : row.index + 1]
+        noised: Tensor = row.scheduler.scale_noise(inpaint.image, at, inpaint.noise)
+        return noised
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
         """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)`. An image

@@ -28,9 +28,10 @@ def decode_b64(text: str, field: str) -> bytes:
         raise BadRequestError(f"{field} is not base64-encoded image data: {exc}", code="invalid_image") from exc
 
 
-def open_image(data: bytes, field: str, max_pixels: int) -> Any:
-    """An RGB PIL image from PNG / JPEG / WebP / ... file bytes; a 400 for data that is not an image or whose
-    pixel count is over `max_pixels` (checked from the header, before the pixels are decoded)."""
+def open_image(data: bytes, field: str, max_pixels: int, mode: str | None = "RGB") -> Any:
+    """A PIL image from PNG / JPEG / WebP / ... file bytes, in `mode` (None: its own, an inpainting mask's alpha
+    kept); a 400 for data that is not an image or whose pixel count is over `max_pixels` (checked from the header,
+    before the pixels are decoded)."""
     from PIL import Image
 
     try:
@@ -42,7 +43,8 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Any:
                 "(--max-image-pixels)",
                 code="invalid_image",
             )
-        return image.convert("RGB")  # decodes it (the first frame of an animation)
+        image.load()  # decodes it (the first frame of an animation)
+        return image if mode is None else image.convert(mode)
     except BadRequestError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from ..jobs import Job
+from .inpaint import Inpaint
 from .load import LoadedPipeline
 from .samplers import Sampler
 
@@ -35,6 +36,8 @@ class ImageSpec:
     # or the starting latents `(1, C, H/f, W/f)` as the denoiser sees them (the hires fix's latent upscalers; what
     # diffusers' img2img takes as a 4-channel `image`)
     init_latents: Tensor | None = field(default=None, compare=False, repr=False)
+    # inpainting (with `init`): `(1, 1, H, W)` bool, True where the picture is repainted (`inpaint.mask_pixels`)
+    mask: Tensor | None = field(default=None, compare=False, repr=False)
     latent_output: bool = False  # the final latents (`(1, C, H/f, W/f)`, not decoded) are the job's `image`
     clip_skip: int | None = None  # CLIP layers skipped from the end (diffusers' `clip_skip`; A1111's CLIP skip - 1)
 
@@ -75,6 +78,7 @@ class Row:
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
     first: int = 0  # the timestep index it starts at (img2img skips the schedule's first ones)
+    inpaint: Inpaint | None = None  # a masked row: what it keeps of its picture after each step
 
     @property
     def timestep(self) -> Tensor:

@@ -82,6 +82,7 @@ def denoise(loaded: LoadedPipeline, rows: Sequence[Row], fold: int = 0) -> None:
     for row, pred in zip(rows, family.predictions(rows, output), strict=True):
         row.latents = row.scheduler.step(pred, row.timestep, row.latents, **row.step_kwargs, return_dict=False)[0]
         row.index += 1
+        family.keep_picture(row)
 
 
 @torch.inference_mode()

@@ -91,16 +91,18 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def img2img_reference(
-    pipe: Any, kind: str, image: Image.Image, prompt: str, seed: int, **kwargs: Any
+    pipe: Any, kind: str, image: Image.Image, prompt: str, seed: int, mask: Image.Image | None = None, **kwargs: Any
 ) -> tuple[Any, Any]:
-    """diffusers' own img2img pipeline on `pipe`'s components: (latents, pixels) for `seed`."""
-    from diffusers import FluxImg2ImgPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+    """diffusers' own img2img pipeline on `pipe`'s components (its inpainting one with `mask`): (latents, pixels)
+    for `seed`."""
+    import diffusers
 
-    cls = {"sd": StableDiffusionImg2ImgPipeline, "sdxl": StableDiffusionXLImg2ImgPipeline}.get(
-        kind, FluxImg2ImgPipeline
-    )
-    if kind == "flux":  # its own default size otherwise, not the image's
+    names = {"sd": "StableDiffusion", "sdxl": "StableDiffusionXL", "flux": "Flux"}
+    cls = getattr(diffusers, names[kind] + ("InpaintPipeline" if mask is not None else "Img2ImgPipeline"))
+    if kind == "flux" or mask is not None:  # their own default size otherwise, not the image's
         kwargs = {"height": image.height, "width": image.width, **kwargs}
+    if mask is not None:
+        kwargs["mask_image"] = mask
     img2img = cls.from_pipe(pipe)
     img2img.set_progress_bar_config(disable=True)
     out = []
