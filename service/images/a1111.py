@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,6 +19,7 @@ from .backend import HIRES_NAMES, size_unit
 from .front import A1111_NAMES, ImageFront, image_b64, seed_or_random
 from .hires import Hires, hires_pass, upscaled_to
 from .init_image import decode_b64
+from .inpaint import Repaint, a1111_mask, repaint_plan
 from .routes import front
 from .rows import ImageSpec
 from .samplers import sampler_listing, schedule_listing
@@ -63,8 +64,6 @@ async def img2img(body: Img2ImgRequest, c: Deps, request: Request) -> dict[str, 
     """Images that start from `init_images` (`denoising_strength`: the share of the schedule run, as diffusers'
     img2img `strength`); sized as asked (the image stretched) or as the first image."""
     images = front(c)
-    if body.mask is not None:
-        raise BadRequestError("inpainting (a mask) is not served; leave mask out for img2img", code="invalid_request")
     if body.resize_mode != 0:
         raise BadRequestError(
             f"resize_mode {body.resize_mode} is not served; 0 (just resize: the image stretched to width x height) is",
@@ -78,8 +77,21 @@ async def img2img(body: Img2ImgRequest, c: Deps, request: Request) -> dict[str, 
         )
     starts = await run_in_threadpool(_open_all, images, body.init_images)  # up to the body limit: off the loop
     size = images.output_size(starts[0], body.width, body.height)
+    repaint = None if body.mask is None else await run_in_threadpool(_repaint, images, body, size, starts)
     batch = body.batch_size if len(starts) == 1 else len(starts)
-    return await _generate(body, c, request, size, batch, (starts, body.denoising_strength))
+    start = Start(starts, body.denoising_strength, repaint, body.mask_blur)
+    return await _generate(body, c, request, size, batch, start)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where img2img images start: the pictures (image k from `images[k % len]`), the strength, and for
+    inpainting what is repainted (`blur`: the mask's, as asked)."""
+
+    images: list[Any]
+    strength: float
+    repaint: Repaint | None = None
+    blur: int = 0
 
 
 def _open_all(images: ImageFront, texts: list[str]) -> list[Any]:
@@ -88,18 +100,26 @@ def _open_all(images: ImageFront, texts: list[str]) -> list[Any]:
     return images.starting_images([(field, decode_b64(text, field)) for field, text in zip(fields, texts)])
 
 
+def _repaint(images: ImageFront, body: Img2ImgRequest, size: tuple[int, int], starts: list[Any]) -> Repaint:
+    """What the request repaints: its mask as A1111 reads it (`inpaint.a1111_mask`), blurred by `mask_blur`,
+    with `inpaint_full_res` ("only masked") the region around it; a 400 for a mask that is not an image."""
+    assert body.mask is not None
+    mask = a1111_mask(images.mask_image(decode_b64(body.mask, "mask"), "mask"), bool(body.inpainting_mask_invert))
+    padding = body.inpaint_full_res_padding if body.inpaint_full_res else None
+    return repaint_plan(mask, body.mask_blur, padding, size, starts)
+
+
 async def _generate(
     body: A1111Request,
     c: Components,
     request: Request,
     size: tuple[int, int],
     batch: int,
-    start: tuple[list[Any], float] | None = None,
+    start: Start | None = None,
     hires: Hires | None = None,
 ) -> dict[str, Any]:
-    """`batch * n_iter` images of `size`, seeds `seed, seed + 1, ...`; from `start` = (images, strength) when
-    given, image k from `images[k % len]`; then `hires`' pass, when given. A1111's answer: base64 PNGs, the body,
-    and `info` as JSON text."""
+    """`batch * n_iter` images of `size`, seeds `seed, seed + 1, ...`; from `start` when given; then `hires`'
+    pass, when given. A1111's answer: base64 PNGs, the body, and `info` as JSON text."""
     images = front(c)
     prompt, pairs = parse_lora_tags(body.prompt)
     sel = images.select(None, pairs)
@@ -115,7 +135,7 @@ async def _generate(
         seed=seed,
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
         sampler=images.sampler(body.sampler_name or body.sampler_index, body.scheduler),
-        strength=1.0 if start is None else start[1],
+        strength=1.0 if start is None else start.strength,
         clip_skip=clip_skip_of(body.override_settings, c.settings.base_name),
         latent_output=hires is not None and hires.latent is not None,
     )
@@ -127,8 +147,10 @@ async def _generate(
                           latent_output=False)  # fmt: skip
         second = images.specs(hr_spec, count, HIRES_NAMES)
     if start is not None:
-        specs = await run_in_threadpool(images.starting_from, specs, start[0])
+        specs = await run_in_threadpool(images.starting_from, specs, start.images, start.repaint)
     pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
+    if start is not None and start.repaint is not None and start.repaint.crop is not None:
+        pictures = await run_in_threadpool(images.overlaid, pictures, start.images, start.repaint)
     if hires is not None and second is not None:
         upscaled = await run_in_threadpool(upscaled_to, hires, pictures, images.backend.loaded.vae_scale_factor)
         if hires.latent is None:
@@ -145,12 +167,14 @@ async def _generate(
     }  # fmt: skip
     if start is not None:
         info["denoising_strength"] = spec.strength
+        if start.repaint is not None:
+            info.update(mask_blur=start.blur, inpainting_fill=1, inpaint_full_res=start.repaint.crop is not None)
     if hires is not None:
         info.update(denoising_strength=hires.strength, hr_upscaler=hires.upscaler, hr_second_pass_steps=hires.steps,
                     hr_resize_x=hires.size[0], hr_resize_y=hires.size[1])  # fmt: skip
     info["clip_skip"] = 1 if spec.clip_skip is None else spec.clip_skip + 1
     info["sampler_name"], info["scheduler"] = images.sampler_label(spec.sampler)
-    parameters = body.model_dump(exclude={"init_images"})  # A1111 leaves the images out of `parameters` too
+    parameters = body.model_dump(exclude={"init_images", "mask"})  # A1111 leaves the images out of `parameters` too
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
 
 

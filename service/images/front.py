@@ -27,6 +27,7 @@ from .backend import (
     size_unit,
 )
 from .init_image import open_image, pixels_for
+from .inpaint import Repaint, mask_pixels, overlay
 from .rows import ImageJob, ImageSpec, random_seed
 from .samplers import Sampler, resolve
 
@@ -97,12 +98,28 @@ class ImageFront:
         own = round_to_unit(image.width, image.height, size_unit(self.backend.loaded))
         return width or own[0], height or own[1]
 
-    def starting_from(self, specs: Sequence[ImageSpec], images: Sequence[Any]) -> list[ImageSpec]:
+    def mask_image(self, data: bytes, field: str) -> Any:
+        """An inpainting mask's file bytes as a PIL image in its own mode (alpha kept); a 400 as for a starting
+        image (blocking: run it off the event loop)."""
+        return open_image(data, field, self.backend.max_pixels, mode=None)
+
+    def starting_from(
+        self, specs: Sequence[ImageSpec], images: Sequence[Any], repaint: Repaint | None = None
+    ) -> list[ImageSpec]:
         """`specs` (checked, so their size is) with image k starting from `images[k % len(images)]`, resized to
-        the spec's size (blocking: run it off the event loop)."""
+        the spec's size; with `repaint` (`inpaint.repaint_plan`), each inpainted within its mask (and with a crop,
+        that region of the picture only) (blocking: run it off the event loop)."""
+        loaded, size = self.backend.loaded, (specs[0].width, specs[0].height)
+        crop = None if repaint is None else repaint.crop
+        pixels = [pixels_for(loaded.pipe.image_processor, image, size, crop) for image in images]
+        mask = None if repaint is None else mask_pixels(repaint.mask, size, loaded.vae_scale_factor, crop)
+        return [replace(spec, init=pixels[k % len(pixels)], mask=mask) for k, spec in enumerate(specs)]
+
+    def overlaid(self, pictures: Sequence[Any], images: Sequence[Any], repaint: Repaint) -> list[Any]:
+        """ "Only masked" inpainting's answers: image k pasted into its crop of `images[k % len(images)]` where
+        the mask repaints (blocking: run it off the event loop)."""
         processor = self.backend.loaded.pipe.image_processor
-        pixels = [pixels_for(processor, image, (specs[0].width, specs[0].height)) for image in images]
-        return [replace(spec, init=pixels[k % len(pixels)]) for k, spec in enumerate(specs)]
+        return [overlay(processor, repaint, images[k % len(images)], p) for k, p in enumerate(pictures)]
 
     async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:
         """PIL images in order; the first error fails the request; a client that leaves cancels every image."""

@@ -17,7 +17,9 @@ from torch import Tensor
 
 from ..errors import BadRequestError
 
-__all__ = ["Inpaint", "a1111_mask", "latent_mask", "mask_pixels", "openai_mask"]
+__all__ = ["Inpaint", "Repaint", "a1111_mask", "latent_mask", "mask_pixels", "openai_mask", "overlay", "repaint_plan"]
+
+Crop = tuple[int, int, int, int]  # (left, top, right, bottom) in the picture's pixels
 
 
 @dataclass
@@ -34,20 +36,57 @@ class Inpaint:
         return (1 - self.mask) * kept + self.mask * latents
 
 
-def mask_pixels(mask: Any, size: tuple[int, int], vae_scale_factor: int, blur: int = 0) -> Tensor:
+@dataclass(frozen=True)
+class Repaint:
+    """What a request repaints: `mask`, a white-is-repainted greyscale PIL image (blurred as asked), and with
+    "only masked" inpainting the region of the picture (`crop`) inpainted at the output size and pasted back."""
+
+    mask: Any
+    crop: Crop | None = None
+
+
+def repaint_plan(mask: Any, blur: int, padding: int | None, size: tuple[int, int], pictures: list[Any]) -> Repaint:
+    """`mask` blurred by `blur` (diffusers' `mask_processor.blur`), and with `padding` (not None) its crop region as
+    the inpainting pipelines' `padding_mask_crop` finds it: around the mask's repainted pixels, `padding` more
+    on each side, widened to the aspect ratio of `size` = `(width, height)`. A 400 for "only masked" with a mask of
+    another size than the pictures, or one that repaints nothing."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    if blur > 0:
+        mask = VaeImageProcessor.blur(mask, blur)
+    if padding is None:
+        return Repaint(mask)
+    if any(picture.size != mask.size for picture in pictures):
+        raise BadRequestError(
+            f"inpainting only the masked area needs the mask ({mask.width}x{mask.height}) and every picture to be "
+            "the same size",
+            code="invalid_image",
+        )
+    left, top, right, bottom = VaeImageProcessor.get_crop_region(mask, size[0], size[1], pad=padding)
+    if right <= left or bottom <= top:
+        raise BadRequestError("the mask repaints nothing: mark the area to inpaint white", code="invalid_image")
+    return Repaint(mask, (left, top, right, bottom))
+
+
+def mask_pixels(mask: Any, size: tuple[int, int], vae_scale_factor: int, crop: Crop | None = None) -> Tensor:
     """A white-is-repainted mask (a PIL image) as diffusers' inpainting pipelines preprocess it (their
-    `mask_processor`): blurred first when `blur` > 0 (`mask_processor.blur`), greyscale, resized to `size` =
-    `(width, height)`, binarised at one half; `(1, 1, H, W)` bool."""
+    `mask_processor`): cropped to `crop` and resized to fill `size` = `(width, height)` when given, else
+    stretched to it (Lanczos), greyscale, binarised at one half; `(1, 1, H, W)` bool."""
     from diffusers.image_processor import VaeImageProcessor
 
     processor = VaeImageProcessor(
         vae_scale_factor=vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
     )
-    if blur > 0:
-        mask = processor.blur(mask, blur)
     width, height = size
-    binary: Tensor = processor.preprocess(mask, height=height, width=width) >= 0.5
+    resize_mode = "default" if crop is None else "fill"
+    binary: Tensor = processor.preprocess(mask, height, width, resize_mode=resize_mode, crops_coords=crop) >= 0.5
     return binary
+
+
+def overlay(processor: Any, repaint: Repaint, picture: Any, image: Any) -> Any:
+    """ "Only masked" inpainting's answer: the inpainted `image` resized into its crop of `picture`, where the mask
+    repaints (the inpainting pipelines' `apply_overlay`, with `processor` their image processor)."""
+    return processor.apply_overlay(repaint.mask, picture, image, repaint.crop)
 
 
 def latent_mask(mask: Tensor, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Tensor:

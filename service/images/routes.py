@@ -19,6 +19,7 @@ from ..errors import BadRequestError, NotReadyError
 from ..inference import Selection
 from ..routes.deps import ApiAuth, Components, Deps
 from .front import ImageFront, image_b64, seed_or_random
+from .inpaint import Repaint, openai_mask
 from .rows import ImageSpec
 from .schemas import ImageEditRequest, ImageGenerationRequest
 
@@ -58,7 +59,9 @@ def _edit_form_schema() -> dict[str, Any]:
     """The multipart body of `/v1/images/edits` for the OpenAPI document (the route reads the form itself)."""
     properties = dict(ImageEditRequest.model_json_schema()["properties"])
     properties["adapters"] = {"type": "string", "description": 'JSON text, e.g. [{"name": "ink", "scale": 0.8}]'}
-    properties = {"image": {"type": "string", "format": "binary", "description": "the starting picture"}, **properties}
+    properties = {"image": {"type": "string", "format": "binary", "description": "the starting picture"},
+                  "mask": {"type": "string", "format": "binary", "description": "inpainting: a PNG of the image's "
+                           "size whose fully transparent pixels are edited"}, **properties}  # fmt: skip
     schema = {"type": "object", "required": ["image", "prompt"], "properties": properties}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
@@ -66,37 +69,49 @@ def _edit_form_schema() -> dict[str, Any]:
 @router.post("/v1/images/edits", openapi_extra=_edit_form_schema())
 async def edits(c: Deps, request: Request) -> dict[str, Any]:
     """OpenAI's image edits (multipart form) as img2img: every image starts from the form's `image` file, at
-    `strength`; sized as `size` (the image stretched) or as the image. Image k uses seed `seed + k`."""
+    `strength`; sized as `size` (the image stretched) or as the image. With a `mask` file (the image's size; its
+    fully transparent pixels are edited), inpainting. Image k uses seed `seed + k`."""
     images = front(c)
     async with request.form(max_files=4, max_fields=64) as form:
-        body, upload = _edit_form(form)
+        body, upload, mask_upload = _edit_form(form)
         data = await upload.read()
+        mask_data = None if mask_upload is None else await mask_upload.read()
     (start,) = await run_in_threadpool(images.starting_images, [("image", data)])
+    mask = None if mask_data is None else await run_in_threadpool(_edit_mask, images, mask_data, start.size)
     size = parse_size(body.size, images.output_size(start, None, None))
     sel = _selection(images, body, request)
     specs = images.specs(_spec(images, body, size, body.strength), body.n)
-    specs = await run_in_threadpool(images.starting_from, specs, [start])
+    specs = await run_in_threadpool(images.starting_from, specs, [start], mask)
     return await _answer(images, body, specs, sel, request)
 
 
-def _edit_form(form: FormData) -> tuple[ImageEditRequest, UploadFile]:
-    """The edit's fields, validated, and its one image file; a 400 for a mask, several images or none."""
-    if "mask" in form:
-        raise BadRequestError("inpainting (a mask) is not served; leave mask out to edit the whole image",
-                              code="invalid_request")  # fmt: skip
+def _edit_mask(images: ImageFront, data: bytes, image_size: tuple[int, int]) -> Repaint:
+    """OpenAI's mask file (transparent: edited) as what to repaint, over the whole picture; 400s as
+    `openai_mask`'s."""
+    return Repaint(openai_mask(images.mask_image(data, "mask"), image_size))
+
+
+def _edit_form(form: FormData) -> tuple[ImageEditRequest, UploadFile, UploadFile | None]:
+    """The edit's fields, validated, its one image file and its mask file, if any; a 400 for several images, none,
+    or a mask that is not a file."""
     files = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
-    if len(files) != 1 or files[0][0] not in ("image", "image[]"):
+    masks = [value for key, value in files if key == "mask"]
+    pictures = [(key, value) for key, value in files if key != "mask"]
+    if len(pictures) != 1 or pictures[0][0] not in ("image", "image[]") or len(masks) > 1:
         raise BadRequestError(
-            f"send one image file as the multipart/form-data field `image` (got {len(files)} files); several "
-            "images are not served",
+            f"send one image file as the multipart/form-data field `image` (got {len(pictures)} files), and at most "
+            "one `mask` file; several images are not served",
             code="invalid_image",
         )
+    if "mask" in form and not masks:
+        raise BadRequestError("mask must be a file: a PNG whose transparent pixels mark what to edit",
+                              code="invalid_image")  # fmt: skip
     fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
     try:
         body = ImageEditRequest.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
-    return body, files[0][1]
+    return body, pictures[0][1], masks[0] if masks else None
 
 
 def _selection(images: ImageFront, body: ImageGenerationRequest, request: Request) -> Selection:

@@ -62,8 +62,8 @@ class ImageGenerationRequest(RequestBody):
 
 class ImageEditRequest(ImageGenerationRequest):
     """The text fields of `POST /v1/images/edits` (multipart form: values arrive as text, so numbers are parsed;
-    `adapters` is JSON text). The image itself is the form's `image` file; OpenAI's `mask` (inpainting) is not
-    served. `strength`: the share of the schedule run from the image (diffusers' img2img `strength`)."""
+    `adapters` is JSON text). The image itself is the form's `image` file, its optional `mask` (inpainting) the
+    `mask` file. `strength`: the share of the schedule run from the image (diffusers' img2img `strength`)."""
 
     n: int = Field(1, ge=1)
     num_inference_steps: int | None = None
@@ -162,11 +162,42 @@ class Txt2ImgRequest(A1111Request):
         return data
 
 
+_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
 class Img2ImgRequest(A1111Request):
     """`POST /sdapi/v1/img2img` (AUTOMATIC1111): image k starts from `init_images[k % len]` (one image serves the
-    whole batch; more set the batch size, as in A1111). Without width and height, the first image's size."""
+    whole batch; more set the batch size, as in A1111). Without width and height, the first image's size. With a
+    `mask`, inpainting as diffusers' inpainting pipelines do it (`inpainting_fill` 1, "original": the masked area
+    starts from the picture; `inpaint_full_res`, "only masked", is their `padding_mask_crop`)."""
 
     init_images: list[str] = Field(min_length=1, max_length=64, description="base64 images (data URLs allowed)")
     denoising_strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
     resize_mode: int = Field(0, strict=True, description='0 ("just resize": stretched) is served')
-    mask: str | None = Field(None, description="inpainting: not served (a mask is a 400)")
+    mask: str | None = Field(None, description="inpainting: a base64 picture, white (or opaque) where repainted")
+    mask_blur: int = Field(4, ge=0, le=64, strict=True, description="Gaussian blur radius on the mask, in pixels")
+    mask_blur_x: int | None = Field(None, ge=0, le=64, strict=True, description="as mask_blur (the same value)")
+    mask_blur_y: int | None = Field(None, ge=0, le=64, strict=True, description="as mask_blur (the same value)")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, strict=True, description="1: black is repainted")
+    inpainting_fill: int = Field(1, ge=0, le=3, strict=True, description='1 ("original") is served')
+    inpaint_full_res: bool | int = Field(
+        False, description='true ("only masked"): the region around the mask inpainted at width x height, pasted back'
+    )
+    inpaint_full_res_padding: int = Field(0, ge=0, le=4096, strict=True, description="pixels around the mask")
+    mask_round: bool = Field(True, description="true (the mask rounded to repainted or kept) is served")
+
+    @model_validator(mode="after")
+    def _inpainting_served(self) -> Img2ImgRequest:
+        if self.mask is None:  # A1111 reads these only with a mask
+            return self
+        wrong = []
+        if self.inpainting_fill != 1:
+            wrong.append(f"inpainting_fill {self.inpainting_fill} ({_FILLS[self.inpainting_fill]}): the masked area "
+                         "starts from the picture itself, set 1 (original)")  # fmt: skip
+        if not self.mask_round:
+            wrong.append("mask_round false (a soft mask): masks are rounded, as diffusers' are; set it to true")
+        if {self.mask_blur_x, self.mask_blur_y} - {None, self.mask_blur}:
+            wrong.append("mask_blur_x / mask_blur_y other than mask_blur: set mask_blur alone")
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return self

@@ -105,9 +105,9 @@ def img2img_reference(
         kwargs["mask_image"] = mask
     img2img = cls.from_pipe(pipe)
     img2img.set_progress_bar_config(disable=True)
-    out = []
-    for output_type in ("latent", "pil"):
+    out: list[Any] = [None]  # no latents with padding_mask_crop: the answer is pasted into the picture
+    for output_type in ("pil",) if "padding_mask_crop" in kwargs else ("latent", "pil"):
         result = img2img(prompt, image=image, generator=torch.Generator("cpu").manual_seed(seed),
                          output_type=output_type, **kwargs).images  # fmt: skip
         out.append(result if output_type == "latent" else np.asarray(result[0]).astype(np.int16))
-    return out[0], out[1]
+    return out[-2], out[-1]

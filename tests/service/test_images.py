@@ -335,6 +335,16 @@ def b64_png(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def box_mask(size: int = 32) -> Image.Image:
+    """White (repainted) in a box, black elsewhere."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[6:22, 4:20] = 255
+    return Image.fromarray(mask, "L")
+
+
+MASK_B64 = b64_png(box_mask())
+
+
 def test_a1111_img2img_equals_diffusers_img2img(http: httpx.Client, image_world: World) -> None:
     """One starting image serves the batch (seeds S, S + 1), as diffusers' img2img pipeline draws them; without
     width and height the output takes the image's size rounded down to the size unit (8 here: 44x70 -> 40x64)."""
@@ -361,7 +371,13 @@ def test_a1111_img2img_equals_diffusers_img2img(http: httpx.Client, image_world:
 @pytest.mark.parametrize(
     ("extra", "code", "says"),
     [
-        ({"mask": "x"}, "invalid_request", "inpainting (a mask) is not served"),
+        ({"mask": "%%%"}, "invalid_image", "mask is not base64"),
+        ({"mask": base64.b64encode(b"not an image").decode()}, "invalid_image", "mask is not a readable image"),
+        ({"mask": MASK_B64, "inpainting_fill": 0}, "invalid_request", "inpainting_fill 0 (fill)"),
+        ({"mask": MASK_B64, "inpaint_full_res": 1, "init_images": [b64_png(picture(40, 32))]}, "invalid_image",
+         "needs the mask (32x32) and every picture to be the same size"),
+        ({"mask": MASK_B64, "mask_round": False}, "invalid_request", "mask_round false"),
+        ({"mask": MASK_B64, "mask_blur_x": 2}, "invalid_request", "mask_blur_x / mask_blur_y"),
         ({"resize_mode": 1}, "invalid_request", "resize_mode 1 is not served"),
         ({"init_images": ["A", "B", "C"], "batch_size": 2}, "invalid_request", "3 init_images for batch_size 2"),
         ({"init_images": ["%%%"]}, "invalid_image", "init_images[0] is not base64"),
@@ -403,7 +419,12 @@ def test_openai_image_edits_are_img2img(image_server: Server, image_world: World
 @pytest.mark.parametrize(
     ("files", "data", "code", "says"),
     [
-        ({"mask": b"x"}, {}, "invalid_request", "inpainting (a mask) is not served"),
+        ({"mask": b"x"}, {}, "invalid_image", "mask is not a readable image"),
+        ({"mask": ("m.png", base64.b64decode(b64_png(Image.new("RGB", (32, 32)))), "image/png")}, {},
+         "invalid_image", "mask has no alpha channel"),
+        ({"mask": ("m.png", base64.b64decode(b64_png(Image.new("RGBA", (16, 32)))), "image/png")}, {},
+         "invalid_image", "the mask must have the image's size"),
+        ({}, {"mask": "x"}, "invalid_image", "mask must be a file"),
         ({"other": b"x"}, {}, "invalid_image", "send one image file as the multipart/form-data field `image`"),
         ({}, {"n": "two"}, "invalid_request", "n:"),
         ({}, {"adapters": "[{"}, "invalid_request", "adapters must be JSON text"),
@@ -420,6 +441,78 @@ def test_image_edit_refusals(http: httpx.Client, files: dict, data: dict, code: 
     assert response.status_code in (400, 404), response.text
     error = response.json()["error"]
     assert error["code"] == code and says in error["message"], error
+
+
+def test_a1111_inpainting_equals_diffusers_inpainting(http: httpx.Client, image_world: World) -> None:
+    """A `mask` (white: repainted), blurred by `mask_blur` (A1111's default 4) as diffusers' `mask_processor.blur`
+    does, then inverted or not: the images equal diffusers' inpainting pipeline given that mask."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import ImageOps
+
+    start, mask = picture(32, 32, seed=6), box_mask()
+    pipe = load(image_world.model_dir).pipe
+    body = {"prompt": "a red cat", "init_images": [b64_png(start)], "mask": MASK_B64, "denoising_strength": 0.8,
+            "steps": 4, "cfg_scale": 7.5, "seed": 11, "batch_size": 2}  # fmt: skip
+    for extra, want_mask in (
+        ({}, VaeImageProcessor.blur(mask, 4)),
+        ({"inpainting_mask_invert": 1, "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False},
+         ImageOps.invert(mask)),
+    ):  # fmt: skip
+        response = http.post("/sdapi/v1/img2img", json={**body, **extra})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert "mask" not in answer["parameters"] and json.loads(answer["info"])["inpainting_fill"] == 1
+        for k, got in enumerate(answer["images"]):
+            _, want = img2img_reference(pipe, "sd", start, "a red cat", 11 + k, mask=want_mask, strength=0.8,
+                                        num_inference_steps=4, guidance_scale=7.5)  # fmt: skip
+            assert_pixels_close(png(got), want)
+
+
+def test_a1111_only_masked_inpainting_equals_diffusers_padding_mask_crop(
+    http: httpx.Client, image_world: World
+) -> None:
+    """`inpaint_full_res` ("only masked"): the region around the mask (`inpaint_full_res_padding` more) inpainted
+    at width x height and pasted back into the picture, which keeps its own size: diffusers' inpainting pipeline
+    with `padding_mask_crop`."""
+    start = picture(48, 40, seed=3)
+    mask = np.zeros((40, 48), dtype=np.uint8)
+    mask[10:22, 14:30] = 255
+    body = {"prompt": "a red cat", "init_images": [b64_png(start)], "mask": b64_png(Image.fromarray(mask, "L")),
+            "mask_blur": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 4, "denoising_strength": 0.9,
+            "steps": 4, "cfg_scale": 7.5, "seed": 5, "width": 32, "height": 32}  # fmt: skip
+    response = http.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    (got,) = response.json()["images"]
+    pipe = load(image_world.model_dir).pipe
+    _, want = img2img_reference(pipe, "sd", start, "a red cat", 5, mask=Image.fromarray(mask, "L"), height=32,
+                                width=32, padding_mask_crop=4, strength=0.9, num_inference_steps=4,
+                                guidance_scale=7.5)  # fmt: skip
+    assert png(got).shape == (40, 48, 3)
+    assert_pixels_close(png(got), want)
+    assert np.array_equal(png(got)[30:], np.asarray(start)[30:])  # outside the mask: the picture itself
+
+
+def test_openai_image_edits_with_a_mask_inpaint_its_transparent_pixels(
+    image_server: Server, image_world: World
+) -> None:
+    """The `openai` client's `images.edit` with `mask` (an RGBA PNG of the image's size, transparent where edited)
+    equals diffusers' inpainting pipeline with the white-where-transparent mask."""
+    from openai import OpenAI
+
+    start = picture(32, 32, seed=8)
+    alpha = 255 - np.asarray(box_mask())  # transparent inside the box
+    rgba = Image.fromarray(np.dstack([np.asarray(start), alpha]).astype(np.uint8), "RGBA")
+    client = OpenAI(base_url=f"{image_server.url}/v1", api_key="unused", timeout=300)
+    result = client.images.edit(
+        model="tiny", image=("start.png", base64.b64decode(b64_png(start)), "image/png"), prompt="the dog",
+        mask=("mask.png", base64.b64decode(b64_png(rgba)), "image/png"), response_format="b64_json",
+        extra_body={"seed": 2, "num_inference_steps": 4, "strength": 0.9},
+    )  # fmt: skip
+    assert result.data is not None and result.data[0].b64_json is not None
+    pipe = load(image_world.model_dir).pipe
+    _, want = img2img_reference(pipe, "sd", start, "the dog", 2, mask=box_mask(), strength=0.9,
+                                num_inference_steps=4)  # fmt: skip
+    assert_pixels_close(png(result.data[0].b64_json), want)
 
 
 def test_an_image_server_takes_img2img_bodies_over_the_json_default(http: httpx.Client) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 import lokr
 from service.errors import BadRequestError
 from service.images.backend import check_spec
-from service.images.inpaint import a1111_mask, latent_mask, mask_pixels, openai_mask
+from service.images.inpaint import a1111_mask, latent_mask, mask_pixels, openai_mask, repaint_plan
 from service.images.load import LoadedPipeline
 from service.images.samplers import resolve
 from service.images.tiny_flux import save_peft_flux_lokr
@@ -131,18 +131,32 @@ def test_flux_masked_rows_equal_flux_inpaint_pipeline(tmp_path: Path, monkeypatc
         assert_pixels_close(run.pixels(job), want_pixels)
 
 
-def test_masks_are_preprocessed_as_diffusers_does(dirs: dict[str, Path]) -> None:
-    """Resized (Lanczos) and binarised at one half, blurred first when asked (diffusers' `mask_processor`)."""
+def test_masks_are_preprocessed_as_diffusers_does() -> None:
+    """Blurred first when asked (`mask_processor.blur`), resized (Lanczos) and binarised at one half; "only
+    masked": cropped around the mask as `padding_mask_crop` crops, then resized to fill the size."""
     from diffusers.image_processor import VaeImageProcessor
 
     processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
     rng = np.random.default_rng(0)
-    mask = Image.fromarray((rng.random((40, 24)) * 255).astype(np.uint8), "L")
+    noise = Image.fromarray((rng.random((40, 24)) * 255).astype(np.uint8), "L")
     for blur in (0, 3):
-        got = mask_pixels(mask, (32, 48), 8, blur=blur)
-        want = processor.preprocess(processor.blur(mask, blur) if blur else mask, height=48, width=32)
-        assert got.shape == (1, 1, 48, 32) and got.dtype == torch.bool
+        plan = repaint_plan(noise, blur, None, (32, 48), [])
+        got = mask_pixels(plan.mask, (32, 48), 8)
+        want = processor.preprocess(processor.blur(noise, blur) if blur else noise, height=48, width=32)
+        assert got.shape == (1, 1, 48, 32) and got.dtype == torch.bool and plan.crop is None
         assert torch.equal(got.float(), want)
+    box = square_mask(40, (8, 10, 20, 16))
+    plan = repaint_plan(box, 0, 4, (32, 16), [picture(40, 40)])
+    assert plan.crop == VaeImageProcessor.get_crop_region(box, 32, 16, pad=4)
+    want = processor.preprocess(box, height=16, width=32, crops_coords=plan.crop, resize_mode="fill")
+    assert torch.equal(mask_pixels(plan.mask, (32, 16), 8, plan.crop).float(), want)
+
+
+def test_only_masked_inpainting_needs_a_mask_of_the_pictures_size_that_repaints_something() -> None:
+    with pytest.raises(BadRequestError, match="the same size"):
+        repaint_plan(square_mask(32, (0, 0, 8, 8)), 0, 8, (32, 32), [picture(32, 32), picture(40, 32)])
+    with pytest.raises(BadRequestError, match="repaints nothing"):
+        repaint_plan(square_mask(32, (0, 0, 0, 0)), 0, 8, (32, 32), [picture(32, 32)])
 
 
 def test_a_mask_needs_a_starting_image_of_its_size(dirs: dict[str, Path]) -> None:
