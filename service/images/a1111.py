@@ -28,6 +28,9 @@ from .schemas import A1111Request, Img2ImgRequest, Txt2ImgRequest
 __all__ = ["parse_lora_tags", "router"]
 
 router = APIRouter(dependencies=[ApiAuth], tags=["automatic1111"])
+# A1111's img2img resize modes served: just resize, crop and resize, resize and fill (diffusers' `resize_mode`s
+# are written after them); 3, latent upscaling, is not
+RESIZE_MODES = {0: "default", 1: "crop", 2: "fill"}
 _TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
 
 
@@ -64,9 +67,10 @@ async def img2img(body: Img2ImgRequest, c: Deps, request: Request) -> dict[str, 
     """Images that start from `init_images` (`denoising_strength`: the share of the schedule run, as diffusers'
     img2img `strength`); sized as asked (the image stretched) or as the first image."""
     images = front(c)
-    if body.resize_mode != 0:
+    if body.resize_mode not in RESIZE_MODES:
         raise BadRequestError(
-            f"resize_mode {body.resize_mode} is not served; 0 (just resize: the image stretched to width x height) is",
+            f"resize_mode {body.resize_mode} is not served; 0 (just resize), 1 (crop and resize) and 2 (resize and "
+            "fill) are (3, latent upscaling, is not)",
             code="invalid_request",
         )
     if len(body.init_images) > 1 and body.batch_size < len(body.init_images):
@@ -79,19 +83,20 @@ async def img2img(body: Img2ImgRequest, c: Deps, request: Request) -> dict[str, 
     size = images.output_size(starts[0], body.width, body.height)
     repaint = None if body.mask is None else await run_in_threadpool(_repaint, images, body, size, starts)
     batch = body.batch_size if len(starts) == 1 else len(starts)
-    start = Start(starts, body.denoising_strength, repaint, body.mask_blur)
+    start = Start(starts, body.denoising_strength, repaint, body.mask_blur, RESIZE_MODES[body.resize_mode])
     return await _generate(body, c, request, size, batch, start)
 
 
 @dataclass(frozen=True)
 class Start:
     """Where img2img images start: the pictures (image k from `images[k % len]`), the strength, and for
-    inpainting what is repainted (`blur`: the mask's, as asked)."""
+    inpainting what is repainted (`blur`: the mask's, as asked); `resize`: how pictures take the output size."""
 
     images: list[Any]
     strength: float
     repaint: Repaint | None = None
     blur: int = 0
+    resize: str = "default"
 
 
 def _open_all(images: ImageFront, texts: list[str]) -> list[Any]:
@@ -147,7 +152,7 @@ async def _generate(
                           latent_output=False)  # fmt: skip
         second = images.specs(hr_spec, count, HIRES_NAMES)
     if start is not None:
-        specs = await run_in_threadpool(images.starting_from, specs, start.images, start.repaint)
+        specs = await run_in_threadpool(images.starting_from, specs, start.images, start.repaint, start.resize)
     pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
     if start is not None and start.repaint is not None and start.repaint.crop is not None:
         pictures = await run_in_threadpool(images.overlaid, pictures, start.images, start.repaint)

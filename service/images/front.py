@@ -104,15 +104,20 @@ class ImageFront:
         return open_image(data, field, self.backend.max_pixels, mode=None)
 
     def starting_from(
-        self, specs: Sequence[ImageSpec], images: Sequence[Any], repaint: Repaint | None = None
+        self,
+        specs: Sequence[ImageSpec],
+        images: Sequence[Any],
+        repaint: Repaint | None = None,
+        resize: str = "default",
     ) -> list[ImageSpec]:
         """`specs` (checked, so their size is) with image k starting from `images[k % len(images)]`, resized to
-        the spec's size; with `repaint` (`inpaint.repaint_plan`), each inpainted within its mask (and with a crop,
-        that region of the picture only) (blocking: run it off the event loop)."""
+        the spec's size (`resize`: `init_image.pixels_for`'s modes); with `repaint` (`inpaint.repaint_plan`), each
+        inpainted within its mask (and with a crop, that region of the picture only) (blocking: run it off the
+        event loop)."""
         loaded, size = self.backend.loaded, (specs[0].width, specs[0].height)
         crop = None if repaint is None else repaint.crop
-        pixels = [pixels_for(loaded.pipe.image_processor, image, size, crop) for image in images]
-        mask = None if repaint is None else mask_pixels(repaint.mask, size, loaded.vae_scale_factor, crop)
+        pixels = [pixels_for(loaded.pipe.image_processor, image, size, crop, resize) for image in images]
+        mask = None if repaint is None else mask_pixels(repaint.mask, size, loaded.vae_scale_factor, crop, resize)
         return [replace(spec, init=pixels[k % len(pixels)], mask=mask) for k, spec in enumerate(specs)]
 
     def overlaid(self, pictures: Sequence[Any], images: Sequence[Any], repaint: Repaint) -> list[Any]:

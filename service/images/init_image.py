@@ -52,19 +52,25 @@ def open_image(data: bytes, field: str, max_pixels: int, mode: str | None = "RGB
 
 
 def pixels_for(
-    processor: Any, image: Any, size: tuple[int, int], crop: tuple[int, int, int, int] | None = None
+    processor: Any,
+    image: Any,
+    size: tuple[int, int],
+    crop: tuple[int, int, int, int] | None = None,
+    resize: str = "default",
 ) -> Tensor:
     """`image` resized as the img2img pipelines' preprocessing resizes it (`processor`: the pipeline's
-    `VaeImageProcessor`) to `size` = `(width, height)` ("just resize": stretched, Lanczos; none when it has that
-    size already; with `crop`, that region of it resized to fill the size, as the inpainting pipelines'
-    `padding_mask_crop` does), kept as `(1, 3, H, W)` uint8: a quarter of the float pixels' memory while it waits
-    in the queue (`model_pixels` makes those, exactly)."""
+    `VaeImageProcessor`) to `size` = `(width, height)`: `resize` "default" stretches it (Lanczos; none when it has
+    that size already), "crop" scales it to cover the size and crops the centre, "fill" scales it to fit and fills
+    the sides from its edges (`VaeImageProcessor.resize`'s modes, A1111's resize modes 1 and 2); with `crop`, that
+    region of it resized to fill the size, as the inpainting pipelines' `padding_mask_crop` does. Kept as
+    `(1, 3, H, W)` uint8: a quarter of the float pixels' memory while it waits in the queue (`model_pixels` makes
+    those, exactly)."""
     import numpy as np
 
     width, height = size
     if crop is not None:
         image = image.crop(crop)
-    resized = processor.resize(image, height=height, width=width, resize_mode="default" if crop is None else "fill")
+    resized = processor.resize(image, height=height, width=width, resize_mode=resize if crop is None else "fill")
     return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
 
 

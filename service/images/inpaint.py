@@ -68,17 +68,20 @@ def repaint_plan(mask: Any, blur: int, padding: int | None, size: tuple[int, int
     return Repaint(mask, (left, top, right, bottom))
 
 
-def mask_pixels(mask: Any, size: tuple[int, int], vae_scale_factor: int, crop: Crop | None = None) -> Tensor:
+def mask_pixels(
+    mask: Any, size: tuple[int, int], vae_scale_factor: int, crop: Crop | None = None, resize: str = "default"
+) -> Tensor:
     """A white-is-repainted mask (a PIL image) as diffusers' inpainting pipelines preprocess it (their
-    `mask_processor`): cropped to `crop` and resized to fill `size` = `(width, height)` when given, else
-    stretched to it (Lanczos), greyscale, binarised at one half; `(1, 1, H, W)` bool."""
+    `mask_processor`): cropped to `crop` and resized to fill `size` = `(width, height)` when given, else resized
+    to it as the picture is (`resize`: `init_image.pixels_for`'s modes), greyscale, binarised at one half;
+    `(1, 1, H, W)` bool."""
     from diffusers.image_processor import VaeImageProcessor
 
     processor = VaeImageProcessor(
         vae_scale_factor=vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
     )
     width, height = size
-    resize_mode = "default" if crop is None else "fill"
+    resize_mode = resize if crop is None else "fill"
     binary: Tensor = processor.preprocess(mask, height, width, resize_mode=resize_mode, crops_coords=crop) >= 0.5
     return binary
 

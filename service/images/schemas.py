@@ -173,7 +173,9 @@ class Img2ImgRequest(A1111Request):
 
     init_images: list[str] = Field(min_length=1, max_length=64, description="base64 images (data URLs allowed)")
     denoising_strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
-    resize_mode: int = Field(0, strict=True, description='0 ("just resize": stretched) is served')
+    resize_mode: int = Field(
+        0, strict=True, description="0 just resize (stretched), 1 crop and resize, 2 resize and fill; 3 is not served"
+    )
     mask: str | None = Field(None, description="inpainting: a base64 picture, white (or opaque) where repainted")
     mask_blur: int = Field(4, ge=0, le=64, strict=True, description="Gaussian blur radius on the mask, in pixels")
     mask_blur_x: int | None = Field(None, ge=0, le=64, strict=True, description="as mask_blur (the same value)")

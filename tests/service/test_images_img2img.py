@@ -155,14 +155,20 @@ def test_starting_images_decode_from_base64_or_are_refused() -> None:
 def test_a_starting_picture_waits_as_uint8_and_reaches_the_vae_as_the_pipelines_preprocess_it(
     kind: str, dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Stretched to the asked size, kept as uint8 (a quarter of float32), and the pixels the VAE gets are, bit for
-    bit, the pipeline's own `image_processor.preprocess` of the picture at that size."""
+    """Stretched (or cropped / filled, or a region of it) to the asked size, kept as uint8 (a quarter of float32),
+    and the pixels the VAE gets are, bit for bit, the pipeline's own `image_processor.preprocess` of the picture at
+    that size."""
     path = dirs[kind] if kind in dirs else pipeline_dir(tmp_path, kind)
     processor = load(path).pipe.image_processor
     image = picture(40, 70)
-    kept = pixels_for(processor, image, (48, 32))
-    assert kept.shape == (1, 3, 32, 48) and kept.dtype == torch.uint8
-    assert torch.equal(model_pixels(kept), processor.preprocess(image, height=32, width=48))
+    for resize in ("default", "crop", "fill"):
+        kept = pixels_for(processor, image, (48, 32), resize=resize)
+        assert kept.shape == (1, 3, 32, 48) and kept.dtype == torch.uint8
+        want = processor.preprocess(image, height=32, width=48, resize_mode=resize)
+        assert torch.equal(model_pixels(kept), want)
+    region = (4, 10, 36, 50)
+    want = processor.preprocess(image, height=32, width=48, resize_mode="fill", crops_coords=region)
+    assert torch.equal(model_pixels(pixels_for(processor, image, (48, 32), crop=region)), want)
 
 
 def test_starting_images_are_encoded_once_each_in_one_forward_per_size(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,9 @@ from PIL import Image
 import lokr
 from service.errors import BadRequestError
 from service.images.backend import check_spec
-from service.images.inpaint import a1111_mask, latent_mask, mask_pixels, openai_mask, repaint_plan
+from service.images.front import ImageFront
+from service.images.init_image import pixels_for
+from service.images.inpaint import Repaint, a1111_mask, latent_mask, mask_pixels, openai_mask, repaint_plan
 from service.images.load import LoadedPipeline
 from service.images.samplers import resolve
 from service.images.tiny_flux import save_peft_flux_lokr
@@ -150,6 +153,26 @@ def test_masks_are_preprocessed_as_diffusers_does() -> None:
     assert plan.crop == VaeImageProcessor.get_crop_region(box, 32, 16, pad=4)
     want = processor.preprocess(box, height=16, width=32, crops_coords=plan.crop, resize_mode="fill")
     assert torch.equal(mask_pixels(plan.mask, (32, 16), 8, plan.crop).float(), want)
+
+
+def test_starting_pixels_and_masks_take_the_output_size_as_asked(dirs: dict[str, Path]) -> None:
+    """`ImageFront.starting_from`: the picture and the mask resized by the same mode (stretched, cropped, filled)
+    or, "only masked", the crop region of both resized to fill; the modes give different starting pixels."""
+    loaded = load(dirs["sd"])
+    front = ImageFront(None, SimpleNamespace(loaded=loaded), None, None, "tiny", 4, 4)  # type: ignore[arg-type]
+    image, mask = picture(48, 32), square_mask(48, (10, 4, 30, 20)).crop((0, 0, 48, 32))
+    processor, base = loaded.pipe.image_processor, spec("x", 1)
+    seen = []
+    for resize in ("default", "crop", "fill"):
+        (got,) = front.starting_from([base], [image], Repaint(mask), resize)
+        assert torch.equal(got.init, pixels_for(processor, image, (32, 32), resize=resize))
+        assert torch.equal(got.mask, mask_pixels(mask, (32, 32), 8, resize=resize))
+        seen.append(got.init)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    plan = repaint_plan(mask, 0, 2, (32, 32), [image])
+    (got,) = front.starting_from([base], [image], plan, "crop")  # the crop region wins over the resize mode
+    assert torch.equal(got.init, pixels_for(processor, image, (32, 32), crop=plan.crop))
+    assert torch.equal(got.mask, mask_pixels(mask, (32, 32), 8, crop=plan.crop))
 
 
 def test_only_masked_inpainting_needs_a_mask_of_the_pictures_size_that_repaints_something() -> None:
