@@ -17,6 +17,8 @@ Scenarios (each: `--clients` concurrent clients sending `--requests` image reque
   edit-8     the batch-8 server, img2img through A1111's /sdapi/v1/img2img (`<lora:aI:1>`, one starting picture,
              denoising_strength 0.6: 6 of 10 steps run), adapter i % 8
   edit-single-8  the same img2img requests on the one-image-at-a-time server
+  inpaint-8  the batch-8 server, the img2img requests with a mask (the picture's middle half repainted)
+  inpaint-single-8  the same inpainting requests on the one-image-at-a-time server
 The naive baselines' ratio is taken against the faster of the two. With `--repeats N` the scenarios run N times,
 in rounds (each round runs every scenario once; batch-8 and batch-1 swap order every round), and each scenario's
 median is reported. Then the denoiser's own batching ceiling on this machine: the bare denoiser's step per image
@@ -66,6 +68,7 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (  # (name, numerator, 
     ("ours / naive peft (set_adapter per request)", "batch-8", "peft-set-8", 3.0),
     ("ours / faster naive peft", "batch-8", "naive", 3.0),
     ("img2img: batched / one at a time", "edit-8", "edit-single-8", None),
+    ("inpainting: batched / one at a time", "inpaint-8", "inpaint-single-8", None),
 )
 EDIT_STRENGTH = 0.6
 
@@ -152,19 +155,29 @@ def bodies(args: argparse.Namespace, distinct: int) -> list[Request]:
     ]  # fmt: skip
 
 
-def edit_bodies(args: argparse.Namespace, distinct: int) -> list[Request]:
-    """Img2img requests over `distinct` adapters (A1111's route), all from one picture of the output size."""
+def _png_b64(pixels: torch.Tensor, mode: str) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy(), mode).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def edit_bodies(args: argparse.Namespace, distinct: int, masked: bool = False) -> list[Request]:
+    """Img2img requests over `distinct` adapters (A1111's route), all from one picture of the output size;
+    `masked`: inpainting its middle half (a white square mask)."""
     side = args.size
     ramp = torch.linspace(0, 255, side).to(torch.uint8)
     pixels = torch.stack([ramp.expand(side, side), ramp.expand(side, side).T, ramp.flip(0).expand(side, side)], -1)
-    buf = io.BytesIO()
-    Image.fromarray(pixels.numpy(), "RGB").save(buf, format="PNG")
-    picture = base64.b64encode(buf.getvalue()).decode()
+    picture = _png_b64(pixels, "RGB")
+    extra: dict[str, Any] = {}
+    if masked:
+        mask = torch.zeros(side, side, dtype=torch.uint8)
+        mask[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
+        extra = {"mask": _png_b64(mask, "L"), "inpainting_fill": 1, "inpaint_full_res": False}
     strength = max(EDIT_STRENGTH, 1 / args.steps)  # at least one step (--quick runs one)
     return [
         (f"a{i % distinct}", "/sdapi/v1/img2img",
          {"prompt": f"a red cat <lora:a{i % distinct}:1>", "init_images": [picture], "width": side, "height": side,
-          "steps": args.steps, "denoising_strength": strength, "cfg_scale": 7.5, "seed": i})
+          "steps": args.steps, "denoising_strength": strength, "cfg_scale": 7.5, "seed": i, **extra})
         for i in range(args.requests)
     ]  # fmt: skip
 
@@ -368,12 +381,12 @@ def run_round(args: argparse.Namespace, model: Path, adapters: list[Path], k: in
     """Every scenario once; batch-8 and batch-1 (one server) swap order every other round."""
     order = (N_ADAPTERS, 1) if k % 2 == 0 else (1, N_ADAPTERS)
     loads = {f"batch-{n}": bodies(args, n) for n in order}
-    batched = run_server(args, model, adapters, args.clients, {**loads, "edit-8": edit_bodies(args, N_ADAPTERS)})
-    one = {"single-8": bodies(args, N_ADAPTERS), "edit-single-8": edit_bodies(args, N_ADAPTERS)}
+    edits = {"edit": edit_bodies(args, N_ADAPTERS), "inpaint": edit_bodies(args, N_ADAPTERS, masked=True)}
+    batched = run_server(args, model, adapters, args.clients, {**loads, **{f"{k}-8": v for k, v in edits.items()}})
+    one = {"single-8": bodies(args, N_ADAPTERS), **{f"{k}-single-8": v for k, v in edits.items()}}
     single = run_server(args, model, adapters, 1, one)
-    return {"batch-8": batched["batch-8"], "batch-1": batched["batch-1"], "single-8": single["single-8"],
-            "peft-8": run_peft(args, model, merge=True), "peft-set-8": run_peft(args, model, merge=False),
-            "edit-8": batched["edit-8"], "edit-single-8": single["edit-single-8"]}  # fmt: skip
+    return {**batched, **single, "peft-8": run_peft(args, model, merge=True),
+            "peft-set-8": run_peft(args, model, merge=False)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
