@@ -95,6 +95,12 @@ def check_spec(
     if spec.mask is not None and (spec.init is None or tuple(spec.mask.shape[-2:]) != (spec.height, spec.width)):
         raise BadRequestError("an inpainting mask needs a starting image, and the mask must have the output size",
                               code="invalid_request")  # fmt: skip
+    if loaded.masked_channels and (spec.mask is None or spec.init is None):
+        raise BadRequestError(
+            "this pipeline is an inpainting model (its UNet takes a mask and the masked picture): every image needs a "
+            "picture and a mask (A1111's /sdapi/v1/img2img with `mask`, or /v1/images/edits with a `mask` file)",
+            code="invalid_request",
+        )
     if spec.clip_skip is not None:
         _check_clip_skip(loaded, spec.clip_skip, names)
     loaded.ops.check(spec)
@@ -222,7 +228,9 @@ class ImageBackend:
             return
         for job, cond in zip(new, conds, strict=True):
             try:
-                row = start_row(self.loaded, job, cond, starts.get(id(job.spec.init)) if job.spec else None)
+                assert job.spec is not None
+                picture, masked = starts.get(steps.picture_key(job.spec)), starts.get(steps.masked_key(job.spec))
+                row = start_row(self.loaded, job, cond, picture, masked)
             except Exception as exc:  # this joiner alone: no row of a failed job may run on
                 fail_jobs([job], exc)
                 continue

@@ -85,9 +85,17 @@ class Family(ABC):
         (`fold`: `lokr.adapter_batch`'s, the same as the denoiser's, which would otherwise drop its kept folds)."""
 
     @abstractmethod
-    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
+    def start(
+        self,
+        loaded: LoadedPipeline,
+        job: ImageJob,
+        cond: Conditioning,
+        start: Tensor | None = None,
+        masked: Tensor | None = None,
+    ) -> Row:
         """A row with its own scheduler (timesteps set) and the initial latents diffusers draws for its seed
-        (`start`: the VAE's latent distribution of the starting image, where the spec has one)."""
+        (`start`: the VAE's latent distribution of the starting image, where the spec has one; `masked`: of the
+        masked image, for an inpainting model)."""
 
     @abstractmethod
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
@@ -195,11 +203,19 @@ class StableDiffusion(Family):
                 embeds[i], pooled[i] = out[0][k : k + 1], _row(out[2], k) if self.xl else None
         return embeds, pooled
 
-    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
+    def start(
+        self,
+        loaded: LoadedPipeline,
+        job: ImageJob,
+        cond: Conditioning,
+        start: Tensor | None = None,
+        masked: Tensor | None = None,
+    ) -> Row:
         """Latents: `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))` times the
         scheduler's initial sigma, as `pipe(..., generator=...)` draws them; with a starting image (`spec.init`),
-        its VAE latents noised to the first timestep run, as the img2img pipelines do. The generator then feeds
-        stochastic schedulers' steps, as in the pipeline."""
+        its VAE latents noised to the first timestep run, as the img2img pipelines do (an inpainting model's rows:
+        as its inpainting pipeline, `_model_inpainting`). The generator then feeds stochastic schedulers' steps, as
+        in the pipeline."""
         from diffusers.utils.torch_utils import randn_tensor
 
         assert job.spec is not None
@@ -210,8 +226,10 @@ class StableDiffusion(Family):
         if (self.xl or spec.from_image) and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(first)
         generator = torch.Generator("cpu").manual_seed(spec.seed)
-        inpaint = None
-        if spec.from_image:
+        inpaint, extra = None, None
+        if loaded.masked_channels:
+            latents, extra = self._model_inpainting(loaded, spec, (start, masked), scheduler, first, generator)
+        elif spec.from_image:
             latents, inpaint = self._noised_image(loaded, spec, start, scheduler, first, generator, cond.cond.dtype)
         else:
             f = loaded.vae_scale_factor
@@ -219,7 +237,38 @@ class StableDiffusion(Family):
             latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
             latents = latents * scheduler.init_noise_sigma
         return Row(job, spec, cond, scheduler, latents, step_kwargs(scheduler, generator), index=first, first=first,
-                   inpaint=inpaint)  # fmt: skip
+                   inpaint=inpaint, extra=extra)  # fmt: skip
+
+    def _model_inpainting(
+        self,
+        loaded: LoadedPipeline,
+        spec: ImageSpec,
+        moments: tuple[Tensor | None, Tensor | None],
+        scheduler: Any,
+        first: int,
+        gen: torch.Generator,
+    ) -> tuple[Tensor, Tensor]:
+        """An inpainting model's row, as its inpainting pipeline starts one: the picture's latents drawn (below
+        strength 1 only) and noised to timestep `first`, else pure noise; then the masked picture's latents drawn
+        (`moments`: the two latent distributions). Returns the latents and the further denoiser inputs `(1, 1 + C,
+        h, w)`: the mask shrunk to the latents and the masked picture's latents."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.utils.torch_utils import randn_tensor
+
+        picture, masked = moments
+        assert picture is not None and masked is not None and spec.mask is not None, "an inpainting model's row"
+        dtype, scaling = loaded.dtype, loaded.pipe.vae.config.scaling_factor
+        shape = (1, loaded.pipe.vae.config.latent_channels, *picture.shape[-2:])
+        if spec.strength < 1.0:
+            image = (DiagonalGaussianDistribution(picture).sample(gen) * scaling).to(dtype)
+            noise = randn_tensor(shape, generator=gen, device=loaded.device, dtype=dtype)
+            latents = scheduler.add_noise(image, noise, scheduler.timesteps[first : first + 1])
+        else:
+            noise = randn_tensor(shape, generator=gen, device=loaded.device, dtype=dtype)
+            latents = noise * scheduler.init_noise_sigma
+        masked_latents = (DiagonalGaussianDistribution(masked).sample(gen) * scaling).to(dtype)
+        mask = latent_mask(spec.mask, (shape[-2], shape[-1]), loaded.device, dtype)
+        return latents, torch.cat([mask, masked_latents], dim=1)
 
     def _noised_image(
         self,
@@ -282,7 +331,10 @@ class StableDiffusion(Family):
         for row in rows:
             t = row.timestep
             copies = 2 if row.cfg else 1
-            inputs.append(row.scheduler.scale_model_input(torch.cat([row.latents] * copies), t))
+            model_input = row.scheduler.scale_model_input(torch.cat([row.latents] * copies), t)
+            if row.extra is not None:  # an inpainting model: the mask and the masked picture, after the latents
+                model_input = torch.cat([model_input, torch.cat([row.extra] * copies)], dim=1)
+            inputs.append(model_input)
             timesteps.extend([t] * copies)
             hidden.extend(_cfg_pair(row.cond.uncond, row.cond.cond))
             specs.extend([row.job.selection] * copies)

@@ -85,7 +85,14 @@ class Flux(Family):
         """Flux's img2img rounds as SD3's does: `int(steps - steps * strength)` steps are skipped."""
         return int(max(steps - min(steps * strength, steps), 0))
 
-    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
+    def start(
+        self,
+        loaded: LoadedPipeline,
+        job: ImageJob,
+        cond: Conditioning,
+        start: Tensor | None = None,
+        masked: Tensor | None = None,
+    ) -> Row:
         """Latents: `randn_tensor((1, C, 2*(H//2f), 2*(W//2f)), generator=Generator("cpu").manual_seed(seed))`
         packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them. With a starting image
         (`start`: its VAE latent distribution), a draw from it, shifted and scaled, then that noise mixed in at the

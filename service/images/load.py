@@ -19,7 +19,11 @@ if TYPE_CHECKING:
 __all__ = ["ADAPTER_COMPONENTS", "FAMILIES", "LoadedPipeline", "is_pipeline_dir", "load_pipeline"]
 
 # diffusers pipeline class -> our family name; anything else is refused with this list.
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
+FAMILIES = {
+    "StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
+    # inpainting checkpoints (a 9-channel UNet: latents, mask, masked picture), or plain ones saved by these classes
+    "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl",
+}  # fmt: skip
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -45,6 +49,15 @@ class LoadedPipeline:
     @property
     def vae_scale_factor(self) -> int:
         return int(self.pipe.vae_scale_factor)
+
+    @property
+    def masked_channels(self) -> int:
+        """Input channels an inpainting checkpoint's UNet takes beyond the latents: the mask and the masked
+        picture's latents (5 on SD / SDXL inpainting models); 0 for other denoisers."""
+        unet = getattr(self.pipe, "unet", None)
+        if unet is None:
+            return 0
+        return int(unet.config.in_channels) - int(self.pipe.vae.config.latent_channels)
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -96,6 +109,7 @@ def load_pipeline(source: str, device: str = "auto", dtype: str = "auto") -> Loa
     if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # what the pipeline does before decoding (fp16 VAEs overflow)
     _name_text_model(pipe)
+    _check_inputs(pipe, path)
     parts = {n: getattr(pipe, n) for n in ADAPTER_COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
     for module in [*parts.values(), pipe.vae]:
         module.eval()
@@ -112,6 +126,20 @@ def _name_text_model(pipe: Any) -> None:
         named = isinstance(encoder, nn.Module) and "text_model" in encoder._modules
         if isinstance(encoder, nn.Module) and not named and hasattr(encoder, "final_layer_norm"):
             object.__setattr__(encoder, "text_model", encoder)
+
+
+def _check_inputs(pipe: Any, path: Path) -> None:
+    """A UNet takes the VAE's latents, or (an inpainting checkpoint) those plus a mask and the masked picture's
+    latents; other input layouts (depth, upscaler models) are refused."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return
+    latent, inputs = int(pipe.vae.config.latent_channels), int(unet.config.in_channels)
+    if inputs not in (latent, 2 * latent + 1):
+        raise ModelLoadError(
+            f"{path}: the UNet takes {inputs} input channels; lokr-serve serves UNets of {latent} (the latents) or "
+            f"{2 * latent + 1} (an inpainting model: latents, mask, masked picture)"
+        )
 
 
 def _pipeline_class(path: Path) -> str:

@@ -79,6 +79,8 @@ class Row:
     index: int = 0
     first: int = 0  # the timestep index it starts at (img2img skips the schedule's first ones)
     inpaint: Inpaint | None = None  # a masked row: what it keeps of its picture after each step
+    # an inpainting model's further denoiser inputs `(1, 1 + C, h, w)`: the mask and the masked picture's latents
+    extra: Tensor | None = None
 
     @property
     def timestep(self) -> Tensor:
@@ -106,7 +108,14 @@ def random_seed() -> int:
     return secrets.randbits(62)
 
 
-def start_row(loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, start: Tensor | None = None) -> Row:
+def start_row(
+    loaded: LoadedPipeline,
+    job: ImageJob,
+    cond: Conditioning,
+    start: Tensor | None = None,
+    masked: Tensor | None = None,
+) -> Row:
     """A fresh row for `job`: its family's scheduler, timesteps and the initial latents diffusers would draw
-    (`start`: the VAE's latent distribution of its starting image, `steps.encode_starts`)."""
-    return loaded.ops.start(loaded, job, cond, start)
+    (`start`: the VAE's latent distribution of its starting image, `masked`: of the masked image, for an
+    inpainting model; `steps.encode_starts`)."""
+    return loaded.ops.start(loaded, job, cond, start, masked)

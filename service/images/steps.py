@@ -19,9 +19,9 @@ from lokr.batch import RowSpec
 from .family import denoiser
 from .init_image import model_pixels
 from .load import LoadedPipeline
-from .rows import Conditioning, ImageJob, Row
+from .rows import Conditioning, ImageJob, ImageSpec, Row
 
-__all__ = ["by_selection", "decode", "denoise", "encode", "encode_starts"]
+__all__ = ["by_selection", "decode", "denoise", "encode", "encode_starts", "masked_key", "picture_key"]
 
 
 @torch.inference_mode()
@@ -31,22 +31,37 @@ def encode(loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> l
     return loaded.ops.encode(loaded, jobs, fold)
 
 
+def picture_key(spec: ImageSpec) -> object:
+    """Where `encode_starts` keeps the latent distribution of `spec`'s starting picture (the images of a request
+    share the picture's pixels, and so its encoding)."""
+    return id(spec.init)
+
+
+def masked_key(spec: ImageSpec) -> object:
+    """Where `encode_starts` keeps the latent distribution of `spec`'s masked picture (an inpainting model's)."""
+    return id(spec.init), id(spec.mask)
+
+
 @torch.inference_mode()
-def encode_starts(loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> dict[int, Tensor]:
-    """The VAE's latent distribution `(1, 2C, h, w)` (mean and log-variance) of every distinct starting image of
-    `jobs`, keyed by the `id` of its pixels (the images of one request share them, and one encoding): one encoder
-    forward per image size."""
-    distinct: dict[int, Tensor] = {}
+def encode_starts(loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> dict[object, Tensor]:
+    """The VAE's latent distribution `(1, 2C, h, w)` (mean and log-variance) of every distinct starting picture of
+    `jobs` (`picture_key`) and, for an inpainting model, of every distinct masked picture (`masked_key`: the
+    picture with the repainted pixels zeroed, as the inpainting pipelines make it): one encoder forward per size."""
+    distinct: dict[object, Tensor] = {}
     for job in jobs:
-        if job.spec is not None and job.spec.init is not None:
-            distinct.setdefault(id(job.spec.init), job.spec.init)
-    by_size: dict[tuple[int, ...], list[int]] = {}
+        spec = job.spec
+        if spec is None or spec.init is None:
+            continue
+        distinct.setdefault(picture_key(spec), spec.init)
+        if loaded.masked_channels and spec.mask is not None and masked_key(spec) not in distinct:
+            distinct[masked_key(spec)] = model_pixels(spec.init) * ~spec.mask
+    by_size: dict[tuple[int, ...], list[object]] = {}
     for key, pixels in distinct.items():
         by_size.setdefault(tuple(pixels.shape), []).append(key)
-    vae, out = loaded.pipe.vae, dict[int, Tensor]()
+    vae, out = loaded.pipe.vae, dict[object, Tensor]()
     for keys in by_size.values():
-        pixels = model_pixels(torch.cat([distinct[key] for key in keys])).to(loaded.device, vae.dtype)
-        moments = vae.encode(pixels).latent_dist.parameters
+        floats = [p if p.is_floating_point() else model_pixels(p) for p in (distinct[key] for key in keys)]
+        moments = vae.encode(torch.cat(floats).to(loaded.device, vae.dtype)).latent_dist.parameters
         out.update((key, moments[i : i + 1]) for i, key in enumerate(keys))
     return out
 

@@ -74,11 +74,12 @@ def _vae() -> Any:
 
 
 def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
-    """A random-weight `StableDiffusionPipeline` ("sd"), `StableDiffusionXLPipeline` ("sdxl") or `FluxPipeline`
-    ("flux") on CPU."""
+    """A random-weight `StableDiffusionPipeline` ("sd"), an SD inpainting checkpoint ("sd-inpaint": a 9-channel UNet,
+    `StableDiffusionInpaintPipeline`), `StableDiffusionXLPipeline` ("sdxl") or `FluxPipeline` ("flux") on CPU."""
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
+        StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -98,10 +99,12 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 4,
     }  # fmt: skip
     scheduler: Any
-    if kind == "sd":
-        unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=4)
+    if kind in ("sd", "sd-inpaint"):  # an inpainting checkpoint's UNet also takes the mask and masked picture
+        unet = UNet2DConditionModel(**{**common, "in_channels": 9 if kind == "sd-inpaint" else 4},
+                                    cross_attention_dim=32, attention_head_dim=4)  # fmt: skip
         scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
-        return StableDiffusionPipeline(
+        cls = StableDiffusionInpaintPipeline if kind == "sd-inpaint" else StableDiffusionPipeline
+        return cls(
             vae=_vae(), text_encoder=CLIPTextModel(_text_config(vocab, False)), tokenizer=tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
@@ -120,7 +123,7 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=build_clip_tokenizer(),
             unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip
-    raise ValueError(f"kind must be 'sd', 'sdxl' or 'flux', got {kind!r}")
+    raise ValueError(f"kind must be 'sd', 'sd-inpaint', 'sdxl' or 'flux', got {kind!r}")
 
 
 def save_tiny_pipeline(out: Path, kind: str = "sd", seed: int = 0) -> Path:

@@ -51,10 +51,10 @@ def test_a_joiner_whose_start_fails_fails_alone(loaded: LoadedPipeline, monkeypa
     first, broken, last = _job("a red cat", 1, 32, events), _job("the dog", 2, 32, events), _job("a mat", 3, 32, events)
     start = type(loaded.ops).start
 
-    def start_or_fail(ops: Any, loaded_: LoadedPipeline, job: ImageJob, cond: Any, image: Any = None) -> Any:
+    def start_or_fail(ops: Any, loaded_: LoadedPipeline, job: ImageJob, cond: Any, *starts: Any) -> Any:
         if job is broken:  # e.g. its latents do not fit in memory
             raise RuntimeError("injected: this image cannot start")
-        return start(ops, loaded_, job, cond, image)
+        return start(ops, loaded_, job, cond, *starts)
 
     monkeypatch.setattr(type(loaded.ops), "start", start_or_fail)
     backend = ImageBackend(loaded, Metrics(), max_batch_size=4)

@@ -134,6 +134,55 @@ def test_flux_masked_rows_equal_flux_inpaint_pipeline(tmp_path: Path, monkeypatc
         assert_pixels_close(run.pixels(job), want_pixels)
 
 
+@pytest.mark.slow
+def test_an_inpainting_model_takes_the_mask_and_masked_picture_as_its_pipeline_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 9-channel UNet (an inpainting checkpoint, `StableDiffusionInpaintPipeline` dir): each row feeds it the
+    mask and its masked picture's latents after its own latents, in one batch with the others (strength below 1
+    and 1, Euler a, a peft LoKr row); the pipeline's own images. Text to image and unmasked img2img are 400s."""
+    path = pipeline_dir(tmp_path, "sd-inpaint")
+    loaded = load(path)
+    assert loaded.masked_channels == 5
+    lokr.load_adapter(loaded.container, peft_unet_adapter(path, tmp_path / "peft", seed=5), "p")
+    run = Run(loaded, monkeypatch)
+    image, mask = picture(32, 32, seed=2), square_mask(32, (4, 4, 28, 20))
+    ancestral = resolve("Euler a", None, loaded.pipe.scheduler, False)
+    first = masked_spec(loaded, image, mask, 0.7, prompt="a red cat", seed=3, steps_=4)
+    items = [
+        (first, None),
+        (masked_spec(loaded, image, mask, 1.0, prompt="the dog", seed=4, steps_=3, neg="blue"), None),
+        (replace(masked_spec(loaded, image, mask, 0.8, prompt="a cat", seed=5, steps_=4), sampler=ancestral), None),
+        (replace(first, seed=6), "p"),
+    ]
+    jobs = run(items, joins=[0, 1, 0, 1])
+    for job, (s, sel) in zip(jobs, items):
+        ref = peft_reference_pipe(path, seed=5) if sel == "p" else load(path).pipe
+        if s.sampler is not None:
+            ref.scheduler = s.sampler.make(loaded.pipe.scheduler)
+        want_latents, want_pixels = reference(ref, "sd", image, mask, s)
+        torch.testing.assert_close(run.latents[job.id], want_latents, **TOL)
+        assert_pixels_close(run.pixels(job), want_pixels)
+    for unmasked in (spec("x", 1), init_spec(loaded, image, 0.5, prompt="x", seed=0)):
+        with pytest.raises(BadRequestError, match="is an inpainting model"):
+            check_spec(loaded, unmasked)
+
+
+def test_unets_of_other_input_layouts_are_refused_at_load() -> None:
+    from service.backend import ModelLoadError
+    from service.images.load import _check_inputs
+
+    def pipe(inputs: int) -> Any:
+        config = SimpleNamespace(in_channels=inputs)
+        return SimpleNamespace(unet=SimpleNamespace(config=config), vae=SimpleNamespace(config=SimpleNamespace(
+            latent_channels=4)))  # fmt: skip
+
+    for served in (4, 9):
+        _check_inputs(pipe(served), Path("m"))
+    with pytest.raises(ModelLoadError, match="takes 7 input channels; lokr-serve serves UNets of 4"):
+        _check_inputs(pipe(7), Path("m"))
+
+
 def test_masks_are_preprocessed_as_diffusers_does() -> None:
     """Blurred first when asked (`mask_processor.blur`), resized (Lanczos) and binarised at one half; "only
     masked": cropped around the mask as `padding_mask_crop` crops, then resized to fill the size."""
