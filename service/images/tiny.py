@@ -75,12 +75,14 @@ def _vae() -> Any:
 
 def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
     """A random-weight `StableDiffusionPipeline` ("sd"), an SD inpainting checkpoint ("sd-inpaint": a 9-channel UNet,
-    `StableDiffusionInpaintPipeline`), `StableDiffusionXLPipeline` ("sdxl") or `FluxPipeline` ("flux") on CPU."""
+    `StableDiffusionInpaintPipeline`), `StableDiffusionXLPipeline` ("sdxl"; "sdxl-inpaint" likewise) or `FluxPipeline`
+    ("flux") on CPU."""
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -108,9 +110,10 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             vae=_vae(), text_encoder=CLIPTextModel(_text_config(vocab, False)), tokenizer=tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
-    if kind == "sdxl":
+    if kind in ("sdxl", "sdxl-inpaint"):
         unet = UNet2DConditionModel(
-            **common, attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            **{**common, "in_channels": 9 if kind == "sdxl-inpaint" else 4}, attention_head_dim=(2, 4),
+            use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=80, cross_attention_dim=64,
         )  # fmt: skip
@@ -118,12 +121,13 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
             timestep_spacing="leading",
         )  # fmt: skip
-        return StableDiffusionXLPipeline(
+        xl_cls = StableDiffusionXLInpaintPipeline if kind == "sdxl-inpaint" else StableDiffusionXLPipeline
+        return xl_cls(
             vae=_vae(), text_encoder=CLIPTextModel(_text_config(vocab, True)), tokenizer=tokenizer,
             text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=build_clip_tokenizer(),
             unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip
-    raise ValueError(f"kind must be 'sd', 'sd-inpaint', 'sdxl' or 'flux', got {kind!r}")
+    raise ValueError(f"kind must be 'sd', 'sd-inpaint', 'sdxl', 'sdxl-inpaint' or 'flux', got {kind!r}")
 
 
 def save_tiny_pipeline(out: Path, kind: str = "sd", seed: int = 0) -> Path:

@@ -135,16 +135,19 @@ def test_flux_masked_rows_equal_flux_inpaint_pipeline(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_an_inpainting_model_takes_the_mask_and_masked_picture_as_its_pipeline_does(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 9-channel UNet (an inpainting checkpoint, `StableDiffusionInpaintPipeline` dir): each row feeds it the
+    """A 9-channel UNet (an inpainting checkpoint, `StableDiffusion(XL)InpaintPipeline` dir): each row feeds it the
     mask and its masked picture's latents after its own latents, in one batch with the others (strength below 1
-    and 1, Euler a, a peft LoKr row); the pipeline's own images. Text to image and unmasked img2img are 400s."""
-    path = pipeline_dir(tmp_path, "sd-inpaint")
+    and 1, Euler a, on SD a peft LoKr row); the pipeline's own images. Text to image and unmasked img2img are
+    400s."""
+    path = pipeline_dir(tmp_path, f"{kind}-inpaint")
     loaded = load(path)
     assert loaded.masked_channels == 5
-    lokr.load_adapter(loaded.container, peft_unet_adapter(path, tmp_path / "peft", seed=5), "p")
+    if kind == "sd":
+        lokr.load_adapter(loaded.container, peft_unet_adapter(path, tmp_path / "peft", seed=5), "p")
     run = Run(loaded, monkeypatch)
     image, mask = picture(32, 32, seed=2), square_mask(32, (4, 4, 28, 20))
     ancestral = resolve("Euler a", None, loaded.pipe.scheduler, False)
@@ -153,14 +156,14 @@ def test_an_inpainting_model_takes_the_mask_and_masked_picture_as_its_pipeline_d
         (first, None),
         (masked_spec(loaded, image, mask, 1.0, prompt="the dog", seed=4, steps_=3, neg="blue"), None),
         (replace(masked_spec(loaded, image, mask, 0.8, prompt="a cat", seed=5, steps_=4), sampler=ancestral), None),
-        (replace(first, seed=6), "p"),
+        (replace(first, seed=6), "p" if kind == "sd" else None),
     ]
     jobs = run(items, joins=[0, 1, 0, 1])
     for job, (s, sel) in zip(jobs, items):
         ref = peft_reference_pipe(path, seed=5) if sel == "p" else load(path).pipe
         if s.sampler is not None:
             ref.scheduler = s.sampler.make(loaded.pipe.scheduler)
-        want_latents, want_pixels = reference(ref, "sd", image, mask, s)
+        want_latents, want_pixels = reference(ref, kind, image, mask, s)
         torch.testing.assert_close(run.latents[job.id], want_latents, **TOL)
         assert_pixels_close(run.pixels(job), want_pixels)
     for unmasked in (spec("x", 1), init_spec(loaded, image, 0.5, prompt="x", seed=0)):
