@@ -145,7 +145,7 @@ async def _generate(
         latent_output=hires is not None and hires.latent is not None,
     )
     count = batch * body.n_iter
-    specs = images.specs(spec, count, A1111_NAMES)
+    specs = images.specs(spec, count, A1111_NAMES, masked=start is not None and start.repaint is not None)
     second = None
     if hires is not None:  # checked before the first pass runs
         hr_spec = replace(spec, width=hires.size[0], height=hires.size[1], steps=hires.steps, strength=hires.strength,

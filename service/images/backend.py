@@ -65,11 +65,17 @@ def round_to_unit(width: int, height: int, unit: int) -> tuple[int, int]:
 
 
 def check_spec(
-    loaded: LoadedPipeline, spec: ImageSpec, max_pixels: int = MAX_PIXELS, names: FieldNames = OPENAI_NAMES
+    loaded: LoadedPipeline,
+    spec: ImageSpec,
+    max_pixels: int = MAX_PIXELS,
+    names: FieldNames = OPENAI_NAMES,
+    masked: bool | None = None,
 ) -> None:
     """A 400 for sizes that are not multiples of 8 (and of the VAE factor x 2), over `max_pixels`, bad step counts,
-    an img2img strength that leaves no step, or what the pipeline's family cannot honour (Flux: a negative prompt
-    without true CFG); the messages name the request's own fields (`names`)."""
+    an img2img strength that leaves no step, an image without a picture and a mask on an inpainting model, or what
+    the pipeline's family cannot honour (Flux: a negative prompt without true CFG); the messages name the request's
+    own fields (`names`). `masked`: whether a picture and a mask will start the image (a route checks before it
+    attaches them); None: as the spec says."""
     unit = size_unit(loaded)
     if spec.width % unit or spec.height % unit or spec.width < unit or spec.height < unit:
         raise BadRequestError(
@@ -95,7 +101,9 @@ def check_spec(
     if spec.mask is not None and (spec.init is None or tuple(spec.mask.shape[-2:]) != (spec.height, spec.width)):
         raise BadRequestError("an inpainting mask needs a starting image, and the mask must have the output size",
                               code="invalid_request")  # fmt: skip
-    if loaded.masked_channels and (spec.mask is None or spec.init is None):
+    if masked is None:
+        masked = spec.mask is not None and spec.init is not None
+    if loaded.masked_channels and not masked:
         raise BadRequestError(
             "this pipeline is an inpainting model (its UNet takes a mask and the masked picture): every image needs a "
             "picture and a mask (A1111's /sdapi/v1/img2img with `mask`, or /v1/images/edits with a `mask` file)",

@@ -75,17 +75,18 @@ class ImageFront:
         loaded = self.backend.loaded
         return ("Euler" if loaded.ops.flow else type(loaded.pipe.scheduler).__name__), "Automatic"
 
-    def specs(self, spec: ImageSpec, n: int, names: FieldNames = OPENAI_NAMES) -> list[ImageSpec]:
+    def specs(self, spec: ImageSpec, n: int, names: FieldNames = OPENAI_NAMES, masked: bool = False) -> list[ImageSpec]:
         """Image k of a request gets seed `seed + k` (a random seed when none is given); checked for 400s, which
-        name the request's own fields (`names`). All `n` images must be able to wait in the queue at once (else
-        the request could only ever get a 503, however often it is retried)."""
+        name the request's own fields (`names`; `masked`: a picture and a mask will start them, `starting_from`).
+        All `n` images must be able to wait in the queue at once (else the request could only ever get a 503,
+        however often it is retried)."""
         limit = min(self.max_n, self.max_queue)
         if not 1 <= n <= limit:
             why = "LOKR_MAX_N" if limit == self.max_n else "--max-queue: the images the server queues at once"
             raise BadRequestError(
                 f"{names.n} must be in [1, {limit}] on this server ({why}), got {n}", code="invalid_n"
             )
-        check_spec(self.backend.loaded, spec, self.backend.max_pixels, names)
+        check_spec(self.backend.loaded, spec, self.backend.max_pixels, names, masked)
         return [replace(spec, seed=spec.seed + k) for k in range(n)]
 
     def starting_images(self, files: Sequence[tuple[str, bytes]]) -> list[Any]:

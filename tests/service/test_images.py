@@ -512,6 +512,28 @@ def test_a1111_only_masked_inpainting_equals_diffusers_padding_mask_crop(
     assert np.array_equal(png(got)[30:], np.asarray(start)[30:])  # outside the mask: the picture itself
 
 
+def test_an_inpainting_checkpoint_is_served_for_masked_requests_only(tmp_path: Path) -> None:
+    """A `StableDiffusionInpaintPipeline` dir (9-channel UNet) from the command line: a masked img2img equals the
+    pipeline's own image; text to image is a 400 that says what the model needs."""
+    model = pipeline_dir(tmp_path, "sd-inpaint")
+    (tmp_path / "adapters").mkdir()
+    server = start_server(World(tmp_path, model, tmp_path / "adapters", {}), "--device", "cpu")
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            refused = http.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2})
+            assert refused.status_code == 400 and "is an inpainting model" in refused.json()["error"]["message"]
+            start = picture(32, 32, seed=4)
+            body = {"prompt": "a red cat", "init_images": [b64_png(start)], "mask": MASK_B64, "mask_blur": 0,
+                    "denoising_strength": 0.8, "steps": 3, "cfg_scale": 7.5, "seed": 2}  # fmt: skip
+            response = http.post("/sdapi/v1/img2img", json=body)
+            assert response.status_code == 200, response.text
+    finally:
+        stop_server(server)
+    _, want = img2img_reference(load(model).pipe, "sd", start, "a red cat", 2, mask=box_mask(), strength=0.8,
+                                num_inference_steps=3, guidance_scale=7.5)  # fmt: skip
+    assert_pixels_close(png(response.json()["images"][0]), want)
+
+
 def test_openai_image_edits_with_a_mask_inpaint_its_transparent_pixels(
     image_server: Server, image_world: World
 ) -> None:
