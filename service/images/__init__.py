@@ -2,9 +2,10 @@
 
 Modules: `load` (pipeline dir -> pipeline + adapter container), `rows` (jobs and per-row scheduler state),
 `family` (what differs per pipeline family; SD / SDXL) and `flux` (Flux), `steps` (batched text encoding,
-denoiser step, VAE decode), `backend` (the engine's `Backend`), `front` (requests -> jobs), `schemas`, `routes`
-(OpenAI images), `a1111` (AUTOMATIC1111 txt2img), `tiny` / `tiny_flux` (test pipelines). Nothing here imports
-diffusers at import time.
+denoiser step, VAE encode / decode), `backend` (the engine's `Backend`), `front` (requests -> jobs), `init_image`
+(img2img's starting pictures), `inpaint` (masks), `hires` (A1111's hires fix), `samplers`, `schemas`, `routes`
+(OpenAI images: generations, edits), `a1111` (AUTOMATIC1111 txt2img / img2img), `tiny` / `tiny_flux` (test
+pipelines). Nothing here imports diffusers at import time.
 """
 
 from __future__ import annotations
