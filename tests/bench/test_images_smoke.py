@@ -10,6 +10,9 @@ import pytest
 
 from .run import run_bench
 
+SCENARIOS = {"batch-8", "batch-1", "single-8", "peft-8", "peft-set-8", "edit-8", "edit-single-8", "inpaint-8",
+             "inpaint-single-8"}  # fmt: skip
+
 
 @pytest.mark.slow
 def test_images_quick_writes_report_and_plot(tmp_path: Path) -> None:
@@ -20,7 +23,7 @@ def test_images_quick_writes_report_and_plot(tmp_path: Path) -> None:
     for heading in ("## Environment", "## Settings", "## Results", "## Ratios", "## Denoiser batching ceiling"):
         assert heading in text
     results = json.loads((out / "images.json").read_text())["results"]
-    assert set(results) == {"batch-8", "batch-1", "single-8", "peft-8", "peft-set-8", "edit-8", "edit-single-8"}
+    assert set(results) == SCENARIOS
     assert all(r["errors"] == 0 and r["images"] > 0 for r in results.values())
 
 
@@ -32,7 +35,7 @@ def test_images_quick_flux_writes_its_own_report(tmp_path: Path) -> None:
     text = (out / "images-flux.md").read_text()
     assert "tiny FLUX pipeline" in text and "## Denoiser batching ceiling (bare transformer" in text
     data = json.loads((out / "images-flux.json").read_text())
-    assert set(data["results"]) == {"batch-8", "batch-1", "single-8", "peft-8", "peft-set-8", "edit-8", "edit-single-8"}
+    assert set(data["results"]) == SCENARIOS
     assert all(r["errors"] == 0 and len(r["runs"]) == 1 for r in data["results"].values())
     assert data["ceiling"]["mflop_per_image_step"] > 0
 
