@@ -237,8 +237,7 @@ class ImageBackend:
         for job, cond in zip(new, conds, strict=True):
             try:
                 assert job.spec is not None
-                picture, masked = starts.get(steps.picture_key(job.spec)), starts.get(steps.masked_key(job.spec))
-                row = start_row(self.loaded, job, cond, picture, masked)
+                row = start_row(self.loaded, job, cond, steps.moments_of(starts, job.spec))
             except Exception as exc:  # this joiner alone: no row of a failed job may run on
                 fail_jobs([job], exc)
                 continue

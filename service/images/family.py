@@ -21,7 +21,7 @@ from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
 from .inpaint import Inpaint, latent_mask
-from .rows import Conditioning, ImageJob, ImageSpec, Row
+from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 from .samplers import Sampler
 
 if TYPE_CHECKING:
@@ -85,17 +85,9 @@ class Family(ABC):
         (`fold`: `lokr.adapter_batch`'s, the same as the denoiser's, which would otherwise drop its kept folds)."""
 
     @abstractmethod
-    def start(
-        self,
-        loaded: LoadedPipeline,
-        job: ImageJob,
-        cond: Conditioning,
-        start: Tensor | None = None,
-        masked: Tensor | None = None,
-    ) -> Row:
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
         """A row with its own scheduler (timesteps set) and the initial latents diffusers draws for its seed
-        (`start`: the VAE's latent distribution of the starting image, where the spec has one; `masked`: of the
-        masked image, for an inpainting model)."""
+        (`moments`: the VAE's latent distributions of its starting picture, where the spec has one)."""
 
     @abstractmethod
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
@@ -203,14 +195,7 @@ class StableDiffusion(Family):
                 embeds[i], pooled[i] = out[0][k : k + 1], _row(out[2], k) if self.xl else None
         return embeds, pooled
 
-    def start(
-        self,
-        loaded: LoadedPipeline,
-        job: ImageJob,
-        cond: Conditioning,
-        start: Tensor | None = None,
-        masked: Tensor | None = None,
-    ) -> Row:
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
         """Latents: `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))` times the
         scheduler's initial sigma, as `pipe(..., generator=...)` draws them; with a starting image (`spec.init`),
         its VAE latents noised to the first timestep run, as the img2img pipelines do (an inpainting model's rows:
@@ -228,9 +213,10 @@ class StableDiffusion(Family):
         generator = torch.Generator("cpu").manual_seed(spec.seed)
         inpaint, extra = None, None
         if loaded.masked_channels:
-            latents, extra = self._model_inpainting(loaded, spec, (start, masked), scheduler, first, generator)
+            latents, extra = self._model_inpainting(loaded, spec, moments, scheduler, first, generator)
         elif spec.from_image:
-            latents, inpaint = self._noised_image(loaded, spec, start, scheduler, first, generator, cond.cond.dtype)
+            latents, inpaint = self._noised_image(loaded, spec, moments.picture, scheduler, first, generator,
+                                                  cond.cond.dtype)  # fmt: skip
         else:
             f = loaded.vae_scale_factor
             shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
@@ -243,19 +229,19 @@ class StableDiffusion(Family):
         self,
         loaded: LoadedPipeline,
         spec: ImageSpec,
-        moments: tuple[Tensor | None, Tensor | None],
+        moments: Moments,
         scheduler: Any,
         first: int,
         gen: torch.Generator,
     ) -> tuple[Tensor, Tensor]:
         """An inpainting model's row, as its inpainting pipeline starts one: the picture's latents drawn (below
         strength 1 only) and noised to timestep `first`, else pure noise; then the masked picture's latents drawn
-        (`moments`: the two latent distributions). Returns the latents and the further denoiser inputs `(1, 1 + C,
+        (`moments`: both latent distributions). Returns the latents and the further denoiser inputs `(1, 1 + C,
         h, w)`: the mask shrunk to the latents and the masked picture's latents."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
-        picture, masked = moments
+        picture, masked = moments.picture, moments.masked
         assert picture is not None and masked is not None and spec.mask is not None, "an inpainting model's row"
         dtype, scaling = loaded.dtype, loaded.pipe.vae.config.scaling_factor
         shape = (1, loaded.pipe.vae.config.latent_channels, *picture.shape[-2:])

@@ -24,7 +24,7 @@ from lokr.batch import RowSpec
 from ..errors import BadRequestError
 from .family import DenoiserBatch, Family
 from .inpaint import Inpaint, latent_mask
-from .rows import Conditioning, ImageJob, ImageSpec, Row
+from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
 if TYPE_CHECKING:
     from .load import LoadedPipeline
@@ -85,19 +85,12 @@ class Flux(Family):
         """Flux's img2img rounds as SD3's does: `int(steps - steps * strength)` steps are skipped."""
         return int(max(steps - min(steps * strength, steps), 0))
 
-    def start(
-        self,
-        loaded: LoadedPipeline,
-        job: ImageJob,
-        cond: Conditioning,
-        start: Tensor | None = None,
-        masked: Tensor | None = None,
-    ) -> Row:
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
         """Latents: `randn_tensor((1, C, 2*(H//2f), 2*(W//2f)), generator=Generator("cpu").manual_seed(seed))`
         packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them. With a starting image
-        (`start`: its VAE latent distribution), a draw from it, shifted and scaled, then that noise mixed in at the
-        first sigma run (`scale_noise`), as `FluxImg2ImgPipeline` does; with a mask too, what `FluxInpaintPipeline`
-        keeps of the picture (`Inpaint`, packed like the latents)."""
+        (`moments.picture`: its VAE latent distribution), a draw from it, shifted and scaled, then that noise mixed
+        in at the first sigma run (`scale_noise`), as `FluxImg2ImgPipeline` does; with a mask too, what
+        `FluxInpaintPipeline` keeps of the picture (`Inpaint`, packed like the latents)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -111,10 +104,10 @@ class Flux(Family):
         scheduler.set_begin_index(first)
         image: Tensor | None = None
         if spec.init is not None:
-            assert start is not None, "an img2img row needs its image's latent distribution"
+            assert moments.picture is not None, "an img2img row needs its image's latent distribution"
             vae = pipe.vae.config
-            image = (DiagonalGaussianDistribution(start).sample(generator) - vae.shift_factor) * vae.scaling_factor
-            image = image.to(dtype)
+            drawn = DiagonalGaussianDistribution(moments.picture).sample(generator)
+            image = ((drawn - vae.shift_factor) * vae.scaling_factor).to(dtype)
         noise = randn_tensor((1, channels, h, w), generator=generator, device=loaded.device, dtype=dtype)
         latents = noise
         if image is not None:

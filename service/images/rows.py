@@ -13,7 +13,7 @@ from .inpaint import Inpaint
 from .load import LoadedPipeline
 from .samplers import Sampler
 
-__all__ = ["Conditioning", "ImageJob", "ImageSpec", "Row", "start_row"]
+__all__ = ["NO_PICTURE", "Conditioning", "ImageJob", "ImageSpec", "Moments", "Row", "start_row"]
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,19 @@ def random_seed() -> int:
     return secrets.randbits(62)
 
 
-def start_row(
-    loaded: LoadedPipeline,
-    job: ImageJob,
-    cond: Conditioning,
-    start: Tensor | None = None,
-    masked: Tensor | None = None,
-) -> Row:
+@dataclass(frozen=True)
+class Moments:
+    """The VAE latent distributions `(1, 2C, h, w)` (mean and log-variance) a row starts from: its starting
+    picture's and, on an inpainting model, its masked picture's (`steps.encode_starts`)."""
+
+    picture: Tensor | None = None
+    masked: Tensor | None = None
+
+
+NO_PICTURE = Moments()
+
+
+def start_row(loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
     """A fresh row for `job`: its family's scheduler, timesteps and the initial latents diffusers would draw
-    (`start`: the VAE's latent distribution of its starting image, `masked`: of the masked image, for an
-    inpainting model; `steps.encode_starts`)."""
-    return loaded.ops.start(loaded, job, cond, start, masked)
+    (from `moments` where it starts from a picture)."""
+    return loaded.ops.start(loaded, job, cond, moments)

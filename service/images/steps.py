@@ -19,9 +19,9 @@ from lokr.batch import RowSpec
 from .family import denoiser
 from .init_image import model_pixels
 from .load import LoadedPipeline
-from .rows import Conditioning, ImageJob, ImageSpec, Row
+from .rows import Conditioning, ImageJob, ImageSpec, Moments, Row
 
-__all__ = ["by_selection", "decode", "denoise", "encode", "encode_starts", "masked_key", "picture_key"]
+__all__ = ["by_selection", "decode", "denoise", "encode", "encode_starts", "masked_key", "moments_of", "picture_key"]
 
 
 @torch.inference_mode()
@@ -40,6 +40,11 @@ def picture_key(spec: ImageSpec) -> object:
 def masked_key(spec: ImageSpec) -> object:
     """Where `encode_starts` keeps the latent distribution of `spec`'s masked picture (an inpainting model's)."""
     return id(spec.init), id(spec.mask)
+
+
+def moments_of(starts: Mapping[object, Tensor], spec: ImageSpec) -> Moments:
+    """What `spec`'s row starts from, of `encode_starts`' answer."""
+    return Moments(starts.get(picture_key(spec)), starts.get(masked_key(spec)))
 
 
 @torch.inference_mode()
