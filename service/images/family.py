@@ -238,21 +238,21 @@ class StableDiffusion(Family):
         strength 1 only) and noised to timestep `first`, else pure noise; then the masked picture's latents drawn
         (`moments`: both latent distributions). Returns the latents and the further denoiser inputs `(1, 1 + C,
         h, w)`: the mask shrunk to the latents and the masked picture's latents."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
         picture, masked = moments.picture, moments.masked
         assert picture is not None and masked is not None and spec.mask is not None, "an inpainting model's row"
-        dtype, scaling = loaded.dtype, loaded.pipe.vae.config.scaling_factor
+        dtype = loaded.dtype
         shape = (1, loaded.pipe.vae.config.latent_channels, *picture.shape[-2:])
+        image = None
         if spec.strength < 1.0:
-            image = (DiagonalGaussianDistribution(picture).sample(gen) * scaling).to(dtype)
-            noise = randn_tensor(shape, generator=gen, device=loaded.device, dtype=dtype)
-            latents = scheduler.add_noise(image, noise, scheduler.timesteps[first : first + 1])
-        else:
-            noise = randn_tensor(shape, generator=gen, device=loaded.device, dtype=dtype)
+            image = self._picture_latents(loaded, picture, gen, normalise=False).to(dtype)
+        noise = randn_tensor(shape, generator=gen, device=loaded.device, dtype=dtype)
+        if image is None:
             latents = noise * scheduler.init_noise_sigma
-        masked_latents = (DiagonalGaussianDistribution(masked).sample(gen) * scaling).to(dtype)
+        else:
+            latents = scheduler.add_noise(image, noise, scheduler.timesteps[first : first + 1])
+        masked_latents = self._picture_latents(loaded, masked, gen, normalise=False).to(dtype)
         mask = latent_mask(spec.mask, (shape[-2], shape[-1]), loaded.device, dtype)
         return latents, torch.cat([mask, masked_latents], dim=1)
 
