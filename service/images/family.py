@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-import lokr
 from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
+from .clip_text import PromptText, encode_prompts, text_states
 from .inpaint import Inpaint, latent_mask
+from .prompts import parse_emphasis
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 from .samplers import Sampler
 
@@ -130,6 +131,9 @@ class StableDiffusion(Family):
         return int(w) * int(pipe.vae_scale_factor), int(h) * int(pipe.vae_scale_factor)
 
     def check(self, spec: ImageSpec) -> None:
+        if spec.a1111_prompts:  # a weight that is not a number: a 400 now, not a failed encoder batch later
+            for text in (spec.prompt, spec.negative_prompt or ""):
+                parse_emphasis(text)
         if spec.true_cfg_scale != 1.0:
             raise BadRequestError(
                 "true_cfg_scale applies to Flux pipelines; on Stable Diffusion, guidance_scale sets classifier-free "
@@ -152,17 +156,18 @@ class StableDiffusion(Family):
         """A negative prompt of None is "" (SD) or, where the SDXL pipeline zeroes empty prompts, zeros. A job's
         `clip_skip` applies to its prompt alone, as in diffusers (whose negative prompts take the encoder's own
         output, the penultimate layer's on SDXL)."""
-        texts: list[tuple[str, RowSpec, int | None]] = []  # (text, adapters, clip_skip)
+        texts: list[PromptText] = []
         plan: list[tuple[int, int | None]] = []  # per job: (prompt index, negative index | None = zeros / no CFG)
         zero_neg = self.xl and bool(loaded.pipe.config.get("force_zeros_for_empty_prompt", False))
         for job in jobs:
-            assert job.spec is not None
+            spec = job.spec
+            assert spec is not None
             p = len(texts)
-            texts.append((job.spec.prompt, job.selection, job.spec.clip_skip))
+            texts.append(PromptText(spec.prompt, job.selection, spec.clip_skip, spec.a1111_prompts))
             neg: int | None = None
-            if self._needs_cfg(loaded, job.spec.guidance_scale) and not (zero_neg and job.spec.negative_prompt is None):
+            if self._needs_cfg(loaded, spec.guidance_scale) and not (zero_neg and spec.negative_prompt is None):
                 neg = len(texts)
-                texts.append((job.spec.negative_prompt or "", job.selection, None))
+                texts.append(PromptText(spec.negative_prompt or "", job.selection, None, spec.a1111_prompts))
             plan.append((p, neg))
         embeds, pooled = self._encode_texts(loaded, texts, fold)
         result = []
@@ -177,22 +182,19 @@ class StableDiffusion(Family):
         return result
 
     def _encode_texts(
-        self, loaded: LoadedPipeline, texts: Sequence[tuple[str, RowSpec, int | None]], fold: int
+        self, loaded: LoadedPipeline, texts: Sequence[PromptText], fold: int
     ) -> tuple[list[Tensor], list[Tensor | None]]:
-        """Each `(text, adapters, clip_skip)` encoded, one encoder batch per clip_skip: `(1, L, D)` embeddings and
-        (SDXL) `(1, P)` pooled ones, in order."""
+        """Every prompt encoded, one encoder batch per CLIP skip: `(1, L, D)` embeddings and (SDXL) `(1, P)` pooled
+        ones, in order."""
         groups: dict[int | None, list[int]] = {}
-        for i, (_, _, skip) in enumerate(texts):
-            groups.setdefault(skip, []).append(i)
+        for i, text in enumerate(texts):
+            groups.setdefault(text.clip_skip, []).append(i)
         embeds: list[Tensor] = [torch.empty(0)] * len(texts)
         pooled: list[Tensor | None] = [None] * len(texts)
-        for skip, members in groups.items():
-            with lokr.adapter_batch(loaded.container, [texts[i][1] for i in members], fold=fold):
-                out = loaded.pipe.encode_prompt([texts[i][0] for i in members], device=loaded.device,
-                                                num_images_per_prompt=1, do_classifier_free_guidance=False,
-                                                clip_skip=skip)  # fmt: skip
+        for members in groups.values():
+            out, pools = encode_prompts(loaded, [texts[i] for i in members], self.xl, fold)
             for k, i in enumerate(members):
-                embeds[i], pooled[i] = out[0][k : k + 1], _row(out[2], k) if self.xl else None
+                embeds[i], pooled[i] = out[k], pools[k]
         return embeds, pooled
 
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
@@ -331,8 +333,11 @@ class StableDiffusion(Family):
         if self.xl:
             dev = loaded.device
             added = {"text_embeds": torch.cat(pooled).to(dev), "time_ids": torch.cat(time_ids).to(dev)}
+        states, mask = text_states(hidden)
         kwargs = {"sample": torch.cat(inputs), "timestep": torch.stack(timesteps).to(loaded.device),
-                  "encoder_hidden_states": torch.cat(hidden), "added_cond_kwargs": added}  # fmt: skip
+                  "encoder_hidden_states": states, "added_cond_kwargs": added}  # fmt: skip
+        if mask is not None:
+            kwargs["encoder_attention_mask"] = mask
         return DenoiserBatch(specs, kwargs)
 
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
@@ -357,10 +362,6 @@ class StableDiffusion(Family):
             s = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
             return latents * s / vae.config.scaling_factor + m
         return latents / vae.config.scaling_factor
-
-
-def _row(t: Tensor | None, i: int) -> Tensor | None:
-    return None if t is None else t[i : i + 1]
 
 
 def _cfg_pair(uncond: Tensor | None, cond: Tensor | None) -> list[Tensor]:

@@ -40,6 +40,7 @@ class ImageSpec:
     mask: Tensor | None = field(default=None, compare=False, repr=False)
     latent_output: bool = False  # the final latents (`(1, C, H/f, W/f)`, not decoded) are the job's `image`
     clip_skip: int | None = None  # CLIP layers skipped from the end (diffusers' `clip_skip`; A1111's CLIP skip - 1)
+    a1111_prompts: bool = False  # SD / SDXL: prompts in A1111's syntax (emphasis, BREAK, any length; `prompts`)
 
     @property
     def from_image(self) -> bool:
@@ -96,8 +97,10 @@ class Row:
 
     @property
     def batch_key(self) -> tuple[int, int, int]:
-        """Rows with equal keys share a denoiser forward: same size and text length."""
-        return self.spec.width, self.spec.height, int(self.cond.cond.shape[1])
+        """Rows with equal keys share a denoiser forward: same size and text length (the longer of the prompt's
+        and the negative prompt's: the shorter is padded and masked, `clip_text.text_states`)."""
+        texts = [t for t in (self.cond.cond, self.cond.uncond) if t is not None]
+        return self.spec.width, self.spec.height, max(int(t.shape[1]) for t in texts)
 
     @property
     def cfg(self) -> bool:
