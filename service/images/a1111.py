@@ -142,6 +142,7 @@ async def _generate(
         sampler=images.sampler(body.sampler_name or body.sampler_index, body.scheduler),
         strength=1.0 if start is None else start.strength,
         clip_skip=clip_skip_of(body.override_settings, c.settings.base_name),
+        a1111_prompts=True,
         latent_output=hires is not None and hires.latent is not None,
     )
     count = batch * body.n_iter

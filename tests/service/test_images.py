@@ -587,6 +587,29 @@ def test_clip_skip_per_request_on_both_routes(http: httpx.Client, image_world: W
     assert_pixels_close(png(plain.json()["images"][0]), reference_image(pipe, "a red cat", 5, negative_prompt=""))
 
 
+def test_a1111_prompts_read_emphasis_and_break_while_the_openai_route_reads_text(
+    http: httpx.Client, image_world: World
+) -> None:
+    """A1111's route reads `(word:1.4)`, `[word]` and BREAK as A1111 does (the image diffusers draws from the
+    embeddings A1111's algorithm makes); the OpenAI route gives the same text to diffusers as it is."""
+    from .test_images_prompts import CHUNKS, NEGATIVE, NEGATIVE_CHUNKS, PROMPT, _oracle
+
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 3, "cfg_scale": 7.5, "seed": 9, "width": 32,
+            "height": 32}  # fmt: skip
+    response = http.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    pipe = load(image_world.model_dir).pipe
+    cond, _ = _oracle(pipe, CHUNKS, xl=False)
+    uncond, _ = _oracle(pipe, NEGATIVE_CHUNKS, xl=False)
+    want = reference_image(pipe, None, 9, guidance_scale=7.5, prompt_embeds=cond, negative_prompt_embeds=uncond)
+    assert_pixels_close(png(response.json()["images"][0]), want)
+    (as_text,) = generate(http, prompt=PROMPT, negative_prompt=NEGATIVE, seed=9, guidance_scale=7.5)
+    assert_pixels_close(as_text, reference_image(pipe, PROMPT, 9, guidance_scale=7.5, negative_prompt=NEGATIVE))
+    assert np.abs(as_text - want).max() > 8  # the two readings give other images
+    bad = http.post("/sdapi/v1/txt2img", json={**body, "prompt": "a (cat:1.2.3)"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_prompt", bad.text
+
+
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
