@@ -21,7 +21,7 @@ from lokr.batch import RowSpec
 from ..errors import BadRequestError
 from .clip_text import PromptText, encode_prompts, text_states
 from .inpaint import Inpaint, latent_mask
-from .prompts import parse_emphasis
+from .prompts import check_prompt
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 from .samplers import Sampler
 
@@ -131,9 +131,9 @@ class StableDiffusion(Family):
         return int(w) * int(pipe.vae_scale_factor), int(h) * int(pipe.vae_scale_factor)
 
     def check(self, spec: ImageSpec) -> None:
-        if spec.a1111_prompts:  # a weight that is not a number: a 400 now, not a failed encoder batch later
+        if spec.a1111_prompts:  # a 400 now, not a failed encoder batch later
             for text in (spec.prompt, spec.negative_prompt or ""):
-                parse_emphasis(text)
+                check_prompt(text)
         if spec.true_cfg_scale != 1.0:
             raise BadRequestError(
                 "true_cfg_scale applies to Flux pipelines; on Stable Diffusion, guidance_scale sets classifier-free "

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import BadRequestError
 
-__all__ = ["BREAK", "Chunk", "Piece", "chunk_prompt", "parse_emphasis", "plain_chunk"]
+__all__ = ["BREAK", "Chunk", "Piece", "check_prompt", "chunk_prompt", "parse_emphasis", "plain_chunk"]
 
 ROUND = 1.1  # `(text)`
 SQUARE = 1 / 1.1  # `[text]`
@@ -40,6 +40,10 @@ _UNIT = re.compile(
     re.VERBOSE,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+# A1111's prompt editing (`[from:to:when]`, `[to:when]`: a number after the last colon) and alternation (`[a|b]`),
+# read before emphasis, at the top level of a square bracket (not escaped); this server does not serve them
+_ROUND_GROUP = re.compile(r"(?<!\\)\((?:[^()\\]|\\.)*(?<!\\)\)")
+_SCHEDULED = re.compile(r"(?<!\\)\[(?:[^\[\]\\]|\\.)*(?::\s*[+-]?[\d.]+\s*|\|(?:[^\[\]\\]|\\.)*)(?<!\\)\]")
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,22 @@ def parse_emphasis(prompt: str) -> list[Piece]:
     for kind, since in reversed(opened):  # unclosed brackets weigh the rest of the prompt
         scale(since, ROUND if kind == "(" else SQUARE)
     return _merged(texts, weights)
+
+
+def check_prompt(prompt: str) -> None:
+    """A 400 for what this server does not read as A1111 does: prompt editing, alternation, weights that are not
+    numbers."""
+    flat, before = prompt, ""
+    while flat != before:  # round groups out of the way: a colon in `(text:1.2)` is a weight
+        before, flat = flat, _ROUND_GROUP.sub("(...)", flat)
+    scheduled = _SCHEDULED.search(flat)
+    if scheduled:
+        raise BadRequestError(
+            f"prompt {scheduled.group(0)!r}: A1111's prompt editing ([from:to:when]) and alternation ([a|b]) are not "
+            "served; escape the brackets (\\[ \\]) to mean them as text",
+            code="invalid_prompt",
+        )
+    parse_emphasis(prompt)
 
 
 def _weight(text: str, unit: str) -> float:

@@ -13,7 +13,7 @@ import torch
 
 from service.errors import BadRequestError
 from service.images.clip_text import PromptText, encode_prompts, text_states
-from service.images.prompts import BREAK, Piece, chunk_prompt, parse_emphasis, plain_chunk, window
+from service.images.prompts import BREAK, Piece, check_prompt, chunk_prompt, parse_emphasis, plain_chunk, window
 from service.images.tiny import build_clip_tokenizer
 
 from .images_world import load, pipeline_dir, reference_latents
@@ -61,6 +61,23 @@ def test_break_splits_and_bad_weights_are_400s() -> None:
     assert parse_emphasis("BREAKFAST") == [Piece("BREAKFAST", 1.0)]  # a word of its own only
     with pytest.raises(BadRequestError, match=r"\(text:1.2\)"):
         parse_emphasis("a (cat:1.2.3)")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "refused"),
+    [
+        ("a [cat:dog:0.5] x", True), ("[dog:5]", True), ("[a|b] c", True), ("[(cat:1.2):dog:0.5]", True),
+        ("a (cat:1.2.3)", True),  # prompt editing, alternation, a weight that is not a number
+        ("a [b] c", False), ("\\[a:b:1\\]", False), ("[a (b:1.2) c]", False), ("[cat:dog]", False),
+        ("[a:b", False), ("[a (b|c)]", False),  # emphasis and text, as A1111 reads them
+    ],
+)  # fmt: skip
+def test_prompt_editing_and_alternation_are_400s_not_other_images(prompt: str, refused: bool) -> None:
+    if refused:
+        with pytest.raises(BadRequestError):
+            check_prompt(prompt)
+    else:
+        check_prompt(prompt)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
