@@ -57,6 +57,11 @@ class Family(ABC):
         """Raise `BadRequestError` for what this family cannot honour (beyond the shared size / step checks)."""
         return None
 
+    def batch_key(self, row: Row) -> tuple[int, ...]:
+        """Rows with equal keys share a denoiser forward: the same size and text length."""
+        texts = [t for t in (row.cond.cond, row.cond.uncond) if t is not None]
+        return row.spec.width, row.spec.height, max(int(t.shape[1]) for t in texts)
+
     def clip_layers(self, pipe: Any) -> int:
         """Layers of the CLIP text encoder(s) `clip_skip` counts from the end of (the fewest); 0: no CLIP skip."""
         return 0
@@ -92,7 +97,7 @@ class Family(ABC):
 
     @abstractmethod
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
-        """The denoiser's inputs for `rows` (same size and text length), each row at its own timestep."""
+        """The denoiser's inputs for `rows` (of one `batch_key`), each row at its own timestep."""
 
     @abstractmethod
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
@@ -140,6 +145,10 @@ class StableDiffusion(Family):
                 "guidance: leave true_cfg_scale out",
                 code="invalid_request",
             )
+
+    def batch_key(self, row: Row) -> tuple[int, ...]:
+        """The same size: texts of other lengths are padded and masked in the batch (`clip_text.text_states`)."""
+        return row.spec.width, row.spec.height
 
     def clip_layers(self, pipe: Any) -> int:
         encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]

@@ -96,13 +96,6 @@ class Row:
         return self.spec.width, self.spec.height
 
     @property
-    def batch_key(self) -> tuple[int, int, int]:
-        """Rows with equal keys share a denoiser forward: same size and text length (the longer of the prompt's
-        and the negative prompt's: the shorter is padded and masked, `clip_text.text_states`)."""
-        texts = [t for t in (self.cond.cond, self.cond.uncond) if t is not None]
-        return self.spec.width, self.spec.height, max(int(t.shape[1]) for t in texts)
-
-    @property
     def cfg(self) -> bool:
         return self.cond.uncond is not None
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from service.errors import BadRequestError
+from service.images import steps
 from service.images.clip_text import PromptText, encode_prompts, text_states
 from service.images.prompts import BREAK, Piece, check_prompt, chunk_prompt, parse_emphasis, plain_chunk, window
 from service.images.tiny import build_clip_tokenizer
@@ -217,11 +218,17 @@ def test_a_long_prompt_beside_a_short_negative_is_masked_as_run_apart(sd_dir: Pa
 
 def test_a_long_prompt_and_a_short_negative_equal_two_forwards(sd_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """End to end: an image whose prompt is two chunks and negative one equals the same image with its rows run
-    apart (A1111's default for such prompts), and a plain image in the same batch is unchanged."""
+    apart (A1111's default for such prompts), and a plain image sharing its forwards is unchanged."""
     loaded = load(sd_dir)
     run = Run(loaded, monkeypatch)
+    forwards: list[int] = []
+    real = steps.denoise
+    monkeypatch.setattr(
+        steps, "denoise", lambda loaded, rows, fold=0: (forwards.append(len(rows)), real(loaded, rows, fold))
+    )
     item = replace(spec(PROMPT, 11, neg="ugly"), a1111_prompts=True)
     jobs = run([(item, None), (spec("a red cat", 12), None)])
+    assert forwards and set(forwards) == {2}  # every forward holds both images, texts of 32 and 16 tokens
     ref = load(sd_dir).pipe
     cond, _ = _oracle(ref, CHUNKS, False)
     uncond, _ = _oracle(ref, [[("ugly", 1.0)]], False)
