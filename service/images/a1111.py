@@ -1,6 +1,7 @@
 """AUTOMATIC1111's API: `POST /sdapi/v1/txt2img` and `/sdapi/v1/img2img` (adapters as `<lora:NAME:WEIGHT>` tags,
 `sampler_name`, `scheduler`), `GET /sdapi/v1/loras`, `/sdapi/v1/samplers`, `/sdapi/v1/schedulers`, and what clients
-read or set as they connect: `/sdapi/v1/sd-models`, `/sdapi/v1/options`; `/sdapi/v1/progress`."""
+read or set as they connect: `/sdapi/v1/sd-models`, `/sdapi/v1/options`, the upscalers and the lists of what this
+server does not keep (VAEs, styles, embeddings); `/sdapi/v1/progress`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..errors import BadRequestError
 from ..routes.deps import ApiAuth, Components, Deps
 from .backend import HIRES_NAMES, size_unit
 from .front import A1111_NAMES, ImageFront, image_b64, seed_or_random
-from .hires import Hires, hires_pass, upscaled_to
+from .hires import LATENT_UPSCALERS, PIXEL_UPSCALERS, Hires, hires_pass, upscaled_to
 from .init_image import decode_b64
 from .inpaint import Repaint, a1111_mask, repaint_plan
 from .routes import front
@@ -195,6 +196,45 @@ async def loras(c: Deps) -> list[dict[str, Any]]:
         for r in c.registry.records()
         if r.info is not None
     ]
+
+
+@router.get("/sdapi/v1/upscalers")
+async def upscalers(c: Deps) -> list[dict[str, Any]]:
+    """The pixel upscalers the hires fix takes as `hr_upscaler` (no upscaling models)."""
+    front(c)
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in PIXEL_UPSCALERS]
+
+
+@router.get("/sdapi/v1/latent-upscale-modes")
+async def latent_upscale_modes(c: Deps) -> list[dict[str, str]]:
+    """The latent upscalers the hires fix takes as `hr_upscaler`."""
+    front(c)
+    return [{"name": name} for name in LATENT_UPSCALERS]
+
+
+@router.get("/sdapi/v1/sd-vae")
+@router.get("/sdapi/v1/prompt-styles")
+@router.get("/sdapi/v1/hypernetworks")
+@router.get("/sdapi/v1/face-restorers")
+async def none_here(c: Deps) -> list[Any]:
+    """What A1111 keeps beside the checkpoint and clients list as they connect, none of which this server has: other
+    VAEs (the pipeline's own is used), saved styles, hypernetworks, face restorers."""
+    front(c)
+    return []
+
+
+@router.get("/sdapi/v1/embeddings")
+async def embeddings(c: Deps) -> dict[str, dict[str, Any]]:
+    """Textual-inversion embeddings: none are loaded on this server."""
+    front(c)
+    return {"loaded": {}, "skipped": {}}
+
+
+@router.post("/sdapi/v1/refresh-loras")
+async def refresh_loras(c: Deps) -> None:
+    """Clients ask A1111 to rescan its LoRA folder; here `/sdapi/v1/loras` is always the registry's current list
+    (adapters load through the admin API), so there is nothing to rescan."""
+    front(c)
 
 
 @router.get("/sdapi/v1/samplers")

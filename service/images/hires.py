@@ -13,7 +13,7 @@ from ..errors import BadRequestError
 from .backend import round_to_unit
 from .schemas import Txt2ImgRequest
 
-__all__ = ["Hires", "hires_pass", "upscaled_to"]
+__all__ = ["LATENT_UPSCALERS", "PIXEL_UPSCALERS", "Hires", "hires_pass", "upscaled_to"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,14 @@ class Hires:
     upscaler: str
 
 
-_PIXEL_UPSCALERS = {"lanczos": 1, "nearest": 0}  # PIL.Image.Resampling.LANCZOS, NEAREST
-_LATENT_UPSCALERS = {  # A1111's latent upscale modes
-    "latent": ("bilinear", False), "latent (antialiased)": ("bilinear", True), "latent (bicubic)": ("bicubic", False),
-    "latent (bicubic antialiased)": ("bicubic", True), "latent (nearest)": ("nearest", False),
-    "latent (nearest-exact)": ("nearest-exact", False),
+PIXEL_UPSCALERS = {"Lanczos": 1, "Nearest": 0}  # PIL.Image.Resampling.LANCZOS, NEAREST
+LATENT_UPSCALERS = {  # A1111's latent upscale modes: F.interpolate's (mode, antialias)
+    "Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True), "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True), "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
 }  # fmt: skip
+_PIXEL_UPSCALERS = {name.lower(): resample for name, resample in PIXEL_UPSCALERS.items()}  # names any case
+_LATENT_UPSCALERS = {name.lower(): mode for name, mode in LATENT_UPSCALERS.items()}
 
 
 def hires_pass(body: Txt2ImgRequest, size: tuple[int, int], unit: int) -> Hires:
@@ -44,7 +46,7 @@ def hires_pass(body: Txt2ImgRequest, size: tuple[int, int], unit: int) -> Hires:
     name = upscaler.lower()
     if name not in _PIXEL_UPSCALERS and name not in _LATENT_UPSCALERS:
         raise BadRequestError(
-            f"hr_upscaler {upscaler!r} is not served; the latent upscalers ({', '.join(_LATENT_UPSCALERS)}) and "
+            f"hr_upscaler {upscaler!r} is not served; the latent upscalers ({', '.join(LATENT_UPSCALERS)}) and "
             "the pixel upscalers 'Lanczos' and 'Nearest' are (not upscaling models such as ESRGAN)",
             code="invalid_request",
         )

@@ -203,6 +203,22 @@ def test_a1111_clients_connect_read_the_checkpoint_and_choose_it(http: httpx.Cli
     assert unknown.status_code == 400 and "CLIP_stop_at_last_layers" in unknown.json()["error"]["message"]
 
 
+def test_a1111_listings_name_what_the_hires_fix_takes_and_nothing_this_server_lacks(http: httpx.Client) -> None:
+    """The upscalers listed are the ones `hr_upscaler` takes (each runs); VAEs, styles, embeddings, hypernetworks
+    and face restorers are empty lists; a LoRA-folder refresh is a no-op that succeeds."""
+    pixel = [u["name"] for u in http.get("/sdapi/v1/upscalers").json()]
+    latent = [m["name"] for m in http.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert pixel == ["Lanczos", "Nearest"] and latent[0] == "Latent" and len(latent) == 6
+    body = {"prompt": "a cat", "steps": 2, "width": 32, "height": 32, "enable_hr": True, "hr_scale": 1.5}
+    for name in pixel + latent:
+        answer = http.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": name})
+        assert answer.status_code == 200, (name, answer.text)
+    for path in ["sd-vae", "prompt-styles", "hypernetworks", "face-restorers"]:
+        assert http.get(f"/sdapi/v1/{path}").json() == []
+    assert http.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert http.post("/sdapi/v1/refresh-loras").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("path", "body", "says"),
     [
