@@ -105,8 +105,15 @@ def check_spec(
         masked = spec.mask is not None and spec.init is not None
     if loaded.masked_channels and not masked:
         raise BadRequestError(
-            "this pipeline is an inpainting model (its UNet takes a mask and the masked picture): every image needs a "
-            "picture and a mask (A1111's /sdapi/v1/img2img with `mask`, or /v1/images/edits with a `mask` file)",
+            "this pipeline is an inpainting model (its denoiser takes a mask and the masked picture): every image "
+            "needs a picture and a mask (A1111's /sdapi/v1/img2img with `mask`, or /v1/images/edits with a `mask` "
+            "file)",
+            code="invalid_request",
+        )
+    if loaded.masked_channels and loaded.ops.flow and spec.true_cfg_scale > 1.0:
+        raise BadRequestError(
+            "true_cfg_scale: Flux Fill (FluxFillPipeline) has no true classifier-free guidance; leave it and "
+            "negative_prompt out (guidance_scale is its distilled guidance)",
             code="invalid_request",
         )
     if spec.clip_skip is not None:

@@ -6,7 +6,8 @@ sequence length, the distilled guidance embedding, `timestep / 1000`. The transf
 and guidance, so rows at different steps (and guidance) share a forward; text / image position ids are shared,
 so rows in one forward have the same size and text length. True CFG (`true_cfg_scale` > 1 with a negative prompt,
 as the pipeline's own arguments) adds the image's negative row to the same forward, combined as
-`neg + true_cfg_scale * (pos - neg)`.
+`neg + true_cfg_scale * (pos - neg)`. A Flux Fill checkpoint (`FluxFillPipeline`) inpaints by its transformer's
+inputs: each row's masked picture and mask, packed, follow its latents (`_fill_inputs`).
 """
 
 from __future__ import annotations
@@ -90,14 +91,15 @@ class Flux(Family):
         packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them. With a starting image
         (`moments.picture`: its VAE latent distribution), a draw from it, shifted and scaled, then that noise mixed
         in at the first sigma run (`scale_noise`), as `FluxImg2ImgPipeline` does; with a mask too, what
-        `FluxInpaintPipeline` keeps of the picture (`Inpaint`, packed like the latents)."""
+        `FluxInpaintPipeline` keeps of the picture (`Inpaint`, packed like the latents), or on a Flux Fill model
+        the transformer's further inputs (`Row.extra`), as `FluxFillPipeline` starts an image."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
         assert job.spec is not None
         spec, pipe = job.spec, loaded.pipe
         h, w = _latent_size(loaded, spec)
-        channels, dtype = pipe.transformer.config.in_channels // 4, cond.cond.dtype
+        channels, dtype = pipe.vae.config.latent_channels, cond.cond.dtype
         generator = torch.Generator("cpu").manual_seed(spec.seed)
         scheduler = _scheduler(loaded, spec.steps, (h // 2) * (w // 2))
         first = self.first_step(spec.steps, spec.strength)
@@ -112,12 +114,14 @@ class Flux(Family):
         latents = noise
         if image is not None:
             latents = scheduler.scale_noise(image, scheduler.timesteps[first : first + 1], noise)
-        inpaint = None
-        if spec.mask is not None and image is not None:  # no draws follow: a Flux step takes no generator
+        inpaint, extra = None, None
+        if loaded.masked_channels:  # Flux Fill: the masked picture (its draw follows the noise's) and the mask
+            extra = _fill_inputs(loaded, spec, moments.masked, generator, (h, w), dtype)
+        elif spec.mask is not None and image is not None:  # no draws follow: a Flux step takes no generator
             mask = latent_mask(spec.mask, (h, w), loaded.device, dtype).repeat(1, channels, 1, 1)
             inpaint = Inpaint(*(pipe._pack_latents(t, 1, channels, h, w) for t in (mask, image, noise)))
         latents = pipe._pack_latents(latents, 1, channels, h, w)
-        return Row(job, spec, cond, scheduler, latents, index=first, first=first, inpaint=inpaint)
+        return Row(job, spec, cond, scheduler, latents, index=first, first=first, inpaint=inpaint, extra=extra)
 
     def renoised(self, row: Row, inpaint: Inpaint) -> Tensor:
         """`FluxInpaintPipeline`'s re-noising of the picture: flow matching's `scale_noise` at the next sigma."""
@@ -135,6 +139,8 @@ class Flux(Family):
 
         latents = torch.cat(per_row([row.latents for row in rows]))
         timestep = torch.stack(per_row([row.timestep for row in rows])).to(loaded.device, latents.dtype)
+        if loaded.masked_channels:  # Flux Fill: each row's masked picture and mask after its latents' channels
+            latents = torch.cat([latents, torch.cat(per_row([row.extra for row in rows]))], dim=2)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
             scales = per_row([row.spec.guidance_scale for row in rows])
@@ -177,6 +183,28 @@ def _latent_size(loaded: LoadedPipeline, spec: ImageSpec) -> tuple[int, int]:
     """`(h, w)` of the unpacked latents: even, as the pipeline rounds them for the 2x2 packing."""
     f = loaded.vae_scale_factor
     return 2 * (spec.height // (f * 2)), 2 * (spec.width // (f * 2))
+
+
+def _fill_inputs(
+    loaded: LoadedPipeline,
+    spec: ImageSpec,
+    masked: Tensor | None,
+    gen: torch.Generator,
+    size: tuple[int, int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """What `FluxFillPipeline` feeds its transformer after a row's packed latents `(1, N, 4C + 4f^2)`: a draw from
+    the masked picture's latent distribution (`masked`), shifted and scaled, packed; then the pixel mask folded
+    into `f x f` channels per latent pixel, packed."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    assert masked is not None and spec.mask is not None, "a Flux Fill row needs its masked picture and mask"
+    pipe, (h, w), f = loaded.pipe, size, loaded.vae_scale_factor
+    vae, channels = pipe.vae.config, pipe.vae.config.latent_channels
+    picture = (DiagonalGaussianDistribution(masked).sample(gen) - vae.shift_factor) * vae.scaling_factor
+    mask = spec.mask.to(loaded.device, dtype)[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w)
+    packed = [pipe._pack_latents(picture.to(dtype), 1, channels, h, w), pipe._pack_latents(mask, 1, f * f, h, w)]
+    return torch.cat(packed, dim=-1)
 
 
 def _true_cfg(spec: ImageSpec) -> bool:

@@ -21,8 +21,9 @@ __all__ = ["ADAPTER_COMPONENTS", "FAMILIES", "LoadedPipeline", "is_pipeline_dir"
 # diffusers pipeline class -> our family name; anything else is refused with this list.
 FAMILIES = {
     "StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-    # inpainting checkpoints (a 9-channel UNet: latents, mask, masked picture), or plain ones saved by these classes
-    "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl",
+    # inpainting checkpoints (a 9-channel UNet: latents, mask, masked picture; Flux Fill: the packed masked
+    # picture's latents and mask after the packed latents), or plain ones saved by these classes
+    "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl", "FluxFillPipeline": "flux",
 }  # fmt: skip
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -52,12 +53,10 @@ class LoadedPipeline:
 
     @property
     def masked_channels(self) -> int:
-        """Input channels an inpainting checkpoint's UNet takes beyond the latents: the mask and the masked
-        picture's latents (5 on SD / SDXL inpainting models); 0 for other denoisers."""
-        unet = getattr(self.pipe, "unet", None)
-        if unet is None:
-            return 0
-        return int(unet.config.in_channels) - int(self.pipe.vae.config.latent_channels)
+        """Input channels an inpainting checkpoint's denoiser takes beyond the latents: the mask and the masked
+        picture's latents (5 on SD / SDXL inpainting models; Flux Fill: 4C + 4f^2 of its packed tokens, 320);
+        0 for other denoisers."""
+        return _input_channels(self.pipe)[1] - _input_channels(self.pipe)[0]
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -128,17 +127,26 @@ def _name_text_model(pipe: Any) -> None:
             object.__setattr__(encoder, "text_model", encoder)
 
 
-def _check_inputs(pipe: Any, path: Path) -> None:
-    """A UNet takes the VAE's latents, or (an inpainting checkpoint) those plus a mask and the masked picture's
-    latents; other input layouts (depth, upscaler models) are refused."""
+def _input_channels(pipe: Any) -> tuple[int, int]:
+    """`(latent, input)` channels of the denoiser: the latents' (Flux: packed 2x2, 4C) and what it takes."""
+    latent = int(pipe.vae.config.latent_channels)
     unet = getattr(pipe, "unet", None)
-    if unet is None:
-        return
-    latent, inputs = int(pipe.vae.config.latent_channels), int(unet.config.in_channels)
-    if inputs not in (latent, 2 * latent + 1):
+    if unet is not None:
+        return latent, int(unet.config.in_channels)
+    return 4 * latent, int(pipe.transformer.config.in_channels)
+
+
+def _check_inputs(pipe: Any, path: Path) -> None:
+    """A denoiser takes the VAE's latents, or (an inpainting checkpoint) those plus a mask and the masked
+    picture's latents; other input layouts (depth, control, upscaler models) are refused."""
+    latent, inputs = _input_channels(pipe)
+    unet = getattr(pipe, "unet", None) is not None
+    fill = latent + 1 if unet else latent + 4 * int(pipe.vae_scale_factor) ** 2  # the mask's channels
+    if inputs not in (latent, latent + fill):
+        name = "UNet" if unet else "transformer"
         raise ModelLoadError(
-            f"{path}: the UNet takes {inputs} input channels; lokr-serve serves UNets of {latent} (the latents) or "
-            f"{2 * latent + 1} (an inpainting model: latents, mask, masked picture)"
+            f"{path}: the {name} takes {inputs} input channels; lokr-serve serves {name}s of {latent} (the latents) "
+            f"or {latent + fill} (an inpainting model: latents, masked picture, mask)"
         )
 
 

@@ -52,9 +52,11 @@ def _flux_vae() -> Any:
     )  # fmt: skip
 
 
-def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> Any:
-    """A random-weight `FluxPipeline` on CPU (one double-stream and two single-stream blocks, width 16)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, fill: bool = False) -> Any:
+    """A random-weight `FluxPipeline` on CPU (one double-stream and two single-stream blocks, width 16); `fill`: a
+    `FluxFillPipeline` (an inpainting checkpoint: the transformer also takes the masked picture's packed latents,
+    16 channels, and the packed mask, 2x2 VAE factor x 4 = 16)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     from .tiny import _text_config, build_clip_tokenizer
@@ -63,15 +65,16 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> Any:
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_t5_tokenizer()
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
+        patch_size=1, in_channels=48 if fill else 16, out_channels=16, num_layers=1, num_single_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
     )  # fmt: skip
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096,
     )  # fmt: skip
-    return FluxPipeline(
+    cls = FluxFillPipeline if fill else FluxPipeline
+    return cls(
         scheduler=scheduler, vae=_flux_vae(), text_encoder=CLIPTextModel(_text_config(len(tokenizer), False)),
         tokenizer=tokenizer, text_encoder_2=_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2, transformer=transformer,
     )  # fmt: skip

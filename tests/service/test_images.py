@@ -528,10 +528,11 @@ def test_a1111_only_masked_inpainting_equals_diffusers_padding_mask_crop(
     assert np.array_equal(png(got)[30:], np.asarray(start)[30:])  # outside the mask: the picture itself
 
 
-def test_an_inpainting_checkpoint_is_served_for_masked_requests_only(tmp_path: Path) -> None:
-    """A `StableDiffusionInpaintPipeline` dir (9-channel UNet) from the command line: a masked img2img equals the
-    pipeline's own image; text to image is a 400 that says what the model needs."""
-    model = pipeline_dir(tmp_path, "sd-inpaint")
+@pytest.mark.parametrize("kind", ["sd-inpaint", pytest.param("flux-fill", marks=pytest.mark.slow)])
+def test_an_inpainting_checkpoint_is_served_for_masked_requests_only(kind: str, tmp_path: Path) -> None:
+    """A `StableDiffusionInpaintPipeline` dir (9-channel UNet) or a `FluxFillPipeline` dir from the command line: a
+    masked img2img equals the pipeline's own image; text to image is a 400 that says what the model needs."""
+    model = pipeline_dir(tmp_path, kind)
     (tmp_path / "adapters").mkdir()
     server = start_server(World(tmp_path, model, tmp_path / "adapters", {}), "--device", "cpu")
     try:
@@ -545,8 +546,14 @@ def test_an_inpainting_checkpoint_is_served_for_masked_requests_only(tmp_path: P
             assert response.status_code == 200, response.text
     finally:
         stop_server(server)
-    _, want = img2img_reference(load(model).pipe, "sd", start, "a red cat", 2, mask=box_mask(), strength=0.8,
-                                num_inference_steps=3, guidance_scale=7.5)  # fmt: skip
+    pipe = load(model).pipe
+    kwargs = {"strength": 0.8, "num_inference_steps": 3, "guidance_scale": 7.5}
+    if kind == "sd-inpaint":
+        _, want = img2img_reference(pipe, "sd", start, "a red cat", 2, mask=box_mask(), **kwargs)
+    else:
+        image = pipe("a red cat", image=start, mask_image=box_mask(), height=32, width=32,
+                     generator=torch.Generator("cpu").manual_seed(2), **kwargs).images[0]  # fmt: skip
+        want = np.asarray(image).astype(np.int16)
     assert_pixels_close(png(response.json()["images"][0]), want)
 
 

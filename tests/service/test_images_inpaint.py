@@ -171,6 +171,40 @@ def test_an_inpainting_model_takes_the_mask_and_masked_picture_as_its_pipeline_d
             check_spec(loaded, unmasked)
 
 
+@pytest.mark.slow
+def test_a_flux_fill_model_takes_the_masked_picture_and_mask_as_its_pipeline_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `FluxFillPipeline` dir (the transformer takes the packed masked picture and mask after the latents):
+    rows at strength 1 and below, guidance 30 and 10, a peft LoKr row, joining at other steps; each equals the
+    pipeline's own image. Text to image, unmasked img2img and true CFG are 400s."""
+    path = pipeline_dir(tmp_path, "flux-fill")
+    loaded = load(path)
+    assert loaded.masked_channels == 32  # 16 packed latent channels + 4 x 2 x 2 of mask
+    lokr.load_adapter(loaded.container, save_peft_flux_lokr(path, tmp_path / "peft", 5), "pe")
+    run = Run(loaded, monkeypatch)
+    image, mask = picture(32, 32, seed=5), square_mask(32, (0, 8, 32, 24))
+    first = replace(masked_spec(loaded, image, mask, 1.0, prompt="a red cat", seed=3, steps_=4), guidance_scale=30.0)
+    second = replace(masked_spec(loaded, image, mask, 0.6, prompt="the dog", seed=4, steps_=4), guidance_scale=10.0)
+    items = [(first, None), (second, None), (replace(first, seed=6), "pe")]
+    jobs = run(items, joins=[0, 1, 0])
+    for job, (s, sel) in zip(jobs, items):
+        pipe = peft_flux_reference(path, 5) if sel else load(path).pipe
+        kwargs = {"image": image, "mask_image": mask, "height": 32, "width": 32, "strength": s.strength,
+                  "num_inference_steps": s.steps, "guidance_scale": s.guidance_scale}  # fmt: skip
+        latents, pixels = (
+            pipe(s.prompt, generator=torch.Generator("cpu").manual_seed(s.seed), output_type=kind, **kwargs).images
+            for kind in ("latent", "pil")
+        )
+        torch.testing.assert_close(run.latents[job.id], latents, **TOL)
+        assert_pixels_close(run.pixels(job), np.asarray(pixels[0]).astype(np.int16))
+    for unmasked in (spec("x", 1), init_spec(loaded, image, 0.5, prompt="x", seed=0)):
+        with pytest.raises(BadRequestError, match="is an inpainting model"):
+            check_spec(loaded, unmasked)
+    with pytest.raises(BadRequestError, match="no true classifier-free guidance"):
+        check_spec(loaded, replace(first, negative_prompt="blue", true_cfg_scale=4.0))
+
+
 def test_unets_of_other_input_layouts_are_refused_at_load() -> None:
     from service.backend import ModelLoadError
     from service.images.load import _check_inputs
@@ -184,6 +218,16 @@ def test_unets_of_other_input_layouts_are_refused_at_load() -> None:
         _check_inputs(pipe(served), Path("m"))
     with pytest.raises(ModelLoadError, match="takes 7 input channels; lokr-serve serves UNets of 4"):
         _check_inputs(pipe(7), Path("m"))
+
+    def flux(inputs: int) -> Any:  # VAE factor 8, 16 latent channels: 64 packed
+        vae = SimpleNamespace(config=SimpleNamespace(latent_channels=16))
+        return SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(in_channels=inputs)), vae=vae,
+                               vae_scale_factor=8)  # fmt: skip
+
+    for served in (64, 384):  # FLUX.1-dev, FLUX.1-Fill-dev
+        _check_inputs(flux(served), Path("m"))
+    with pytest.raises(ModelLoadError, match="transformer takes 128 input channels; .* 64 .* or 384"):
+        _check_inputs(flux(128), Path("m"))  # a control model (the control image's latents)
 
 
 def test_masks_are_preprocessed_as_diffusers_does() -> None:
