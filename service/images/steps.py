@@ -21,7 +21,12 @@ from .init_image import model_pixels
 from .load import LoadedPipeline
 from .rows import Conditioning, ImageJob, ImageSpec, Moments, Row
 
-__all__ = ["by_selection", "decode", "denoise", "encode", "encode_starts", "masked_key", "moments_of", "picture_key"]
+__all__ = [
+    "VAE_PIXELS", "by_selection", "decode", "denoise", "encode", "encode_starts", "masked_key", "moments_of",
+    "picture_key",
+]  # fmt: skip
+
+VAE_PIXELS = 1 << 22  # output pixels per VAE forward (4 images of 1024x1024): bounds the decoder's activations
 
 
 @torch.inference_mode()
@@ -51,7 +56,8 @@ def moments_of(starts: Mapping[object, Tensor], spec: ImageSpec) -> Moments:
 def encode_starts(loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> dict[object, Tensor]:
     """The VAE's latent distribution `(1, 2C, h, w)` (mean and log-variance) of every distinct starting picture of
     `jobs` (`picture_key`) and, for an inpainting model, of every distinct masked picture (`masked_key`: the
-    picture with the repainted pixels zeroed, as the inpainting pipelines make it): one encoder forward per size."""
+    picture with the repainted pixels zeroed, as the inpainting pipelines make it): one encoder forward per size (up
+    to `VAE_PIXELS` of pictures each)."""
     distinct: dict[object, Tensor] = {}
     for job in jobs:
         spec = job.spec
@@ -64,10 +70,13 @@ def encode_starts(loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> dict[obje
     for key, pixels in distinct.items():
         by_size.setdefault(tuple(pixels.shape), []).append(key)
     vae, out = loaded.pipe.vae, dict[object, Tensor]()
-    for keys in by_size.values():
-        floats = [p if p.is_floating_point() else model_pixels(p) for p in (distinct[key] for key in keys)]
-        moments = vae.encode(torch.cat(floats).to(loaded.device, vae.dtype)).latent_dist.parameters
-        out.update((key, moments[i : i + 1]) for i, key in enumerate(keys))
+    for size, same in by_size.items():
+        per_call = max(1, VAE_PIXELS // (size[-1] * size[-2]))  # as `decode`: the encoder's activations are bounded
+        for first in range(0, len(same), per_call):
+            keys = same[first : first + per_call]
+            floats = [p if p.is_floating_point() else model_pixels(p) for p in (distinct[key] for key in keys)]
+            moments = vae.encode(torch.cat(floats).to(loaded.device, vae.dtype)).latent_dist.parameters
+            out.update((key, moments[i : i + 1]) for i, key in enumerate(keys))
     return out
 
 
@@ -106,9 +115,25 @@ def denoise(loaded: LoadedPipeline, rows: Sequence[Row], fold: int = 0) -> None:
 
 
 @torch.inference_mode()
-def decode(loaded: LoadedPipeline, rows: Sequence[Row]) -> list[Any]:
-    """VAE-decode `rows` (same size) in one batch; PIL images in row order."""
+def decode(loaded: LoadedPipeline, rows: Sequence[Row], pixels: int = VAE_PIXELS) -> list[Any]:
+    """VAE-decode `rows` (same size), as many images per VAE forward as `pixels` of output allow (at least one; the
+    decoder's activations grow with the pixels: 16 SDXL images at 1024x1024 in one forward would need tens of
+    GB); PIL images in row order. A slice that runs out of device memory is decoded again one image at a time."""
     latents = loaded.ops.vae_latents(loaded, rows)
-    image = loaded.pipe.vae.decode(latents, return_dict=False)[0]
-    images: list[Any] = loaded.pipe.image_processor.postprocess(image, output_type="pil")
+    per_call = max(1, pixels // (rows[0].spec.width * rows[0].spec.height))
+    parts = [_decode_slice(loaded, latents[i : i + per_call]) for i in range(0, len(rows), per_call)]
+    images: list[Any] = loaded.pipe.image_processor.postprocess(torch.cat(parts), output_type="pil")
     return images
+
+
+def _decode_slice(loaded: LoadedPipeline, latents: Tensor) -> Tensor:
+    vae = loaded.pipe.vae
+    try:
+        decoded: Tensor = vae.decode(latents, return_dict=False)[0]
+    except torch.OutOfMemoryError:
+        if latents.shape[0] == 1:
+            raise
+        if loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return torch.cat([vae.decode(latents[i : i + 1], return_dict=False)[0] for i in range(latents.shape[0])])
+    return decoded

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from service.images import steps
 from service.images.backend import ImageBackend
@@ -88,3 +89,43 @@ def test_a_failing_size_group_fails_only_its_images(loaded: LoadedPipeline, monk
     assert _failed(events["the dog"]) and big.image is None
     assert [type(e) for e in events["a red cat"]] == [FinishEvent]
     assert_pixels_close(np.asarray(small.image).astype(np.int16), _alone(loaded, "a red cat", 1, 32))
+
+
+def test_decoding_takes_images_a_pixel_budget_at_a_time_and_one_by_one_when_out_of_memory(
+    loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five finished images decode in VAE forwards of at most the budget's pixels (2 images of 32x32 here), each
+    image's pixels as one batch decode gives; a forward of several that runs out of memory is done again one image
+    at a time."""
+    events: dict[str, list[Event]] = {}
+    jobs = [_job("a red cat", seed, 32, events) for seed in range(5)]
+    kept: list[Any] = []
+    real_decode = steps.decode
+    monkeypatch.setattr(steps, "decode", lambda loaded, rows: kept.extend(rows) or real_decode(loaded, rows))
+    _run(ImageBackend(loaded, Metrics(), max_batch_size=8), jobs)
+    whole = [np.asarray(job.image).astype(np.int16) for job in jobs]
+    vae = loaded.pipe.vae
+    real_vae = vae.decode
+    calls: list[int] = []
+
+    def counted(latents: Any, **kwargs: Any) -> Any:
+        calls.append(int(latents.shape[0]))
+        return real_vae(latents, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", counted)
+    sliced = real_decode(loaded, kept, pixels=2 * 32 * 32 + 5)
+    assert calls == [2, 2, 1]
+
+    def out_of_memory_above_one(latents: Any, **kwargs: Any) -> Any:
+        calls.append(int(latents.shape[0]))
+        if latents.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_vae(latents, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(vae, "decode", out_of_memory_above_one)
+    retried = real_decode(loaded, kept)
+    assert calls == [5, 1, 1, 1, 1, 1]
+    for want, a, b in zip(whole, sliced, retried, strict=True):
+        assert_pixels_close(np.asarray(a).astype(np.int16), want)
+        assert_pixels_close(np.asarray(b).astype(np.int16), want)
