@@ -162,7 +162,8 @@ class StableDiffusion(Family):
         return guidance_scale > 1.0 and self.uses_cfg(loaded.pipe)
 
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
-        """A negative prompt of None is "" (SD) or, where the SDXL pipeline zeroes empty prompts, zeros. A job's
+        """A negative prompt of None is "" (SD) or, where the SDXL pipeline zeroes empty prompts, zeros; an empty
+        one in A1111's reading is zeros on SDXL (A1111 zeroes an empty negative prompt's embeddings). A job's
         `clip_skip` applies to its prompt alone, as in diffusers (whose negative prompts take the encoder's own
         output, the penultimate layer's on SDXL)."""
         texts: list[PromptText] = []
@@ -174,7 +175,10 @@ class StableDiffusion(Family):
             p = len(texts)
             texts.append(PromptText(spec.prompt, job.selection, spec.clip_skip, spec.a1111_prompts))
             neg: int | None = None
-            if self._needs_cfg(loaded, spec.guidance_scale) and not (zero_neg and spec.negative_prompt is None):
+            zeros = (zero_neg and spec.negative_prompt is None) or (
+                self.xl and spec.a1111_prompts and not spec.negative_prompt
+            )
+            if self._needs_cfg(loaded, spec.guidance_scale) and not zeros:
                 neg = len(texts)
                 texts.append(PromptText(spec.negative_prompt or "", job.selection, None, spec.a1111_prompts))
             plan.append((p, neg))

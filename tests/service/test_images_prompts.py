@@ -252,3 +252,18 @@ def _apart(pipe: Any, cond: torch.Tensor, uncond: torch.Tensor, seed: int, steps
             c = pipe.unet(x, t, encoder_hidden_states=cond).sample
             latents = scheduler.step(u + 7.5 * (c - u), t, latents, **step_kwargs).prev_sample
     return latents
+
+
+def test_an_empty_a1111_negative_prompt_is_zeros_on_sdxl(sdxl_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111 zeroes an empty negative prompt's embeddings on SDXL (diffusers: an unset one, where the pipeline
+    says `force_zeros_for_empty_prompt`); read as diffusers reads it, "" is encoded."""
+    run = Run(load(sdxl_dir), monkeypatch)
+    jobs = run(
+        [(replace(spec("a red cat", 8, neg=""), a1111_prompts=True), None), (spec("a red cat", 8, neg=""), None)]
+    )
+    ref = load(sdxl_dir).pipe
+    zeros = reference_latents(ref, "a red cat", 8, guidance_scale=7.5)
+    torch.testing.assert_close(run.latents[jobs[0].id], zeros, **TOL)
+    encoded = reference_latents(ref, "a red cat", 8, guidance_scale=7.5, negative_prompt="")
+    torch.testing.assert_close(run.latents[jobs[1].id], encoded, **TOL)
+    assert not torch.allclose(zeros, encoded, atol=1e-2)
