@@ -1,5 +1,5 @@
 """`ImageBackend`: the engine's backend for diffusion pipelines. A step = one denoiser forward per image size
-(Flux: and text length; `Family.batch_key`).
+(and text length: `Family.forwards`).
 
 Images join at any step (their prompts are encoded together first), leave when their last timestep is
 done (decoded together), and cancelled ones leave before the next forward.
@@ -191,15 +191,12 @@ class ImageBackend:
         return True
 
     def step(self) -> None:
-        """Admit new images, drop cancelled ones, one forward per batch key (`Family.batch_key`), decode and finish the
+        """Admit new images, drop cancelled ones, the forwards `Family.forwards` groups them in, decode and finish the
         done ones."""
         started = time.perf_counter()
         self._admit()
         self._drop_cancelled()
-        groups: dict[tuple[int, ...], list[Row]] = defaultdict(list)
-        for row in self._rows:
-            groups[self.loaded.ops.batch_key(row)].append(row)
-        for rows in groups.values():
+        for rows in self.loaded.ops.forwards(self._rows):
             self.metrics.batch_size.observe(len(rows))
             try:
                 steps.denoise(self.loaded, rows, self.fold)

@@ -57,10 +57,12 @@ class Family(ABC):
         """Raise `BadRequestError` for what this family cannot honour (beyond the shared size / step checks)."""
         return None
 
-    def batch_key(self, row: Row) -> tuple[int, ...]:
-        """Rows with equal keys share a denoiser forward: the same size and text length."""
-        texts = [t for t in (row.cond.cond, row.cond.uncond) if t is not None]
-        return row.spec.width, row.spec.height, max(int(t.shape[1]) for t in texts)
+    def forwards(self, rows: Sequence[Row]) -> list[list[Row]]:
+        """`rows` as the denoiser forwards of a step: one per size and text length (`batch_key`)."""
+        groups: dict[tuple[int, ...], list[Row]] = {}
+        for row in rows:
+            groups.setdefault(batch_key(row), []).append(row)
+        return list(groups.values())
 
     def clip_layers(self, pipe: Any) -> int:
         """Layers of the CLIP text encoder(s) `clip_skip` counts from the end of (the fewest); 0: no CLIP skip."""
@@ -97,7 +99,7 @@ class Family(ABC):
 
     @abstractmethod
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
-        """The denoiser's inputs for `rows` (of one `batch_key`), each row at its own timestep."""
+        """The denoiser's inputs for `rows` (one of `forwards`' groups), each row at its own timestep."""
 
     @abstractmethod
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
@@ -106,6 +108,19 @@ class Family(ABC):
     @abstractmethod
     def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
         """Finished rows' latents (same size) as the VAE decodes them: `(B, C, h, w)`, unscaled, in its dtype."""
+
+
+MERGE_ROWS = 8  # a text length with fewer denoiser rows than this joins the size's largest forward
+
+
+def batch_key(row: Row) -> tuple[int, int, int]:
+    """The size and text length of `row` (the longer of its prompt's and negative prompt's)."""
+    texts = [t for t in (row.cond.cond, row.cond.uncond) if t is not None]
+    return row.spec.width, row.spec.height, max(int(t.shape[1]) for t in texts)
+
+
+def _denoiser_rows(rows: Sequence[Row]) -> int:
+    return sum(2 if row.cfg else 1 for row in rows)
 
 
 def new_scheduler(base: Any, sampler: Sampler | None) -> Any:
@@ -146,9 +161,25 @@ class StableDiffusion(Family):
                 code="invalid_request",
             )
 
-    def batch_key(self, row: Row) -> tuple[int, ...]:
-        """The same size: texts of other lengths are padded and masked in the batch (`clip_text.text_states`)."""
-        return row.spec.width, row.spec.height
+    def forwards(self, rows: Sequence[Row]) -> list[list[Row]]:
+        """One forward per size and text length, except that a text length with fewer than `MERGE_ROWS` denoiser
+        rows joins the size's largest one, its texts padded and masked (`clip_text.text_states`): a forward of few
+        rows costs about as much as many, while the mask slows a large batch's cross-attention (measured on CPU,
+        tiny UNet: 1 + 1 images merged 1.28x faster than apart, 4 + 4 1.11x, 8 + 8 0.89x)."""
+        by_size: dict[tuple[int, int], list[list[Row]]] = {}
+        for group in super().forwards(rows):
+            by_size.setdefault((group[0].spec.width, group[0].spec.height), []).append(group)
+        out: list[list[Row]] = []
+        for groups in by_size.values():
+            groups.sort(key=_denoiser_rows, reverse=True)
+            merged = list(groups[0])
+            for group in groups[1:]:
+                if _denoiser_rows(group) < MERGE_ROWS:
+                    merged += group
+                else:
+                    out.append(group)
+            out.append(merged)
+        return out
 
     def clip_layers(self, pipe: Any) -> int:
         encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]

@@ -98,7 +98,7 @@ def _selection_key(selection: RowSpec) -> object:
 
 @torch.inference_mode()
 def denoise(loaded: LoadedPipeline, rows: Sequence[Row], fold: int = 0) -> None:
-    """One denoiser forward over `rows` (of one `Family.batch_key`), then each row's own scheduler step;
+    """One denoiser forward over `rows` (one of `Family.forwards`' groups), then each row's own scheduler step;
     advances `index`.
 
     `fold`: `lokr.adapter_batch`'s folded weight copies kept per layer (one-adapter steps, and mixed steps of at

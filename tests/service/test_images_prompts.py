@@ -267,3 +267,34 @@ def test_an_empty_a1111_negative_prompt_is_zeros_on_sdxl(sdxl_dir: Path, monkeyp
     encoded = reference_latents(ref, "a red cat", 8, guidance_scale=7.5, negative_prompt="")
     torch.testing.assert_close(run.latents[jobs[1].id], encoded, **TOL)
     assert not torch.allclose(zeros, encoded, atol=1e-2)
+
+
+@pytest.mark.parametrize(("long", "short", "want"), [(5, 1, [12]), (1, 1, [4]), (4, 4, [8, 8])])
+def test_few_rows_of_another_text_length_join_the_larger_forward(
+    long: int, short: int, want: list[int], sd_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images of 2-chunk and 1-chunk prompts (2 denoiser rows each): a length with fewer than 8 rows rides in the
+    other's forward, padded and masked; two lengths of 8 rows or more keep a forward each. Every image is what it
+    is alone."""
+    run = Run(load(sd_dir), monkeypatch)
+    forwards: list[int] = []
+    real = steps.denoise
+
+    def counted(loaded: Any, rows: Any, fold: int = 0) -> None:
+        forwards.append(2 * len(rows))
+        real(loaded, rows, fold)
+
+    monkeypatch.setattr(steps, "denoise", counted)
+    items = [(replace(spec(PROMPT, 20 + i, neg=NEGATIVE), a1111_prompts=True), None) for i in range(long)]
+    items += [(spec("a red cat", 40 + i), None) for i in range(short)]
+    jobs = run(items)
+    assert sorted(forwards[: len(want)]) == sorted(want) and len(forwards) == len(want) * 4  # 4 forwards a image
+    ref = load(sd_dir).pipe
+    cond, _ = _oracle(ref, CHUNKS, False)
+    uncond, _ = _oracle(ref, NEGATIVE_CHUNKS, False)
+    for job, (s, _) in zip(jobs, items):
+        if s.a1111_prompts:
+            want_latents = reference_latents(ref, None, s.seed, prompt_embeds=cond, negative_prompt_embeds=uncond)
+        else:
+            want_latents = reference_latents(ref, s.prompt, s.seed)
+        torch.testing.assert_close(run.latents[job.id], want_latents, **TOL)
