@@ -421,11 +421,15 @@ def _time_ids(row: Row) -> Tensor:
 
 
 def family_ops(name: str) -> Family:
-    """The `Family` of a family name ("sd", "sdxl", "flux")."""
+    """The `Family` of a family name ("sd", "sdxl", "sd3", "flux")."""
     if name == "flux":
         from .flux import Flux
 
         return Flux()
+    if name == "sd3":
+        from .sd3 import StableDiffusion3
+
+        return StableDiffusion3()
     if name in ("sd", "sdxl"):
         return StableDiffusion(xl=name == "sdxl")
     raise ValueError(f"unknown pipeline family {name!r}")

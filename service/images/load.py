@@ -24,6 +24,7 @@ FAMILIES = {
     # inpainting checkpoints (a 9-channel UNet: latents, mask, masked picture; Flux Fill: the packed masked
     # picture's latents and mask after the packed latents), or plain ones saved by these classes
     "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl", "FluxFillPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",  # text to image
 }  # fmt: skip
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -36,7 +37,7 @@ class LoadedPipeline:
 
     pipe: Any  # diffusers StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
     container: nn.ModuleDict
-    family: str  # "sd" | "sdxl" | "flux"
+    family: str  # "sd" | "sdxl" | "sd3" | "flux"
     device: torch.device
     dtype: torch.dtype
 
@@ -56,7 +57,8 @@ class LoadedPipeline:
         """Input channels an inpainting checkpoint's denoiser takes beyond the latents: the mask and the masked
         picture's latents (5 on SD / SDXL inpainting models; Flux Fill: 4C + 4f^2 of its packed tokens, 320);
         0 for other denoisers."""
-        return _input_channels(self.pipe)[1] - _input_channels(self.pipe)[0]
+        latent, inputs = _input_channels(self.pipe, self.family)
+        return inputs - latent
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -108,7 +110,7 @@ def load_pipeline(source: str, device: str = "auto", dtype: str = "auto") -> Loa
     if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # what the pipeline does before decoding (fp16 VAEs overflow)
     _name_text_model(pipe)
-    _check_inputs(pipe, path)
+    _check_inputs(pipe, path, FAMILIES[cls_name])
     parts = {n: getattr(pipe, n) for n in ADAPTER_COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
     for module in [*parts.values(), pipe.vae]:
         module.eval()
@@ -127,22 +129,23 @@ def _name_text_model(pipe: Any) -> None:
             object.__setattr__(encoder, "text_model", encoder)
 
 
-def _input_channels(pipe: Any) -> tuple[int, int]:
+def _input_channels(pipe: Any, family: str) -> tuple[int, int]:
     """`(latent, input)` channels of the denoiser: the latents' (Flux: packed 2x2, 4C) and what it takes."""
     latent = int(pipe.vae.config.latent_channels)
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return latent, int(unet.config.in_channels)
-    return 4 * latent, int(pipe.transformer.config.in_channels)
+    return (4 if family == "flux" else 1) * latent, int(pipe.transformer.config.in_channels)
 
 
-def _check_inputs(pipe: Any, path: Path) -> None:
-    """A denoiser takes the VAE's latents, or (an inpainting checkpoint) those plus a mask and the masked
-    picture's latents; other input layouts (depth, control, upscaler models) are refused."""
-    latent, inputs = _input_channels(pipe)
+def _check_inputs(pipe: Any, path: Path, family: str) -> None:
+    """A denoiser takes the VAE's latents, or (an inpainting checkpoint: SD, SDXL, Flux) those plus a mask and the
+    masked picture's latents; other input layouts (depth, control, upscaler models) are refused."""
+    latent, inputs = _input_channels(pipe, family)
     unet = getattr(pipe, "unet", None) is not None
     fill = latent + 1 if unet else latent + 4 * int(pipe.vae_scale_factor) ** 2  # the mask's channels
-    if inputs not in (latent, latent + fill):
+    served = (latent, latent + fill) if family != "sd3" else (latent,)
+    if inputs not in served:
         name = "UNet" if unet else "transformer"
         raise ModelLoadError(
             f"{path}: the {name} takes {inputs} input channels; lokr-serve serves {name}s of {latent} (the latents) "

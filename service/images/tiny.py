@@ -76,7 +76,8 @@ def _vae() -> Any:
 def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
     """A random-weight `StableDiffusionPipeline` ("sd"), an SD inpainting checkpoint ("sd-inpaint": a 9-channel UNet,
     `StableDiffusionInpaintPipeline`), `StableDiffusionXLPipeline` ("sdxl"; "sdxl-inpaint" likewise) or `FluxPipeline`
-    ("flux"; "flux-fill": `FluxFillPipeline`, Flux's inpainting checkpoint) on CPU."""
+    ("flux"; "flux-fill": `FluxFillPipeline`, Flux's inpainting checkpoint) or `StableDiffusion3Pipeline` ("sd3")
+    on CPU."""
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
@@ -92,6 +93,10 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
         from .tiny_flux import build_tiny_flux
 
         return build_tiny_flux(seed, fill=kind == "flux-fill")
+    if kind == "sd3":
+        from .tiny_flux import build_tiny_sd3
+
+        return build_tiny_sd3(seed)
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer()
     vocab = len(tokenizer)
@@ -127,7 +132,8 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=build_clip_tokenizer(),
             unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip
-    raise ValueError(f"kind must be 'sd', 'sd-inpaint', 'sdxl', 'sdxl-inpaint', 'flux' or 'flux-fill', got {kind!r}")
+    kinds = "'sd', 'sd-inpaint', 'sdxl', 'sdxl-inpaint', 'sd3', 'flux' or 'flux-fill'"
+    raise ValueError(f"kind must be {kinds}, got {kind!r}")
 
 
 def save_tiny_pipeline(out: Path, kind: str = "sd", seed: int = 0) -> Path:

@@ -1,4 +1,5 @@
-"""A tiny random Flux-style pipeline built from configs (DiT denoiser, CLIP + T5 text encoders, flow matching).
+"""Tiny random Flux-style (and SD3-style) pipelines built from configs (DiT denoiser, CLIP + T5 text encoders,
+flow matching).
 
 Nothing is downloaded: the T5 tokenizer is a Unigram model over a few words and the letters, the CLIP one is
 `tiny.build_clip_tokenizer`'s; weights come from a fixed seed. The VAE has 4 latent channels, so the
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLUX_TARGETS", "build_t5_tokenizer", "build_tiny_flux", "save_peft_flux_lokr"]
+__all__ = ["FLUX_TARGETS", "build_t5_tokenizer", "build_tiny_flux", "build_tiny_sd3", "save_peft_flux_lokr"]
 
 # The transformer layers a typical Flux LoKr trains: attention (image and text streams), MLPs, norms' linears.
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -88,3 +89,32 @@ def save_peft_flux_lokr(pipeline_dir: Path, out: Path, seed: int) -> Path:
 
     transformer = FluxTransformer2DModel.from_pretrained(pipeline_dir, subfolder="transformer", use_safetensors=True)
     return save_peft_lokr(transformer, "transformer", FLUX_TARGETS, out, seed)
+
+
+def build_tiny_sd3(seed: int = 0) -> Any:
+    """A random-weight `StableDiffusion3Pipeline` on CPU: an MMDiT of one block (width 16, patch 2), two CLIP
+    encoders with projections (32 wide each: 64 pooled), a T5 of width 64 (CLIP's 2 x 32 padded to it), Flux's
+    tiny VAE, flow matching with SD3's shift of 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .tiny import _text_config, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2, tokenizer_3 = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=16,
+    )  # fmt: skip
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))  # fmt: skip
+    vocab = len(tokenizer)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flux_vae(),
+        text_encoder=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=tokenizer_2,
+        text_encoder_3=t5, tokenizer_3=tokenizer_3,
+    )  # fmt: skip

@@ -215,9 +215,9 @@ def test_unets_of_other_input_layouts_are_refused_at_load() -> None:
             latent_channels=4)))  # fmt: skip
 
     for served in (4, 9):
-        _check_inputs(pipe(served), Path("m"))
+        _check_inputs(pipe(served), Path("m"), "sd")
     with pytest.raises(ModelLoadError, match="takes 7 input channels; lokr-serve serves UNets of 4"):
-        _check_inputs(pipe(7), Path("m"))
+        _check_inputs(pipe(7), Path("m"), "sd")
 
     def flux(inputs: int) -> Any:  # VAE factor 8, 16 latent channels: 64 packed
         vae = SimpleNamespace(config=SimpleNamespace(latent_channels=16))
@@ -225,9 +225,9 @@ def test_unets_of_other_input_layouts_are_refused_at_load() -> None:
                                vae_scale_factor=8)  # fmt: skip
 
     for served in (64, 384):  # FLUX.1-dev, FLUX.1-Fill-dev
-        _check_inputs(flux(served), Path("m"))
+        _check_inputs(flux(served), Path("m"), "flux")
     with pytest.raises(ModelLoadError, match="transformer takes 128 input channels; .* 64 .* or 384"):
-        _check_inputs(flux(128), Path("m"))  # a control model (the control image's latents)
+        _check_inputs(flux(128), Path("m"), "flux")  # a control model (the control image's latents)
 
 
 def test_masks_are_preprocessed_as_diffusers_does() -> None:

@@ -1,0 +1,170 @@
+"""Stable Diffusion 3-style pipelines (`StableDiffusion3Pipeline`: an MMDiT `transformer`, CLIP-L / CLIP-G /
+T5 text encoders, flow matching).
+
+Each row does what `StableDiffusion3Pipeline.__call__` does for one image: the three encoders' prompt embeddings
+(CLIP's side by side, padded to T5's width, then T5's tokens after them) and pooled CLIP embeddings, latents drawn
+with the row's generator (not packed), the scheduler's sigmas (shifted by `mu` for the image's sequence length
+where the scheduler shifts dynamically), and classifier-free guidance rows `[negative, prompt]` combined as
+`uncond + guidance_scale * (text - uncond)`. The transformer takes a `(B,)` timestep, so rows at different steps
+share a forward; rows in one forward have the same size (the text length is the pipeline's, the same for all).
+Text to image only: img2img and inpainting on SD3 are 400s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+import lokr
+from lokr.batch import RowSpec
+
+from ..errors import BadRequestError
+from .family import DenoiserBatch, Family
+from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
+
+if TYPE_CHECKING:
+    from .load import LoadedPipeline
+
+__all__ = ["StableDiffusion3"]
+
+
+class StableDiffusion3(Family):
+    """`StableDiffusion3Pipeline` rows: latents `(1, C, H/f, W/f)`; a negative row first with CFG."""
+
+    denoiser = "transformer"
+    flow = True
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+        return side, side
+
+    def uses_cfg(self, pipe: Any) -> bool:
+        return True
+
+    def check(self, spec: ImageSpec) -> None:
+        if spec.from_image or spec.mask is not None or spec.latent_output:
+            raise BadRequestError(
+                "img2img, inpainting and the hires fix are served on Stable Diffusion 1.x / 2.x, SDXL and Flux "
+                "pipelines; this SD3 pipeline serves text to image",
+                code="invalid_request",
+            )
+        if spec.true_cfg_scale != 1.0:
+            raise BadRequestError(
+                "true_cfg_scale applies to Flux pipelines; on SD3, guidance_scale sets classifier-free guidance: "
+                "leave true_cfg_scale out",
+                code="invalid_request",
+            )
+
+    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
+        """Every prompt (and, with CFG, negative prompt: "" when none, as the pipeline) in one batch per encoder,
+        each under its job's adapters: `(1, L, D)` embeddings and `(1, P)` pooled ones."""
+        texts: list[str] = []
+        specs: list[RowSpec] = []
+        negatives: list[int | None] = []
+        for job in jobs:
+            assert job.spec is not None
+            texts.append(job.spec.prompt)
+            specs.append(job.selection)
+        for job in jobs:
+            assert job.spec is not None
+            if job.spec.guidance_scale > 1.0:
+                negatives.append(len(texts))
+                texts.append(job.spec.negative_prompt or "")
+                specs.append(job.selection)
+            else:
+                negatives.append(None)
+        with lokr.adapter_batch(loaded.container, specs, fold=fold):
+            embeds, _, pooled, _ = loaded.pipe.encode_prompt(
+                prompt=texts, prompt_2=None, prompt_3=None, device=loaded.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )  # fmt: skip
+        out = []
+        for i, n in enumerate(negatives):
+            cond = Conditioning(embeds[i : i + 1], None, pooled[i : i + 1])
+            if n is not None:
+                cond.uncond, cond.uncond_pooled = embeds[n : n + 1], pooled[n : n + 1]
+            out.append(cond)
+        return out
+
+    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
+        """Latents `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))`, the scheduler's
+        timesteps as `pipe(...)` sets them."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        assert job.spec is not None
+        spec, pipe = job.spec, loaded.pipe
+        f = loaded.vae_scale_factor
+        shape = (1, pipe.transformer.config.in_channels, spec.height // f, spec.width // f)
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
+        scheduler = _scheduler(loaded, spec.steps, shape)
+        return Row(job, spec, cond, scheduler, latents)
+
+    def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
+        """Per-row timestep `(B,)`; an image with CFG has two rows, negative then prompt."""
+        latents: list[Tensor] = []
+        timesteps: list[Tensor] = []
+        embeds: list[Tensor] = []
+        pooled: list[Tensor] = []
+        specs: list[RowSpec] = []
+        for row in rows:
+            copies = 2 if row.cfg else 1
+            latents.extend([row.latents] * copies)
+            timesteps.extend([row.timestep] * copies)
+            if row.cfg:
+                embeds += [_given(row.cond.uncond), row.cond.cond]
+                pooled += [_given(row.cond.uncond_pooled), _given(row.cond.pooled)]
+            else:
+                embeds.append(row.cond.cond)
+                pooled.append(_given(row.cond.pooled))
+            specs.extend([row.job.selection] * copies)
+        sample = torch.cat(latents)
+        kwargs = {"hidden_states": sample, "timestep": torch.stack(timesteps).to(loaded.device),
+                  "encoder_hidden_states": torch.cat(embeds), "pooled_projections": torch.cat(pooled)}  # fmt: skip
+        return DenoiserBatch(specs, kwargs)
+
+    def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
+        preds, at = [], 0
+        for row in rows:
+            if row.cfg:
+                uncond, text = output[at : at + 1], output[at + 1 : at + 2]
+                preds.append(uncond + row.spec.guidance_scale * (text - uncond))
+                at += 2
+            else:
+                preds.append(output[at : at + 1])
+                at += 1
+        return preds
+
+    def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
+        """`latents / scaling_factor + shift_factor`, as the pipeline decodes."""
+        vae = loaded.pipe.vae
+        latents = torch.cat([row.latents for row in rows])
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return latents.to(vae.device, vae.dtype)
+
+
+def _given(t: Tensor | None) -> Tensor:
+    assert t is not None
+    return t
+
+
+def _scheduler(loaded: LoadedPipeline, steps: int, shape: tuple[int, ...]) -> Any:
+    """An image's own flow-matching scheduler with its timesteps set as `StableDiffusion3Pipeline` sets them: `mu`
+    from the patched sequence length where the scheduler shifts dynamically."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+    pipe = loaded.pipe
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    config, kwargs = scheduler.config, {}
+    if config.get("use_dynamic_shifting", None):
+        patch = int(pipe.transformer.config.patch_size)
+        seq_len = (shape[-2] // patch) * (shape[-1] // patch)
+        kwargs["mu"] = calculate_shift(
+            seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.16),
+        )  # fmt: skip
+    retrieve_timesteps(scheduler, steps, loaded.device, **kwargs)
+    return scheduler

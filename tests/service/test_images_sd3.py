@@ -1,0 +1,118 @@
+"""SD3-style pipelines (`StableDiffusion3Pipeline`: MMDiT, CLIP-L / CLIP-G / T5, flow matching) against diffusers:
+same seed => same latents and pixels, rows with and without CFG and with a peft LoKr adapter sharing forwards."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import lokr
+from service.errors import BadRequestError
+from service.images.backend import check_spec
+from service.images.tiny import inject_peft_lokr, save_peft_lokr
+
+from .images_world import assert_pixels_close, load, picture, pipeline_dir
+from .test_images_img2img import init_spec
+from .test_images_parity import TOL, Run, spec
+
+SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.net.2", "ff_context.net.2"]  # fmt: skip
+
+
+def _reference(pipe: Any, s: Any) -> tuple[torch.Tensor, np.ndarray]:
+    kwargs = {"height": s.height, "width": s.width, "num_inference_steps": s.steps, "guidance_scale": s.guidance_scale,
+              "negative_prompt": s.negative_prompt}  # fmt: skip
+    latents, images = (
+        pipe(s.prompt, generator=torch.Generator("cpu").manual_seed(s.seed), output_type=kind, **kwargs).images
+        for kind in ("latent", "pil")
+    )
+    return latents, np.asarray(images[0]).astype(np.int16)
+
+
+@pytest.mark.slow
+def test_sd3_rows_equal_the_sd3_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CFG row, a row without CFG (guidance 1) joining a step later, and a peft LoKr row with a negative prompt,
+    in shared forwards: each equals `StableDiffusion3Pipeline` at its seed (the LoKr row: with peft's LoKr on the
+    transformer)."""
+    from diffusers import SD3Transformer2DModel
+
+    path = pipeline_dir(tmp_path, "sd3")
+    loaded = load(path)
+    assert loaded.family == "sd3" and loaded.masked_channels == 0
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", use_safetensors=True)
+    lokr.load_adapter(loaded.container, save_peft_lokr(transformer, "transformer", SD3_TARGETS, tmp_path / "p", 5), "p")
+    run = Run(loaded, monkeypatch)
+    items = [
+        (spec("a red cat", 3, steps_=4, guidance=7.0), None),
+        (spec("the dog", 4, steps_=3, guidance=1.0), None),
+        (spec("a cat on the mat", 5, steps_=4, guidance=5.0, neg="blurry"), "p"),
+    ]
+    jobs = run(items, joins=[0, 1, 0])
+    for job, (s, sel) in zip(jobs, items):
+        pipe = load(path).pipe
+        if sel:
+            inject_peft_lokr(pipe.transformer, 5, targets=SD3_TARGETS)
+        latents, pixels = _reference(pipe, s)
+        torch.testing.assert_close(run.latents[job.id], latents, **TOL)
+        assert_pixels_close(run.pixels(job), pixels)
+    plain, _ = _reference(load(path).pipe, items[2][0])
+    assert not torch.allclose(run.latents[jobs[2].id], plain, atol=1e-2)  # the adapter changed the image
+
+
+def test_sd3_serves_text_to_image_and_refuses_the_rest(tmp_path: Path) -> None:
+    loaded = load(pipeline_dir(tmp_path, "sd3"))
+    assert loaded.default_size == (32, 32) and loaded.default_guidance == 7.0
+    check_spec(loaded, spec("a cat", 1))
+    with pytest.raises(BadRequestError, match="this SD3 pipeline serves text to image"):
+        check_spec(loaded, init_spec(loaded, picture(32, 32), 0.5, prompt="x", seed=0))
+    with pytest.raises(BadRequestError, match="true_cfg_scale applies to Flux"):
+        check_spec(loaded, replace(spec("x", 1), true_cfg_scale=4.0))
+
+
+@pytest.mark.slow
+def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
+    """`lokr-serve serve --model <StableDiffusion3Pipeline dir>`: the OpenAI route's and A1111's images equal the
+    pipeline's; `/v1/models` says it is an image model; img2img is a 400 in the route's words."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from .conftest import World, start_server, stop_server
+
+    model = pipeline_dir(tmp_path, "sd3")
+    (tmp_path / "adapters").mkdir()
+    server = start_server(World(tmp_path, model, tmp_path / "adapters", {}), "--device", "cpu")
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            body = {"model": "tiny", "prompt": "a red cat", "size": "32x32", "num_inference_steps": 3, "seed": 7}
+            openai = http.post("/v1/images/generations", json=body)
+            a1111 = http.post("/sdapi/v1/txt2img", json={"prompt": "a red cat", "steps": 3, "cfg_scale": 7.0,
+                                                         "seed": 7, "width": 32, "height": 32})  # fmt: skip
+            kinds = {m["id"]: m.get("kind") for m in http.get("/v1/models").json()["data"]}
+            picture_b64 = base64.b64encode(_png(picture(32, 32))).decode()
+            refused = http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [picture_b64], "steps": 3})
+    finally:
+        stop_server(server)
+    assert openai.status_code == 200 and a1111.status_code == 200, (openai.text, a1111.text)
+    assert kinds["tiny"] == "image"
+    pipe = load(model).pipe
+    for answer, negative in ((openai.json()["data"][0]["b64_json"], None), (a1111.json()["images"][0], "")):
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer))).convert("RGB")).astype(np.int16)
+        _, want = _reference(pipe, replace(spec("a red cat", 7, steps_=3, guidance=7.0), negative_prompt=negative))
+        assert_pixels_close(got, want)
+    assert refused.status_code == 400 and "serves text to image" in refused.json()["error"]["message"]
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
