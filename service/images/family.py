@@ -1,4 +1,5 @@
-"""What differs between pipeline families, behind one small interface; SD 1.x/2.x and SDXL here, Flux in `flux`.
+"""What differs between pipeline families, behind one small interface; SD 1.x/2.x and SDXL in `sd`, SD3 in `sd3`,
+Flux in `flux`.
 
 A `Family` encodes prompts, starts a row (its latents and own scheduler), builds the denoiser's inputs for a
 batch of rows and splits its output into one noise prediction per row, and turns finished rows' latents into
@@ -18,17 +19,17 @@ from torch import Tensor, nn
 
 from lokr.batch import RowSpec
 
-from ..errors import BadRequestError
-from .clip_text import PromptText, encode_prompts, text_states
-from .inpaint import Inpaint, latent_mask
-from .prompts import check_prompt
+from .inpaint import Inpaint
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 from .samplers import Sampler
 
 if TYPE_CHECKING:
     from .load import LoadedPipeline
 
-__all__ = ["DenoiserBatch", "Family", "StableDiffusion", "denoiser", "family_ops", "new_scheduler", "step_kwargs"]
+__all__ = [
+    "DenoiserBatch", "Family", "TransformerFamily", "batch_key", "cfg_predictions", "denoiser", "family_ops",
+    "new_scheduler", "step_kwargs",
+]  # fmt: skip
 
 
 @dataclass
@@ -110,17 +111,36 @@ class Family(ABC):
         """Finished rows' latents (same size) as the VAE decodes them: `(B, C, h, w)`, unscaled, in its dtype."""
 
 
-MERGE_ROWS = 8  # a text length with fewer denoiser rows than this joins the size's largest forward
-
-
 def batch_key(row: Row) -> tuple[int, int, int]:
     """The size and text length of `row` (the longer of its prompt's and negative prompt's)."""
     texts = [t for t in (row.cond.cond, row.cond.uncond) if t is not None]
     return row.spec.width, row.spec.height, max(int(t.shape[1]) for t in texts)
 
 
-def _denoiser_rows(rows: Sequence[Row]) -> int:
-    return sum(2 if row.cfg else 1 for row in rows)
+def cfg_predictions(rows: Sequence[Row], output: Tensor) -> list[Tensor]:
+    """Each row's noise prediction from a batch of `[uncond, text]` rows per image with CFG (`[text]` without):
+    `uncond + guidance_scale * (text - uncond)`."""
+    preds, at = [], 0
+    for row in rows:
+        if row.cfg:
+            uncond, text = output[at : at + 1], output[at + 1 : at + 2]
+            preds.append(uncond + row.spec.guidance_scale * (text - uncond))
+            at += 2
+        else:
+            preds.append(output[at : at + 1])
+            at += 1
+    return preds
+
+
+class TransformerFamily(Family, ABC):
+    """A DiT pipeline (Flux, SD3): flow matching, a `transformer` denoiser, the pipeline's default sample size."""
+
+    denoiser = "transformer"
+    flow = True
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+        return side, side
 
 
 def new_scheduler(base: Any, sampler: Sampler | None) -> Any:
@@ -139,287 +159,6 @@ def step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
     return out
 
 
-class StableDiffusion(Family):
-    """SD 1.x/2.x (`xl=False`) and SDXL (`xl=True`): a UNet, CLIP encoder(s), classifier-free guidance rows."""
-
-    def __init__(self, xl: bool) -> None:
-        self.xl = xl
-
-    def default_size(self, pipe: Any) -> tuple[int, int]:
-        size = pipe.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        return int(w) * int(pipe.vae_scale_factor), int(h) * int(pipe.vae_scale_factor)
-
-    def check(self, spec: ImageSpec) -> None:
-        if spec.a1111_prompts:  # a 400 now, not a failed encoder batch later
-            for text in (spec.prompt, spec.negative_prompt or ""):
-                check_prompt(text)
-        if spec.true_cfg_scale != 1.0:
-            raise BadRequestError(
-                "true_cfg_scale applies to Flux pipelines; on Stable Diffusion, guidance_scale sets classifier-free "
-                "guidance: leave true_cfg_scale out",
-                code="invalid_request",
-            )
-
-    def forwards(self, rows: Sequence[Row]) -> list[list[Row]]:
-        """One forward per size and text length, except that a text length with fewer than `MERGE_ROWS` denoiser
-        rows joins the size's largest one, its texts padded and masked (`clip_text.text_states`): a forward of few
-        rows costs about as much as many, while the mask slows a large batch's cross-attention (measured on CPU,
-        tiny UNet: 1 + 1 images merged 1.28x faster than apart, 4 + 4 1.11x, 8 + 8 0.89x)."""
-        by_size: dict[tuple[int, int], list[list[Row]]] = {}
-        for group in super().forwards(rows):
-            by_size.setdefault((group[0].spec.width, group[0].spec.height), []).append(group)
-        out: list[list[Row]] = []
-        for groups in by_size.values():
-            groups.sort(key=_denoiser_rows, reverse=True)
-            merged = list(groups[0])
-            for group in groups[1:]:
-                if _denoiser_rows(group) < MERGE_ROWS:
-                    merged += group
-                else:
-                    out.append(group)
-            out.append(merged)
-        return out
-
-    def clip_layers(self, pipe: Any) -> int:
-        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
-        return min(int(e.config.num_hidden_layers) for e in encoders if e is not None)
-
-    def uses_cfg(self, pipe: Any) -> bool:
-        """Classifier-free guidance is possible (no guidance-distilled timestep_cond)."""
-        return pipe.unet.config.time_cond_proj_dim is None
-
-    def _needs_cfg(self, loaded: LoadedPipeline, guidance_scale: float) -> bool:
-        return guidance_scale > 1.0 and self.uses_cfg(loaded.pipe)
-
-    def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
-        """A negative prompt of None is "" (SD) or, where the SDXL pipeline zeroes empty prompts, zeros; an empty
-        one in A1111's reading is zeros on SDXL (A1111 zeroes an empty negative prompt's embeddings). A job's
-        `clip_skip` applies to its prompt alone, as in diffusers (whose negative prompts take the encoder's own
-        output, the penultimate layer's on SDXL)."""
-        texts: list[PromptText] = []
-        plan: list[tuple[int, int | None]] = []  # per job: (prompt index, negative index | None = zeros / no CFG)
-        zero_neg = self.xl and bool(loaded.pipe.config.get("force_zeros_for_empty_prompt", False))
-        for job in jobs:
-            spec = job.spec
-            assert spec is not None
-            p = len(texts)
-            texts.append(PromptText(spec.prompt, job.selection, spec.clip_skip, spec.a1111_prompts))
-            neg: int | None = None
-            zeros = (zero_neg and spec.negative_prompt is None) or (
-                self.xl and spec.a1111_prompts and not spec.negative_prompt
-            )
-            if self._needs_cfg(loaded, spec.guidance_scale) and not zeros:
-                neg = len(texts)
-                texts.append(PromptText(spec.negative_prompt or "", job.selection, None, spec.a1111_prompts))
-            plan.append((p, neg))
-        embeds, pooled = self._encode_texts(loaded, texts, fold)
-        result = []
-        for job, (p, n) in zip(jobs, plan):
-            assert job.spec is not None
-            cond = Conditioning(embeds[p], None, pooled[p])
-            if self._needs_cfg(loaded, job.spec.guidance_scale):
-                cond.uncond = embeds[n] if n is not None else torch.zeros_like(cond.cond)
-                if cond.pooled is not None:
-                    cond.uncond_pooled = pooled[n] if n is not None else torch.zeros_like(cond.pooled)
-            result.append(cond)
-        return result
-
-    def _encode_texts(
-        self, loaded: LoadedPipeline, texts: Sequence[PromptText], fold: int
-    ) -> tuple[list[Tensor], list[Tensor | None]]:
-        """Every prompt encoded, one encoder batch per CLIP skip: `(1, L, D)` embeddings and (SDXL) `(1, P)` pooled
-        ones, in order."""
-        groups: dict[int | None, list[int]] = {}
-        for i, text in enumerate(texts):
-            groups.setdefault(text.clip_skip, []).append(i)
-        embeds: list[Tensor] = [torch.empty(0)] * len(texts)
-        pooled: list[Tensor | None] = [None] * len(texts)
-        for members in groups.values():
-            out, pools = encode_prompts(loaded, [texts[i] for i in members], self.xl, fold)
-            for k, i in enumerate(members):
-                embeds[i], pooled[i] = out[k], pools[k]
-        return embeds, pooled
-
-    def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
-        """Latents: `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))` times the
-        scheduler's initial sigma, as `pipe(..., generator=...)` draws them; with a starting image (`spec.init`),
-        its VAE latents noised to the first timestep run, as the img2img pipelines do (an inpainting model's rows:
-        as its inpainting pipeline, `_model_inpainting`). The generator then feeds stochastic schedulers' steps, as
-        in the pipeline."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        assert job.spec is not None
-        spec, pipe = job.spec, loaded.pipe
-        scheduler = new_scheduler(pipe.scheduler, spec.sampler)
-        scheduler.set_timesteps(spec.steps, device=loaded.device)
-        first = self.first_step(spec.steps, spec.strength) * scheduler.order
-        if (self.xl or spec.from_image) and hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(first)
-        generator = torch.Generator("cpu").manual_seed(spec.seed)
-        inpaint, extra = None, None
-        if loaded.masked_channels:
-            latents, extra = self._model_inpainting(loaded, spec, moments, scheduler, first, generator)
-        elif spec.from_image:
-            latents, inpaint = self._noised_image(loaded, spec, moments.picture, scheduler, first, generator,
-                                                  cond.cond.dtype)  # fmt: skip
-        else:
-            f = loaded.vae_scale_factor
-            shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
-            latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
-            latents = latents * scheduler.init_noise_sigma
-        return Row(job, spec, cond, scheduler, latents, step_kwargs(scheduler, generator), index=first, first=first,
-                   inpaint=inpaint, extra=extra)  # fmt: skip
-
-    def _model_inpainting(
-        self,
-        loaded: LoadedPipeline,
-        spec: ImageSpec,
-        moments: Moments,
-        scheduler: Any,
-        first: int,
-        gen: torch.Generator,
-    ) -> tuple[Tensor, Tensor]:
-        """An inpainting model's row, as its inpainting pipeline starts one: the picture's latents drawn (below
-        strength 1 only) and noised to timestep `first`, else pure noise; then the masked picture's latents drawn
-        (`moments`: both latent distributions). Returns the latents and the further denoiser inputs `(1, 1 + C,
-        h, w)`: the mask shrunk to the latents and the masked picture's latents."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        picture, masked = moments.picture, moments.masked
-        assert picture is not None and masked is not None and spec.mask is not None, "an inpainting model's row"
-        dtype = loaded.dtype
-        shape = (1, loaded.pipe.vae.config.latent_channels, *picture.shape[-2:])
-        image = None
-        if spec.strength < 1.0:
-            image = self._picture_latents(loaded, picture, gen, normalise=False).to(dtype)
-        noise = randn_tensor(shape, generator=gen, device=loaded.device, dtype=dtype)
-        if image is None:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(image, noise, scheduler.timesteps[first : first + 1])
-        masked_latents = self._picture_latents(loaded, masked, gen, normalise=False).to(dtype)
-        mask = latent_mask(spec.mask, (shape[-2], shape[-1]), loaded.device, dtype)
-        return latents, torch.cat([mask, masked_latents], dim=1)
-
-    def _noised_image(
-        self,
-        loaded: LoadedPipeline,
-        spec: ImageSpec,
-        moments: Tensor | None,
-        scheduler: Any,
-        first: int,
-        gen: torch.Generator,
-        dtype: Any,
-    ) -> tuple[Tensor, Inpaint | None]:
-        """The starting latents noised to timestep `first`: `spec.init_latents` as they are, or a draw from the
-        starting picture's VAE latent distribution (`moments` `(1, 2C, h, w)`), scaled (SDXL img2img: normalised by
-        the VAE's latents mean / std where it has them). With a mask, as the inpainting pipelines: the picture only
-        scaled, pure noise at strength 1, one more draw (theirs of the masked picture, unused by a 4-channel UNet),
-        and the row's `Inpaint`."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        if spec.init_latents is not None:
-            image = spec.init_latents.to(loaded.device, dtype)
-        else:
-            assert moments is not None, "an img2img row needs its picture's latent distribution"
-            image = self._picture_latents(loaded, moments, gen, normalise=spec.mask is None).to(dtype)
-        noise = randn_tensor(image.shape, generator=gen, device=loaded.device, dtype=dtype)
-        if spec.mask is None:
-            return scheduler.add_noise(image, noise, scheduler.timesteps[first : first + 1]), None
-        if spec.strength == 1.0:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(image, noise, scheduler.timesteps[first : first + 1])
-        assert moments is not None
-        randn_tensor(image.shape, generator=gen, device=moments.device, dtype=moments.dtype)
-        mask = latent_mask(spec.mask, (image.shape[-2], image.shape[-1]), loaded.device, dtype)
-        return latents, Inpaint(mask, image, noise)
-
-    def _picture_latents(
-        self, loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator, normalise: bool = True
-    ) -> Tensor:
-        """A draw from a picture's VAE latent distribution, scaled as the denoiser's latents are (SDXL, `normalise`:
-        by the VAE's latents mean / std where it has them, as its img2img pipeline does; its inpainting one does
-        not)."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        vae = loaded.pipe.vae
-        latents: Tensor = DiagonalGaussianDistribution(moments).sample(gen)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if self.xl and normalise and mean is not None and std is not None:
-            m, s = (torch.tensor(v).view(1, len(v), 1, 1).to(latents) for v in (mean, std))
-            return (latents - m) * vae.config.scaling_factor / s
-        return latents * vae.config.scaling_factor
-
-    def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
-        """Both CFG rows of an image (uncond first) use the image's adapters; SDXL adds pooled embeds + time ids."""
-        inputs: list[Tensor] = []
-        timesteps: list[Tensor] = []
-        hidden: list[Tensor] = []
-        specs: list[RowSpec] = []
-        pooled: list[Tensor] = []
-        time_ids: list[Tensor] = []
-        for row in rows:
-            t = row.timestep
-            copies = 2 if row.cfg else 1
-            model_input = row.scheduler.scale_model_input(torch.cat([row.latents] * copies), t)
-            if row.extra is not None:  # an inpainting model: the mask and the masked picture, after the latents
-                model_input = torch.cat([model_input, torch.cat([row.extra] * copies)], dim=1)
-            inputs.append(model_input)
-            timesteps.extend([t] * copies)
-            hidden.extend(_cfg_pair(row.cond.uncond, row.cond.cond))
-            specs.extend([row.job.selection] * copies)
-            if self.xl:
-                pooled.extend(_cfg_pair(row.cond.uncond_pooled, row.cond.pooled))
-                time_ids.extend([_time_ids(row)] * copies)
-        added: dict[str, Tensor] | None = None
-        if self.xl:
-            dev = loaded.device
-            added = {"text_embeds": torch.cat(pooled).to(dev), "time_ids": torch.cat(time_ids).to(dev)}
-        states, mask = text_states(hidden)
-        kwargs = {"sample": torch.cat(inputs), "timestep": torch.stack(timesteps).to(loaded.device),
-                  "encoder_hidden_states": states, "added_cond_kwargs": added}  # fmt: skip
-        if mask is not None:
-            kwargs["encoder_attention_mask"] = mask
-        return DenoiserBatch(specs, kwargs)
-
-    def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
-        preds, offset = [], 0
-        for row in rows:
-            if row.cfg:
-                uncond, text = output[offset : offset + 1], output[offset + 1 : offset + 2]
-                preds.append(uncond + row.spec.guidance_scale * (text - uncond))
-                offset += 2
-            else:
-                preds.append(output[offset : offset + 1])
-                offset += 1
-        return preds
-
-    def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
-        vae = loaded.pipe.vae
-        latents = torch.cat([row.latents for row in rows]).to(vae.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if self.xl and mean is not None and std is not None:
-            shape = (1, len(mean), 1, 1)
-            m = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
-            s = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
-            return latents * s / vae.config.scaling_factor + m
-        return latents / vae.config.scaling_factor
-
-
-def _cfg_pair(uncond: Tensor | None, cond: Tensor | None) -> list[Tensor]:
-    """The rows of one image in the denoiser batch: `[uncond, cond]` with CFG, else `[cond]`."""
-    assert cond is not None
-    return [cond] if uncond is None else [uncond, cond]
-
-
-def _time_ids(row: Row) -> Tensor:
-    """SDXL's micro-conditioning `(1, 6)`: original size, crop (0, 0), target size, as the pipeline's defaults."""
-    h, w = row.spec.height, row.spec.width
-    return torch.tensor([[h, w, 0, 0, h, w]], dtype=row.cond.cond.dtype)
-
-
 def family_ops(name: str) -> Family:
     """The `Family` of a family name ("sd", "sdxl", "sd3", "flux")."""
     if name == "flux":
@@ -431,6 +170,8 @@ def family_ops(name: str) -> Family:
 
         return StableDiffusion3()
     if name in ("sd", "sdxl"):
+        from .sd import StableDiffusion
+
         return StableDiffusion(xl=name == "sdxl")
     raise ValueError(f"unknown pipeline family {name!r}")
 

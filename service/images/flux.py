@@ -23,7 +23,7 @@ import lokr
 from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
-from .family import DenoiserBatch, Family
+from .family import DenoiserBatch, TransformerFamily
 from .inpaint import Inpaint, latent_mask
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
@@ -33,15 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["Flux"]
 
 
-class Flux(Family):
+class Flux(TransformerFamily):
     """`FluxPipeline` rows: packed latents `(1, N, 4C)` with `N = (H/2f) * (W/2f)`; a negative row with true CFG."""
-
-    denoiser = "transformer"
-    flow = True
-
-    def default_size(self, pipe: Any) -> tuple[int, int]:
-        side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-        return side, side
 
     def check(self, spec: ImageSpec) -> None:
         if spec.init_latents is not None or spec.latent_output:

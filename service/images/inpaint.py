@@ -3,7 +3,7 @@
 As diffusers' inpainting pipelines do with a plain (4-channel, Flux 64-channel) denoiser: the mask is binarised at
 the output size and shrunk to the latents' (nearest), and after every step the kept area is set back to the picture's
 own latents, noised to the timestep that comes next (none after the last); an inpainting checkpoint's UNet takes the
-mask and the masked picture as inputs instead (`family.StableDiffusion`). How each API states its mask (OpenAI: the
+mask and the masked picture as inputs instead (`sd.StableDiffusion`). How each API states its mask (OpenAI: the
 transparent pixels; AUTOMATIC1111: the white ones) becomes one white-is-repainted greyscale picture here.
 """
 

@@ -22,7 +22,7 @@ import lokr
 from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
-from .family import DenoiserBatch, Family
+from .family import DenoiserBatch, TransformerFamily, cfg_predictions
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
 if TYPE_CHECKING:
@@ -31,15 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["StableDiffusion3"]
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(TransformerFamily):
     """`StableDiffusion3Pipeline` rows: latents `(1, C, H/f, W/f)`; a negative row first with CFG."""
-
-    denoiser = "transformer"
-    flow = True
-
-    def default_size(self, pipe: Any) -> tuple[int, int]:
-        side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-        return side, side
 
     def uses_cfg(self, pipe: Any) -> bool:
         return True
@@ -127,16 +120,7 @@ class StableDiffusion3(Family):
         return DenoiserBatch(specs, kwargs)
 
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
-        preds, at = [], 0
-        for row in rows:
-            if row.cfg:
-                uncond, text = output[at : at + 1], output[at + 1 : at + 2]
-                preds.append(uncond + row.spec.guidance_scale * (text - uncond))
-                at += 2
-            else:
-                preds.append(output[at : at + 1])
-                at += 1
-        return preds
+        return cfg_predictions(rows, output)
 
     def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
         """`latents / scaling_factor + shift_factor`, as the pipeline decodes."""

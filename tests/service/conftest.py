@@ -172,3 +172,19 @@ def ensure_loaded(client: httpx.Client, name: str) -> None:
         return
     response = client.post("/v1/adapters", json={"name": name, "source": name}, headers=headers)
     assert response.status_code in (201, 409), response.text
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD pipeline dir (one per test module)."""
+    from .images_world import pipeline_dir
+
+    return pipeline_dir(tmp_path_factory.mktemp("images"), "sd")
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL pipeline dir (one per test module)."""
+    from .images_world import pipeline_dir
+
+    return pipeline_dir(tmp_path_factory.mktemp("images-xl"), "sdxl")

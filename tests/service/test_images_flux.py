@@ -16,7 +16,7 @@ from lokr.errors import UnknownModuleError, UnsupportedAdapterError
 from lokr.inject import iter_lokr_layers
 from service.errors import BadRequestError
 from service.images.backend import check_spec
-from service.images.family import StableDiffusion
+from service.images.sd import StableDiffusion
 from service.images.tiny_flux import save_peft_flux_lokr
 
 from ..lokr.lyco import EVERY_LAYER, kohya_file, register_presets

@@ -29,7 +29,6 @@ from .images_world import (
     own_adapter,
     peft_reference_pipe,
     peft_unet_adapter,
-    pipeline_dir,
     reference_image,
     reference_latents,
 )
@@ -75,16 +74,6 @@ def spec(
     prompt: str, seed: int, size: int = 32, steps_: int = 3, guidance: float = 7.5, neg: str | None = None
 ) -> ImageSpec:
     return ImageSpec(prompt, neg, size, size, steps_, guidance, seed)
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pipeline_dir(tmp_path_factory.mktemp("images"), "sd")
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pipeline_dir(tmp_path_factory.mktemp("images-xl"), "sdxl")
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])

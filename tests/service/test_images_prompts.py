@@ -17,7 +17,7 @@ from service.images.clip_text import PromptText, encode_prompts, text_states
 from service.images.prompts import BREAK, Piece, check_prompt, chunk_prompt, parse_emphasis, plain_chunk, window
 from service.images.tiny import build_clip_tokenizer
 
-from .images_world import load, pipeline_dir, reference_latents
+from .images_world import load, reference_latents
 from .test_images_parity import TOL, Run, spec
 
 W = 1 / 1.1
@@ -156,16 +156,6 @@ PROMPT = "a (red:1.4) cat [on] the mat BREAK a ((dog))"
 CHUNKS = [[("a ", 1.0), ("red", 1.4), (" cat ", 1.0), ("on", W), (" the mat", 1.0)], [("a ", 1.0), ("dog", 1.21)]]
 NEGATIVE = "(blurry:1.3), ugly BREAK dark"
 NEGATIVE_CHUNKS = [[("blurry", 1.3), (", ugly", 1.0)], [("dark", 1.0)]]
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pipeline_dir(tmp_path_factory.mktemp("images"), "sd")
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pipeline_dir(tmp_path_factory.mktemp("images-xl"), "sdxl")
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])

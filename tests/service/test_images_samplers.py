@@ -14,7 +14,7 @@ from service.errors import BadRequestError
 from service.images.rows import ImageSpec
 from service.images.samplers import SAMPLERS, Sampler, resolve, sampler_listing, schedule_listing
 
-from .images_world import assert_pixels_close, load, pipeline_dir, reference_image, reference_latents
+from .images_world import assert_pixels_close, load, reference_image, reference_latents
 from .test_images_parity import TOL, Run
 
 
@@ -98,11 +98,6 @@ def test_listings_name_every_sampler_that_builds(base: Any) -> None:
     assert karras["label"] == "Karras"
     heun = next(e for e in listing if e["name"] == "Heun")
     assert heun == {"name": "Heun", "aliases": ["k_heun"], "options": {"diffusers": "HeunDiscreteScheduler"}}
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pipeline_dir(tmp_path_factory.mktemp("samplers"), "sd")
 
 
 @pytest.mark.slow
