@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+import lokr
 from lokr.batch import RowSpec
 
 from .inpaint import Inpaint
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
     from .load import LoadedPipeline
 
 __all__ = [
-    "DenoiserBatch", "Family", "TransformerFamily", "batch_key", "cfg_predictions", "denoiser", "family_ops",
-    "new_scheduler", "step_kwargs",
+    "DenoiserBatch", "Family", "TransformerFamily", "batch_key", "cfg_predictions", "denoiser",
+    "encode_with_negatives", "family_ops", "new_scheduler", "step_kwargs",
 ]  # fmt: skip
 
 
@@ -115,6 +116,37 @@ def batch_key(row: Row) -> tuple[int, int, int]:
     """The size and text length of `row` (the longer of its prompt's and negative prompt's)."""
     texts = [t for t in (row.cond.cond, row.cond.uncond) if t is not None]
     return row.spec.width, row.spec.height, max(int(t.shape[1]) for t in texts)
+
+
+def encode_with_negatives(
+    loaded: LoadedPipeline,
+    jobs: Sequence[ImageJob],
+    fold: int,
+    negative: Callable[[ImageSpec], bool],
+    run: Callable[[list[str]], tuple[Tensor, Tensor]],
+) -> list[Conditioning]:
+    """Every job's prompt, then the negative prompts ("" when unset) of the jobs `negative` picks, encoded in one
+    batch by `run` (texts -> embeddings `(N, L, D)` and pooled `(N, P)`), each text under its job's adapters."""
+    specs = [job.spec for job in jobs]
+    assert all(spec is not None for spec in specs)
+    texts = [spec.prompt for spec in specs if spec is not None]
+    selections: list[RowSpec] = [job.selection for job in jobs]
+    negatives: list[int | None] = []  # per job: the index of its negative prompt's text
+    for job, spec in zip(jobs, specs):
+        assert spec is not None
+        negatives.append(len(texts) if negative(spec) else None)
+        if negative(spec):
+            texts.append(spec.negative_prompt or "")
+            selections.append(job.selection)
+    with lokr.adapter_batch(loaded.container, selections, fold=fold):
+        embeds, pooled = run(texts)
+    out = []
+    for i, n in enumerate(negatives):
+        cond = Conditioning(embeds[i : i + 1], None, pooled[i : i + 1])
+        if n is not None:
+            cond.uncond, cond.uncond_pooled = embeds[n : n + 1], pooled[n : n + 1]
+        out.append(cond)
+    return out
 
 
 def cfg_predictions(rows: Sequence[Row], output: Tensor) -> list[Tensor]:

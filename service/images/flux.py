@@ -19,11 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import lokr
-from lokr.batch import RowSpec
-
 from ..errors import BadRequestError
-from .family import DenoiserBatch, TransformerFamily
+from .family import DenoiserBatch, TransformerFamily, encode_with_negatives
 from .inpaint import Inpaint, latent_mask
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
@@ -54,26 +51,12 @@ class Flux(TransformerFamily):
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
         """T5 embeddings `(1, L, D)` (L = the pipeline's max_sequence_length, 512) and CLIP pooled `(1, P)`; with
         true CFG, the negative prompt's too, under the same adapters."""
-        image_specs = [job.spec for job in jobs if job.spec is not None]
-        texts = [spec.prompt for spec in image_specs]
-        specs: list[RowSpec] = [job.selection for job in jobs]
-        negatives: list[int | None] = []  # per job: the index of its negative text, None without true CFG
-        for job, spec in zip(jobs, image_specs, strict=True):
-            if not _true_cfg(spec):
-                negatives.append(None)
-                continue
-            negatives.append(len(texts))
-            texts.append(spec.negative_prompt or "")
-            specs.append(job.selection)
-        with lokr.adapter_batch(loaded.container, specs, fold=fold):
+
+        def run(texts: list[str]) -> tuple[Tensor, Tensor]:
             embeds, pooled, _ = loaded.pipe.encode_prompt(texts, device=loaded.device, num_images_per_prompt=1)
-        out = []
-        for i, n in enumerate(negatives):
-            cond = Conditioning(embeds[i : i + 1], None, pooled[i : i + 1])
-            if n is not None:
-                cond.uncond, cond.uncond_pooled = embeds[n : n + 1], pooled[n : n + 1]
-            out.append(cond)
-        return out
+            return embeds, pooled
+
+        return encode_with_negatives(loaded, jobs, fold, _true_cfg, run)
 
     def first_step(self, steps: int, strength: float) -> int:
         """Flux's img2img rounds as SD3's does: `int(steps - steps * strength)` steps are skipped."""

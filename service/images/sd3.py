@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-import lokr
 from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
-from .family import DenoiserBatch, TransformerFamily, cfg_predictions
+from .family import DenoiserBatch, TransformerFamily, cfg_predictions, encode_with_negatives
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
 if TYPE_CHECKING:
@@ -54,33 +53,15 @@ class StableDiffusion3(TransformerFamily):
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
         """Every prompt (and, with CFG, negative prompt: "" when none, as the pipeline) in one batch per encoder,
         each under its job's adapters: `(1, L, D)` embeddings and `(1, P)` pooled ones."""
-        texts: list[str] = []
-        specs: list[RowSpec] = []
-        negatives: list[int | None] = []
-        for job in jobs:
-            assert job.spec is not None
-            texts.append(job.spec.prompt)
-            specs.append(job.selection)
-        for job in jobs:
-            assert job.spec is not None
-            if job.spec.guidance_scale > 1.0:
-                negatives.append(len(texts))
-                texts.append(job.spec.negative_prompt or "")
-                specs.append(job.selection)
-            else:
-                negatives.append(None)
-        with lokr.adapter_batch(loaded.container, specs, fold=fold):
+
+        def run(texts: list[str]) -> tuple[Tensor, Tensor]:
             embeds, _, pooled, _ = loaded.pipe.encode_prompt(
                 prompt=texts, prompt_2=None, prompt_3=None, device=loaded.device, num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
             )  # fmt: skip
-        out = []
-        for i, n in enumerate(negatives):
-            cond = Conditioning(embeds[i : i + 1], None, pooled[i : i + 1])
-            if n is not None:
-                cond.uncond, cond.uncond_pooled = embeds[n : n + 1], pooled[n : n + 1]
-            out.append(cond)
-        return out
+            return embeds, pooled
+
+        return encode_with_negatives(loaded, jobs, fold, lambda spec: spec.guidance_scale > 1.0, run)
 
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
         """Latents `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))`, the scheduler's
