@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DenoiserBatch", "Family", "TransformerFamily", "batch_key", "cfg_predictions", "denoiser",
-    "encode_with_negatives", "family_ops", "new_scheduler", "step_kwargs",
+    "encode_with_negatives", "family_ops", "new_scheduler", "shifted_latents", "step_kwargs",
 ]  # fmt: skip
 
 
@@ -173,6 +173,20 @@ class TransformerFamily(Family, ABC):
     def default_size(self, pipe: Any) -> tuple[int, int]:
         side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
         return side, side
+
+    def first_step(self, steps: int, strength: float) -> int:
+        """SD3's and Flux's img2img round as SD3's does: `int(steps - steps * strength)` steps are skipped."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
+
+def shifted_latents(loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator) -> Tensor:
+    """A draw from a picture's VAE latent distribution `moments`, shifted and scaled as a DiT pipeline's latents
+    are: `(x - shift_factor) * scaling_factor`."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    vae = loaded.pipe.vae.config
+    drawn: Tensor = (DiagonalGaussianDistribution(moments).sample(gen) - vae.shift_factor) * vae.scaling_factor
+    return drawn
 
 
 def new_scheduler(base: Any, sampler: Sampler | None) -> Any:

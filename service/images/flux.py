@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BadRequestError
-from .family import DenoiserBatch, TransformerFamily, encode_with_negatives
+from .family import DenoiserBatch, TransformerFamily, encode_with_negatives, shifted_latents
 from .inpaint import Inpaint, latent_mask
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
@@ -58,10 +58,6 @@ class Flux(TransformerFamily):
 
         return encode_with_negatives(loaded, jobs, fold, _true_cfg, run)
 
-    def first_step(self, steps: int, strength: float) -> int:
-        """Flux's img2img rounds as SD3's does: `int(steps - steps * strength)` steps are skipped."""
-        return int(max(steps - min(steps * strength, steps), 0))
-
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
         """Latents: `randn_tensor((1, C, 2*(H//2f), 2*(W//2f)), generator=Generator("cpu").manual_seed(seed))`
         packed to `(1, N, 4C)`; the scheduler's sigmas and shift as `pipe(...)` sets them. With a starting image
@@ -69,7 +65,6 @@ class Flux(TransformerFamily):
         in at the first sigma run (`scale_noise`), as `FluxImg2ImgPipeline` does; with a mask too, what
         `FluxInpaintPipeline` keeps of the picture (`Inpaint`, packed like the latents), or on a Flux Fill model
         the transformer's further inputs (`Row.extra`), as `FluxFillPipeline` starts an image."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
         assert job.spec is not None
@@ -83,9 +78,7 @@ class Flux(TransformerFamily):
         image: Tensor | None = None
         if spec.init is not None:
             assert moments.picture is not None, "an img2img row needs its image's latent distribution"
-            vae = pipe.vae.config
-            drawn = DiagonalGaussianDistribution(moments.picture).sample(generator)
-            image = ((drawn - vae.shift_factor) * vae.scaling_factor).to(dtype)
+            image = shifted_latents(loaded, moments.picture, generator).to(dtype)
         noise = randn_tensor((1, channels, h, w), generator=generator, device=loaded.device, dtype=dtype)
         latents = noise
         if image is not None:
@@ -172,12 +165,10 @@ def _fill_inputs(
     """What `FluxFillPipeline` feeds its transformer after a row's packed latents `(1, N, 4C + 4f^2)`: a draw from
     the masked picture's latent distribution (`masked`), shifted and scaled, packed; then the pixel mask folded
     into `f x f` channels per latent pixel, packed."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
     assert masked is not None and spec.mask is not None, "a Flux Fill row needs its masked picture and mask"
     pipe, (h, w), f = loaded.pipe, size, loaded.vae_scale_factor
-    vae, channels = pipe.vae.config, pipe.vae.config.latent_channels
-    picture = (DiagonalGaussianDistribution(masked).sample(gen) - vae.shift_factor) * vae.scaling_factor
+    channels = pipe.vae.config.latent_channels
+    picture = shifted_latents(loaded, masked, gen)
     mask = spec.mask.to(loaded.device, dtype)[:, 0].view(1, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(1, f * f, h, w)
     packed = [pipe._pack_latents(picture.to(dtype), 1, channels, h, w), pipe._pack_latents(mask, 1, f * f, h, w)]
     return torch.cat(packed, dim=-1)

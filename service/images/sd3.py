@@ -7,7 +7,7 @@ with the row's generator (not packed), the scheduler's sigmas (shifted by `mu` f
 where the scheduler shifts dynamically), and classifier-free guidance rows `[negative, prompt]` combined as
 `uncond + guidance_scale * (text - uncond)`. The transformer takes a `(B,)` timestep, so rows at different steps
 share a forward; rows in one forward have the same size (the text length is the pipeline's, the same for all).
-Text to image only: img2img and inpainting on SD3 are 400s.
+Img2img rows start from their picture as `StableDiffusion3Img2ImgPipeline` does; inpainting on SD3 is a 400.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
-from .family import DenoiserBatch, TransformerFamily, cfg_predictions, encode_with_negatives
+from .family import DenoiserBatch, TransformerFamily, cfg_predictions, encode_with_negatives, shifted_latents
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
 if TYPE_CHECKING:
@@ -37,10 +37,10 @@ class StableDiffusion3(TransformerFamily):
         return True
 
     def check(self, spec: ImageSpec) -> None:
-        if spec.from_image or spec.mask is not None or spec.latent_output:
+        if spec.mask is not None or spec.init_latents is not None or spec.latent_output:
             raise BadRequestError(
-                "img2img, inpainting and the hires fix are served on Stable Diffusion 1.x / 2.x, SDXL and Flux "
-                "pipelines; this SD3 pipeline serves text to image",
+                "inpainting and the hires fix's latent upscalers are served on Stable Diffusion 1.x / 2.x, SDXL and "
+                "Flux pipelines; this SD3 pipeline serves text to image and img2img",
                 code="invalid_request",
             )
         if spec.true_cfg_scale != 1.0:
@@ -65,17 +65,27 @@ class StableDiffusion3(TransformerFamily):
 
     def start(self, loaded: LoadedPipeline, job: ImageJob, cond: Conditioning, moments: Moments = NO_PICTURE) -> Row:
         """Latents `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))`, the scheduler's
-        timesteps as `pipe(...)` sets them."""
+        timesteps as `pipe(...)` sets them. With a starting picture (`moments.picture`), a draw from its latent
+        distribution first, shifted and scaled, and the noise mixed in at the first sigma run (`scale_noise`), as
+        `StableDiffusion3Img2ImgPipeline` does."""
         from diffusers.utils.torch_utils import randn_tensor
 
         assert job.spec is not None
         spec, pipe = job.spec, loaded.pipe
-        f = loaded.vae_scale_factor
+        f, dtype = loaded.vae_scale_factor, cond.cond.dtype
         shape = (1, pipe.transformer.config.in_channels, spec.height // f, spec.width // f)
         generator = torch.Generator("cpu").manual_seed(spec.seed)
-        latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
         scheduler = _scheduler(loaded, spec.steps, shape)
-        return Row(job, spec, cond, scheduler, latents)
+        first = self.first_step(spec.steps, spec.strength)
+        image = None
+        if spec.init is not None:
+            assert moments.picture is not None, "an img2img row needs its picture's latent distribution"
+            scheduler.set_begin_index(first)
+            image = shifted_latents(loaded, moments.picture, generator).to(dtype)
+        latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=dtype)
+        if image is not None:
+            latents = scheduler.scale_noise(image, scheduler.timesteps[first : first + 1], latents)
+        return Row(job, spec, cond, scheduler, latents, index=first, first=first)
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
         """Per-row timestep `(B,)`; an image with CFG has two rows, negative then prompt."""

@@ -64,12 +64,50 @@ def test_sd3_rows_equal_the_sd3_pipeline(tmp_path: Path, monkeypatch: pytest.Mon
     assert not torch.allclose(run.latents[jobs[2].id], plain, atol=1e-2)  # the adapter changed the image
 
 
-def test_sd3_serves_text_to_image_and_refuses_the_rest(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_sd3_img2img_rows_equal_the_sd3_img2img_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Img2img rows (strength 0.6 and 1) beside a text-to-image row: each equals
+    `StableDiffusion3Img2ImgPipeline` (or the text-to-image pipeline) at its seed."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    path = pipeline_dir(tmp_path, "sd3")
+    loaded = load(path)
+    run = Run(loaded, monkeypatch)
+    image = picture(32, 32, seed=3)
+    items = [
+        (init_spec(loaded, image, 0.6, prompt="a red cat", seed=3, steps_=5, guidance=7.0), None),
+        (spec("the dog", 4, steps_=3, guidance=7.0), None),
+        (init_spec(loaded, image, 1.0, prompt="a cat", seed=5, steps_=3, guidance=4.0), None),
+    ]
+    jobs = run(items, joins=[0, 1, 1])
+    for job, (s, _) in zip(jobs, items):
+        pipe = load(path).pipe
+        if s.init is None:
+            latents, pixels = _reference(pipe, s)
+        else:
+            img2img = StableDiffusion3Img2ImgPipeline.from_pipe(pipe)
+            kwargs = {"image": image, "strength": s.strength, "num_inference_steps": s.steps,
+                      "guidance_scale": s.guidance_scale, "height": 32, "width": 32}  # fmt: skip
+            latents, out = (
+                img2img(s.prompt, generator=torch.Generator("cpu").manual_seed(s.seed), output_type=kind, **kwargs)
+                .images for kind in ("latent", "pil")
+            )  # fmt: skip
+            pixels = np.asarray(out[0]).astype(np.int16)
+        torch.testing.assert_close(run.latents[job.id], latents, **TOL)
+        assert_pixels_close(run.pixels(job), pixels)
+
+
+def test_sd3_serves_text_to_image_and_img2img_and_refuses_the_rest(tmp_path: Path) -> None:
+    from service.images.inpaint import mask_pixels
+
     loaded = load(pipeline_dir(tmp_path, "sd3"))
     assert loaded.default_size == (32, 32) and loaded.default_guidance == 7.0
     check_spec(loaded, spec("a cat", 1))
-    with pytest.raises(BadRequestError, match="this SD3 pipeline serves text to image"):
-        check_spec(loaded, init_spec(loaded, picture(32, 32), 0.5, prompt="x", seed=0))
+    start = init_spec(loaded, picture(32, 32), 0.5, prompt="x", seed=0)
+    check_spec(loaded, start)
+    masked = replace(start, mask=mask_pixels(picture(32, 32).convert("L"), (32, 32), loaded.vae_scale_factor))
+    with pytest.raises(BadRequestError, match="this SD3 pipeline serves text to image and img2img"):
+        check_spec(loaded, masked)
     with pytest.raises(BadRequestError, match="true_cfg_scale applies to Flux"):
         check_spec(loaded, replace(spec("x", 1), true_cfg_scale=4.0))
 
@@ -77,7 +115,7 @@ def test_sd3_serves_text_to_image_and_refuses_the_rest(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
     """`lokr-serve serve --model <StableDiffusion3Pipeline dir>`: the OpenAI route's and A1111's images equal the
-    pipeline's; `/v1/models` says it is an image model; img2img is a 400 in the route's words."""
+    pipeline's; `/v1/models` says it is an image model; inpainting is a 400 in the route's words."""
     import base64
     import io
 
@@ -97,7 +135,8 @@ def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
                                                          "seed": 7, "width": 32, "height": 32})  # fmt: skip
             kinds = {m["id"]: m.get("kind") for m in http.get("/v1/models").json()["data"]}
             picture_b64 = base64.b64encode(_png(picture(32, 32))).decode()
-            refused = http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [picture_b64], "steps": 3})
+            refused = http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [picture_b64], "steps": 3,
+                                                           "mask": picture_b64})  # fmt: skip
     finally:
         stop_server(server)
     assert openai.status_code == 200 and a1111.status_code == 200, (openai.text, a1111.text)
@@ -107,7 +146,7 @@ def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer))).convert("RGB")).astype(np.int16)
         _, want = _reference(pipe, replace(spec("a red cat", 7, steps_=3, guidance=7.0), negative_prompt=negative))
         assert_pixels_close(got, want)
-    assert refused.status_code == 400 and "serves text to image" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and "serves text to image and img2img" in refused.json()["error"]["message"]
 
 
 def _png(image: Any) -> bytes:
