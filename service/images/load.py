@@ -162,7 +162,7 @@ def _pipeline_class(path: Path) -> str:
     if name not in FAMILIES:
         raise ModelLoadError(
             f"{path} holds a {name or 'unnamed'} pipeline; lokr-serve serves {sorted(FAMILIES)} "
-            "(Stable Diffusion 1.x/2.x, SDXL and Flux style)"
+            "(Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux style)"
         )
     return name
 

@@ -318,8 +318,9 @@ def test_load_refuses_pickle_weights_and_other_pipelines(image_world: World, tmp
     with pytest.raises(ModelLoadError, match="safetensors only"):
         load_pipeline(str(copy), "cpu", "float32")
     index = json.loads((copy / "model_index.json").read_text())
-    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline"):
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
+    refusal = r"KandinskyV22Pipeline pipeline; lokr-serve serves .*StableDiffusion3Pipeline"
+    with pytest.raises(ModelLoadError, match=refusal):
         load_pipeline(str(copy), "cpu", "float32")
 
 
