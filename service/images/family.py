@@ -178,6 +178,13 @@ class TransformerFamily(Family, ABC):
         """SD3's and Flux's img2img round as SD3's does: `int(steps - steps * strength)` steps are skipped."""
         return int(max(steps - min(steps * strength, steps), 0))
 
+    def renoised(self, row: Row, inpaint: Inpaint) -> Tensor:
+        """The DiT inpainting pipelines' re-noising of the picture: flow matching's `scale_noise` at the next
+        sigma."""
+        at = row.scheduler.timesteps[row.index : row.index + 1]
+        noised: Tensor = row.scheduler.scale_noise(inpaint.image, at, inpaint.noise)
+        return noised
+
 
 def shifted_latents(loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator) -> Tensor:
     """A draw from a picture's VAE latent distribution `moments`, shifted and scaled as a DiT pipeline's latents

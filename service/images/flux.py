@@ -92,12 +92,6 @@ class Flux(TransformerFamily):
         latents = pipe._pack_latents(latents, 1, channels, h, w)
         return Row(job, spec, cond, scheduler, latents, index=first, first=first, inpaint=inpaint, extra=extra)
 
-    def renoised(self, row: Row, inpaint: Inpaint) -> Tensor:
-        """`FluxInpaintPipeline`'s re-noising of the picture: flow matching's `scale_noise` at the next sigma."""
-        at = row.scheduler.timesteps[row.index : row.index + 1]
-        noised: Tensor = row.scheduler.scale_noise(inpaint.image, at, inpaint.noise)
-        return noised
-
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
         """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)`. An image
         with true CFG has two rows, positive then negative, at its timestep and guidance."""

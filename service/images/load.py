@@ -24,7 +24,7 @@ FAMILIES = {
     # inpainting checkpoints (a 9-channel UNet: latents, mask, masked picture; Flux Fill: the packed masked
     # picture's latents and mask after the packed latents), or plain ones saved by these classes
     "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl", "FluxFillPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",  # text to image
+    "StableDiffusion3Pipeline": "sd3", "StableDiffusion3InpaintPipeline": "sd3",  # a 16-channel transformer
 }  # fmt: skip
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -144,12 +144,13 @@ def _check_inputs(pipe: Any, path: Path, family: str) -> None:
     latent, inputs = _input_channels(pipe, family)
     unet = getattr(pipe, "unet", None) is not None
     fill = latent + 1 if unet else latent + 4 * int(pipe.vae_scale_factor) ** 2  # the mask's channels
-    served = (latent, latent + fill) if family != "sd3" else (latent,)
+    served = (latent, latent + fill) if family != "sd3" else (latent,)  # SD3 inpaints with its plain transformer
     if inputs not in served:
         name = "UNet" if unet else "transformer"
+        inpainting = f" or {latent + fill} (an inpainting model: latents, masked picture, mask)"
         raise ModelLoadError(
-            f"{path}: the {name} takes {inputs} input channels; lokr-serve serves {name}s of {latent} (the latents) "
-            f"or {latent + fill} (an inpainting model: latents, masked picture, mask)"
+            f"{path}: the {name} takes {inputs} input channels; lokr-serve serves {name}s of {latent} (the latents)"
+            f"{inpainting if family != 'sd3' else ''}"
         )
 
 

@@ -7,7 +7,11 @@ with the row's generator (not packed), the scheduler's sigmas (shifted by `mu` f
 where the scheduler shifts dynamically), and classifier-free guidance rows `[negative, prompt]` combined as
 `uncond + guidance_scale * (text - uncond)`. The transformer takes a `(B,)` timestep, so rows at different steps
 share a forward; rows in one forward have the same size (the text length is the pipeline's, the same for all).
-Img2img rows start from their picture as `StableDiffusion3Img2ImgPipeline` does; inpainting on SD3 is a 400.
+Img2img rows start from their picture as `StableDiffusion3Img2ImgPipeline` does, masked rows as
+`StableDiffusion3InpaintPipeline` does with SD3's own 16-channel transformer (the kept area set back to the picture,
+re-noised with `scale_noise`, after every step). Every image is decoded as the text-to-image pipeline decodes
+(`latents / scaling_factor + shift_factor`): diffusers' SD3 inpainting pipeline leaves the shift out of its decode,
+which tints its pictures, and is matched in latents, not in that.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from lokr.batch import RowSpec
 
 from ..errors import BadRequestError
 from .family import DenoiserBatch, TransformerFamily, cfg_predictions, encode_with_negatives, shifted_latents
+from .inpaint import Inpaint, latent_mask
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
 if TYPE_CHECKING:
@@ -37,10 +42,10 @@ class StableDiffusion3(TransformerFamily):
         return True
 
     def check(self, spec: ImageSpec) -> None:
-        if spec.mask is not None or spec.init_latents is not None or spec.latent_output:
+        if spec.init_latents is not None or spec.latent_output:
             raise BadRequestError(
-                "inpainting and the hires fix's latent upscalers are served on Stable Diffusion 1.x / 2.x, SDXL and "
-                "Flux pipelines; this SD3 pipeline serves text to image and img2img",
+                "the hires fix's latent upscalers are served on Stable Diffusion 1.x / 2.x and SDXL pipelines; on SD3 "
+                "use hr_upscaler 'Lanczos' or 'Nearest'",
                 code="invalid_request",
             )
         if spec.true_cfg_scale != 1.0:
@@ -67,7 +72,8 @@ class StableDiffusion3(TransformerFamily):
         """Latents `randn_tensor((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed))`, the scheduler's
         timesteps as `pipe(...)` sets them. With a starting picture (`moments.picture`), a draw from its latent
         distribution first, shifted and scaled, and the noise mixed in at the first sigma run (`scale_noise`), as
-        `StableDiffusion3Img2ImgPipeline` does."""
+        `StableDiffusion3Img2ImgPipeline` does; with a mask too, what `StableDiffusion3InpaintPipeline` keeps of the
+        picture (`Inpaint`: no draws follow the noise's, a flow-matching step takes no generator)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         assert job.spec is not None
@@ -83,9 +89,12 @@ class StableDiffusion3(TransformerFamily):
             scheduler.set_begin_index(first)
             image = shifted_latents(loaded, moments.picture, generator).to(dtype)
         latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=dtype)
+        inpaint = None
         if image is not None:
-            latents = scheduler.scale_noise(image, scheduler.timesteps[first : first + 1], latents)
-        return Row(job, spec, cond, scheduler, latents, index=first, first=first)
+            noise, latents = latents, scheduler.scale_noise(image, scheduler.timesteps[first : first + 1], latents)
+            if spec.mask is not None:
+                inpaint = Inpaint(latent_mask(spec.mask, (shape[2], shape[3]), loaded.device, dtype), image, noise)
+        return Row(job, spec, cond, scheduler, latents, index=first, first=first, inpaint=inpaint)
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
         """Per-row timestep `(B,)`; an image with CFG has two rows, negative then prompt."""

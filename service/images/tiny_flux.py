@@ -42,12 +42,12 @@ def _t5(vocab_size: int) -> Any:
     return T5EncoderModel(config)
 
 
-def _flux_vae() -> Any:
+def _flux_vae(latent_channels: int = 4) -> Any:
     """Flux's VAE shape in miniature: no quant convs, a shift and scaling factor."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=latent_channels, norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
     )  # fmt: skip
@@ -94,7 +94,8 @@ def save_peft_flux_lokr(pipeline_dir: Path, out: Path, seed: int) -> Path:
 def build_tiny_sd3(seed: int = 0) -> Any:
     """A random-weight `StableDiffusion3Pipeline` on CPU: an MMDiT of one block (width 16, patch 2), two CLIP
     encoders with projections (32 wide each: 64 pooled), a T5 of width 64 (CLIP's 2 x 32 padded to it), Flux's
-    tiny VAE, flow matching with SD3's shift of 3."""
+    tiny VAE with SD3's 16 latent channels (diffusers' SD3 inpainting pipeline takes no other), flow matching with
+    SD3's shift of 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -103,8 +104,8 @@ def build_tiny_sd3(seed: int = 0) -> Any:
     torch.manual_seed(seed)
     tokenizer, tokenizer_2, tokenizer_3 = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=4,
+        sample_size=16, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=16,
         pos_embed_max_size=16,
     )  # fmt: skip
     t5 = T5EncoderModel(T5Config(
@@ -113,7 +114,7 @@ def build_tiny_sd3(seed: int = 0) -> Any:
     ))  # fmt: skip
     vocab = len(tokenizer)
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flux_vae(),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flux_vae(16),
         text_encoder=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=tokenizer_2,
         text_encoder_3=t5, tokenizer_3=tokenizer_3,

@@ -1,5 +1,6 @@
 """SD3-style pipelines (`StableDiffusion3Pipeline`: MMDiT, CLIP-L / CLIP-G / T5, flow matching) against diffusers:
-same seed => same latents and pixels, rows with and without CFG and with a peft LoKr adapter sharing forwards."""
+same seed => same latents and pixels, rows with and without CFG and with a peft LoKr adapter sharing forwards;
+img2img and inpainting rows as diffusers' SD3 img2img and inpainting pipelines."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from service.images.tiny import inject_peft_lokr, save_peft_lokr
 
 from .images_world import assert_pixels_close, load, picture, pipeline_dir
 from .test_images_img2img import init_spec
+from .test_images_inpaint import masked_spec, square_mask
 from .test_images_parity import TOL, Run, spec
 
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -97,7 +99,57 @@ def test_sd3_img2img_rows_equal_the_sd3_img2img_pipeline(tmp_path: Path, monkeyp
         assert_pixels_close(run.pixels(job), pixels)
 
 
-def test_sd3_serves_text_to_image_and_img2img_and_refuses_the_rest(tmp_path: Path) -> None:
+def _inpaint_reference(pipe: Any, image: Any, mask: Any, s: Any) -> tuple[torch.Tensor, np.ndarray]:
+    """`StableDiffusion3InpaintPipeline`'s latents for `s`, and their pixels decoded as SD3's text-to-image pipeline
+    decodes (with the VAE's shift factor, which the inpainting pipeline's own decode leaves out)."""
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    inpaint = StableDiffusion3InpaintPipeline.from_pipe(pipe)
+    latents = inpaint(
+        s.prompt, image=image, mask_image=mask, strength=s.strength, num_inference_steps=s.steps,
+        guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, height=s.height, width=s.width,
+        generator=torch.Generator("cpu").manual_seed(s.seed), output_type="latent",
+    ).images  # fmt: skip
+    vae = pipe.vae
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+    out = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+    return latents, np.asarray(out).astype(np.int16)
+
+
+@pytest.mark.slow
+def test_sd3_masked_rows_equal_the_sd3_inpaint_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masked rows (strength 0.7 and 1, one with a peft LoKr adapter) beside a text-to-image row: each equals
+    `StableDiffusion3InpaintPipeline` at its seed; outside the mask the answer keeps the picture's latents."""
+    from diffusers import SD3Transformer2DModel
+
+    path = pipeline_dir(tmp_path, "sd3")
+    loaded = load(path)
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", use_safetensors=True)
+    lokr.load_adapter(loaded.container, save_peft_lokr(transformer, "transformer", SD3_TARGETS, tmp_path / "p", 5), "p")
+    run = Run(loaded, monkeypatch)
+    image, mask = picture(32, 32, seed=2), square_mask(32, (8, 0, 24, 16))
+    items = [
+        (spec("the dog", 4, steps_=3, guidance=7.0), None),
+        (masked_spec(loaded, image, mask, 0.7, prompt="a red cat", seed=3, steps_=5, guidance=6.0), None),
+        (masked_spec(loaded, image, mask, 1.0, prompt="a cat", seed=5, steps_=3, guidance=4.0, neg="blue"), None),
+        (masked_spec(loaded, image, mask, 0.8, prompt="a cat", seed=6, steps_=4, guidance=5.0), "p"),
+    ]
+    jobs = run(items, joins=[0, 1, 0, 1])
+    for job, (s, sel) in list(zip(jobs, items))[1:]:
+        pipe = load(path).pipe
+        if sel:
+            inject_peft_lokr(pipe.transformer, 5, targets=SD3_TARGETS)
+        latents, pixels = _inpaint_reference(pipe, image, mask, s)
+        torch.testing.assert_close(run.latents[job.id], latents, **TOL)
+        assert_pixels_close(run.pixels(job), pixels)
+    latents = run.latents[jobs[1].id]
+    keep = 1 - torch.nn.functional.interpolate(items[1][0].mask.float(), size=tuple(latents.shape[-2:]))
+    picture_latents = run.latents[run([(replace(items[1][0], prompt="a blue bird"), None)])[0].id]
+    torch.testing.assert_close(latents * keep, picture_latents * keep, rtol=0, atol=1e-5)
+
+
+def test_sd3_serves_text_to_image_img2img_and_inpainting_and_refuses_the_rest(tmp_path: Path) -> None:
     from service.images.inpaint import mask_pixels
 
     loaded = load(pipeline_dir(tmp_path, "sd3"))
@@ -105,9 +157,9 @@ def test_sd3_serves_text_to_image_and_img2img_and_refuses_the_rest(tmp_path: Pat
     check_spec(loaded, spec("a cat", 1))
     start = init_spec(loaded, picture(32, 32), 0.5, prompt="x", seed=0)
     check_spec(loaded, start)
-    masked = replace(start, mask=mask_pixels(picture(32, 32).convert("L"), (32, 32), loaded.vae_scale_factor))
-    with pytest.raises(BadRequestError, match="this SD3 pipeline serves text to image and img2img"):
-        check_spec(loaded, masked)
+    check_spec(loaded, replace(start, mask=mask_pixels(picture(32, 32).convert("L"), (32, 32), 8)))
+    with pytest.raises(BadRequestError, match="latent upscalers are served on Stable Diffusion"):
+        check_spec(loaded, replace(spec("x", 1), latent_output=True))
     with pytest.raises(BadRequestError, match="true_cfg_scale applies to Flux"):
         check_spec(loaded, replace(spec("x", 1), true_cfg_scale=4.0))
 
@@ -115,7 +167,8 @@ def test_sd3_serves_text_to_image_and_img2img_and_refuses_the_rest(tmp_path: Pat
 @pytest.mark.slow
 def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
     """`lokr-serve serve --model <StableDiffusion3Pipeline dir>`: the OpenAI route's and A1111's images equal the
-    pipeline's; `/v1/models` says it is an image model; inpainting is a 400 in the route's words."""
+    pipeline's, and an A1111 inpainting answer equals `StableDiffusion3InpaintPipeline`'s; `/v1/models` says it is
+    an image model; the hires fix's latent upscalers are a 400 in the route's words."""
     import base64
     import io
 
@@ -125,6 +178,7 @@ def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
     from .conftest import World, start_server, stop_server
 
     model = pipeline_dir(tmp_path, "sd3")
+    mask = square_mask(32, (0, 8, 20, 32))
     (tmp_path / "adapters").mkdir()
     server = start_server(World(tmp_path, model, tmp_path / "adapters", {}), "--device", "cpu")
     try:
@@ -135,8 +189,11 @@ def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
                                                          "seed": 7, "width": 32, "height": 32})  # fmt: skip
             kinds = {m["id"]: m.get("kind") for m in http.get("/v1/models").json()["data"]}
             picture_b64 = base64.b64encode(_png(picture(32, 32))).decode()
-            refused = http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [picture_b64], "steps": 3,
-                                                           "mask": picture_b64})  # fmt: skip
+            inpainted = http.post("/sdapi/v1/img2img", json={
+                "prompt": "a red cat", "init_images": [picture_b64], "mask": base64.b64encode(_png(mask)).decode(),
+                "mask_blur": 0, "denoising_strength": 0.8, "steps": 3, "cfg_scale": 6.0, "seed": 2})  # fmt: skip
+            refused = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "enable_hr": True,
+                                                           "hr_upscaler": "Latent"})  # fmt: skip
     finally:
         stop_server(server)
     assert openai.status_code == 200 and a1111.status_code == 200, (openai.text, a1111.text)
@@ -146,7 +203,13 @@ def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer))).convert("RGB")).astype(np.int16)
         _, want = _reference(pipe, replace(spec("a red cat", 7, steps_=3, guidance=7.0), negative_prompt=negative))
         assert_pixels_close(got, want)
-    assert refused.status_code == 400 and "serves text to image and img2img" in refused.json()["error"]["message"]
+    assert inpainted.status_code == 200, inpainted.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(inpainted.json()["images"][0]))).convert("RGB"))
+    masked = replace(init_spec(load(model), picture(32, 32), 0.8, prompt="a red cat", seed=2, steps_=3, guidance=6.0),
+                     negative_prompt="")  # fmt: skip
+    _, want = _inpaint_reference(pipe, picture(32, 32), mask, masked)
+    assert_pixels_close(got.astype(np.int16), want)
+    assert refused.status_code == 400 and "latent upscalers are served on" in refused.json()["error"]["message"]
 
 
 def _png(image: Any) -> bytes:
