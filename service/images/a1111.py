@@ -59,6 +59,12 @@ async def txt2img(body: Txt2ImgRequest, c: Deps, request: Request) -> dict[str, 
     images = front(c)
     width, height = images.default_size
     size = (body.width or width, body.height or height)
+    if body.enable_hr and images.backend.loaded.ops.edits_from_reference:
+        raise BadRequestError(
+            "enable_hr: the hires fix's second pass is img2img, which a Flux Kontext pipeline does not do (it edits "
+            "from a picture as a reference): leave enable_hr out",
+            code="invalid_request",
+        )
     hires = hires_pass(body, size, size_unit(images.backend.loaded)) if body.enable_hr else None
     return await _generate(body, c, request, size, body.batch_size, hires=hires)
 
@@ -84,7 +90,8 @@ async def img2img(body: Img2ImgRequest, c: Deps, request: Request) -> dict[str, 
     size = images.output_size(starts[0], body.width, body.height)
     repaint = None if body.mask is None else await run_in_threadpool(_repaint, images, body, size, starts)
     batch = body.batch_size if len(starts) == 1 else len(starts)
-    start = Start(starts, body.denoising_strength, repaint, body.mask_blur, RESIZE_MODES[body.resize_mode])
+    strength = images.strength(body.denoising_strength)
+    start = Start(starts, strength, repaint, body.mask_blur, RESIZE_MODES[body.resize_mode])
     return await _generate(body, c, request, size, batch, start)
 
 

@@ -110,6 +110,12 @@ def check_spec(
             "file)",
             code="invalid_request",
         )
+    if masked and loaded.ops.edits_from_reference:
+        raise BadRequestError(
+            "a Flux Kontext pipeline edits from the picture as a reference; inpainting is not served on it: leave the "
+            "mask out",
+            code="invalid_request",
+        )
     if loaded.masked_channels and loaded.ops.flow and spec.true_cfg_scale > 1.0:
         raise BadRequestError(
             "true_cfg_scale: Flux Fill (FluxFillPipeline) has no true classifier-free guidance; leave it and "

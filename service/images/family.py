@@ -46,6 +46,7 @@ class Family(ABC):
 
     denoiser = "unet"  # the pipeline attribute holding the denoiser
     flow = False  # flow matching (Flux): one sampler, the pipeline's own (`samplers`)
+    edits_from_reference = False  # Flux Kontext: a request's picture is a reference (`ImageSpec.reference`)
 
     @abstractmethod
     def default_size(self, pipe: Any) -> tuple[int, int]:
@@ -59,8 +60,12 @@ class Family(ABC):
         """Raise `BadRequestError` for what this family cannot honour (beyond the shared size / step checks)."""
         return None
 
+    def reference_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """`(width, height)` a picture of `size` takes as a reference (`edits_from_reference` families)."""
+        return size
+
     def forwards(self, rows: Sequence[Row]) -> list[list[Row]]:
-        """`rows` as the denoiser forwards of a step: one per size and text length (`batch_key`)."""
+        """`rows` as the denoiser forwards of a step: one per size, text length and reference (`batch_key`)."""
         groups: dict[tuple[int, ...], list[Row]] = {}
         for row in rows:
             groups.setdefault(batch_key(row), []).append(row)
@@ -112,10 +117,12 @@ class Family(ABC):
         """Finished rows' latents (same size) as the VAE decodes them: `(B, C, h, w)`, unscaled, in its dtype."""
 
 
-def batch_key(row: Row) -> tuple[int, int, int]:
-    """The size and text length of `row` (the longer of its prompt's and negative prompt's)."""
+def batch_key(row: Row) -> tuple[int, ...]:
+    """The size and text length of `row` (the longer of its prompt's and negative prompt's), and the tokens of its
+    reference picture (Flux Kontext; 0 without one)."""
     texts = [t for t in (row.cond.cond, row.cond.uncond) if t is not None]
-    return row.spec.width, row.spec.height, max(int(t.shape[1]) for t in texts)
+    reference = 0 if row.reference is None else int(row.reference.shape[1])
+    return row.spec.width, row.spec.height, max(int(t.shape[1]) for t in texts), reference
 
 
 def encode_with_negatives(
@@ -186,14 +193,15 @@ class TransformerFamily(Family, ABC):
         return noised
 
 
-def shifted_latents(loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator) -> Tensor:
-    """A draw from a picture's VAE latent distribution `moments`, shifted and scaled as a DiT pipeline's latents
-    are: `(x - shift_factor) * scaling_factor`."""
+def shifted_latents(loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator | None) -> Tensor:
+    """A draw with `gen` from a picture's VAE latent distribution `moments` (None: its mode, no draw), shifted and
+    scaled as a DiT pipeline's latents are: `(x - shift_factor) * scaling_factor`."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    vae = loaded.pipe.vae.config
-    drawn: Tensor = (DiagonalGaussianDistribution(moments).sample(gen) - vae.shift_factor) * vae.scaling_factor
-    return drawn
+    vae, dist = loaded.pipe.vae.config, DiagonalGaussianDistribution(moments)
+    latents = dist.mode() if gen is None else dist.sample(gen)
+    shifted: Tensor = (latents - vae.shift_factor) * vae.scaling_factor
+    return shifted
 
 
 def new_scheduler(base: Any, sampler: Sampler | None) -> Any:
@@ -213,11 +221,15 @@ def step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
 
 
 def family_ops(name: str) -> Family:
-    """The `Family` of a family name ("sd", "sdxl", "sd3", "flux")."""
+    """The `Family` of a family name ("sd", "sdxl", "sd3", "flux", "flux-kontext")."""
     if name == "flux":
         from .flux import Flux
 
         return Flux()
+    if name == "flux-kontext":
+        from .flux import FluxKontext
+
+        return FluxKontext()
     if name == "sd3":
         from .sd3 import StableDiffusion3
 

@@ -7,7 +7,9 @@ and guidance, so rows at different steps (and guidance) share a forward; text / 
 so rows in one forward have the same size and text length. True CFG (`true_cfg_scale` > 1 with a negative prompt,
 as the pipeline's own arguments) adds the image's negative row to the same forward, combined as
 `neg + true_cfg_scale * (pos - neg)`. A Flux Fill checkpoint (`FluxFillPipeline`) inpaints by its transformer's
-inputs: each row's masked picture and mask, packed, follow its latents (`_fill_inputs`).
+inputs: each row's masked picture and mask, packed, follow its latents (`_fill_inputs`). A Flux Kontext checkpoint
+(`FluxKontextPipeline`, `FluxKontext`) edits from a reference picture: its packed latents follow the row's own tokens
+in the sequence, at position ids whose first coordinate is 1, and the transformer's output for them is dropped.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 if TYPE_CHECKING:
     from .load import LoadedPipeline
 
-__all__ = ["Flux"]
+__all__ = ["Flux", "FluxKontext"]
 
 
 class Flux(TransformerFamily):
@@ -64,7 +66,9 @@ class Flux(TransformerFamily):
         (`moments.picture`: its VAE latent distribution), a draw from it, shifted and scaled, then that noise mixed
         in at the first sigma run (`scale_noise`), as `FluxImg2ImgPipeline` does; with a mask too, what
         `FluxInpaintPipeline` keeps of the picture (`Inpaint`, packed like the latents), or on a Flux Fill model
-        the transformer's further inputs (`Row.extra`), as `FluxFillPipeline` starts an image."""
+        the transformer's further inputs (`Row.extra`), as `FluxFillPipeline` starts an image. With a reference
+        picture (Flux Kontext), the mode of its latent distribution (no draw), shifted, scaled and packed
+        (`Row.reference`), as `FluxKontextPipeline` takes it; the image runs every step from the noise."""
         from diffusers.utils.torch_utils import randn_tensor
 
         assert job.spec is not None
@@ -75,6 +79,7 @@ class Flux(TransformerFamily):
         scheduler = _scheduler(loaded, spec.steps, (h // 2) * (w // 2))
         first = self.first_step(spec.steps, spec.strength)
         scheduler.set_begin_index(first)
+        reference = None if spec.reference is None else _reference_tokens(loaded, moments.picture, dtype)
         image: Tensor | None = None
         if spec.init is not None:
             assert moments.picture is not None, "an img2img row needs its image's latent distribution"
@@ -90,11 +95,13 @@ class Flux(TransformerFamily):
             mask = latent_mask(spec.mask, (h, w), loaded.device, dtype).repeat(1, channels, 1, 1)
             inpaint = Inpaint(*(pipe._pack_latents(t, 1, channels, h, w) for t in (mask, image, noise)))
         latents = pipe._pack_latents(latents, 1, channels, h, w)
-        return Row(job, spec, cond, scheduler, latents, index=first, first=first, inpaint=inpaint, extra=extra)
+        return Row(job, spec, cond, scheduler, latents, index=first, first=first, inpaint=inpaint, extra=extra,
+                   reference=reference)  # fmt: skip
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
-        """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)`. An image
-        with true CFG has two rows, positive then negative, at its timestep and guidance."""
+        """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)` (with
+        reference pictures, of the same size in one forward: `(N + N_ref, 3)`, the reference's tokens after the
+        image's). An image with true CFG has two rows, positive then negative, at its timestep and guidance."""
         pipe = loaded.pipe
 
         def per_row(values: Sequence[Any]) -> list[Any]:  # one value per image, repeated for its negative row
@@ -104,6 +111,8 @@ class Flux(TransformerFamily):
         timestep = torch.stack(per_row([row.timestep for row in rows])).to(loaded.device, latents.dtype)
         if loaded.masked_channels:  # Flux Fill: each row's masked picture and mask after its latents' channels
             latents = torch.cat([latents, torch.cat(per_row([row.extra for row in rows]))], dim=2)
+        if rows[0].reference is not None:  # Kontext: each row's reference tokens after its own
+            latents = torch.cat([latents, torch.cat(per_row([row.reference for row in rows]))], dim=1)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
             scales = per_row([row.spec.guidance_scale for row in rows])
@@ -114,13 +123,17 @@ class Flux(TransformerFamily):
         text_ids = torch.zeros(embeds.shape[1], 3).to(device=loaded.device, dtype=text_dtype)
         h, w = _latent_size(loaded, rows[0].spec)
         image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, loaded.device, embeds.dtype)
+        if rows[0].spec.reference is not None:
+            image_ids = torch.cat([image_ids, _reference_ids(loaded, rows[0].spec.reference, embeds.dtype)])
         kwargs = {"hidden_states": latents, "timestep": timestep / 1000, "guidance": guidance,
                   "pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": text_ids,
                   "img_ids": image_ids}  # fmt: skip
         return DenoiserBatch(per_row([row.job.selection for row in rows]), kwargs)
 
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
-        """`neg + true_cfg_scale * (pos - neg)` for an image with true CFG, as `FluxPipeline` combines them."""
+        """`neg + true_cfg_scale * (pos - neg)` for an image with true CFG, as `FluxPipeline` combines them; the
+        image's own tokens only (a reference's follow them)."""
+        output = output[:, : rows[0].latents.shape[1]]
         preds, at = [], 0
         for row in rows:
             pos = output[at : at + 1]
@@ -140,6 +153,52 @@ class Flux(TransformerFamily):
         latents = pipe._unpack_latents(latents, spec.height, spec.width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         return latents.to(pipe.vae.device, pipe.vae.dtype)
+
+
+class FluxKontext(Flux):
+    """`FluxKontextPipeline` rows: a request's picture is the reference the image is edited from (every step runs
+    from noise; strength does not apply), taken at the Kontext resolution nearest its aspect ratio; without one, a
+    row is a plain Flux text-to-image row."""
+
+    edits_from_reference = True
+
+    def check(self, spec: ImageSpec) -> None:
+        super().check(spec)
+        if spec.mask is not None or spec.init is not None:
+            raise BadRequestError(
+                "a Flux Kontext pipeline edits from its picture as a reference: inpainting and img2img from a "
+                "starting picture are not served on it",
+                code="invalid_request",
+            )
+
+    def reference_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """`FluxKontextPipeline`'s: the resolution it was trained on (`PREFERRED_KONTEXT_RESOLUTIONS`) whose aspect
+        ratio is nearest the picture's."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        aspect = size[0] / size[1]
+        _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        return width, height
+
+
+def _reference_tokens(loaded: LoadedPipeline, moments: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """A reference picture's packed tokens `(1, N_ref, 4C)`: the mode of its latent distribution `moments` (no
+    draw), shifted and scaled."""
+    assert moments is not None, "a reference row needs its picture's latent distribution"
+    latents = shifted_latents(loaded, moments, None).to(dtype)
+    _, channels, h, w = latents.shape
+    packed: Tensor = loaded.pipe._pack_latents(latents, 1, channels, h, w)
+    return packed
+
+
+def _reference_ids(loaded: LoadedPipeline, reference: Tensor, dtype: torch.dtype) -> Tensor:
+    """Position ids `(N_ref, 3)` of a reference picture's packed tokens (`reference`: its pixels `(1, 3, H, W)`):
+    the image's grid at its size, first coordinate 1."""
+    f = 2 * loaded.vae_scale_factor
+    ids: Tensor = loaded.pipe._prepare_latent_image_ids(1, reference.shape[2] // f, reference.shape[3] // f,
+                                                        loaded.device, dtype)  # fmt: skip
+    ids[..., 0] = 1
+    return ids
 
 
 def _latent_size(loaded: LoadedPipeline, spec: ImageSpec) -> tuple[int, int]:

@@ -95,9 +95,19 @@ class ImageFront:
         return [open_image(data, field, self.backend.max_pixels) for field, data in files]
 
     def output_size(self, image: Any, width: int | None, height: int | None) -> tuple[int, int]:
-        """The size asked for, or what of it is missing from `image`'s own size rounded down to the size unit."""
-        own = round_to_unit(image.width, image.height, size_unit(self.backend.loaded))
+        """The size asked for, or what of it is missing from `image`'s own size rounded down to the size unit (on a
+        pipeline that edits from a reference: the size it takes the picture at, `Family.reference_size`)."""
+        loaded = self.backend.loaded
+        if loaded.ops.edits_from_reference:
+            own = loaded.ops.reference_size(image.size)
+        else:
+            own = round_to_unit(image.width, image.height, size_unit(loaded))
         return width or own[0], height or own[1]
+
+    def strength(self, asked: float) -> float:
+        """The share of the schedule an image from a picture runs: `asked`, or all of it on a pipeline that edits
+        from the picture as a reference (Flux Kontext: strength does not apply)."""
+        return 1.0 if self.backend.loaded.ops.edits_from_reference else asked
 
     def mask_image(self, data: bytes, field: str) -> Any:
         """An inpainting mask's file bytes as a PIL image in its own mode (alpha kept); a 400 as for a starting
@@ -113,9 +123,14 @@ class ImageFront:
     ) -> list[ImageSpec]:
         """`specs` (checked, so their size is) with image k starting from `images[k % len(images)]`, resized to
         the spec's size (`resize`: `init_image.pixels_for`'s modes); with `repaint` (`inpaint.repaint_plan`), each
-        inpainted within its mask (and with a crop, that region of the picture only) (blocking: run it off the
-        event loop)."""
+        inpainted within its mask (and with a crop, that region of the picture only). On a pipeline that edits from
+        a reference (Flux Kontext), the picture is image k's reference, at `Family.reference_size` (blocking: run
+        it off the event loop)."""
         loaded, size = self.backend.loaded, (specs[0].width, specs[0].height)
+        if loaded.ops.edits_from_reference:  # checked: no mask
+            sized = [(image, loaded.ops.reference_size(image.size)) for image in images]
+            references = [pixels_for(loaded.pipe.image_processor, image, at, None, resize) for image, at in sized]
+            return [replace(spec, reference=references[k % len(references)]) for k, spec in enumerate(specs)]
         crop = None if repaint is None else repaint.crop
         pixels = [pixels_for(loaded.pipe.image_processor, image, size, crop, resize) for image in images]
         mask = None if repaint is None else mask_pixels(repaint.mask, size, loaded.vae_scale_factor, crop, resize)

@@ -25,6 +25,7 @@ FAMILIES = {
     # picture's latents and mask after the packed latents), or plain ones saved by these classes
     "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl", "FluxFillPipeline": "flux",
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3InpaintPipeline": "sd3",  # a 16-channel transformer
+    "FluxKontextPipeline": "flux-kontext",  # Flux's transformer, edits from a reference picture
 }  # fmt: skip
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -37,7 +38,7 @@ class LoadedPipeline:
 
     pipe: Any  # diffusers StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
     container: nn.ModuleDict
-    family: str  # "sd" | "sdxl" | "sd3" | "flux"
+    family: str  # "sd" | "sdxl" | "sd3" | "flux" | "flux-kontext"
     device: torch.device
     dtype: torch.dtype
 
@@ -135,7 +136,7 @@ def _input_channels(pipe: Any, family: str) -> tuple[int, int]:
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return latent, int(unet.config.in_channels)
-    return (4 if family == "flux" else 1) * latent, int(pipe.transformer.config.in_channels)
+    return (4 if family.startswith("flux") else 1) * latent, int(pipe.transformer.config.in_channels)
 
 
 def _check_inputs(pipe: Any, path: Path, family: str) -> None:
@@ -144,13 +145,13 @@ def _check_inputs(pipe: Any, path: Path, family: str) -> None:
     latent, inputs = _input_channels(pipe, family)
     unet = getattr(pipe, "unet", None) is not None
     fill = latent + 1 if unet else latent + 4 * int(pipe.vae_scale_factor) ** 2  # the mask's channels
-    served = (latent, latent + fill) if family != "sd3" else (latent,)  # SD3 inpaints with its plain transformer
-    if inputs not in served:
+    fills = family in ("sd", "sdxl", "flux")  # families with inpainting checkpoints (SD3 inpaints with its own)
+    if inputs not in ((latent, latent + fill) if fills else (latent,)):
         name = "UNet" if unet else "transformer"
-        inpainting = f" or {latent + fill} (an inpainting model: latents, masked picture, mask)"
+        inpainting = f" or {latent + fill} (an inpainting model: latents, masked picture, mask)" if fills else ""
         raise ModelLoadError(
             f"{path}: the {name} takes {inputs} input channels; lokr-serve serves {name}s of {latent} (the latents)"
-            f"{inpainting if family != 'sd3' else ''}"
+            f"{inpainting}"
         )
 
 
@@ -163,7 +164,7 @@ def _pipeline_class(path: Path) -> str:
     if name not in FAMILIES:
         raise ModelLoadError(
             f"{path} holds a {name or 'unnamed'} pipeline; lokr-serve serves {sorted(FAMILIES)} "
-            "(Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux style)"
+            "(Stable Diffusion 1.x/2.x, SDXL, SD3, Flux and Flux Kontext style)"
         )
     return name
 

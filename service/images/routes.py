@@ -80,7 +80,7 @@ async def edits(c: Deps, request: Request) -> dict[str, Any]:
     mask = None if mask_data is None else await run_in_threadpool(_edit_mask, images, mask_data, start.size)
     size = parse_size(body.size, images.output_size(start, None, None))
     sel = _selection(images, body, request)
-    specs = images.specs(_spec(images, body, size, body.strength), body.n, masked=mask is not None)
+    specs = images.specs(_spec(images, body, size, images.strength(body.strength)), body.n, masked=mask is not None)
     specs = await run_in_threadpool(images.starting_from, specs, [start], mask)
     return await _answer(images, body, specs, sel, request)
 

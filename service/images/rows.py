@@ -38,6 +38,9 @@ class ImageSpec:
     init_latents: Tensor | None = field(default=None, compare=False, repr=False)
     # inpainting (with `init`): `(1, 1, H, W)` bool, True where the picture is repainted (`inpaint.mask_pixels`)
     mask: Tensor | None = field(default=None, compare=False, repr=False)
+    # Flux Kontext: the picture the image is edited from `(1, 3, h, w)` uint8 at its own size (`Family.reference_size`);
+    # a reference the transformer attends to, not a start: every step runs from noise
+    reference: Tensor | None = field(default=None, compare=False, repr=False)
     latent_output: bool = False  # the final latents (`(1, C, H/f, W/f)`, not decoded) are the job's `image`
     clip_skip: int | None = None  # CLIP layers skipped from the end (diffusers' `clip_skip`; A1111's CLIP skip - 1)
     a1111_prompts: bool = False  # SD / SDXL: prompts in A1111's syntax (emphasis, BREAK, any length; `prompts`)
@@ -82,6 +85,8 @@ class Row:
     inpaint: Inpaint | None = None  # a masked row: what it keeps of its picture after each step
     # an inpainting model's further denoiser inputs `(1, 1 + C, h, w)`: the mask and the masked picture's latents
     extra: Tensor | None = None
+    # Flux Kontext: the reference picture's packed latents `(1, N_ref, 4C)`, which follow the row's own tokens
+    reference: Tensor | None = None
 
     @property
     def timestep(self) -> Tensor:

@@ -37,9 +37,14 @@ def encode(loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> l
 
 
 def picture_key(spec: ImageSpec) -> object:
-    """Where `encode_starts` keeps the latent distribution of `spec`'s starting picture (the images of a request
-    share the picture's pixels, and so its encoding)."""
-    return id(spec.init)
+    """Where `encode_starts` keeps the latent distribution of `spec`'s starting (or reference) picture (the images
+    of a request share the picture's pixels, and so its encoding)."""
+    return id(_picture(spec))
+
+
+def _picture(spec: ImageSpec) -> Tensor | None:
+    """The picture a row's VAE encoding is of: its starting picture, or its reference (Flux Kontext)."""
+    return spec.init if spec.init is not None else spec.reference
 
 
 def masked_key(spec: ImageSpec) -> object:
@@ -54,18 +59,20 @@ def moments_of(starts: Mapping[object, Tensor], spec: ImageSpec) -> Moments:
 
 @torch.inference_mode()
 def encode_starts(loaded: LoadedPipeline, jobs: Sequence[ImageJob]) -> dict[object, Tensor]:
-    """The VAE's latent distribution `(1, 2C, h, w)` (mean and log-variance) of every distinct starting picture of
-    `jobs` (`picture_key`) and, for an inpainting model, of every distinct masked picture (`masked_key`: the
-    picture with the repainted pixels zeroed, as the inpainting pipelines make it): one encoder forward per size (up
-    to `VAE_PIXELS` of pictures each)."""
+    """The VAE's latent distribution `(1, 2C, h, w)` (mean and log-variance) of every distinct starting (or
+    reference) picture of `jobs` (`picture_key`) and, for an inpainting model, of every distinct masked picture
+    (`masked_key`: the picture with the repainted pixels zeroed, as the inpainting pipelines make it): one encoder
+    forward per size (up to `VAE_PIXELS` of pictures each)."""
     distinct: dict[object, Tensor] = {}
     for job in jobs:
         spec = job.spec
-        if spec is None or spec.init is None:
+        picture = None if spec is None else _picture(spec)
+        if spec is None or picture is None:
             continue
-        distinct.setdefault(picture_key(spec), spec.init)
-        if loaded.masked_channels and spec.mask is not None and masked_key(spec) not in distinct:
-            distinct[masked_key(spec)] = model_pixels(spec.init) * ~spec.mask
+        distinct.setdefault(picture_key(spec), picture)
+        init, mask = spec.init, spec.mask
+        if loaded.masked_channels and init is not None and mask is not None and masked_key(spec) not in distinct:
+            distinct[masked_key(spec)] = model_pixels(init) * ~mask
     by_size: dict[tuple[int, ...], list[object]] = {}
     for key, pixels in distinct.items():
         by_size.setdefault(tuple(pixels.shape), []).append(key)

@@ -42,22 +42,33 @@ def _t5(vocab_size: int) -> Any:
     return T5EncoderModel(config)
 
 
-def _flux_vae(latent_channels: int = 4) -> Any:
-    """Flux's VAE shape in miniature: no quant convs, a shift and scaling factor."""
+def _flux_vae(latent_channels: int = 4, factor: int = 2) -> Any:
+    """Flux's VAE shape in miniature: no quant convs, a shift and scaling factor; `factor` 2 (two blocks), or 8 as
+    the real one's (four: Kontext's references are megapixel pictures, which at a factor of 2 would be hundreds of
+    thousands of tokens)."""
     from diffusers import AutoencoderKL
 
+    blocks = factor.bit_length()  # each block after the first halves the size: 2 -> 2 blocks, 8 -> 4
     return AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=latent_channels, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        block_out_channels=(8, 16, 16, 16)[:blocks], in_channels=3, out_channels=3,
+        latent_channels=latent_channels, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=32,
         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
     )  # fmt: skip
 
 
-def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, fill: bool = False) -> Any:
+def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, fill: bool = False, kontext: bool = False) -> Any:
     """A random-weight `FluxPipeline` on CPU (one double-stream and two single-stream blocks, width 16); `fill`: a
     `FluxFillPipeline` (an inpainting checkpoint: the transformer also takes the masked picture's packed latents,
-    16 channels, and the packed mask, 2x2 VAE factor x 4 = 16)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPipeline, FluxTransformer2DModel
+    16 channels, and the packed mask, 2x2 VAE factor x 4 = 16); `kontext`: a `FluxKontextPipeline` (the same
+    transformer, edits from a reference picture)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextModel
 
     from .tiny import _text_config, build_clip_tokenizer
@@ -74,9 +85,10 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, fill: bool = Fa
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096,
     )  # fmt: skip
-    cls = FluxFillPipeline if fill else FluxPipeline
+    cls = FluxFillPipeline if fill else FluxKontextPipeline if kontext else FluxPipeline
+    vae = _flux_vae(factor=8 if kontext else 2)
     return cls(
-        scheduler=scheduler, vae=_flux_vae(), text_encoder=CLIPTextModel(_text_config(len(tokenizer), False)),
+        scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_text_config(len(tokenizer), False)),
         tokenizer=tokenizer, text_encoder_2=_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2, transformer=transformer,
     )  # fmt: skip
 
