@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .errors import ShapeMismatchError, UnsupportedAdapterError
 
-__all__ = ["fused_rows", "is_flux", "original_flux_names", "split_rows"]
+__all__ = ["consecutive_rows", "fused_rows", "is_flux", "original_flux_names", "split_rows", "swapped_rows"]
 
 _DOUBLE = {
     "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
@@ -78,16 +78,16 @@ def fused_rows(transformer: nn.Module, path: str) -> RowMap | None:
         return None
     flat = path.replace(".", "_")
     if (m := _FUSED_DOUBLE.fullmatch(flat)) is not None:
-        return _consecutive(transformer, [f"transformer_blocks.{m[1]}.{n}" for n in _QKV[m[2]]])
+        return consecutive_rows(transformer, [f"transformer_blocks.{m[1]}.{n}" for n in _QKV[m[2]]])
     if (m := _FUSED_SINGLE.fullmatch(flat)) is not None:
-        return _consecutive(transformer, [f"single_transformer_blocks.{m[1]}.{n}" for n in _LINEAR1])
+        return consecutive_rows(transformer, [f"single_transformer_blocks.{m[1]}.{n}" for n in _LINEAR1])
     if flat == _FINAL_MODULATION:
-        rows = _out_features(transformer, "norm_out.linear")
-        return None if rows is None else {"norm_out.linear": [(rows // 2, rows), (0, rows // 2)]}
+        return swapped_rows(transformer, "norm_out.linear")
     return None
 
 
-def _out_features(transformer: nn.Module, name: str) -> int | None:
+def out_features(transformer: nn.Module, name: str) -> int | None:
+    """The rows of the Linear `name` (relative; None when there is no such Linear)."""
     try:
         layer = transformer.get_submodule(name)
     except AttributeError:
@@ -96,16 +96,24 @@ def _out_features(transformer: nn.Module, name: str) -> int | None:
     return int(base.out_features) if isinstance(base, nn.Linear) else None
 
 
-def _consecutive(transformer: nn.Module, names: list[str]) -> RowMap | None:
+def consecutive_rows(transformer: nn.Module, names: list[str]) -> RowMap | None:
+    """Layers `names` whose rows, in order, make up one fused layer's (q, k, v, ...)."""
     rows: RowMap = {}
     start = 0
     for name in names:
-        size = _out_features(transformer, name)
+        size = out_features(transformer, name)
         if size is None:
             return None
         rows[name] = [(start, start + size)]
         start += size
     return rows
+
+
+def swapped_rows(transformer: nn.Module, name: str) -> RowMap | None:
+    """The Linear `name`, whose rows are a fused-layout layer's two halves swapped (its shift, scale -> diffusers'
+    scale, shift)."""
+    rows = out_features(transformer, name)
+    return None if rows is None else {name: [(rows // 2, rows), (0, rows // 2)]}
 
 
 def split_rows(key: str, tensors: dict[str, Tensor], rows: RowMap) -> dict[str, dict[str, Tensor]]:
@@ -116,7 +124,9 @@ def split_rows(key: str, tensors: dict[str, Tensor], rows: RowMap) -> dict[str, 
     w2 = tensors.get("lokr_w2", tensors.get("lokr_w2_a"))
     w1_name = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
     if w2 is None or w1_name not in tensors or "lokr_t2" in tensors:
-        raise UnsupportedAdapterError(f"{key!r}: a fused Flux layer needs Linear LoKr factors (w1 and w2)")
+        raise UnsupportedAdapterError(
+            f"{key!r}: a fused layer (BFL's Flux or SAI's SD3 layout) needs Linear LoKr factors (w1 and w2)"
+        )
     m2 = int(w2.shape[0])
     w1 = tensors[w1_name]
     total = int(w1.shape[0]) * m2
@@ -125,9 +135,10 @@ def split_rows(key: str, tensors: dict[str, Tensor], rows: RowMap) -> dict[str, 
         raise ShapeMismatchError(f"{key!r}: its LoKr delta has {total} rows; this model's fused layer has {bounds[-1]}")
     if any(b % m2 for b in bounds):
         raise UnsupportedAdapterError(
-            f"{key!r} is a fused layer of BFL's Flux layout; its LoKr delta ({total} rows, w2 with {m2} rows) does "
-            f"not split at the rows of diffusers' separate layers ({bounds}): only deltas whose w2 row count "
-            "divides every boundary split exactly. Retrain with another `factor`, or on diffusers' layer names"
+            f"{key!r} is a fused layer of the original (BFL Flux / SAI SD3) layout; its LoKr delta ({total} rows, "
+            f"w2 with {m2} rows) does not split at the rows of diffusers' separate layers ({bounds}): only deltas "
+            "whose w2 row count divides every boundary split exactly. Retrain with another `factor`, or on "
+            "diffusers' layer names"
         )
     out = {}
     for name, part in rows.items():

@@ -13,7 +13,8 @@ Accepted key stems (LyCORIS / kohya files):
     diffusion_model.<dotted path>, <dotted path>              -> the denoiser
 Denoiser paths may use diffusers' names or the original LDM / SGM layout (`input_blocks_4_1_...`, see
 `sdxl_names`), or on a Flux transformer BFL's layout (`double_blocks_0_img_attn_proj`; fused layers such as
-`..._img_attn_qkv` split into diffusers' layers where the factors allow it, see `flux_names`); text-encoder paths
+`..._img_attn_qkv` split into diffusers' layers where the factors allow it, see `flux_names`), or on an SD3
+transformer SAI's MMDiT layout (`joint_blocks_0_x_block_attn_qkv`, likewise, see `sd3_names`); text-encoder paths
 may include `text_model` or not (transformers 4 vs 5 CLIPTextModel).
 PEFT directories hold paths relative to the denoiser (or prefixed with a component name).
 """
@@ -31,6 +32,7 @@ from .flux_names import fused_rows, original_flux_names, split_rows
 from .formats import ModuleWeights, ParsedAdapter
 from .inject import model_modules
 from .layer import SUPPORTED_LAYERS, LoKrLayer
+from .sd3_names import original_sd3_names, sd3_fused_rows
 from .sdxl_names import original_unet_names
 
 __all__ = ["COMPONENTS", "DENOISERS", "TEXT_ENCODERS", "is_pipeline", "pipeline_modules", "resolve_pipeline_modules"]
@@ -88,6 +90,7 @@ def _aliases(container: nn.ModuleDict, component: str, relative: list[str]) -> I
     if component in DENOISERS:
         originals = original_unet_names(container[component], relative)
         originals.update(original_flux_names(container[component], relative))
+        originals.update(original_sd3_names(container[component], relative))
         for name, original in originals.items():
             yield original, name
     elif component in TEXT_ENCODERS:  # CLIPTextModel lost its `text_model` level in transformers 5
@@ -154,13 +157,14 @@ def _resolve_key(key: str, fmt: str, tables: dict[str, _Component]) -> tuple[str
 def _fused(
     container: nn.ModuleDict, parsed: ParsedAdapter, key: str, tables: dict[str, _Component]
 ) -> dict[str, ModuleWeights] | None:
-    """`{container name: weights}` for a fused layer of BFL's Flux layout (split by rows); None for other keys."""
+    """`{container name: weights}` for a fused layer of BFL's Flux or SAI's SD3 layout (split by rows); None for
+    other keys."""
     if parsed.format == "peft":
         return None
     component, path = _target(key, tables)
     if component not in DENOISERS or component not in container:
         return None
-    rows = fused_rows(container[component], path)
+    rows = fused_rows(container[component], path) or sd3_fused_rows(container[component], path)
     if rows is None:
         return None
     w = parsed.modules[key]

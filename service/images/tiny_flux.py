@@ -104,7 +104,8 @@ def save_peft_flux_lokr(pipeline_dir: Path, out: Path, seed: int) -> Path:
 
 
 def build_tiny_sd3(seed: int = 0) -> Any:
-    """A random-weight `StableDiffusion3Pipeline` on CPU: an MMDiT of one block (width 16, patch 2), two CLIP
+    """A random-weight `StableDiffusion3Pipeline` on CPU: an MMDiT of two joint blocks (width 16, patch 2; SD3.5's
+    second image attention in the first and q / k RMS norms; the last block's context stream ends early), two CLIP
     encoders with projections (32 wide each: 64 pooled), a T5 of width 64 (CLIP's 2 x 32 padded to it), Flux's
     tiny VAE with SD3's 16 latent channels (diffusers' SD3 inpainting pipeline takes no other), flow matching with
     SD3's shift of 3."""
@@ -116,7 +117,8 @@ def build_tiny_sd3(seed: int = 0) -> Any:
     torch.manual_seed(seed)
     tokenizer, tokenizer_2, tokenizer_3 = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        dual_attention_layers=(0,), qk_norm="rms_norm",
         joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=16,
         pos_embed_max_size=16,
     )  # fmt: skip

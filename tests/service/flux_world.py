@@ -19,10 +19,14 @@ from .images_world import load
 __all__ = [
     "LINEAR_PRESET",
     "MULT",
+    "effective_weight",
+    "fused_linear",
     "lycoris_flux_file",
     "lycoris_networks_file",
     "peft_flux_reference",
     "register_linear_preset",
+    "seq",
+    "tree",
     "with_extra_key",
 ]
 
@@ -93,7 +97,7 @@ def with_extra_key(src: Path, out: Path, stem: str) -> Path:
 _EMBEDDERS = (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"), ("guidance_in", "guidance_embedder"))
 
 
-def _fused_linear(*parts: nn.Linear, swap: bool = False) -> nn.Linear:
+def fused_linear(*parts: nn.Linear, swap: bool = False) -> nn.Linear:
     """One Linear whose rows are `parts`' rows in order (`swap`: one part, its two halves swapped)."""
     weight = torch.cat([p.weight for p in parts])
     bias = torch.cat([p.bias for p in parts if p.bias is not None])
@@ -106,54 +110,52 @@ def _fused_linear(*parts: nn.Linear, swap: bool = False) -> nn.Linear:
     return layer
 
 
-def _tree(**children: nn.Module) -> nn.Module:
+def tree(**children: nn.Module) -> nn.Module:
     node = nn.Module()
     for name, child in children.items():
         node.add_module(name, child)
     return node
 
 
-def _seq(*layers: nn.Module) -> nn.Sequential:
+def seq(*layers: nn.Module) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
 def bfl_twin(t: Any) -> nn.Module:
     """The diffusers Flux transformer `t`'s Linear layers under BFL's names and fused shapes (only the layers:
     LyCORIS builds its kohya-named network on this tree; `twin_to_diffusers` copies merged weights back)."""
-    twin = _tree(img_in=_fused_linear(t.x_embedder), txt_in=_fused_linear(t.context_embedder))
+    twin = tree(img_in=fused_linear(t.x_embedder), txt_in=fused_linear(t.context_embedder))
     for bfl, emb in _EMBEDDERS:
         pair = getattr(t.time_text_embed, emb)
-        twin.add_module(bfl, _tree(in_layer=_fused_linear(pair.linear_1), out_layer=_fused_linear(pair.linear_2)))
-    modulation = _seq(nn.SiLU(), _fused_linear(t.norm_out.linear, swap=True))
-    twin.final_layer = _tree(linear=_fused_linear(t.proj_out), adaLN_modulation=modulation)
+        twin.add_module(bfl, tree(in_layer=fused_linear(pair.linear_1), out_layer=fused_linear(pair.linear_2)))
+    modulation = seq(nn.SiLU(), fused_linear(t.norm_out.linear, swap=True))
+    twin.final_layer = tree(linear=fused_linear(t.proj_out), adaLN_modulation=modulation)
     twin.double_blocks = nn.ModuleList(
-        _tree(
-            img_mod=_tree(lin=_fused_linear(b.norm1.linear)),
-            txt_mod=_tree(lin=_fused_linear(b.norm1_context.linear)),
-            img_attn=_tree(
-                qkv=_fused_linear(b.attn.to_q, b.attn.to_k, b.attn.to_v), proj=_fused_linear(b.attn.to_out[0])
+        tree(
+            img_mod=tree(lin=fused_linear(b.norm1.linear)),
+            txt_mod=tree(lin=fused_linear(b.norm1_context.linear)),
+            img_attn=tree(qkv=fused_linear(b.attn.to_q, b.attn.to_k, b.attn.to_v), proj=fused_linear(b.attn.to_out[0])),
+            txt_attn=tree(
+                qkv=fused_linear(b.attn.add_q_proj, b.attn.add_k_proj, b.attn.add_v_proj),
+                proj=fused_linear(b.attn.to_add_out),
             ),
-            txt_attn=_tree(
-                qkv=_fused_linear(b.attn.add_q_proj, b.attn.add_k_proj, b.attn.add_v_proj),
-                proj=_fused_linear(b.attn.to_add_out),
-            ),
-            img_mlp=_seq(_fused_linear(b.ff.net[0].proj), nn.GELU(), _fused_linear(b.ff.net[2])),
-            txt_mlp=_seq(_fused_linear(b.ff_context.net[0].proj), nn.GELU(), _fused_linear(b.ff_context.net[2])),
+            img_mlp=seq(fused_linear(b.ff.net[0].proj), nn.GELU(), fused_linear(b.ff.net[2])),
+            txt_mlp=seq(fused_linear(b.ff_context.net[0].proj), nn.GELU(), fused_linear(b.ff_context.net[2])),
         )  # fmt: skip
         for b in t.transformer_blocks
     )
     twin.single_blocks = nn.ModuleList(
-        _tree(
-            linear1=_fused_linear(b.attn.to_q, b.attn.to_k, b.attn.to_v, b.proj_mlp),
-            linear2=_fused_linear(b.proj_out),
-            modulation=_tree(lin=_fused_linear(b.norm.linear)),
+        tree(
+            linear1=fused_linear(b.attn.to_q, b.attn.to_k, b.attn.to_v, b.proj_mlp),
+            linear2=fused_linear(b.proj_out),
+            modulation=tree(lin=fused_linear(b.norm.linear)),
         )  # fmt: skip
         for b in t.single_transformer_blocks
     )
     return twin
 
 
-def _effective_weight(layer: nn.Linear) -> torch.Tensor:
+def effective_weight(layer: nn.Linear) -> torch.Tensor:
     """`(out, in)`: what the (LyCORIS-wrapped) layer multiplies by, read off its forward on the identity."""
     eye = torch.eye(layer.in_features)
     with torch.no_grad():
@@ -187,8 +189,8 @@ def twin_to_diffusers(twin: nn.Module, t: Any) -> None:
         pairs += [(s.modulation.lin, [b.norm.linear])]
     with torch.no_grad():
         for fused, parts in pairs:
-            weight = _effective_weight(fused)
+            weight = effective_weight(fused)
             for part, rows in zip(parts, weight.split([p.out_features for p in parts])):
                 part.weight.copy_(rows)
-        modulation = _effective_weight(twin.final_layer.adaLN_modulation[1])
+        modulation = effective_weight(twin.final_layer.adaLN_modulation[1])
         t.norm_out.linear.weight.copy_(torch.cat(modulation.chunk(2)[::-1]))

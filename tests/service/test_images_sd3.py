@@ -13,11 +13,14 @@ import pytest
 import torch
 
 import lokr
+from lokr.errors import UnsupportedAdapterError
 from service.errors import BadRequestError
 from service.images.backend import check_spec
 from service.images.tiny import inject_peft_lokr, save_peft_lokr
 
+from ..lokr.lyco import EVERY_LAYER, MULT, kohya_file, register_presets
 from .images_world import assert_pixels_close, load, picture, pipeline_dir
+from .sd3_world import sai_twin, sai_twin_to_diffusers
 from .test_images_img2img import init_spec
 from .test_images_inpaint import masked_spec, square_mask
 from .test_images_parity import TOL, Run, spec
@@ -97,6 +100,40 @@ def test_sd3_img2img_rows_equal_the_sd3_img2img_pipeline(tmp_path: Path, monkeyp
             pixels = np.asarray(out[0]).astype(np.int16)
         torch.testing.assert_close(run.latents[job.id], latents, **TOL)
         assert_pixels_close(run.pixels(job), pixels)
+
+
+@pytest.mark.slow
+def test_kohya_sai_layout_file_splits_fused_layers_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sd-scripts' SD3 keys (SAI's MMDiT layout: `lora_unet_joint_blocks_0_x_block_attn_qkv`, SD3.5's `attn2`, the
+    last block's context stream, the patch embedding Conv2d, ...) written by LyCORIS's kohya network on an SAI-named
+    twin of the transformer: every layer maps, fused q / k / v rows and swapped modulation halves split onto
+    diffusers' layers; the image equals diffusers with the twin's merged weights converted into it. Factors whose
+    rows do not split at the layer boundaries are refused, naming the keys."""
+    register_presets(monkeypatch)
+    path = pipeline_dir(tmp_path, "sd3")
+    reference = load(path).pipe
+    twin = sai_twin(reference.transformer)
+    sai = tmp_path / "sai.safetensors"
+    kohya_file(sai, None, twin, 4, 2.0, factor=7, preset=EVERY_LAYER)  # w2's 8 rows divide every q / k / v bound
+    sai_twin_to_diffusers(twin, reference.transformer)
+    loaded = load(path)
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    layers = [n for n, m in loaded.pipe.transformer.named_modules() if isinstance(m, kinds)]
+    info = lokr.load_adapter(loaded.container, sai, "sai")
+    assert sorted(info.modules) == sorted(f"transformer.{n}" for n in layers)
+    run = Run(loaded, monkeypatch)
+    s = spec("a red cat", 13, steps_=3, guidance=5.0)
+    base, styled = run([(s, None), (s, [("sai", MULT)])])
+    assert np.abs(run.pixels(styled) - run.pixels(base)).max() > 8
+    latents, pixels = _reference(reference, s)
+    torch.testing.assert_close(run.latents[styled.id], latents, **TOL)
+    assert_pixels_close(run.pixels(styled), pixels)
+    kohya_file(tmp_path / "f4.safetensors", None, sai_twin(load(path).pipe.transformer), 4, 2.0, factor=4,
+               preset=EVERY_LAYER)  # fmt: skip
+    refused = r"lora_unet_joint_blocks_0_(x_block_attn2?|context_block_attn)_qkv"
+    with pytest.raises(UnsupportedAdapterError, match=refused):
+        lokr.load_adapter(loaded.container, tmp_path / "f4.safetensors", "f4")
+    assert lokr.list_adapters(loaded.container) == ["sai"]
 
 
 def _inpaint_reference(pipe: Any, image: Any, mask: Any, s: Any) -> tuple[torch.Tensor, np.ndarray]:
