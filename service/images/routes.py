@@ -59,7 +59,8 @@ def _edit_form_schema() -> dict[str, Any]:
     """The multipart body of `/v1/images/edits` for the OpenAPI document (the route reads the form itself)."""
     properties = dict(ImageEditRequest.model_json_schema()["properties"])
     properties["adapters"] = {"type": "string", "description": 'JSON text, e.g. [{"name": "ink", "scale": 0.8}]'}
-    properties = {"image": {"type": "string", "format": "binary", "description": "the starting picture"},
+    properties = {"image": {"type": "string", "format": "binary", "description": "the starting picture (on a Flux "
+                            "Kontext pipeline: the reference the image is edited from)"},
                   "mask": {"type": "string", "format": "binary", "description": "inpainting: a PNG of the image's "
                            "size whose fully transparent pixels are edited"}, **properties}  # fmt: skip
     schema = {"type": "object", "required": ["image", "prompt"], "properties": properties}
@@ -70,7 +71,8 @@ def _edit_form_schema() -> dict[str, Any]:
 async def edits(c: Deps, request: Request) -> dict[str, Any]:
     """OpenAI's image edits (multipart form) as img2img: every image starts from the form's `image` file, at
     `strength`; sized as `size` (the image stretched) or as the image. With a `mask` file (the image's size; its
-    fully transparent pixels are edited), inpainting. Image k uses seed `seed + k`."""
+    fully transparent pixels are edited), inpainting. On a Flux Kontext pipeline the image is the reference each
+    image is edited from (`ImageFront.starting_from`). Image k uses seed `seed + k`."""
     images = front(c)
     async with request.form(max_files=4, max_fields=64) as form:
         body, upload, mask_upload = _edit_form(form)
