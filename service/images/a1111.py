@@ -147,6 +147,7 @@ async def _generate(
         guidance_scale=body.cfg_scale,
         seed=seed,
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
+        guidance_rescale=body.guidance_rescale or 0.0,
         sampler=images.sampler(body.sampler_name or body.sampler_index, body.scheduler),
         strength=1.0 if start is None else start.strength,
         clip_skip=clip_skip_of(body.override_settings, c.settings.base_name),
@@ -187,6 +188,8 @@ async def _generate(
         info.update(denoising_strength=hires.strength, hr_upscaler=hires.upscaler, hr_second_pass_steps=hires.steps,
                     hr_resize_x=hires.size[0], hr_resize_y=hires.size[1])  # fmt: skip
     info["clip_skip"] = 1 if spec.clip_skip is None else spec.clip_skip + 1
+    if spec.guidance_rescale > 0.0:
+        info["guidance_rescale"] = spec.guidance_rescale
     info["sampler_name"], info["scheduler"] = images.sampler_label(spec.sampler)
     parameters = body.model_dump(exclude={"init_images", "mask"})  # A1111 leaves the images out of `parameters` too
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}

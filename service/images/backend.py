@@ -42,6 +42,7 @@ class FieldNames:
     strength: str
     clip_skip: str
     clip_skip_offset: int = 0  # A1111 counts CLIP skip from 1 (1: the last layer), diffusers from 0
+    guidance: str = "guidance_scale"
 
     def clip_skip_value(self, clip_skip: int) -> int:
         return clip_skip + self.clip_skip_offset
@@ -49,7 +50,7 @@ class FieldNames:
 
 OPENAI_NAMES = FieldNames("n", "num_inference_steps", "strength", "clip_skip")
 A1111_NAMES = FieldNames(
-    "batch_size x n_iter", "steps", "denoising_strength", "override_settings.CLIP_stop_at_last_layers", 1
+    "batch_size x n_iter", "steps", "denoising_strength", "override_settings.CLIP_stop_at_last_layers", 1, "cfg_scale"
 )
 HIRES_NAMES = replace(A1111_NAMES, steps="hr_second_pass_steps (or steps)")
 
@@ -124,6 +125,15 @@ def check_spec(
         )
     if spec.clip_skip is not None:
         _check_clip_skip(loaded, spec.clip_skip, names)
+    if spec.guidance_rescale > 0.0 and not (loaded.ops.rescales_cfg and loaded.uses_cfg_model):
+        raise BadRequestError("guidance_rescale rescales classifier-free guidance on Stable Diffusion and SDXL "
+                              "pipelines; leave it out on this one", code="invalid_request")  # fmt: skip
+    if spec.guidance_rescale > 0.0 and spec.guidance_scale <= 1.0:
+        raise BadRequestError(
+            f"guidance_rescale rescales classifier-free guidance, which runs with {names.guidance} above 1 (got "
+            f"{spec.guidance_scale}): raise {names.guidance} or leave guidance_rescale out",
+            code="invalid_request",
+        )
     loaded.ops.check(spec)
 
 

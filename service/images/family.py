@@ -47,6 +47,7 @@ class Family(ABC):
     denoiser = "unet"  # the pipeline attribute holding the denoiser
     flow = False  # flow matching (Flux): one sampler, the pipeline's own (`samplers`)
     edits_from_reference = False  # Flux Kontext: a request's picture is a reference (`ImageSpec.reference`)
+    rescales_cfg = False  # SD / SDXL: `ImageSpec.guidance_rescale` (diffusers' `guidance_rescale`) applies
 
     @abstractmethod
     def default_size(self, pipe: Any) -> tuple[int, int]:
@@ -158,12 +159,17 @@ def encode_with_negatives(
 
 def cfg_predictions(rows: Sequence[Row], output: Tensor) -> list[Tensor]:
     """Each row's noise prediction from a batch of `[uncond, text]` rows per image with CFG (`[text]` without):
-    `uncond + guidance_scale * (text - uncond)`."""
+    `uncond + guidance_scale * (text - uncond)`, rescaled towards the text prediction's standard deviation by
+    `guidance_rescale` where set (diffusers' `rescale_noise_cfg`)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
     preds, at = [], 0
     for row in rows:
         if row.cfg:
             uncond, text = output[at : at + 1], output[at + 1 : at + 2]
-            preds.append(uncond + row.spec.guidance_scale * (text - uncond))
+            guided = uncond + row.spec.guidance_scale * (text - uncond)
+            rescale = row.spec.guidance_rescale
+            preds.append(rescale_noise_cfg(guided, text, guidance_rescale=rescale) if rescale > 0.0 else guided)
             at += 2
         else:
             preds.append(output[at : at + 1])

@@ -136,6 +136,7 @@ def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int
         guidance_scale=loaded.default_guidance if body.guidance_scale is None else body.guidance_scale,
         seed=seed_or_random(body.seed),
         true_cfg_scale=1.0 if body.true_cfg_scale is None else body.true_cfg_scale,
+        guidance_rescale=body.guidance_rescale or 0.0,
         sampler=images.sampler(body.sampler, body.scheduler),
         strength=strength,
         clip_skip=body.clip_skip,

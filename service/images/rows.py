@@ -28,6 +28,8 @@ class ImageSpec:
     guidance_scale: float
     seed: int
     true_cfg_scale: float = 1.0  # Flux: > 1 with a negative prompt runs true classifier-free guidance
+    # SD / SDXL with CFG: diffusers' `guidance_rescale` (0: off), the guided prediction's std matched to the text's
+    guidance_rescale: float = 0.0
     sampler: Sampler | None = None  # None: the pipeline's own scheduler
     # img2img: the starting picture `(1, 3, H, W)` uint8 at the output size (`init_image.pixels_for`) and the share
     # of the schedule run from it (diffusers' `strength`: `int(steps * strength)` denoiser steps); None: from noise

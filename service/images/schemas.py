@@ -26,6 +26,17 @@ _SCHEDULE = 'A1111\'s schedule type ("karras", "exponential", "beta", "sgm_unifo
 _CLIP_SKIP = "SD / SDXL: CLIP layers skipped from the end (diffusers' clip_skip; A1111's CLIP skip 2 is 1)"
 
 
+def _guidance_rescale_field() -> Any:
+    return Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="SD / SDXL with classifier-free guidance: diffusers' guidance_rescale (CFG rescale, e.g. 0.7 for "
+        "v-prediction / zero-terminal-SNR models); 0 or unset: off",
+    )
+
+
 def _true_cfg_field() -> Any:
     return Field(
         None,
@@ -53,6 +64,7 @@ class ImageGenerationRequest(RequestBody):
     num_inference_steps: int | None = Field(None, strict=True)  # checked with the step limit's message
     guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
     true_cfg_scale: float | None = _true_cfg_field()
+    guidance_rescale: float | None = _guidance_rescale_field()
     seed: int | None = Field(None, ge=0, le=2**62, strict=True)
     adapters: list[AdapterRef] | None = Field(None, max_length=16)
     sampler: str | None = _sampler_field(_SAMPLER)
@@ -110,6 +122,7 @@ class A1111Request(RequestBody):
     steps: int = Field(20, strict=True)
     cfg_scale: float = Field(7.0, ge=0, le=100, allow_inf_nan=False)
     true_cfg_scale: float | None = _true_cfg_field()  # an extension: Flux's true CFG (cfg_scale is its guidance)
+    guidance_rescale: float | None = _guidance_rescale_field()  # an extension: diffusers' CFG rescale
     seed: int = Field(-1, ge=-1, le=2**62, strict=True)
     width: int | None = Field(None, ge=1, le=16384, strict=True)
     height: int | None = Field(None, ge=1, le=16384, strict=True)

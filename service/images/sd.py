@@ -29,6 +29,8 @@ MERGE_ROWS = 8  # a text length with fewer denoiser rows than this joins the siz
 class StableDiffusion(Family):
     """SD 1.x/2.x (`xl=False`) and SDXL (`xl=True`): a UNet, CLIP encoder(s), classifier-free guidance rows."""
 
+    rescales_cfg = True
+
     def __init__(self, xl: bool) -> None:
         self.xl = xl
 

@@ -95,6 +95,20 @@ def test_served_peft_adapter_equals_peft_reference(http: httpx.Client, image_wor
     assert_pixels_close(served, want)
 
 
+def test_guidance_rescale_reaches_both_routes(http: httpx.Client) -> None:
+    """`guidance_rescale` (an extension on both routes): the same image from each, A1111's `info` reports it, and it
+    changes the image (its parity with diffusers: test_images_parity)."""
+    rescaled = generate(http, prompt="a red cat", seed=3, guidance_scale=9.0, guidance_rescale=0.7)[0]
+    body = {"prompt": "a red cat", "steps": 3, "cfg_scale": 9.0, "seed": 3, "width": 32, "height": 32,
+            "guidance_rescale": 0.7}  # fmt: skip
+    response = http.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["info"])["guidance_rescale"] == 0.7
+    assert_pixels_close(png(response.json()["images"][0]), rescaled)
+    plain = generate(http, prompt="a red cat", seed=3, guidance_scale=9.0)[0]
+    assert np.abs(plain - rescaled).max() > 0
+
+
 def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
     body = {"prompt": "a red <lora:ink:0.6> cat", "steps": 3, "cfg_scale": 7.5, "seed": 3, "width": 32,
             "height": 32, "batch_size": 2}  # fmt: skip
@@ -129,6 +143,10 @@ def test_a1111_txt2img_lora_tags_and_listings(http: httpx.Client) -> None:
         ("/v1/images/generations", {"prompt": "a", "n": "2"}, 400, "invalid_request"),
         ("/v1/images/generations", {"prompt": "a", "seed": "1"}, 400, "invalid_request"),
         ("/v1/images/generations", {"prompt": "a", "output_format": "gif"}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "guidance_rescale": 1.5}, 400, "invalid_request"),
+        ("/v1/images/generations", {"prompt": "a", "guidance_rescale": 0.7, "guidance_scale": 1.0}, 400,
+         "invalid_request"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "guidance_rescale": 0.7, "cfg_scale": 1}, 400, "invalid_request"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "steps": "20"}, 400, "invalid_request"),
         ("/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 400,
          "invalid_request"),

@@ -135,6 +135,8 @@ def test_flux_refuses_unknown_modules_and_negative_prompts(
         check_spec(loaded, replace(spec(PROMPTS[0], 1), latent_output=True))
     with pytest.raises(BadRequestError, match="clip_skip applies to Stable Diffusion and SDXL's CLIP"):
         check_spec(loaded, replace(spec(PROMPTS[0], 1), clip_skip=1))
+    with pytest.raises(BadRequestError, match="guidance_rescale rescales classifier-free guidance on Stable Diffusion"):
+        check_spec(loaded, replace(spec(PROMPTS[0], 1), guidance_rescale=0.7))
     with pytest.raises(BadRequestError, match="true_cfg_scale applies to Flux"):
         StableDiffusion(xl=False).check(replace(spec(PROMPTS[0], 1), true_cfg_scale=4.0))
 

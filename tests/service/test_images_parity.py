@@ -226,3 +226,41 @@ def test_clip_skips_in_one_batch_equal_diffusers_clip_skip(
         want = reference_latents(ref, s.prompt, s.seed, s.width, s.steps, guidance_scale=7.5, clip_skip=s.clip_skip)
         torch.testing.assert_close(run.latents[job.id], want, **TOL)
     assert not torch.allclose(run.latents[jobs[0].id], run.latents[jobs[1].id], atol=1e-2)  # it changes the image
+
+
+def v_prediction_dir(src: Path, out: Path) -> Path:
+    """A copy of the pipeline dir `src` whose scheduler predicts v with zero terminal SNR and trailing timesteps (the
+    settings of v-prediction SDXL finetunes such as NoobAI-XL V-Pred)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, out)
+    config_path = out / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    config_path.write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_guidance_rescale_rows_equal_diffusers_on_a_v_prediction_pipeline(
+    kind: str, sd_dir: Path, sdxl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows with diffusers' `guidance_rescale` beside rows without, on a v-prediction, zero-terminal-SNR scheduler:
+    each equals the pipeline called with the same `guidance_rescale`; the rescale changes the image."""
+    path = v_prediction_dir(sd_dir if kind == "sd" else sdxl_dir, tmp_path / "vpred")
+    loaded = load(path)
+    assert loaded.pipe.scheduler.config.prediction_type == "v_prediction"
+    run = Run(loaded, monkeypatch)
+    rescaled = replace(spec(PROMPTS[0], 5, steps_=4, guidance=9.0), guidance_rescale=0.7)
+    items = [(rescaled, None), (replace(rescaled, guidance_rescale=0.0), None),
+             (replace(spec(PROMPTS[1], 6, neg="blue"), guidance_rescale=0.3), None)]  # fmt: skip
+    jobs = run(items, joins=[0, 0, 1])
+    ref = load(path).pipe
+    for job, (s, _) in zip(jobs, items):
+        kwargs = {"negative_prompt": s.negative_prompt, "guidance_scale": s.guidance_scale,
+                  "guidance_rescale": s.guidance_rescale}  # fmt: skip
+        want = reference_latents(ref, s.prompt, s.seed, s.width, s.steps, **kwargs)
+        torch.testing.assert_close(run.latents[job.id], want, **TOL)
+        assert_pixels_close(run.pixels(job), reference_image(ref, s.prompt, s.seed, s.width, s.steps, **kwargs))
+    assert not torch.allclose(run.latents[jobs[0].id], run.latents[jobs[1].id], atol=1e-2)
