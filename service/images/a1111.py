@@ -6,7 +6,6 @@ server does not keep (VAEs, styles, embeddings); `/sdapi/v1/progress`."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,36 +20,18 @@ from .front import A1111_NAMES, ImageFront, image_b64, seed_or_random
 from .hires import LATENT_UPSCALERS, PIXEL_UPSCALERS, Hires, hires_pass, upscaled_to
 from .init_image import decode_b64
 from .inpaint import Repaint, a1111_mask, repaint_plan
+from .lora_tags import parse_lora_tags
 from .routes import front
 from .rows import ImageSpec
 from .samplers import sampler_listing, schedule_listing
 from .schemas import A1111Request, Img2ImgRequest, Txt2ImgRequest
 
-__all__ = ["parse_lora_tags", "router"]
+__all__ = ["router"]
 
 router = APIRouter(dependencies=[ApiAuth], tags=["automatic1111"])
 # A1111's img2img resize modes served: just resize, crop and resize, resize and fill (diffusers' `resize_mode`s
 # are written after them); 3, latent upscaling, is not
 RESIZE_MODES = {0: "default", 1: "crop", 2: "fill"}
-_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
-
-
-def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """`"a cat <lora:ink:0.8>"` -> `("a cat", [("ink", 0.8)])`; a missing weight is 1.0 (A1111's default)."""
-    pairs: list[tuple[str, float]] = []
-    for match in _TAG.finditer(prompt):
-        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
-        try:
-            value = float(weight)
-        except ValueError:
-            value = float("nan")
-        if not abs(value) <= 100:  # NaN too
-            raise BadRequestError(
-                f"<lora:{name}:{weight}>: the weight must be a number in [-100, 100]", code="invalid_lora_tag"
-            )
-        pairs.append((name, value))
-    text = " ".join(_TAG.sub(" ", prompt).split())
-    return text, pairs
 
 
 @router.post("/sdapi/v1/txt2img")
@@ -134,8 +115,9 @@ async def _generate(
     """`batch * n_iter` images of `size`, seeds `seed, seed + 1, ...`; from `start` when given; then `hires`'
     pass, when given. A1111's answer: base64 PNGs, the body, and `info` as JSON text."""
     images = front(c)
-    prompt, pairs = parse_lora_tags(body.prompt)
-    sel = images.select(None, pairs)
+    prompt, tags = parse_lora_tags(body.prompt)
+    sel = images.select(None, [(tag.name, tag.unet) for tag in tags])
+    text_sel = None if all(t.te == t.unet for t in tags) else images.select(None, [(t.name, t.te) for t in tags])
     request.scope["lokr_adapter"] = sel.label
     seed = seed_or_random(body.seed)
     spec = ImageSpec(
@@ -163,7 +145,7 @@ async def _generate(
         second = images.specs(hr_spec, count, HIRES_NAMES)
     if start is not None:
         specs = await run_in_threadpool(images.starting_from, specs, start.images, start.repaint, start.resize)
-    pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
+    pictures = await images.generate(specs, sel, lambda: until_disconnected(request), text_sel)
     if start is not None and start.repaint is not None and start.repaint.crop is not None:
         pictures = await run_in_threadpool(images.overlaid, pictures, start.images, start.repaint)
     if hires is not None and second is not None:
@@ -172,13 +154,13 @@ async def _generate(
             second = await run_in_threadpool(images.starting_from, second, upscaled)
         else:
             second = [replace(s, init_latents=latents) for s, latents in zip(second, upscaled, strict=True)]
-        pictures = await images.generate(second, sel, lambda: until_disconnected(request))
+        pictures = await images.generate(second, sel, lambda: until_disconnected(request), text_sel)
     encoded = [await run_in_threadpool(image_b64, p) for p in pictures]
     info = {
         "prompt": prompt, "all_prompts": [prompt] * count, "negative_prompt": body.negative_prompt,
         "seed": seed, "all_seeds": [s.seed for s in specs], "width": spec.width, "height": spec.height,
         "steps": spec.steps, "cfg_scale": spec.guidance_scale, "sd_model_name": c.settings.base_name,
-        "loras": [{"name": n, "weight": w} for n, w in pairs],
+        "loras": [{"name": t.name, "weight": t.unet, "te": t.te, "unet": t.unet} for t in tags],
     }  # fmt: skip
     if start is not None:
         info["denoising_strength"] = spec.strength

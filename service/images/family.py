@@ -138,14 +138,14 @@ def encode_with_negatives(
     specs = [job.spec for job in jobs]
     assert all(spec is not None for spec in specs)
     texts = [spec.prompt for spec in specs if spec is not None]
-    selections: list[RowSpec] = [job.selection for job in jobs]
+    selections: list[RowSpec] = [job.text_spec for job in jobs]
     negatives: list[int | None] = []  # per job: the index of its negative prompt's text
     for job, spec in zip(jobs, specs):
         assert spec is not None
         negatives.append(len(texts) if negative(spec) else None)
         if negative(spec):
             texts.append(spec.negative_prompt or "")
-            selections.append(job.selection)
+            selections.append(job.text_spec)
     with lokr.adapter_batch(loaded.container, selections, fold=fold):
         embeds, pooled = run(texts)
     out = []

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from lokr.batch import RowSpec
+
 from ..disconnect import unless_gone
 from ..engine import Engine
 from ..errors import BadRequestError
@@ -142,9 +144,13 @@ class ImageFront:
         processor = self.backend.loaded.pipe.image_processor
         return [overlay(processor, repaint, images[k % len(images)], p) for k, p in enumerate(pictures)]
 
-    async def generate(self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected) -> list[Any]:
-        """PIL images in order; the first error fails the request; a client that leaves cancels every image."""
-        tasks = [asyncio.ensure_future(self._one(spec, sel)) for spec in specs]
+    async def generate(
+        self, specs: Sequence[ImageSpec], sel: Selection, disconnected: Disconnected, text_sel: Selection | None = None
+    ) -> list[Any]:
+        """PIL images in order; the first error fails the request; a client that leaves cancels every image.
+        `text_sel`: the text encoders' adapters where they differ from the denoiser's `sel` (the same names)."""
+        text_spec = None if text_sel is None else text_sel.spec
+        tasks = [asyncio.ensure_future(self._one(spec, sel, text_spec)) for spec in specs]
         try:
             return await unless_gone(asyncio.gather(*tasks), disconnected, "its images were")
         finally:
@@ -153,7 +159,7 @@ class ImageFront:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _one(self, spec: ImageSpec, sel: Selection) -> Any:
+    async def _one(self, spec: ImageSpec, sel: Selection, text_spec: RowSpec = None) -> Any:
         """Lease the adapters (bringing them back if needed) and run one image; the job co-holds the lease until
         the engine is done with its rows, also when the client has gone away."""
         async with self.registry.lease(sel.names) as lease:
@@ -161,7 +167,8 @@ class ImageFront:
 
             def make_job(sink: Callable[[Event], None]) -> Job:
                 release = lease.hold()
-                job = ImageJob([], _NO_TOKENS, sel.spec, sink, on_done=lambda event: release(), spec=spec)
+                job = ImageJob([], _NO_TOKENS, sel.spec, sink, on_done=lambda event: release(), spec=spec,
+                               text_selection=text_spec)  # fmt: skip
                 holder.append(job)
                 return job
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lokr.batch import RowSpec
+
 from ..jobs import Job
 from .inpaint import Inpaint
 from .load import LoadedPipeline
@@ -59,6 +61,13 @@ class ImageJob(Job):
 
     spec: ImageSpec | None = None
     image: Any = None
+    # the text encoders' adapters where they differ from the denoiser's (A1111's te multiplier); None: `selection`
+    text_selection: RowSpec = None
+
+    @property
+    def text_spec(self) -> RowSpec:
+        """The adapter selection the job's prompts are encoded under."""
+        return self.selection if self.text_selection is None else self.text_selection
 
 
 @dataclass

@@ -93,14 +93,14 @@ class StableDiffusion(Family):
             spec = job.spec
             assert spec is not None
             p = len(texts)
-            texts.append(PromptText(spec.prompt, job.selection, spec.clip_skip, spec.a1111_prompts))
+            texts.append(PromptText(spec.prompt, job.text_spec, spec.clip_skip, spec.a1111_prompts))
             neg: int | None = None
             zeros = (zero_neg and spec.negative_prompt is None) or (
                 self.xl and spec.a1111_prompts and not spec.negative_prompt
             )
             if self._needs_cfg(loaded, spec.guidance_scale) and not zeros:
                 neg = len(texts)
-                texts.append(PromptText(spec.negative_prompt or "", job.selection, None, spec.a1111_prompts))
+                texts.append(PromptText(spec.negative_prompt or "", job.text_spec, None, spec.a1111_prompts))
             plan.append((p, neg))
         embeds, pooled = self._encode_texts(loaded, texts, fold)
         result = []

@@ -18,8 +18,8 @@ from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from service.backend import ModelLoadError
-from service.images.a1111 import parse_lora_tags
 from service.images.load import load_pipeline
+from service.images.lora_tags import LoraTag, parse_lora_tags
 from service.settings import Settings
 
 from .conftest import ADMIN_TOKEN, Server, World, start_server, stop_server
@@ -93,6 +93,31 @@ def test_served_peft_adapter_equals_peft_reference(http: httpx.Client, image_wor
     (served,) = generate(http, model="ink", prompt="the dog", seed=4, guidance_scale=6.0)
     want = reference_image(peft_reference_pipe(image_world.model_dir, PEFT_SEED), "the dog", 4, guidance_scale=6.0)
     assert_pixels_close(served, want)
+
+
+def test_a1111_text_encoder_and_unet_multipliers_over_http(http: httpx.Client, image_world: World) -> None:
+    """`<lora:NAME:TE:UNET>` reaches the engine (an adapter on the text encoder and the UNet, hot-loaded): a TE of 0
+    differs from TE equal to UNET, `<lora:both:0.6:0.6>` is `<lora:both:0.6>`; `info` reports both multipliers."""
+    from .images_world import own_adapter
+
+    own_adapter(image_world.model_dir, image_world.root / "adapters" / "both", seed=4)
+    assert http.post("/v1/adapters", json={"name": "both", "source": "both"}, headers=AUTH).status_code == 201
+
+    def txt2img(prompt: str) -> dict[str, Any]:
+        body = {"prompt": prompt, "steps": 3, "cfg_scale": 7.5, "seed": 5, "width": 32, "height": 32}
+        response = http.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    try:
+        same, explicit, unet_only = (txt2img(p) for p in ("a <lora:both:0.6> cat", "a <lora:both:0.6:0.6> cat",
+                                                          "a <lora:both:0:0.6> cat"))  # fmt: skip
+    finally:
+        http.delete("/v1/adapters/both", headers=AUTH)
+    assert_pixels_close(png(explicit["images"][0]), png(same["images"][0]))
+    assert np.abs(png(unet_only["images"][0]) - png(same["images"][0])).max() > 0
+    assert json.loads(unet_only["info"])["loras"] == [{"name": "both", "weight": 0.6, "te": 0.0, "unet": 0.6}]
 
 
 def test_guidance_rescale_reaches_both_routes(http: httpx.Client) -> None:
@@ -343,8 +368,24 @@ def test_load_refuses_pickle_weights_and_other_pipelines(image_world: World, tmp
 
 
 def test_lora_tags() -> None:
-    assert parse_lora_tags("a <lora:ink:0.8> cat <lyco:b> x") == ("a cat x", [("ink", 0.8), ("b", 1.0)])
+    """As A1111's Lora extension reads them: TE then UNET positional (UNET defaults to TE), `te=` / `unet=` override,
+    a 4th positional or `dyn=` (DyLoRA's) is an integer; anything else a 400 naming the tag."""
+    assert parse_lora_tags("a <lora:ink:0.8> cat <lyco:b> x") == ("a cat x", [LoraTag("ink", 0.8, 0.8), LoraTag("b")])
     assert parse_lora_tags("plain") == ("plain", [])
+    cases = {
+        "<lora:ink:1:0.5>": LoraTag("ink", 1.0, 0.5), "<lora:ink:unet=0.3>": LoraTag("ink", 1.0, 0.3),
+        "<lora:ink:0.5:te=0.2>": LoraTag("ink", 0.2, 0.2), "<LORA:ink:te=0.4:0.9>": LoraTag("ink", 0.4, 0.4),
+        "<lora:ink:0.7:0.1:16>": LoraTag("ink", 0.7, 0.1), "<lora:ink:dyn=8:0.6>": LoraTag("ink", 0.6, 0.6),
+    }  # fmt: skip
+    for tag, want in cases.items():
+        assert parse_lora_tags(f"x {tag}") == ("x", [want]), tag
+    from service.errors import BadRequestError
+
+    bad_tags = ("<lora:ink:lbw=1,0,1>", "<lora:ink:x>", "<lora::1>", "<lora:ink:1:0.5:abc>", "<lora:ink:1:1e9>",
+                "<lora:ink:>")  # fmt: skip
+    for bad in bad_tags:
+        with pytest.raises(BadRequestError, match=r"not served|name the adapter|must be"):
+            parse_lora_tags(bad)
 
 
 def test_max_image_pixels_bounds_what_a_request_may_ask(image_world: World) -> None:

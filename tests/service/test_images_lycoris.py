@@ -38,6 +38,31 @@ def test_kohya_file_served_equals_pipeline_with_lycoris_network(
 
 
 @pytest.mark.slow
+def test_text_encoder_and_unet_multipliers_equal_lycoris_per_module_multipliers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A1111's `<lora:NAME:TE:UNET>`: the prompt encoded under the adapter at TE, the UNet at UNET, beside a row at
+    one multiplier; equal to LyCORIS's network with its text-encoder and UNet modules at those multipliers."""
+    register_presets(monkeypatch)
+    sd = pipeline_dir(tmp_path, "sd")
+    reference = load(sd).pipe
+    path = tmp_path / "style.safetensors"
+    network = kohya_file(path, reference.text_encoder, reference.unet, 4, 2.0, factor=4)
+    for module in network.text_encoder_loras:
+        module.multiplier = 0.3
+    for module in network.unet_loras:
+        module.multiplier = 1.2
+    loaded = load(sd)
+    lokr.load_adapter(loaded.container, path, "style")
+    run = Run(loaded, monkeypatch)
+    s = spec(PROMPTS[2], 11)
+    split, same = run([(s, [("style", 1.2)], [("style", 0.3)]), (s, [("style", 1.2)])])
+    torch.testing.assert_close(run.latents[split.id], reference_latents(reference, s.prompt, s.seed), **TOL)
+    assert_pixels_close(run.pixels(split), reference_image(reference, s.prompt, s.seed))
+    assert (run.latents[split.id] - run.latents[same.id]).abs().max() > 0.05  # the text encoders' own multiplier
+
+
+@pytest.mark.slow
 def test_kohya_file_through_the_library_equals_pipeline_with_lycoris_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

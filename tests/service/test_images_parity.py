@@ -51,10 +51,14 @@ class Run:
 
         monkeypatch.setattr(steps, "decode", keep)
 
-    def __call__(self, items: Sequence[tuple[ImageSpec, Any]], joins: Sequence[int] | None = None) -> list[ImageJob]:
+    def __call__(self, items: Sequence[tuple[Any, ...]], joins: Sequence[int] | None = None) -> list[ImageJob]:
+        """`items`: `(spec, adapters)` or `(spec, adapters, the text encoders' adapters)`."""
         backend = ImageBackend(self.loaded, Metrics(), max_batch_size=16, fold=self.fold)
         events: list[Event] = []
-        jobs = [ImageJob([], None, sel, events.append, spec=spec) for spec, sel in items]  # type: ignore[arg-type]
+        jobs = [
+            ImageJob([], None, item[1], events.append, spec=item[0], text_selection=item[2] if len(item) > 2 else None)  # type: ignore[arg-type]
+            for item in items
+        ]
         joins = joins or [0] * len(jobs)
         step = 0
         while step <= max(joins) or backend.jobs():
