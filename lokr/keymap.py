@@ -8,7 +8,8 @@ Accepted key stems (LyCORIS / kohya files):
     lora_unet_*, lora_transformer_*, lycoris_* (SimpleTuner)  -> the denoiser
     lora_te_*, lora_te1_*                                     -> text_encoder
     lora_te2_*                                                -> text_encoder_2
-    lora_te3_*                                                -> text_encoder_3 (Flux: its T5, text_encoder_2)
+    lora_te3_*                                                -> text_encoder_3 (Flux: its T5, text_encoder_2;
+                                                                 Chroma: its only encoder, text_encoder)
     <component>.<dotted path>                                 -> that component
     diffusion_model.<dotted path>, <dotted path>              -> the denoiser
 Denoiser paths may use diffusers' names or the original LDM / SGM layout (`input_blocks_4_1_...`, see
@@ -125,9 +126,8 @@ def _target(stem: str, tables: dict[str, _Component]) -> tuple[str | None, str]:
             rest = stem[len(prefix) :]
             if role == "denoiser":
                 return _denoiser(tables) or "unet", rest
-            if role == "te3":  # SD3's third encoder; Flux keeps its T5 (kohya: lora_te3) as text_encoder_2
-                flux = "text_encoder_3" not in tables and _denoiser(tables) == "transformer"
-                return ("text_encoder_2" if flux else "text_encoder_3"), rest
+            if role == "te3":
+                return _t5_component(tables), rest
             return role, rest
     head, _, rest = stem.partition(".")
     if head in COMPONENTS:
@@ -136,6 +136,14 @@ def _target(stem: str, tables: dict[str, _Component]) -> tuple[str | None, str]:
         if stem.startswith(prefix):
             return _denoiser(tables) or "unet", stem[len(prefix) :]
     return ((_denoiser(tables) or "unet") if "." in stem else None), stem
+
+
+def _t5_component(tables: dict[str, _Component]) -> str:
+    """Where kohya's T5 keys (`lora_te3_`) go: SD3's third encoder; a DiT pipeline without one keeps its T5 as
+    `text_encoder_2` (Flux, beside CLIP) or as its only `text_encoder` (Chroma)."""
+    if "text_encoder_3" in tables or _denoiser(tables) != "transformer":
+        return "text_encoder_3"
+    return "text_encoder_2" if "text_encoder_2" in tables else "text_encoder"
 
 
 def _resolve_key(key: str, fmt: str, tables: dict[str, _Component]) -> tuple[str | None, str]:

@@ -227,7 +227,7 @@ def step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
 
 
 def family_ops(name: str) -> Family:
-    """The `Family` of a family name ("sd", "sdxl", "sd3", "flux", "flux-kontext")."""
+    """The `Family` of a family name ("sd", "sdxl", "sd3", "flux", "flux-kontext", "chroma")."""
     if name == "flux":
         from .flux import Flux
 
@@ -236,6 +236,10 @@ def family_ops(name: str) -> Family:
         from .flux import FluxKontext
 
         return FluxKontext()
+    if name == "chroma":
+        from .chroma import Chroma
+
+        return Chroma()
     if name == "sd3":
         from .sd3 import StableDiffusion3
 

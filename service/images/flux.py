@@ -29,7 +29,7 @@ from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 if TYPE_CHECKING:
     from .load import LoadedPipeline
 
-__all__ = ["Flux", "FluxKontext"]
+__all__ = ["Flux", "FluxKontext", "cfg_pair", "text_ids"]
 
 
 class Flux(TransformerFamily):
@@ -99,13 +99,13 @@ class Flux(TransformerFamily):
                    reference=reference)  # fmt: skip
 
     def batch(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> DenoiserBatch:
-        """Per-row timestep / 1000 and guidance `(B,)`; shared text ids `(L, 3)` and image ids `(N, 3)` (with
+        """Per-row timestep / 1000 `(B,)`, the text inputs (`text_inputs`), shared image ids `(N, 3)` (with
         reference pictures, of the same size in one forward: `(N + N_ref, 3)`, the reference's tokens after the
-        image's). An image with true CFG has two rows, positive then negative, at its timestep and guidance."""
+        image's). An image with CFG has two rows, positive then negative, at its timestep."""
         pipe = loaded.pipe
 
         def per_row(values: Sequence[Any]) -> list[Any]:  # one value per image, repeated for its negative row
-            return [v for v, row in zip(values, rows, strict=True) for _ in range(2 if row.cfg else 1)]
+            return _per_row(rows, values)
 
         latents = torch.cat(per_row([row.latents for row in rows]))
         timestep = torch.stack(per_row([row.timestep for row in rows])).to(loaded.device, latents.dtype)
@@ -113,33 +113,43 @@ class Flux(TransformerFamily):
             latents = torch.cat([latents, torch.cat(per_row([row.extra for row in rows]))], dim=2)
         if rows[0].reference is not None:  # Kontext: each row's reference tokens after its own
             latents = torch.cat([latents, torch.cat(per_row([row.reference for row in rows]))], dim=1)
-        guidance = None
-        if pipe.transformer.config.guidance_embeds:
-            scales = per_row([row.spec.guidance_scale for row in rows])
-            guidance = torch.tensor(scales, dtype=torch.float32).to(loaded.device)
-        embeds = torch.cat([t for row in rows for t in _pair(row.cond.cond, row.cond.uncond)])
-        pooled = torch.cat([t for row in rows for t in _pair(_pooled(row), row.cond.uncond_pooled)])
-        text_dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.transformer.dtype
-        text_ids = torch.zeros(embeds.shape[1], 3).to(device=loaded.device, dtype=text_dtype)
+        text = self.text_inputs(loaded, rows, int(latents.shape[1]))
+        dtype = text["encoder_hidden_states"].dtype
         h, w = _latent_size(loaded, rows[0].spec)
-        image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, loaded.device, embeds.dtype)
+        image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, loaded.device, dtype)
         if rows[0].spec.reference is not None:
-            image_ids = torch.cat([image_ids, _reference_ids(loaded, rows[0].spec.reference, embeds.dtype)])
-        kwargs = {"hidden_states": latents, "timestep": timestep / 1000, "guidance": guidance,
-                  "pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": text_ids,
-                  "img_ids": image_ids}  # fmt: skip
+            image_ids = torch.cat([image_ids, _reference_ids(loaded, rows[0].spec.reference, dtype)])
+        kwargs = {"hidden_states": latents, "timestep": timestep / 1000, "img_ids": image_ids, **text}
         return DenoiserBatch(per_row([row.job.selection for row in rows]), kwargs)
 
+    def text_inputs(self, loaded: LoadedPipeline, rows: Sequence[Row], tokens: int) -> dict[str, Any]:
+        """The transformer's text inputs for `rows` (`tokens`: the image tokens per row): T5 embeddings `(B, L, D)`
+        and CLIP pooled `(B, P)` (positive then negative rows), shared text ids `(L, 3)`, the distilled guidance
+        `(B,)` where the transformer takes it."""
+        pipe = loaded.pipe
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            scales = _per_row(rows, [row.spec.guidance_scale for row in rows])
+            guidance = torch.tensor(scales, dtype=torch.float32).to(loaded.device)
+        embeds = torch.cat([t for row in rows for t in cfg_pair(row.cond.cond, row.cond.uncond)])
+        pooled = torch.cat([t for row in rows for t in cfg_pair(_pooled(row), row.cond.uncond_pooled)])
+        return {"guidance": guidance, "pooled_projections": pooled, "encoder_hidden_states": embeds,
+                "txt_ids": text_ids(loaded, embeds.shape[1])}  # fmt: skip
+
+    def cfg_scale(self, spec: ImageSpec) -> float:
+        """What an image's negative row's prediction is extrapolated by: Flux's true CFG scale."""
+        return spec.true_cfg_scale
+
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
-        """`neg + true_cfg_scale * (pos - neg)` for an image with true CFG, as `FluxPipeline` combines them; the
-        image's own tokens only (a reference's follow them)."""
+        """`neg + scale * (pos - neg)` for an image with (true) CFG (`cfg_scale`), as `FluxPipeline` combines them;
+        the image's own tokens only (a reference's follow them)."""
         output = output[:, : rows[0].latents.shape[1]]
         preds, at = [], 0
         for row in rows:
             pos = output[at : at + 1]
             if row.cfg:
                 neg = output[at + 1 : at + 2]
-                preds.append(neg + row.spec.true_cfg_scale * (pos - neg))
+                preds.append(neg + self.cfg_scale(row.spec) * (pos - neg))
                 at += 2
             else:
                 preds.append(pos)
@@ -227,12 +237,26 @@ def _fill_inputs(
     return torch.cat(packed, dim=-1)
 
 
+def text_ids(loaded: LoadedPipeline, length: int) -> Tensor:
+    """The text tokens' position ids `(L, 3)`: zeros, in the text encoder's dtype (the transformer's without one)."""
+    pipe = loaded.pipe
+    encoder = getattr(pipe, "text_encoder", None)
+    dtype = encoder.dtype if encoder is not None else pipe.transformer.dtype
+    return torch.zeros(length, 3).to(device=loaded.device, dtype=dtype)
+
+
+def _per_row(rows: Sequence[Row], values: Sequence[Any]) -> list[Any]:
+    """One value per image, repeated for its negative row."""
+    return [v for v, row in zip(values, rows, strict=True) for _ in range(2 if row.cfg else 1)]
+
+
 def _true_cfg(spec: ImageSpec) -> bool:
     """As `FluxPipeline`: a negative prompt given (even "") and `true_cfg_scale` above 1."""
     return spec.negative_prompt is not None and spec.true_cfg_scale > 1.0
 
 
-def _pair(pos: Tensor, neg: Tensor | None) -> list[Tensor]:
+def cfg_pair(pos: Tensor, neg: Tensor | None) -> list[Tensor]:
+    """An image's denoiser rows' values: positive, then negative with CFG."""
     return [pos] if neg is None else [pos, neg]
 
 

@@ -26,6 +26,7 @@ FAMILIES = {
     "StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl", "FluxFillPipeline": "flux",
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3InpaintPipeline": "sd3",  # a 16-channel transformer
     "FluxKontextPipeline": "flux-kontext",  # Flux's transformer, edits from a reference picture
+    "ChromaPipeline": "chroma",  # Flux's transformer with an approximator, T5 only, real CFG
 }  # fmt: skip
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -38,7 +39,7 @@ class LoadedPipeline:
 
     pipe: Any  # diffusers StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
     container: nn.ModuleDict
-    family: str  # "sd" | "sdxl" | "sd3" | "flux" | "flux-kontext"
+    family: str  # "sd" | "sdxl" | "sd3" | "flux" | "flux-kontext" | "chroma"
     device: torch.device
     dtype: torch.dtype
 
@@ -136,7 +137,8 @@ def _input_channels(pipe: Any, family: str) -> tuple[int, int]:
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return latent, int(unet.config.in_channels)
-    return (4 if family.startswith("flux") else 1) * latent, int(pipe.transformer.config.in_channels)
+    packed = family in ("flux", "flux-kontext", "chroma")  # 2x2 latent patches per token
+    return (4 if packed else 1) * latent, int(pipe.transformer.config.in_channels)
 
 
 def _check_inputs(pipe: Any, path: Path, family: str) -> None:
@@ -164,7 +166,7 @@ def _pipeline_class(path: Path) -> str:
     if name not in FAMILIES:
         raise ModelLoadError(
             f"{path} holds a {name or 'unnamed'} pipeline; lokr-serve serves {sorted(FAMILIES)} "
-            "(Stable Diffusion 1.x/2.x, SDXL, SD3, Flux and Flux Kontext style)"
+            "(Stable Diffusion 1.x/2.x, SDXL, SD3, Flux, Flux Kontext and Chroma style)"
         )
     return name
 

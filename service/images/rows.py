@@ -79,6 +79,8 @@ class Conditioning:
     uncond: Tensor | None
     pooled: Tensor | None = None
     uncond_pooled: Tensor | None = None
+    mask: Tensor | None = None  # Chroma: which of `cond`'s tokens the transformer attends to `(1, L)`
+    uncond_mask: Tensor | None = None
 
 
 @dataclass

@@ -76,8 +76,8 @@ def _vae() -> Any:
 def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
     """A random-weight `StableDiffusionPipeline` ("sd"), an SD inpainting checkpoint ("sd-inpaint": a 9-channel UNet,
     `StableDiffusionInpaintPipeline`), `StableDiffusionXLPipeline` ("sdxl"; "sdxl-inpaint" likewise) or `FluxPipeline`
-    ("flux"; "flux-fill": `FluxFillPipeline`, Flux's inpainting checkpoint; "flux-kontext": `FluxKontextPipeline`) or
-    `StableDiffusion3Pipeline` ("sd3") on CPU."""
+    ("flux"; "flux-fill": `FluxFillPipeline`, Flux's inpainting checkpoint; "flux-kontext": `FluxKontextPipeline`),
+    `StableDiffusion3Pipeline` ("sd3") or `ChromaPipeline` ("chroma") on CPU."""
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
@@ -93,6 +93,10 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
         from .tiny_flux import build_tiny_flux
 
         return build_tiny_flux(seed, fill=kind == "flux-fill", kontext=kind == "flux-kontext")
+    if kind == "chroma":
+        from .tiny_flux import build_tiny_chroma
+
+        return build_tiny_chroma(seed)
     if kind == "sd3":
         from .tiny_flux import build_tiny_sd3
 
@@ -132,7 +136,7 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=build_clip_tokenizer(),
             unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip
-    kinds = "'sd', 'sd-inpaint', 'sdxl', 'sdxl-inpaint', 'sd3', 'flux', 'flux-fill' or 'flux-kontext'"
+    kinds = "'sd', 'sd-inpaint', 'sdxl', 'sdxl-inpaint', 'sd3', 'flux', 'flux-fill', 'flux-kontext' or 'chroma'"
     raise ValueError(f"kind must be {kinds}, got {kind!r}")
 
 

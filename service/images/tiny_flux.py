@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLUX_TARGETS", "build_t5_tokenizer", "build_tiny_flux", "build_tiny_sd3", "save_peft_flux_lokr"]
+__all__ = [
+    "FLUX_TARGETS", "build_t5_tokenizer", "build_tiny_chroma", "build_tiny_flux", "build_tiny_sd3",
+    "save_peft_flux_lokr",
+]  # fmt: skip
 
 # The transformer layers a typical Flux LoKr trains: attention (image and text streams), MLPs, norms' linears.
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -132,4 +135,27 @@ def build_tiny_sd3(seed: int = 0) -> Any:
         text_encoder=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=tokenizer_2,
         text_encoder_3=t5, tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+
+
+def build_tiny_chroma(seed: int = 0) -> Any:
+    """A random-weight `ChromaPipeline` on CPU: Flux's tiny transformer shape (one double-stream and two
+    single-stream blocks, width 16) with a one-layer approximator for its modulations, the tiny T5 as its only text
+    encoder, Flux's tiny VAE and flow-matching schedule."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    tokenizer = build_t5_tokenizer()
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=1,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    return ChromaPipeline(
+        scheduler=scheduler, vae=_flux_vae(), text_encoder=_t5(len(tokenizer)), tokenizer=tokenizer,
+        transformer=transformer,
     )  # fmt: skip
