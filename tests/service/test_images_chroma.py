@@ -107,3 +107,35 @@ def test_one_file_for_t5_and_transformer(tmp_path: Path, monkeypatch: pytest.Mon
     latents, pixels = chroma_reference(reference, s)
     torch.testing.assert_close(run.latents[styled.id], latents, **TOL)
     assert_pixels_close(run.pixels(styled), pixels)
+
+
+@pytest.mark.slow
+def test_a_chroma_dir_is_served_over_both_routes(tmp_path: Path) -> None:
+    """`lokr-serve serve --model <ChromaPipeline dir>`: the OpenAI route's image (a negative prompt, CFG) and
+    A1111's equal the pipeline's."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from .conftest import World, start_server, stop_server
+
+    model = pipeline_dir(tmp_path, "chroma")
+    (tmp_path / "adapters").mkdir()
+    server = start_server(World(tmp_path, model, tmp_path / "adapters", {}), "--device", "cpu")
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            openai = http.post("/v1/images/generations", json={
+                "prompt": "a red cat", "size": "32x32", "num_inference_steps": 3, "seed": 7, "guidance_scale": 4.0,
+                "negative_prompt": "blurry"})  # fmt: skip
+            a1111 = http.post("/sdapi/v1/txt2img", json={"prompt": "a red cat", "steps": 3, "cfg_scale": 4.0,
+                                                         "seed": 7, "width": 32, "height": 32})  # fmt: skip
+    finally:
+        stop_server(server)
+    assert openai.status_code == 200 and a1111.status_code == 200, (openai.text, a1111.text)
+    pipe = load(model).pipe
+    for answer, negative in ((openai.json()["data"][0]["b64_json"], "blurry"), (a1111.json()["images"][0], "")):
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer))).convert("RGB")).astype(np.int16)
+        _, want = chroma_reference(pipe, spec("a red cat", 7, steps_=3, guidance=4.0, neg=negative))
+        assert_pixels_close(got, want)
