@@ -98,6 +98,22 @@ def test_kontext_takes_pictures_at_its_resolutions_and_refuses_masks(tmp_path: P
         check_spec(loaded, start)
 
 
+def test_the_front_takes_a_picture_as_the_reference(tmp_path: Path) -> None:
+    """On a Kontext pipeline, `ImageFront` makes each request's picture the image's reference at Kontext's resolution
+    (not a starting picture), defaults the output size to it, and runs every step whatever strength is asked."""
+    from types import SimpleNamespace
+
+    from service.images.front import ImageFront
+
+    loaded = load(pipeline_dir(tmp_path, "flux-kontext"))
+    front = ImageFront(None, SimpleNamespace(loaded=loaded), None, None, "tiny", 4, 4)  # type: ignore[arg-type]
+    start = picture(40, 24)
+    assert front.output_size(start, None, None) == (1328, 800) and front.output_size(start, 32, None) == (32, 800)
+    assert front.strength(0.5) == 1.0
+    (edit,) = front.starting_from([spec("x", 1)], [start])
+    assert edit.init is None and edit.reference is not None and tuple(edit.reference.shape) == (1, 3, 800, 1328)
+
+
 @pytest.mark.slow
 def test_a_kontext_dir_edits_over_both_routes(tmp_path: Path) -> None:
     """`/v1/images/edits` and A1111's img2img on a Kontext dir: the picture is the reference at Kontext's resolution
