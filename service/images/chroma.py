@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BadRequestError
-from .family import encode_with_negatives
+from .family import encode_with_negatives, refuse_latent_upscaling, refuse_true_cfg
 from .flux import Flux, cfg_pair, text_ids
 from .rows import Conditioning, ImageJob, ImageSpec, Row
 
@@ -33,18 +33,8 @@ class Chroma(Flux):
         return True
 
     def check(self, spec: ImageSpec) -> None:
-        if spec.init_latents is not None or spec.latent_output:
-            raise BadRequestError(
-                "latent upscaling (the hires fix's Latent upscalers) is served on Stable Diffusion and SDXL; on Chroma "
-                "use hr_upscaler 'Lanczos' or 'Nearest'",
-                code="invalid_request",
-            )
-        if spec.true_cfg_scale != 1.0:
-            raise BadRequestError(
-                "true_cfg_scale applies to Flux pipelines; on Chroma, guidance_scale sets classifier-free guidance: "
-                "leave true_cfg_scale out",
-                code="invalid_request",
-            )
+        refuse_latent_upscaling(spec, "Chroma")
+        refuse_true_cfg(spec, "Chroma")
         if spec.mask is not None:
             raise BadRequestError("inpainting is not served on Chroma pipelines (text to image and img2img are)",
                                   code="invalid_request")  # fmt: skip

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import lokr
 from lokr.batch import RowSpec
 
+from ..errors import BadRequestError
 from .inpaint import Inpaint
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 from .samplers import Sampler
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DenoiserBatch", "Family", "TransformerFamily", "batch_key", "cfg_predictions", "denoiser",
-    "encode_with_negatives", "family_ops", "new_scheduler", "shifted_latents", "step_kwargs",
+    "encode_with_negatives", "family_ops", "new_scheduler", "refuse_latent_upscaling", "refuse_true_cfg",
+    "shifted_latents", "step_kwargs",
 ]  # fmt: skip
 
 
@@ -197,6 +199,26 @@ class TransformerFamily(Family, ABC):
         at = row.scheduler.timesteps[row.index : row.index + 1]
         noised: Tensor = row.scheduler.scale_noise(inpaint.image, at, inpaint.noise)
         return noised
+
+
+def refuse_true_cfg(spec: ImageSpec, family: str) -> None:
+    """A 400 for `true_cfg_scale` on a pipeline (`family`, as the message names it) whose CFG is `guidance_scale`."""
+    if spec.true_cfg_scale != 1.0:
+        raise BadRequestError(
+            f"true_cfg_scale applies to Flux pipelines; on {family}, guidance_scale sets classifier-free guidance: "
+            "leave true_cfg_scale out",
+            code="invalid_request",
+        )
+
+
+def refuse_latent_upscaling(spec: ImageSpec, family: str) -> None:
+    """A 400 for the hires fix's latent upscalers on a pipeline (`family`) whose latents they do not fit."""
+    if spec.init_latents is not None or spec.latent_output:
+        raise BadRequestError(
+            f"latent upscaling (the hires fix's Latent upscalers) is served on Stable Diffusion and SDXL; on {family} "
+            "use hr_upscaler 'Lanczos' or 'Nearest'",
+            code="invalid_request",
+        )
 
 
 def shifted_latents(loaded: LoadedPipeline, moments: Tensor, gen: torch.Generator | None) -> Tensor:

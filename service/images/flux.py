@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BadRequestError
-from .family import DenoiserBatch, TransformerFamily, encode_with_negatives, shifted_latents
+from .family import DenoiserBatch, TransformerFamily, encode_with_negatives, refuse_latent_upscaling, shifted_latents
 from .inpaint import Inpaint, latent_mask
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
@@ -36,12 +36,7 @@ class Flux(TransformerFamily):
     """`FluxPipeline` rows: packed latents `(1, N, 4C)` with `N = (H/2f) * (W/2f)`; a negative row with true CFG."""
 
     def check(self, spec: ImageSpec) -> None:
-        if spec.init_latents is not None or spec.latent_output:
-            raise BadRequestError(
-                "latent upscaling (the hires fix's Latent upscalers) is served on Stable Diffusion and SDXL; on Flux "
-                "use hr_upscaler 'Lanczos' or 'Nearest'",
-                code="invalid_request",
-            )
+        refuse_latent_upscaling(spec, "Flux")
         if spec.negative_prompt and spec.true_cfg_scale <= 1.0:
             raise BadRequestError(
                 "negative_prompt on a Flux pipeline takes effect only with true_cfg_scale above 1 (true "

@@ -11,9 +11,8 @@ from torch import Tensor
 
 from lokr.batch import RowSpec
 
-from ..errors import BadRequestError
 from .clip_text import PromptText, encode_prompts, text_states
-from .family import DenoiserBatch, Family, cfg_predictions, new_scheduler, step_kwargs
+from .family import DenoiserBatch, Family, cfg_predictions, new_scheduler, refuse_true_cfg, step_kwargs
 from .inpaint import Inpaint, latent_mask
 from .prompts import check_prompt
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
@@ -43,12 +42,7 @@ class StableDiffusion(Family):
         if spec.a1111_prompts:  # a 400 now, not a failed encoder batch later
             for text in (spec.prompt, spec.negative_prompt or ""):
                 check_prompt(text)
-        if spec.true_cfg_scale != 1.0:
-            raise BadRequestError(
-                "true_cfg_scale applies to Flux pipelines; on Stable Diffusion, guidance_scale sets classifier-free "
-                "guidance: leave true_cfg_scale out",
-                code="invalid_request",
-            )
+        refuse_true_cfg(spec, "Stable Diffusion")
 
     def forwards(self, rows: Sequence[Row]) -> list[list[Row]]:
         """One forward per size and text length, except that a text length with fewer than `MERGE_ROWS` denoiser

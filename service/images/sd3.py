@@ -24,8 +24,15 @@ from torch import Tensor
 
 from lokr.batch import RowSpec
 
-from ..errors import BadRequestError
-from .family import DenoiserBatch, TransformerFamily, cfg_predictions, encode_with_negatives, shifted_latents
+from .family import (
+    DenoiserBatch,
+    TransformerFamily,
+    cfg_predictions,
+    encode_with_negatives,
+    refuse_latent_upscaling,
+    refuse_true_cfg,
+    shifted_latents,
+)
 from .inpaint import Inpaint, latent_mask
 from .rows import NO_PICTURE, Conditioning, ImageJob, ImageSpec, Moments, Row
 
@@ -42,18 +49,8 @@ class StableDiffusion3(TransformerFamily):
         return True
 
     def check(self, spec: ImageSpec) -> None:
-        if spec.init_latents is not None or spec.latent_output:
-            raise BadRequestError(
-                "the hires fix's latent upscalers are served on Stable Diffusion 1.x / 2.x and SDXL pipelines; on SD3 "
-                "use hr_upscaler 'Lanczos' or 'Nearest'",
-                code="invalid_request",
-            )
-        if spec.true_cfg_scale != 1.0:
-            raise BadRequestError(
-                "true_cfg_scale applies to Flux pipelines; on SD3, guidance_scale sets classifier-free guidance: "
-                "leave true_cfg_scale out",
-                code="invalid_request",
-            )
+        refuse_latent_upscaling(spec, "SD3")
+        refuse_true_cfg(spec, "SD3")
 
     def encode(self, loaded: LoadedPipeline, jobs: Sequence[ImageJob], fold: int = 0) -> list[Conditioning]:
         """Every prompt (and, with CFG, negative prompt: "" when none, as the pipeline) in one batch per encoder,

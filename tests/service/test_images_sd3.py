@@ -195,7 +195,7 @@ def test_sd3_serves_text_to_image_img2img_and_inpainting_and_refuses_the_rest(tm
     start = init_spec(loaded, picture(32, 32), 0.5, prompt="x", seed=0)
     check_spec(loaded, start)
     check_spec(loaded, replace(start, mask=mask_pixels(picture(32, 32).convert("L"), (32, 32), 8)))
-    with pytest.raises(BadRequestError, match="latent upscalers are served on Stable Diffusion"):
+    with pytest.raises(BadRequestError, match="latent upscaling .* is served on Stable Diffusion"):
         check_spec(loaded, replace(spec("x", 1), latent_output=True))
     with pytest.raises(BadRequestError, match="true_cfg_scale applies to Flux"):
         check_spec(loaded, replace(spec("x", 1), true_cfg_scale=4.0))
@@ -246,7 +246,7 @@ def test_an_sd3_pipeline_dir_is_served_over_both_routes(tmp_path: Path) -> None:
                      negative_prompt="")  # fmt: skip
     _, want = _inpaint_reference(pipe, picture(32, 32), mask, masked)
     assert_pixels_close(got.astype(np.int16), want)
-    assert refused.status_code == 400 and "latent upscalers are served on" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and "latent upscaling (the hires" in refused.json()["error"]["message"]
 
 
 def _png(image: Any) -> bytes:
