@@ -111,3 +111,13 @@ def img2img_reference(
                          output_type=output_type, **kwargs).images  # fmt: skip
         out.append(result if output_type == "latent" else np.asarray(result[0]).astype(np.int16))
     return out[-2], out[-1]
+
+
+def latents_and_pixels(pipe: Any, prompt: str, seed: int, **kwargs: Any) -> tuple[torch.Tensor, np.ndarray]:
+    """A diffusers pipeline's final latents (`output_type="latent"`) and its image's pixels `(H, W, 3)` int16 for
+    `prompt` and `seed` (a CPU generator), `kwargs` passed on."""
+    latents, images = (
+        pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type=kind, **kwargs).images
+        for kind in ("latent", "pil")
+    )
+    return latents, np.asarray(images[0]).astype(np.int16)

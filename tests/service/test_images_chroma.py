@@ -18,7 +18,7 @@ from service.images.backend import check_spec
 from service.images.tiny import inject_peft_lokr, save_peft_lokr
 from service.images.tiny_flux import FLUX_TARGETS
 
-from .images_world import assert_pixels_close, load, picture, pipeline_dir
+from .images_world import assert_pixels_close, latents_and_pixels, load, picture, pipeline_dir
 from .test_images_img2img import init_spec
 from .test_images_parity import TOL, Run, spec
 
@@ -32,11 +32,7 @@ def chroma_reference(pipe: Any, s: Any, image: Any | None = None) -> tuple[torch
 
         pipe = ChromaImg2ImgPipeline.from_pipe(pipe)
         kwargs.update(image=image, strength=s.strength)
-    latents, images = (
-        pipe(s.prompt, generator=torch.Generator("cpu").manual_seed(s.seed), output_type=kind, **kwargs).images
-        for kind in ("latent", "pil")
-    )
-    return latents, np.asarray(images[0]).astype(np.int16)
+    return latents_and_pixels(pipe, s.prompt, s.seed, **kwargs)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from service.images.load import LoadedPipeline
 from service.images.tiny_flux import save_peft_flux_lokr
 
 from .flux_world import peft_flux_reference
-from .images_world import assert_pixels_close, load, picture, pipeline_dir
+from .images_world import assert_pixels_close, latents_and_pixels, load, picture, pipeline_dir
 from .test_images_parity import TOL, Run, spec
 
 
@@ -39,11 +39,7 @@ def kontext_reference(pipe: Any, s: Any, image: Any | None, auto_resize: bool = 
         "num_inference_steps": s.steps, "guidance_scale": s.guidance_scale, "_auto_resize": auto_resize,
         "negative_prompt": s.negative_prompt, "true_cfg_scale": s.true_cfg_scale,
     }  # fmt: skip
-    latents, images = (
-        pipe(prompt=s.prompt, generator=torch.Generator("cpu").manual_seed(s.seed), output_type=kind, **kwargs).images
-        for kind in ("latent", "pil")
-    )
-    return latents, np.asarray(images[0]).astype(np.int16)
+    return latents_and_pixels(pipe, s.prompt, s.seed, **kwargs)
 
 
 @pytest.mark.slow

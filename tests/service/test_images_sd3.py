@@ -19,7 +19,7 @@ from service.images.backend import check_spec
 from service.images.tiny import inject_peft_lokr, save_peft_lokr
 
 from ..lokr.lyco import EVERY_LAYER, MULT, kohya_file, register_presets
-from .images_world import assert_pixels_close, load, picture, pipeline_dir
+from .images_world import assert_pixels_close, latents_and_pixels, load, picture, pipeline_dir
 from .sd3_world import sai_twin, sai_twin_to_diffusers
 from .test_images_img2img import init_spec
 from .test_images_inpaint import masked_spec, square_mask
@@ -32,11 +32,7 @@ SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "
 def _reference(pipe: Any, s: Any) -> tuple[torch.Tensor, np.ndarray]:
     kwargs = {"height": s.height, "width": s.width, "num_inference_steps": s.steps, "guidance_scale": s.guidance_scale,
               "negative_prompt": s.negative_prompt}  # fmt: skip
-    latents, images = (
-        pipe(s.prompt, generator=torch.Generator("cpu").manual_seed(s.seed), output_type=kind, **kwargs).images
-        for kind in ("latent", "pil")
-    )
-    return latents, np.asarray(images[0]).astype(np.int16)
+    return latents_and_pixels(pipe, s.prompt, s.seed, **kwargs)
 
 
 @pytest.mark.slow
