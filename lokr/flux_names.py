@@ -86,7 +86,7 @@ def fused_rows(transformer: nn.Module, path: str) -> RowMap | None:
     return None
 
 
-def out_features(transformer: nn.Module, name: str) -> int | None:
+def _out_features(transformer: nn.Module, name: str) -> int | None:
     """The rows of the Linear `name` (relative; None when there is no such Linear)."""
     try:
         layer = transformer.get_submodule(name)
@@ -101,7 +101,7 @@ def consecutive_rows(transformer: nn.Module, names: list[str]) -> RowMap | None:
     rows: RowMap = {}
     start = 0
     for name in names:
-        size = out_features(transformer, name)
+        size = _out_features(transformer, name)
         if size is None:
             return None
         rows[name] = [(start, start + size)]
@@ -112,7 +112,7 @@ def consecutive_rows(transformer: nn.Module, names: list[str]) -> RowMap | None:
 def swapped_rows(transformer: nn.Module, name: str) -> RowMap | None:
     """The Linear `name`, whose rows are a fused-layout layer's two halves swapped (its shift, scale -> diffusers'
     scale, shift)."""
-    rows = out_features(transformer, name)
+    rows = _out_features(transformer, name)
     return None if rows is None else {name: [(rows // 2, rows), (0, rows // 2)]}
 
 
