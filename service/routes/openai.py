@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import uuid
 from collections import Counter
@@ -13,21 +12,17 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from ..disconnect import unless_gone, until_disconnected
 from ..errors import BadRequestError, http_error_for
 from ..inference import ChoiceResult, Inference
 from ..jobs import ErrorEvent, Event, FinishEvent, PromptEvent, SamplingParams, TokenEvent, TokenInfo
 from ..schemas import ChatRequest, CompletionRequest
+from ..sse import STREAMABLE, SseResponse, sse_event
 from ..tokenbytes import TokenBytes
 from .deps import ApiAuth, Components, Deps
 
 router = APIRouter(dependencies=[ApiAuth], tags=["openai"])
-# With `"stream": true` the 200 is server-sent events instead of one JSON object.
-_STREAMABLE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "JSON, or SSE when streaming"}
-}
 
 
 _GONE = "its completions were"  # what a client that leaves has cancelled
@@ -39,7 +34,7 @@ def _inference(c: Components) -> Inference:
 
 
 # ------------------------------------------------------------------------------------------ completions
-@router.post("/v1/completions", response_model=None, responses=_STREAMABLE)
+@router.post("/v1/completions", response_model=None, responses=STREAMABLE)
 async def completions(body: CompletionRequest, c: Deps, request: Request) -> dict[str, Any] | StreamingResponse:
     inf = _inference(c)
     sel = inf.select(body.model, body.adapters)
@@ -185,7 +180,7 @@ def _completion_chunker(meta: dict[str, Any], params: SamplingParams) -> _Chunke
 
 
 # ------------------------------------------------------------------------------------------ chat
-@router.post("/v1/chat/completions", response_model=None, responses=_STREAMABLE)
+@router.post("/v1/chat/completions", response_model=None, responses=STREAMABLE)
 async def chat_completions(body: ChatRequest, c: Deps, request: Request) -> dict[str, Any] | StreamingResponse:
     inf = _inference(c)
     sel = inf.select(body.model, body.adapters)
@@ -309,7 +304,7 @@ class _SseWriter:
 
     def error(self, exc: BaseException) -> str:
         self.failed = True
-        return f"data: {json.dumps(http_error_for(exc).body())}\n\n"
+        return sse_event(http_error_for(exc).body())
 
     def end(self) -> str:
         if not self.usage or self.failed:
@@ -317,27 +312,12 @@ class _SseWriter:
         prompt = sum(f.prompt_tokens for i, f in self.finishes.items() if i % self.n == 0)
         completion = sum(f.completion_tokens for f in self.finishes.values())
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        return f"data: {json.dumps({'object': self.obj, **self.meta, 'choices': [], 'usage': usage})}\n\n{_DONE}"
+        return sse_event({"object": self.obj, **self.meta, "choices": [], "usage": usage}) + _DONE
 
     def _data(self, chunk: dict[str, Any]) -> str:
         if self.usage:
             chunk["usage"] = None
-        return f"data: {json.dumps(chunk)}\n\n"
-
-
-class _Stream(StreamingResponse):
-    """A streamed answer that runs `on_close` however it ends: finished, failed, or its client gone before the
-    first byte (when the body's generator never starts, its own cleanup never runs)."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
+        return sse_event(chunk)
 
 
 def _sse(
@@ -361,7 +341,7 @@ def _sse(
                 return
         yield writer.end()
 
-    return _Stream(body(), on_close)
+    return SseResponse(body(), on_close)
 
 
 __all__ = ["router"]

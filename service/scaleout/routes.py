@@ -15,7 +15,6 @@ from ..observe import ObserveMiddleware
 from ..routes.admin import _save_upload
 from ..routes.deps import AdminAuth, ApiAuth
 from ..routes.models import card_named, model_card
-from ..routes.openai import _STREAMABLE
 from ..schemas import (
     ERROR_RESPONSES,
     ChatRequest,
@@ -25,6 +24,7 @@ from ..schemas import (
     VllmUnloadRequest,
 )
 from ..security import resolve_in_roots, validate_adapter_name
+from ..sse import STREAMABLE
 
 if TYPE_CHECKING:
     from .ingress import LokrIngress
@@ -83,11 +83,11 @@ def _openai(ingress: LokrIngress) -> APIRouter:
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         return card_named(cards(), model_id)
 
-    @router.post("/v1/completions", response_model=None, responses=_STREAMABLE)
+    @router.post("/v1/completions", response_model=None, responses=STREAMABLE)
     async def completions(body: CompletionRequest, request: Request) -> StreamingResponse:
         return await ingress.forward(request, body.model, body.adapters)
 
-    @router.post("/v1/chat/completions", response_model=None, responses=_STREAMABLE)
+    @router.post("/v1/chat/completions", response_model=None, responses=STREAMABLE)
     async def chat_completions(body: ChatRequest, request: Request) -> StreamingResponse:
         return await ingress.forward(request, body.model, body.adapters)
 
