@@ -213,11 +213,16 @@ class Engine:
         except Exception as exc:
             job.finish(ErrorEvent(exc))
 
-    async def stream(self, make_job: Callable[[Callable[[Event], None]], Job]) -> AsyncIterator[Event]:
-        """Submit a job and yield its events; leaving early (client gone) cancels the row."""
+    async def stream(
+        self, make_job: Callable[[Callable[[Event], None]], Job], launched: Callable[[Job], None] | None = None
+    ) -> AsyncIterator[Event]:
+        """Submit a job and yield its events; leaving early (client gone) cancels the row. `launched(job)` runs once
+        the job was submitted (or refused: then `job.done` and its error is the first event)."""
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = make_job(self.sink_to(events.put_nowait))
         self.launch(job)
+        if launched is not None:
+            launched(job)
         try:
             while True:
                 event = await events.get()

@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -20,6 +20,7 @@ __all__ = [
     "Event",
     "FinishEvent",
     "Job",
+    "PreviewEvent",
     "PromptEvent",
     "SamplingParams",
     "TokenEvent",
@@ -83,7 +84,16 @@ class ErrorEvent:
     error: BaseException
 
 
-Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
+@dataclass(frozen=True)
+class PreviewEvent:
+    """An image job's picture part way (OpenAI's partial image): the denoiser's estimate of the finished image,
+    decoded (a PIL image); `index` counts the job's previews from 0."""
+
+    index: int
+    image: Any
+
+
+Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent | PreviewEvent
 
 
 _FINISHING = threading.Lock()  # `done`'s test-and-set: whichever thread finishes a job first is the only one

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import BadRequestError
-from ..jobs import FinishEvent, fail_jobs
+from ..jobs import FinishEvent, PreviewEvent, fail_jobs
 from ..metrics import Metrics
 from . import steps
 from .load import LoadedPipeline
@@ -218,6 +218,7 @@ class ImageBackend:
                 steps.denoise(self.loaded, rows, self.fold)
             except Exception as exc:  # one group's forward (an out-of-memory size) fails only that group's images
                 self._fail_rows(rows, exc)
+        self._send_previews()
         self._finish_done()
         took = time.perf_counter() - started
         self._step_s = took if not self._step_s else 0.8 * self._step_s + 0.2 * took
@@ -277,6 +278,25 @@ class ImageBackend:
             else:
                 kept.append(row)
         self._rows = kept
+
+    def _send_previews(self) -> None:
+        """Decode the previews the step took (`Row.preview`), as many per VAE forward as `steps.decode` allows, and
+        send each to its image's client. A failed decode fails those images (as their final one would)."""
+        by_size: dict[tuple[int, int], list[tuple[Row, torch.Tensor]]] = defaultdict(list)
+        for row in self._rows:
+            if row.preview is not None:
+                by_size[row.size].append((row, row.preview))
+        for pairs in by_size.values():
+            rows = [row for row, _ in pairs]
+            try:
+                images = steps.decode(self.loaded, [replace(row, latents=preview) for row, preview in pairs])
+            except Exception as exc:
+                self._fail_rows(rows, exc)
+                continue
+            for row, image in zip(rows, images, strict=True):
+                row.preview = None
+                row.job.sink(PreviewEvent(row.previews_sent, image))
+                row.previews_sent += 1
 
     def _finish_done(self) -> None:
         done = [row for row in self._rows if row.done]

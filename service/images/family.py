@@ -119,6 +119,16 @@ class Family(ABC):
     def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
         """Finished rows' latents (same size) as the VAE decodes them: `(B, C, h, w)`, unscaled, in its dtype."""
 
+    @abstractmethod
+    def clean_estimate(self, row: Row, pred: Tensor) -> Tensor:
+        """The finished latents `row` heads for, estimated from `pred` (`predictions`' for the row at its current
+        timestep, before its scheduler step), shaped like its latents."""
+
+    def preview(self, row: Row, pred: Tensor) -> Tensor:
+        """`clean_estimate`, with a masked row's kept area set to its picture (as its finished latents will be)."""
+        estimate = self.clean_estimate(row, pred).to(row.latents.dtype)
+        return estimate if row.inpaint is None else row.inpaint.blend(estimate, row.inpaint.image)
+
 
 def batch_key(row: Row) -> tuple[int, ...]:
     """The size and text length of `row` (the longer of its prompt's and negative prompt's), and the tokens of its
@@ -192,6 +202,12 @@ class TransformerFamily(Family, ABC):
     def first_step(self, steps: int, strength: float) -> int:
         """SD3's and Flux's img2img round as SD3's does: `int(steps - steps * strength)` steps are skipped."""
         return int(max(steps - min(steps * strength, steps), 0))
+
+    def clean_estimate(self, row: Row, pred: Tensor) -> Tensor:
+        """Flow matching: the latents are `(1 - sigma) x0 + sigma noise` and the prediction `noise - x0`, so
+        `x0 = latents - sigma * pred` (what the scheduler's Euler step reaches when the next sigma is 0)."""
+        sigma = row.scheduler.sigmas[row.index].to(row.latents.device, row.latents.dtype)
+        return row.latents - sigma * pred
 
     def renoised(self, row: Row, inpaint: Inpaint) -> Tensor:
         """The DiT inpainting pipelines' re-noising of the picture: flow matching's `scale_noise` at the next

@@ -16,7 +16,7 @@ from ..disconnect import unless_gone
 from ..engine import Engine
 from ..errors import BadRequestError
 from ..inference import Selection, select_adapters
-from ..jobs import ErrorEvent, Event, FinishEvent, Job, SamplingParams
+from ..jobs import ErrorEvent, Event, FinishEvent, Job, PreviewEvent, SamplingParams
 from ..metrics import Metrics
 from ..registry import Registry
 from .backend import (
@@ -32,6 +32,7 @@ from .init_image import open_image, pixels_for
 from .inpaint import Repaint, mask_pixels, overlay
 from .rows import ImageJob, ImageSpec, random_seed
 from .samplers import Sampler, resolve
+from .streaming import ImageStream, JobHooks
 
 __all__ = ["A1111_NAMES", "OPENAI_NAMES", "FieldNames", "ImageFront", "image_b64", "seed_or_random"]
 
@@ -159,9 +160,16 @@ class ImageFront:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _one(self, spec: ImageSpec, sel: Selection, text_spec: RowSpec = None) -> Any:
+    def stream(self, specs: Sequence[ImageSpec], sel: Selection) -> ImageStream:
+        """Start `specs` for a streamed answer: their previews and finished images as they come (`ImageStream`)."""
+        return ImageStream(len(specs), lambda k, hooks: self._one(specs[k], sel, None, hooks))
+
+    async def _one(
+        self, spec: ImageSpec, sel: Selection, text_spec: RowSpec = None, hooks: JobHooks | None = None
+    ) -> Any:
         """Lease the adapters (bringing them back if needed) and run one image; the job co-holds the lease until
-        the engine is done with its rows, also when the client has gone away."""
+        the engine is done with its rows, also when the client has gone away. `hooks`: told when the job is
+        launched and of each preview."""
         async with self.registry.lease(sel.names) as lease:
             holder: list[ImageJob] = []
 
@@ -172,11 +180,13 @@ class ImageFront:
                 holder.append(job)
                 return job
 
-            async for event in self.engine.stream(make_job):
+            async for event in self.engine.stream(make_job, None if hooks is None else hooks.launched):
                 if isinstance(event, ErrorEvent):
                     raise event.error
                 if isinstance(event, FinishEvent):
                     break
+                if isinstance(event, PreviewEvent) and hooks is not None:
+                    hooks.preview(event)
             return holder[0].image
 
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from ..disconnect import until_disconnected
-from ..errors import BadRequestError, NotReadyError
+from ..disconnect import unless_gone, until_disconnected
+from ..errors import BadRequestError, NotReadyError, http_error_for
 from ..inference import Selection
 from ..routes.deps import ApiAuth, Components, Deps
+from ..sse import STREAMABLE, SseResponse, sse_event
 from .front import ImageFront, image_b64, seed_or_random
 from .inpaint import Repaint, openai_mask
 from .rows import ImageSpec
@@ -45,13 +48,15 @@ def parse_size(size: str | None, default: tuple[int, int]) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-@router.post("/v1/images/generations")
-async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -> dict[str, Any]:
+@router.post("/v1/images/generations", response_model=None, responses=STREAMABLE)
+async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -> dict[str, Any] | StreamingResponse:
     """OpenAI-compatible image generation; image k of the request uses seed `seed + k`."""
     images = front(c)
     size = parse_size(body.size, images.default_size)
     sel = _selection(images, body, request)
     specs = images.specs(_spec(images, body, size), body.n)
+    if body.stream:
+        return await _stream(images, body, specs, sel, request, "image_generation")
     return await _answer(images, body, specs, sel, request)
 
 
@@ -67,8 +72,8 @@ def _edit_form_schema() -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-@router.post("/v1/images/edits", openapi_extra=_edit_form_schema())
-async def edits(c: Deps, request: Request) -> dict[str, Any]:
+@router.post("/v1/images/edits", openapi_extra=_edit_form_schema(), response_model=None, responses=STREAMABLE)
+async def edits(c: Deps, request: Request) -> dict[str, Any] | StreamingResponse:
     """OpenAI's image edits (multipart form) as img2img: every image starts from the form's `image` file, at
     `strength`; sized as `size` (the image stretched) or as the image. With a `mask` file (the image's size; its
     fully transparent pixels are edited), inpainting. On a Flux Kontext pipeline the image is the reference each
@@ -84,6 +89,8 @@ async def edits(c: Deps, request: Request) -> dict[str, Any]:
     sel = _selection(images, body, request)
     specs = images.specs(_spec(images, body, size, images.strength(body.strength)), body.n, masked=mask is not None)
     specs = await run_in_threadpool(images.starting_from, specs, [start], mask)
+    if body.stream:
+        return await _stream(images, body, specs, sel, request, "image_edit")
     return await _answer(images, body, specs, sel, request)
 
 
@@ -140,6 +147,7 @@ def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int
         sampler=images.sampler(body.sampler, body.scheduler),
         strength=strength,
         clip_skip=body.clip_skip,
+        previews=body.partial_images or 0 if body.stream else 0,
     )
 
 
@@ -155,6 +163,53 @@ async def _answer(
     ]
     size = f"{specs[0].width}x{specs[0].height}"
     return {"created": int(time.time()), "data": data, "output_format": fmt, "size": size}
+
+
+async def _stream(
+    images: ImageFront,
+    body: ImageGenerationRequest,
+    specs: list[ImageSpec],
+    sel: Selection,
+    request: Request,
+    kind: str,
+) -> StreamingResponse:
+    """OpenAI's streamed images: `{kind}.partial_image` events (each image's previews, `partial_image_index` from
+    0) and one `{kind}.completed` event per image, in the order they come; each names its image (`index`, an
+    extension) and seed. The images are admitted before the answer starts (a refusal is its HTTP error); a failure
+    after that is an `error` event that ends the stream."""
+    running = images.stream(specs, sel)
+    try:
+        await unless_gone(running.admitted(), lambda: until_disconnected(request), "its images were")
+    except BaseException:
+        running.close()
+        raise
+    fmt, compression = body.output_format or "png", body.output_compression
+    common = {"size": f"{specs[0].width}x{specs[0].height}", "quality": "auto", "background": "opaque",
+              "output_format": fmt}  # fmt: skip
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for update in running.updates():
+                b64 = await run_in_threadpool(image_b64, update.picture, fmt, compression)
+                index, seed = update.image, specs[update.image].seed
+                data: dict[str, Any] = {"b64_json": b64, "created_at": int(time.time()), **common, "index": index,
+                                        "seed": seed}  # fmt: skip
+                if update.preview is not None:
+                    event = data["type"] = f"{kind}.partial_image"
+                    data["partial_image_index"] = update.preview
+                else:
+                    event = data["type"] = f"{kind}.completed"
+                    data["usage"] = _NO_USAGE
+                yield sse_event(data, event)
+        except Exception as exc:
+            yield sse_event(http_error_for(exc).body(), "error")
+
+    return SseResponse(events(), running.close)
+
+
+# OpenAI meters its image models in tokens; these images are not metered so (the openai client's event type needs it)
+_NO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+             "total_tokens": 0}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ wrong kind

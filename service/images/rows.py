@@ -15,7 +15,7 @@ from .inpaint import Inpaint
 from .load import LoadedPipeline
 from .samplers import Sampler
 
-__all__ = ["NO_PICTURE", "Conditioning", "ImageJob", "ImageSpec", "Moments", "Row", "start_row"]
+__all__ = ["NO_PICTURE", "Conditioning", "ImageJob", "ImageSpec", "Moments", "Row", "preview_steps", "start_row"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class ImageSpec:
     latent_output: bool = False  # the final latents (`(1, C, H/f, W/f)`, not decoded) are the job's `image`
     clip_skip: int | None = None  # CLIP layers skipped from the end (diffusers' `clip_skip`; A1111's CLIP skip - 1)
     a1111_prompts: bool = False  # SD / SDXL: prompts in A1111's syntax (emphasis, BREAK, any length; `prompts`)
+    previews: int = 0  # OpenAI's `partial_images`: estimates of the finished image sent part way (`preview_steps`)
 
     @property
     def from_image(self) -> bool:
@@ -100,6 +101,17 @@ class Row:
     extra: Tensor | None = None
     # Flux Kontext: the reference picture's packed latents `(1, N_ref, 4C)`, which follow the row's own tokens
     reference: Tensor | None = None
+    # the denoiser's estimate of the finished latents (like `latents`), taken at a preview step, until it is sent
+    preview: Tensor | None = None
+    previews_sent: int = 0
+
+    @property
+    def previewing(self) -> bool:
+        """Whether the step the row runs next is one after which its spec wants a preview."""
+        if not self.spec.previews:
+            return False
+        run = len(self.scheduler.timesteps) - self.first
+        return self.index + 1 - self.first in preview_steps(run, self.spec.previews)
 
     @property
     def timestep(self) -> Tensor:
@@ -116,6 +128,12 @@ class Row:
     @property
     def cfg(self) -> bool:
         return self.cond.uncond is not None
+
+
+def preview_steps(run: int, previews: int) -> frozenset[int]:
+    """After which of a row's `run` steps (counted from 1) its `previews` are taken: evenly spaced, never after the
+    last (the finished image follows it); fewer when the run is too short to space them."""
+    return frozenset(round(run * (k + 1) / (previews + 1)) for k in range(previews)) - {0, run}
 
 
 def random_seed() -> int:

@@ -23,6 +23,10 @@ _SAMPLER = (
 _SCHEDULE = 'A1111\'s schedule type ("karras", "exponential", "beta", "sgm_uniform", "simple"); default: automatic'
 
 
+_PARTIAL = (
+    "with stream: the denoiser's estimate of each finished image sent this many times part way (0-3; evenly "
+    "spaced over its steps, fewer when it has too few)"
+)
 _CLIP_SKIP = "SD / SDXL: CLIP layers skipped from the end (diffusers' clip_skip; A1111's CLIP skip 2 is 1)"
 
 
@@ -70,6 +74,14 @@ class ImageGenerationRequest(RequestBody):
     sampler: str | None = _sampler_field(_SAMPLER)
     scheduler: str | None = _sampler_field(_SCHEDULE)
     clip_skip: int | None = Field(None, ge=0, le=64, strict=True, description=_CLIP_SKIP)
+    stream: bool = Field(False, description="server-sent events: partial images as they come, then each image")
+    partial_images: int | None = Field(None, ge=0, le=3, strict=True, description=_PARTIAL)
+
+    @model_validator(mode="after")
+    def _partial_images_stream(self) -> ImageGenerationRequest:
+        if self.partial_images and not self.stream:
+            raise ValueError("partial_images needs stream: true (they are sent as server-sent events)")
+        return self
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -82,6 +94,7 @@ class ImageEditRequest(ImageGenerationRequest):
     seed: int | None = Field(None, ge=0, le=2**62)
     output_compression: int | None = Field(None, ge=0, le=100)
     clip_skip: int | None = Field(None, ge=0, le=64, description=_CLIP_SKIP)
+    partial_images: int | None = Field(None, ge=0, le=3, description=_PARTIAL)
     strength: float = Field(0.8, ge=0, le=1, allow_inf_nan=False)
 
     @field_validator("adapters", mode="before")

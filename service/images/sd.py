@@ -270,6 +270,28 @@ class StableDiffusion(Family):
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
         return cfg_predictions(rows, output)
 
+    def clean_estimate(self, row: Row, pred: Tensor) -> Tensor:
+        """`x0` from the UNet's view of the latents, variance-preserving `sqrt(a) x0 + sqrt(1 - a) noise`
+        (`scale_model_input`), and its noise (or v) prediction. `a` is `1 / (sigma^2 + 1)` on schedulers that scale
+        their latents for the UNet (sigma-based: Euler, Heun, LMS, DPM2: exactly what their step reaches at sigma
+        0), else `alphas_cumprod` at the timestep (DDIM, PNDM, DPM++, UniPC: exact for DDIM and DDPM; an estimate
+        on the multistep solvers with Karras sigmas, whose timesteps are rounded)."""
+        scheduler, t, latents = row.scheduler, row.timestep, row.latents
+        scale = float(scheduler.scale_model_input(torch.ones((), device=latents.device, dtype=latents.dtype), t))
+        alpha = scale * scale if scale < 1.0 else float(scheduler.alphas_cumprod[int(round(float(t)))])
+        seen = latents * scale
+        kind = scheduler.config.prediction_type
+        if kind == "sample":
+            estimate = pred
+        elif kind == "v_prediction":
+            estimate = alpha**0.5 * seen - (1.0 - alpha) ** 0.5 * pred
+        else:
+            estimate = (seen - (1.0 - alpha) ** 0.5 * pred) / alpha**0.5
+        if scheduler.config.get("clip_sample", False):  # DDIM / DDPM clip their own estimate so
+            bound = scheduler.config.get("clip_sample_range", 1.0)
+            estimate = estimate.clamp(-bound, bound)
+        return estimate
+
     def vae_latents(self, loaded: LoadedPipeline, rows: Sequence[Row]) -> Tensor:
         vae = loaded.pipe.vae
         latents = torch.cat([row.latents for row in rows]).to(vae.dtype)

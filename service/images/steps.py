@@ -116,6 +116,8 @@ def denoise(loaded: LoadedPipeline, rows: Sequence[Row], fold: int = 0) -> None:
     with lokr.adapter_batch(loaded.container, batch.specs, fold=fold):
         output = denoiser(loaded, family)(**batch.kwargs, return_dict=False)[0]
     for row, pred in zip(rows, family.predictions(rows, output), strict=True):
+        if row.previewing:
+            row.preview = family.preview(row, pred)
         row.latents = row.scheduler.step(pred, row.timestep, row.latents, **row.step_kwargs, return_dict=False)[0]
         row.index += 1
         family.keep_picture(row)
