@@ -19,6 +19,8 @@ Scenarios (each: `--clients` concurrent clients sending `--requests` image reque
   edit-single-8  the same img2img requests on the one-image-at-a-time server
   inpaint-8  the batch-8 server, the img2img requests with a mask (the picture's middle half repainted)
   inpaint-single-8  the same inpainting requests on the one-image-at-a-time server
+  stream-8   the batch-8 server, batch-8's requests streamed (`stream: true`) with 2 partial images each (each a
+             VAE decode of the image's estimate part way)
 The naive baselines' ratio is taken against the faster of the two. With `--repeats N` the scenarios run N times,
 in rounds (each round runs every scenario once; batch-8 and batch-1 swap order every round), and each scenario's
 median is reported. Then the denoiser's own batching ceiling on this machine: the bare denoiser's step per image
@@ -69,6 +71,7 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (  # (name, numerator, 
     ("ours / faster naive peft", "batch-8", "naive", 3.0),
     ("img2img: batched / one at a time", "edit-8", "edit-single-8", None),
     ("inpainting: batched / one at a time", "inpaint-8", "inpaint-single-8", None),
+    ("streamed with 2 partial images / not streamed", "stream-8", "batch-8", None),
 )
 EDIT_STRENGTH = 0.6
 
@@ -155,6 +158,14 @@ def bodies(args: argparse.Namespace, distinct: int) -> list[Request]:
     ]  # fmt: skip
 
 
+def stream_bodies(args: argparse.Namespace, distinct: int) -> list[Request]:
+    """`bodies`, streamed with 2 partial images each (each a VAE decode of the image's estimate part way)."""
+    return [
+        (adapter, route, {**body, "stream": True, "partial_images": 2})
+        for adapter, route, body in bodies(args, distinct)
+    ]
+
+
 def _png_b64(pixels: torch.Tensor, mode: str) -> str:
     buf = io.BytesIO()
     Image.fromarray(pixels.numpy(), mode).save(buf, format="PNG")
@@ -194,8 +205,8 @@ async def drive(url: str, requests: list[Request], clients: int) -> tuple[float,
         nonlocal errors
         while queue:
             _, route, body = queue.pop()
-            response = await http.post(route, json=body)
-            errors += response.status_code != 200
+            response = await http.post(route, json=body)  # a stream is read whole
+            errors += response.status_code != 200 or (bool(body.get("stream")) and "event: error" in response.text)
 
     async with httpx.AsyncClient(base_url=url, timeout=3600) as http:
         firsts = {adapter: (route, body) for adapter, route, body in requests}
@@ -381,6 +392,7 @@ def run_round(args: argparse.Namespace, model: Path, adapters: list[Path], k: in
     """Every scenario once; batch-8 and batch-1 (one server) swap order every other round."""
     order = (N_ADAPTERS, 1) if k % 2 == 0 else (1, N_ADAPTERS)
     loads = {f"batch-{n}": bodies(args, n) for n in order}
+    loads["stream-8"] = stream_bodies(args, N_ADAPTERS)
     edits = {"edit": edit_bodies(args, N_ADAPTERS), "inpaint": edit_bodies(args, N_ADAPTERS, masked=True)}
     batched = run_server(args, model, adapters, args.clients, {**loads, **{f"{k}-8": v for k, v in edits.items()}})
     one = {"single-8": bodies(args, N_ADAPTERS), **{f"{k}-single-8": v for k, v in edits.items()}}

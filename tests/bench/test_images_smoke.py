@@ -11,7 +11,7 @@ import pytest
 from .run import run_bench
 
 SCENARIOS = {"batch-8", "batch-1", "single-8", "peft-8", "peft-set-8", "edit-8", "edit-single-8", "inpaint-8",
-             "inpaint-single-8"}  # fmt: skip
+             "inpaint-single-8", "stream-8"}  # fmt: skip
 
 
 @pytest.mark.slow
