@@ -160,9 +160,11 @@ class ImageFront:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    def stream(self, specs: Sequence[ImageSpec], sel: Selection) -> ImageStream:
-        """Start `specs` for a streamed answer: their previews and finished images as they come (`ImageStream`)."""
-        return ImageStream(len(specs), lambda k, hooks: self._one(specs[k], sel, None, hooks))
+    def stream(self, specs: Sequence[ImageSpec], sel: Selection, text_sel: Selection | None = None) -> ImageStream:
+        """Start `specs` for a streamed answer: their previews and finished images as they come (`ImageStream`);
+        `text_sel` as `generate`'s."""
+        text_spec = None if text_sel is None else text_sel.spec
+        return ImageStream(len(specs), lambda k, hooks: self._one(specs[k], sel, text_spec, hooks))
 
     async def _one(
         self, spec: ImageSpec, sel: Selection, text_spec: RowSpec = None, hooks: JobHooks | None = None

@@ -30,6 +30,7 @@ __all__ = ["lm_refusals", "refusals_of", "router"]
 
 router = APIRouter(dependencies=[ApiAuth], tags=["images"])
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+Selections = tuple[Selection, Selection | None]  # the denoiser's adapters, and the text encoders' where they differ
 
 
 def front(c: Components) -> ImageFront:
@@ -123,12 +124,17 @@ def _edit_form(form: FormData) -> tuple[ImageEditRequest, UploadFile, UploadFile
     return body, pictures[0][1], masks[0] if masks else None
 
 
-def _selection(images: ImageFront, body: ImageGenerationRequest, request: Request) -> Selection:
+def _selection(images: ImageFront, body: ImageGenerationRequest, request: Request) -> Selections:
+    """The denoiser's adapters, and the text encoders' where an adapter's `text_encoder_scale` differs (else None)."""
     if body.response_format == "url":
         raise BadRequestError('response_format "url" is not served; use "b64_json"', code="invalid_response_format")
-    sel = images.select(body.model, [(a.name, a.scale) for a in body.adapters or []])
+    refs = body.adapters or []
+    sel = images.select(body.model, [(a.name, a.scale) for a in refs])
     request.scope["lokr_adapter"] = sel.label
-    return sel
+    if all(a.text_encoder_scale in (None, a.scale) for a in refs):
+        return sel, None
+    text = [(a.name, a.scale if a.text_encoder_scale is None else a.text_encoder_scale) for a in refs]
+    return sel, images.select(body.model, text)
 
 
 def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int], strength: float = 1.0) -> ImageSpec:
@@ -152,10 +158,15 @@ def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int
 
 
 async def _answer(
-    images: ImageFront, body: ImageGenerationRequest, specs: list[ImageSpec], sel: Selection, request: Request
+    images: ImageFront,
+    body: ImageGenerationRequest,
+    specs: list[ImageSpec],
+    sel: Selections,
+    request: Request,
 ) -> dict[str, Any]:
-    """Run `specs`; OpenAI's answer, each image with its `seed` (an extension: what reproduces it)."""
-    pictures = await images.generate(specs, sel, lambda: until_disconnected(request))
+    """Run `specs` (`sel`: `_selection`'s); OpenAI's answer, each image with its `seed` (an extension: what
+    reproduces it)."""
+    pictures = await images.generate(specs, sel[0], lambda: until_disconnected(request), sel[1])
     fmt, compression = body.output_format or "png", body.output_compression
     data = [
         {"b64_json": await run_in_threadpool(image_b64, p, fmt, compression), "revised_prompt": None, "seed": s.seed}
@@ -169,7 +180,7 @@ async def _stream(
     images: ImageFront,
     body: ImageGenerationRequest,
     specs: list[ImageSpec],
-    sel: Selection,
+    sel: Selections,
     request: Request,
     kind: str,
 ) -> StreamingResponse:
@@ -177,7 +188,7 @@ async def _stream(
     0) and one `{kind}.completed` event per image, in the order they come; each names its image (`index`, an
     extension) and seed. The images are admitted before the answer starts (a refusal is its HTTP error); a failure
     after that is an `error` event that ends the stream."""
-    running = images.stream(specs, sel)
+    running = images.stream(specs, *sel)
     try:
         await unless_gone(running.admitted(), lambda: until_disconnected(request), "its images were")
     except BaseException:

@@ -10,7 +10,9 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..schemas import AdapterRef, RequestBody
 
-__all__ = ["A1111Request", "ImageEditRequest", "ImageGenerationRequest", "Img2ImgRequest", "Txt2ImgRequest"]
+__all__ = [
+    "A1111Request", "ImageAdapterRef", "ImageEditRequest", "ImageGenerationRequest", "Img2ImgRequest", "Txt2ImgRequest",
+]  # fmt: skip
 
 
 def _sampler_field(what: str) -> Any:
@@ -52,6 +54,13 @@ def _true_cfg_field() -> Any:
     )
 
 
+class ImageAdapterRef(AdapterRef):
+    """An adapter of an image request: `scale` on the denoiser, `text_encoder_scale` on the text encoders (default:
+    `scale`; A1111's `<lora:NAME:TE:UNET>`)."""
+
+    text_encoder_scale: float | None = Field(None, allow_inf_nan=False, ge=-100, le=100)
+
+
 class ImageGenerationRequest(RequestBody):
     """`POST /v1/images/generations`. OpenAI fields that only describe their own models (quality, style,
     background, moderation, user) are ignored."""
@@ -70,7 +79,7 @@ class ImageGenerationRequest(RequestBody):
     true_cfg_scale: float | None = _true_cfg_field()
     guidance_rescale: float | None = _guidance_rescale_field()
     seed: int | None = Field(None, ge=0, le=2**62, strict=True)
-    adapters: list[AdapterRef] | None = Field(None, max_length=16)
+    adapters: list[ImageAdapterRef] | None = Field(None, max_length=16)
     sampler: str | None = _sampler_field(_SAMPLER)
     scheduler: str | None = _sampler_field(_SCHEDULE)
     clip_skip: int | None = Field(None, ge=0, le=64, strict=True, description=_CLIP_SKIP)

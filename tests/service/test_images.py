@@ -97,7 +97,8 @@ def test_served_peft_adapter_equals_peft_reference(http: httpx.Client, image_wor
 
 def test_a1111_text_encoder_and_unet_multipliers_over_http(http: httpx.Client, image_world: World) -> None:
     """`<lora:NAME:TE:UNET>` reaches the engine (an adapter on the text encoder and the UNet, hot-loaded): a TE of 0
-    differs from TE equal to UNET, `<lora:both:0.6:0.6>` is `<lora:both:0.6>`; `info` reports both multipliers."""
+    differs from TE equal to UNET, `<lora:both:0.6:0.6>` is `<lora:both:0.6>`; `info` reports both multipliers. The
+    OpenAI route's `text_encoder_scale` is the same multiplier: the same images."""
     from .images_world import own_adapter
 
     own_adapter(image_world.model_dir, image_world.root / "adapters" / "both", seed=4)
@@ -113,11 +114,16 @@ def test_a1111_text_encoder_and_unet_multipliers_over_http(http: httpx.Client, i
     try:
         same, explicit, unet_only = (txt2img(p) for p in ("a <lora:both:0.6> cat", "a <lora:both:0.6:0.6> cat",
                                                           "a <lora:both:0:0.6> cat"))  # fmt: skip
+        openai = [generate(http, prompt="a cat", guidance_scale=7.5, seed=5,
+                           adapters=[{"name": "both", "scale": 0.6, "text_encoder_scale": te}])[0]
+                  for te in (0.0, 0.6, None)]  # fmt: skip
     finally:
         http.delete("/v1/adapters/both", headers=AUTH)
     assert_pixels_close(png(explicit["images"][0]), png(same["images"][0]))
     assert np.abs(png(unet_only["images"][0]) - png(same["images"][0])).max() > 0
     assert json.loads(unet_only["info"])["loras"] == [{"name": "both", "weight": 0.6, "te": 0.0, "unet": 0.6}]
+    for served, a1111 in zip(openai, (unet_only, explicit, same), strict=True):
+        assert_pixels_close(served, png(a1111["images"][0]))
 
 
 def test_guidance_rescale_reaches_both_routes(http: httpx.Client) -> None:
