@@ -17,7 +17,7 @@ import anyio.to_thread
 from fastapi.concurrency import run_in_threadpool
 
 from ..app import create_app
-from ..errors import AdapterBusyError, HttpError, NotFoundError, http_error_for
+from ..errors import AdapterBusyError, HttpError, NotFoundError, NotReadyError, http_error_for
 from ..registry import Registry
 from ..settings import Settings
 from .asgi import Forwarded, Start, call_app
@@ -51,7 +51,11 @@ class LokrReplica:
 
     @property
     def registry(self) -> Registry:
-        return self.app.state.components.running()[0]
+        """The app's registry (a causal LM's or an image pipeline's)."""
+        registry: Registry | None = self.app.state.components.registry
+        if registry is None:
+            raise NotReadyError("the model is still loading; retry shortly")
+        return registry
 
     # ------------------------------------------------------------------------------ requests
     async def forward(self, request: Forwarded, names: list[str]) -> AsyncIterator[Start | bytes]:

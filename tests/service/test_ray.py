@@ -52,32 +52,46 @@ def _wait_ready(app_url: str, process: subprocess.Popen[bytes], log: Path, repli
     raise RuntimeError(f"not ready in time:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def ray_app(world: World) -> Iterator[RayApp]:
+def launch(world: World, *extra: str, replicas: int = 2) -> RayApp:
+    """`lokr-serve ray` on `world`'s model with `replicas` CPU replicas (one CPU each), ready; stop it with `stop`."""
     port = free_port()
     log = world.root / f"ray-{port}.log"
     cmd = [
         sys.executable, "-m", "service.cli", "ray", "--model", str(world.model_dir), "--served-model-name", "tiny",
         "--host", "127.0.0.1", "--port", str(port), "--adapter-root", str(world.adapter_root),
-        "--admin-token", ADMIN_TOKEN, "--adapter", f"alpha={world.adapters['alpha']}",
-        "--num-replicas", "2", "--num-cpus", "2", "--replica-cpus", "1", "--object-store-bytes", str(100 << 20),
-        "--max-batch-size", "4", "--upload-dir", str(world.root / "ray-uploads"), "--shutdown-grace-s", "10",
+        "--admin-token", ADMIN_TOKEN, "--num-replicas", str(replicas), "--num-cpus", "2", "--replica-cpus", "1",
+        "--object-store-bytes", str(100 << 20), "--shutdown-grace-s", "10", *extra,
     ]  # fmt: skip
     env = {**os.environ, **RAY_ENV}
     process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process, log, replicas=2)
+        _wait_ready(url, process, log, replicas=replicas)
         match = re.search(r'"event": "ray_started", "address": "([^"]+)"', log.read_text())
         assert match, log.read_text()[-2000:]
-        yield RayApp(url, process, log, match.group(1))
+    except BaseException:
+        stop(process)
+        raise
+    return RayApp(url, process, log, match.group(1))
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_app(world: World) -> Iterator[RayApp]:
+    app = launch(world, "--adapter", f"alpha={world.adapters['alpha']}", "--max-batch-size", "4",
+                 "--upload-dir", str(world.root / "ray-uploads"))  # fmt: skip
+    try:
+        yield app
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(app.process)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +155,8 @@ def test_errors_keep_the_shape(rc: httpx.Client) -> None:
     r = rc.post("/v1/adapters", json={"name": "bad", "source": "/etc"}, headers=ADMIN)
     assert r.status_code in (400, 403) and "error" in r.json()
     assert rc.post("/v1/adapters", json={"name": "x", "source": "alpha"}).status_code == 401
+    r = rc.post("/sdapi/v1/txt2img", json={"prompt": "a cat"})  # an image route on a causal LM, as `serve` answers
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_kind"
 
 
 def test_streaming_through_ingress(rc: httpx.Client) -> None:
