@@ -26,7 +26,8 @@ in rounds (each round runs every scenario once; batch-8 and batch-1 swap order e
 median is reported. Then the denoiser's own batching ceiling on this machine: the bare denoiser's step per image
 (SD: both CFG rows; Flux: one row, guidance distilled) at 1 image vs `--clients` images in one forward, and its
 FLOPs per image-step; no server can batch its way past that ratio on the same hardware.
-Writes `<out>/images.md`, `<out>/images.png` and `<out>/images.json`; prints the ratios against the issue's targets.
+Writes `<out>/images.md`, `<out>/images.png` and `<out>/images.json` (`images-flux.*` for Flux; `-<size>px` added for
+a `--size` other than 64); prints the ratios against the issue's targets.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from service.images.tiny import (  # noqa: E402
 from service.images.tiny_flux import FLUX_TARGETS, build_tiny_flux, save_peft_flux_lokr  # noqa: E402
 
 N_ADAPTERS = 8
+DEFAULT_SIZE = 64  # pixels a side; reports of other sizes are named `images-<size>px.md`
 RATIOS: tuple[tuple[str, str, str, float | None], ...] = (  # (name, numerator, denominator, issue's target)
     ("8 adapters / 1 adapter", "batch-8", "batch-1", 0.8),  # "naive" = the faster of peft-8 and peft-set-8
     ("batched / one at a time", "batch-8", "single-8", 2.0),
@@ -333,6 +335,11 @@ def _flux_step(args: argparse.Namespace, model: Path) -> Any:
     return step
 
 
+def _size_tag(args: argparse.Namespace) -> str:
+    """The reports' file-name suffix for a `--size` other than the default (none for `--quick`'s smoke test)."""
+    return "" if args.quick or args.size == DEFAULT_SIZE else f"-{args.size}px"
+
+
 def median_results(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Each scenario's median run by images/s, with every run's images/s."""
     out = {}
@@ -409,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=_ROOT / "bench" / ".work" / "images")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the scenarios (medians reported)")
     parser.add_argument("--fold-cache", type=int, default=None, help="the servers' --fold-cache (default: theirs)")
@@ -427,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     results = median_results(runs)
     ceiling = denoiser_ceiling(args, model)
     text = report(args, results, ceiling)
-    stem = "images" if args.kind.name == "sd" else f"images-{args.kind.name}"
+    stem = ("images" if args.kind.name == "sd" else f"images-{args.kind.name}") + _size_tag(args)
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(json.dumps({"results": results, "ceiling": ceiling}, indent=2))
     series = {name: [(float(args.clients), r["images_per_s"])] for name, r in results.items()}
