@@ -153,7 +153,7 @@ def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int
         sampler=images.sampler(body.sampler, body.scheduler),
         strength=strength,
         clip_skip=body.clip_skip,
-        previews=body.partial_images or 0 if body.stream else 0,
+        previews=body.partial_images or 0,  # only with `stream` (the schema says so)
     )
 
 

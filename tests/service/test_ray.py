@@ -5,6 +5,7 @@ One Ray instance for the whole module (started by the CLI under test); the last 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -52,8 +53,17 @@ def _wait_ready(app_url: str, process: subprocess.Popen[bytes], log: Path, repli
     raise RuntimeError(f"not ready in time:\n{log.read_text()[-4000:]}")
 
 
-def launch(world: World, *extra: str, replicas: int = 2) -> RayApp:
-    """`lokr-serve ray` on `world`'s model with `replicas` CPU replicas (one CPU each), ready; stop it with `stop`."""
+@contextlib.contextmanager
+def ray_running(world: World, *extra: str, replicas: int = 2) -> Iterator[RayApp]:
+    """`lokr-serve ray` on `world`'s model with `replicas` CPU replicas (one CPU each), ready; stopped on exit."""
+    app = _launch(world, *extra, replicas=replicas)
+    try:
+        yield app
+    finally:
+        _stop(app.process)
+
+
+def _launch(world: World, *extra: str, replicas: int) -> RayApp:
     port = free_port()
     log = world.root / f"ray-{port}.log"
     cmd = [
@@ -70,12 +80,12 @@ def launch(world: World, *extra: str, replicas: int = 2) -> RayApp:
         match = re.search(r'"event": "ray_started", "address": "([^"]+)"', log.read_text())
         assert match, log.read_text()[-2000:]
     except BaseException:
-        stop(process)
+        _stop(process)
         raise
     return RayApp(url, process, log, match.group(1))
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -86,12 +96,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def ray_app(world: World) -> Iterator[RayApp]:
-    app = launch(world, "--adapter", f"alpha={world.adapters['alpha']}", "--max-batch-size", "4",
-                 "--upload-dir", str(world.root / "ray-uploads"))  # fmt: skip
-    try:
+    extra = ["--max-batch-size", "4", "--upload-dir", str(world.root / "ray-uploads")]
+    with ray_running(world, "--adapter", f"alpha={world.adapters['alpha']}", *extra) as app:
         yield app
-    finally:
-        stop(app.process)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from PIL import Image
 from .conftest import World
 from .images_world import assert_pixels_close, peft_reference_pipe, peft_unet_adapter, picture, pipeline_dir
 from .images_world import reference_image as diffusers_image
-from .test_ray import ADMIN, RayApp, launch, stop
+from .test_ray import ADMIN, RayApp, ray_running
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 INK_SEED = 5
@@ -33,11 +33,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture(scope="module")
 def ray_app(world: World) -> Iterator[RayApp]:
-    app = launch(world, "--adapter", f"ink={world.adapters['ink']}", "--device", "cpu")
-    try:
+    with ray_running(world, "--adapter", f"ink={world.adapters['ink']}", "--device", "cpu") as app:
         yield app
-    finally:
-        stop(app.process)
 
 
 @pytest.fixture(scope="module")
