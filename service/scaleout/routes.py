@@ -176,9 +176,9 @@ def _tag_adapters(body: bytes) -> list[AdapterRef] | None:
         fields = json.loads(body)
         prompts = [fields.get(key) for key in ("prompt", "hr_prompt")] if isinstance(fields, dict) else []
         tags = [tag for p in prompts if isinstance(p, str) for tag in parse_lora_tags(p)[1]]
-    except (ValueError, ServiceError):
+        return [AdapterRef(name=tag.name, scale=tag.unet) for tag in tags] or None
+    except (ValueError, ServiceError):  # pydantic's ValidationError is a ValueError
         return None
-    return [AdapterRef(name=tag.name, scale=tag.unet) for tag in tags] or None
 
 
 def _admin(ingress: LokrIngress) -> APIRouter:

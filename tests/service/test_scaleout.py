@@ -17,6 +17,7 @@ from service.backend import load_causal_lm
 from service.scaleout.app import Scale, replica_options
 from service.scaleout.asgi import Forwarded, Start, call_app
 from service.scaleout.catalog import Catalog
+from service.scaleout.routes import _form_adapters, _tag_adapters
 from service.settings import Settings
 
 from .conftest import Server, World
@@ -83,6 +84,22 @@ def test_replica_options_pass_autoscaling_through() -> None:
     assert Scale.for_settings(Settings(device="cuda"), num_replicas=None).replica_gpus == 1.0
     with pytest.raises(ValueError):
         replica_options(settings, Scale(min_replicas=3, max_replicas=2))
+
+
+def test_image_requests_route_by_their_first_adapter() -> None:
+    """The ingress reads an image request's adapters for routing only: A1111's `<lora>` tags (prompt, then the
+    hires prompt) at their denoiser multipliers, an edit form's JSON list; what does not parse routes as the base
+    model, whose replica then answers the request's 400."""
+    prompt = {"prompt": "a <lora:ink:0.5> cat <lora:wash:1:0.3>", "hr_prompt": "<lora:hr:2>"}
+    routed = _tag_adapters(json.dumps(prompt).encode())
+    assert routed is not None and [(a.name, a.scale) for a in routed] == [("ink", 0.5), ("wash", 0.3), ("hr", 2.0)]
+    assert _tag_adapters(b'{"prompt": "a cat"}') is None
+    assert _tag_adapters(b"not json") is None
+    assert _tag_adapters(b'{"prompt": "<lora:ink:1e9>"}') is None  # out of range: the replica's 400
+    assert _tag_adapters(b'{"prompt": "<lora:ink:1:lbw=ALL>"}') is None  # block weights: the replica's 400
+    form = _form_adapters('[{"name": "ink", "scale": 0.7, "text_encoder_scale": 0}]')
+    assert form is not None and [(a.name, a.scale) for a in form] == [("ink", 0.7)]
+    assert _form_adapters("[{") is None and _form_adapters(None) is None
 
 
 async def _collect(parts: AsyncIterator[Start | bytes]) -> tuple[Start, bytes]:
