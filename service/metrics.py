@@ -44,6 +44,14 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("lokr_tokens", "Tokens processed", ["kind", "adapter"], registry=r)
+        self.images = Counter(
+            "lokr_images", "Images denoised to their last step (image pipelines; the hires fix's two passes: two)",
+            ["adapter"], registry=r,
+        )  # fmt: skip
+        self.denoiser_steps = Counter(
+            "lokr_denoiser_steps", "Denoiser forwards run for images, finished or cancelled (image pipelines)",
+            ["adapter"], registry=r,
+        )  # fmt: skip
         self.batch_size = Histogram(
             "lokr_batch_size", "Rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )
@@ -82,6 +90,8 @@ class Metrics:
             (self.requests, ("route", "adapter", "status")),
             (self.ttft, ("adapter",)),
             (self.tokens, ("kind", "adapter")),
+            (self.images, ("adapter",)),
+            (self.denoiser_steps, ("adapter",)),
         )
 
     def render(self) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -176,9 +177,8 @@ class ImageFront:
             holder: list[ImageJob] = []
 
             def make_job(sink: Callable[[Event], None]) -> Job:
-                release = lease.hold()
-                job = ImageJob([], _NO_TOKENS, sel.spec, sink, on_done=lambda event: release(), spec=spec,
-                               text_selection=text_spec)  # fmt: skip
+                done = functools.partial(self._done, lease.hold(), sel.label)
+                job = ImageJob([], _NO_TOKENS, sel.spec, sink, on_done=done, spec=spec, text_selection=text_spec)
                 holder.append(job)
                 return job
 
@@ -190,6 +190,15 @@ class ImageFront:
                 if isinstance(event, PreviewEvent) and hooks is not None:
                     hooks.preview(event)
             return holder[0].image
+
+    def _done(self, release: Callable[[], None], label: str, event: Event) -> None:
+        """An image's last event (engine thread, client gone or not): give the lease back, count the image and
+        its denoiser steps (a `FinishEvent`'s `completion_tokens`)."""
+        release()
+        if isinstance(event, FinishEvent):
+            if event.reason == "stop":
+                self.metrics.images.labels(label).inc()
+            self.metrics.denoiser_steps.labels(label).inc(event.completion_tokens)
 
 
 def image_b64(image: Any, output_format: str = "png", compression: int | None = None) -> str:

@@ -287,3 +287,35 @@ def test_leaving_a_stream_cancels_its_images(server: Server, http: httpx.Client)
         assert time.monotonic() < deadline, "the images of a stream left behind still hold their adapter"
         time.sleep(0.2)
     assert "never retrieved" not in server.log.read_text()
+
+
+@pytest.mark.e2e
+def test_images_and_their_denoiser_steps_are_counted_per_adapter(server: Server, http: httpx.Client) -> None:
+    """`lokr_images_total` and `lokr_denoiser_steps_total` by adapter: two 4-step Euler images of `ink` add 2 and 8."""
+
+    def counts() -> tuple[float, float]:
+        text = http.get("/metrics").text
+        series = ('lokr_images_total{adapter="ink"}', 'lokr_denoiser_steps_total{adapter="ink"}')
+        return _sample(text, series[0]), _sample(text, series[1])
+
+    before = counts()
+    body = {
+        "model": "ink",
+        "prompt": "a cat",
+        "size": "32x32",
+        "num_inference_steps": 4,
+        "seed": 9,
+        "n": 2,
+        "sampler": "Euler",
+    }  # one forward a step (the tiny pipeline's PNDM runs one more)
+    assert http.post("/v1/images/generations", json=body).status_code == 200
+    images, steps = counts()
+    assert (images - before[0], steps - before[1]) == (2, 8)
+
+
+def _sample(text: str, series: str) -> float:
+    """A Prometheus series' value in `/metrics` text (0 when it is not there yet)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
