@@ -123,6 +123,7 @@ def check_spec(
             "negative_prompt out (guidance_scale is its distilled guidance)",
             code="invalid_request",
         )
+    _check_control(loaded, spec)
     if spec.clip_skip is not None:
         _check_clip_skip(loaded, spec.clip_skip, names)
     if spec.guidance_rescale > 0.0 and not (loaded.ops.rescales_cfg and loaded.uses_cfg_model):
@@ -135,6 +136,24 @@ def check_spec(
             code="invalid_request",
         )
     loaded.ops.check(spec)
+
+
+def _check_control(loaded: LoadedPipeline, spec: ImageSpec) -> None:
+    """A ControlNet pipeline's images each need a control image and start from noise; other pipelines take none."""
+    if loaded.controlnet is None:
+        if spec.control is not None:
+            raise BadRequestError("control_image needs a ControlNet pipeline (a StableDiffusionControlNetPipeline "
+                                  "dir); this one has none: leave it out", code="invalid_request")  # fmt: skip
+        return
+    if spec.control is None:
+        raise BadRequestError(
+            "this pipeline has a ControlNet: every image needs a control image (`control_image`, base64, on "
+            "/v1/images/generations; A1111's ControlNet arguments in alwayson_scripts are not served)",
+            code="invalid_request",
+        )
+    if spec.from_image:
+        raise BadRequestError("img2img and inpainting are not served on a ControlNet pipeline; send text-to-image "
+                              "requests with a control_image", code="invalid_request")  # fmt: skip
 
 
 def _check_clip_skip(loaded: LoadedPipeline, clip_skip: int, names: FieldNames) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from lokr.batch import RowSpec
 
 from ..disconnect import unless_gone
@@ -29,7 +31,7 @@ from .backend import (
     round_to_unit,
     size_unit,
 )
-from .init_image import open_image, pixels_for
+from .init_image import decode_b64, open_image, pixels_for
 from .inpaint import Repaint, mask_pixels, overlay
 from .rows import ImageJob, ImageSpec, random_seed
 from .samplers import Sampler, resolve
@@ -112,6 +114,18 @@ class ImageFront:
         """The share of the schedule an image from a picture runs: `asked`, or all of it on a pipeline that edits
         from the picture as a reference (Flux Kontext: strength does not apply)."""
         return 1.0 if self.backend.loaded.ops.edits_from_reference else asked
+
+    def control_pixels(self, b64: str, size: tuple[int, int], field: str = "control_image") -> Any:
+        """A ControlNet's control image from base64 file bytes as the pipeline prepares it for an image of `size`
+        (`control_image_processor`: resized, `(1, 3, H, W)` float32 in [0, 1]); a 400 naming `field` for one that
+        is not an image, and on a pipeline without a ControlNet (blocking: run it off the event loop)."""
+        loaded = self.backend.loaded
+        if loaded.controlnet is None:
+            raise BadRequestError(f"{field} needs a ControlNet pipeline (a StableDiffusionControlNetPipeline dir); "
+                                  "this one has none: leave it out", code="invalid_request")  # fmt: skip
+        image = open_image(decode_b64(b64, field), field, self.backend.max_pixels)
+        width, height = size
+        return loaded.pipe.control_image_processor.preprocess(image, height=height, width=width).to(torch.float32)
 
     def mask_image(self, data: bytes, field: str) -> Any:
         """An inpainting mask's file bytes as a PIL image in its own mode (alpha kept); a 400 as for a starting

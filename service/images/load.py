@@ -27,6 +27,7 @@ FAMILIES = {
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3InpaintPipeline": "sd3",  # a 16-channel transformer
     "FluxKontextPipeline": "flux-kontext",  # Flux's transformer, edits from a reference picture
     "ChromaPipeline": "chroma",  # Flux's transformer with an approximator, T5 only, real CFG
+    "StableDiffusionControlNetPipeline": "sd",  # SD with one ControlNet: every image takes a control image
 }  # fmt: skip
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -49,6 +50,11 @@ class LoadedPipeline:
         from .family import family_ops
 
         return family_ops(self.family)
+
+    @property
+    def controlnet(self) -> Any:
+        """The pipeline's ControlNet (`StableDiffusionControlNetPipeline`), or None."""
+        return getattr(self.pipe, "controlnet", None)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -114,10 +120,21 @@ def load_pipeline(source: str, device: str = "auto", dtype: str = "auto") -> Loa
     _name_text_model(pipe)
     _check_inputs(pipe, path, FAMILIES[cls_name])
     parts = {n: getattr(pipe, n) for n in ADAPTER_COMPONENTS if isinstance(getattr(pipe, n, None), nn.Module)}
-    for module in [*parts.values(), pipe.vae]:
+    controlnet = _one_controlnet(pipe, path)
+    for module in [*parts.values(), pipe.vae, *([controlnet] if controlnet is not None else [])]:
         module.eval()
         module.requires_grad_(False)
     return LoadedPipeline(pipe, nn.ModuleDict(parts), FAMILIES[cls_name], dev, dt)
+
+
+def _one_controlnet(pipe: Any, path: Path) -> Any:
+    """The pipeline's ControlNet, None without one; several (a `MultiControlNetModel`) are refused."""
+    from diffusers import ControlNetModel
+
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None and not isinstance(controlnet, ControlNetModel):
+        raise ModelLoadError(f"{path}: a pipeline with {type(controlnet).__name__}; lokr-serve serves one ControlNet")
+    return controlnet
 
 
 def _name_text_model(pipe: Any) -> None:
@@ -166,7 +183,7 @@ def _pipeline_class(path: Path) -> str:
     if name not in FAMILIES:
         raise ModelLoadError(
             f"{path} holds a {name or 'unnamed'} pipeline; lokr-serve serves {sorted(FAMILIES)} "
-            "(Stable Diffusion 1.x/2.x, SDXL, SD3, Flux, Flux Kontext and Chroma style)"
+            "(Stable Diffusion 1.x/2.x with or without a ControlNet, SDXL, SD3, Flux, Flux Kontext and Chroma style)"
         )
     return name
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -55,7 +56,10 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
     images = front(c)
     size = parse_size(body.size, images.default_size)
     sel = _selection(images, body, request)
-    specs = images.specs(_spec(images, body, size), body.n)
+    control = None
+    if body.control_image is not None:
+        control = await run_in_threadpool(images.control_pixels, body.control_image, size)
+    specs = images.specs(replace(_spec(images, body, size), control=control), body.n)
     if body.stream:
         return await _stream(images, body, specs, sel, request, "image_generation")
     return await _answer(images, body, specs, sel, request)
@@ -84,6 +88,9 @@ async def edits(c: Deps, request: Request) -> dict[str, Any] | StreamingResponse
         body, upload, mask_upload = _edit_form(form)
         data = await upload.read()
         mask_data = None if mask_upload is None else await mask_upload.read()
+    if body.control_image is not None:
+        raise BadRequestError("control_image is served on /v1/images/generations (text to image), not on edits",
+                              code="invalid_request")  # fmt: skip
     (start,) = await run_in_threadpool(images.starting_images, [("image", data)])
     mask = None if mask_data is None else await run_in_threadpool(_edit_mask, images, mask_data, start.size)
     size = parse_size(body.size, images.output_size(start, None, None))
@@ -154,6 +161,7 @@ def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int
         strength=strength,
         clip_skip=body.clip_skip,
         previews=body.partial_images or 0,  # only with `stream` (the schema says so)
+        control_scale=body.controlnet_conditioning_scale,
     )
 
 

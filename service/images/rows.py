@@ -49,6 +49,10 @@ class ImageSpec:
     clip_skip: int | None = None  # CLIP layers skipped from the end (diffusers' `clip_skip`; A1111's CLIP skip - 1)
     a1111_prompts: bool = False  # SD / SDXL: prompts in A1111's syntax (emphasis, BREAK, any length; `prompts`)
     previews: int = 0  # OpenAI's `partial_images`: estimates of the finished image sent part way (`preview_steps`)
+    # a ControlNet pipeline's control image `(1, 3, H, W)` float in [0, 1] at the output size (its
+    # `control_image_processor`), and the ControlNet's residuals' scale (diffusers' `controlnet_conditioning_scale`)
+    control: Tensor | None = field(default=None, compare=False, repr=False)
+    control_scale: float = 1.0
 
     @property
     def from_image(self) -> bool:
@@ -101,6 +105,7 @@ class Row:
     extra: Tensor | None = None
     # Flux Kontext: the reference picture's packed latents `(1, N_ref, 4C)`, which follow the row's own tokens
     reference: Tensor | None = None
+    control: Tensor | None = None  # `spec.control` on the device, in the ControlNet's dtype
     # the denoiser's estimate of the finished latents (like `latents`), taken at a preview step, until it is sent
     preview: Tensor | None = None
     previews_sent: int = 0

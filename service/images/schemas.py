@@ -83,6 +83,14 @@ class ImageGenerationRequest(RequestBody):
     sampler: str | None = _sampler_field(_SAMPLER)
     scheduler: str | None = _sampler_field(_SCHEDULE)
     clip_skip: int | None = Field(None, ge=0, le=64, strict=True, description=_CLIP_SKIP)
+    control_image: str | None = Field(
+        None,
+        description="a ControlNet pipeline's control image (base64 PNG / JPEG, "
+        "resized to the output size as diffusers does); every image takes it",
+    )
+    controlnet_conditioning_scale: float = Field(
+        1.0, ge=0, le=10, allow_inf_nan=False, description="the ControlNet's residuals' scale (diffusers')"
+    )
     stream: bool = Field(False, description="server-sent events: partial images as they come, then each image")
     partial_images: int | None = Field(None, ge=0, le=3, strict=True, description=_PARTIAL)
 

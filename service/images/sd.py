@@ -151,8 +151,11 @@ class StableDiffusion(Family):
             shape = (1, pipe.unet.config.in_channels, spec.height // f, spec.width // f)
             latents = randn_tensor(shape, generator=generator, device=loaded.device, dtype=cond.cond.dtype)
             latents = latents * scheduler.init_noise_sigma
+        control = None
+        if spec.control is not None:
+            control = spec.control.to(loaded.device, loaded.controlnet.dtype)
         return Row(job, spec, cond, scheduler, latents, step_kwargs(scheduler, generator), index=first, first=first,
-                   inpaint=inpaint, extra=extra)  # fmt: skip
+                   inpaint=inpaint, extra=extra, control=control)  # fmt: skip
 
     def _model_inpainting(
         self,
@@ -265,6 +268,8 @@ class StableDiffusion(Family):
                   "encoder_hidden_states": states, "added_cond_kwargs": added}  # fmt: skip
         if mask is not None:
             kwargs["encoder_attention_mask"] = mask
+        if loaded.controlnet is not None:
+            kwargs.update(_control_residuals(loaded.controlnet, rows, kwargs))
         return DenoiserBatch(specs, kwargs)
 
     def predictions(self, rows: Sequence[Row], output: Tensor) -> list[Tensor]:
@@ -302,6 +307,23 @@ class StableDiffusion(Family):
             s = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
             return latents * s / vae.config.scaling_factor + m
         return latents / vae.config.scaling_factor
+
+
+def _control_residuals(controlnet: Any, rows: Sequence[Row], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ControlNet's residuals for the UNet over the batch `kwargs` (both CFG rows of an image take its control
+    image), each row's scaled by its `control_scale` as diffusers' `conditioning_scale` scales them."""
+    assert "encoder_attention_mask" not in kwargs  # a ControlNet takes no text mask (checked: its rows are OpenAI's)
+    controls, scales = [], []
+    for row in rows:
+        assert row.control is not None
+        copies = 2 if row.cfg else 1
+        controls.extend([row.control] * copies)
+        scales.extend([row.spec.control_scale] * copies)
+    down, mid = controlnet(kwargs["sample"], kwargs["timestep"], encoder_hidden_states=kwargs["encoder_hidden_states"],
+                           controlnet_cond=torch.cat(controls), added_cond_kwargs=kwargs["added_cond_kwargs"],
+                           return_dict=False)  # fmt: skip
+    scale = torch.tensor(scales, device=mid.device, dtype=mid.dtype).view(-1, 1, 1, 1)
+    return {"down_block_additional_residuals": [d * scale for d in down], "mid_block_additional_residual": mid * scale}
 
 
 def _cfg_pair(uncond: Tensor | None, cond: Tensor | None) -> list[Tensor]:

@@ -73,11 +73,26 @@ def _vae() -> Any:
     )  # fmt: skip
 
 
+def _controlnet(unet: Any) -> Any:
+    """A ControlNet copied from `unet` (as diffusers starts one), its zero convolutions drawn at random instead so
+    that the control image changes the image (a trained one's are not zero either)."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]  # fmt: skip
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0.0, 0.3)
+    return controlnet
+
+
 def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
     """A random-weight `StableDiffusionPipeline` ("sd"), an SD inpainting checkpoint ("sd-inpaint": a 9-channel UNet,
     `StableDiffusionInpaintPipeline`), `StableDiffusionXLPipeline` ("sdxl"; "sdxl-inpaint" likewise) or `FluxPipeline`
     ("flux"; "flux-fill": `FluxFillPipeline`, Flux's inpainting checkpoint; "flux-kontext": `FluxKontextPipeline`),
-    `StableDiffusion3Pipeline` ("sd3") or `ChromaPipeline` ("chroma") on CPU."""
+    `StableDiffusion3Pipeline` ("sd3"), `ChromaPipeline` ("chroma") or `StableDiffusionControlNetPipeline`
+    ("sd-controlnet": the "sd" pipeline with a ControlNet) on CPU."""
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
@@ -110,15 +125,19 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 4,
     }  # fmt: skip
     scheduler: Any
-    if kind in ("sd", "sd-inpaint"):  # an inpainting checkpoint's UNet also takes the mask and masked picture
+    if kind in ("sd", "sd-inpaint", "sd-controlnet"):  # an inpainting UNet also takes the mask and masked picture
         unet = UNet2DConditionModel(**{**common, "in_channels": 9 if kind == "sd-inpaint" else 4},
                                     cross_attention_dim=32, attention_head_dim=4)  # fmt: skip
         scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+        parts = {"vae": _vae(), "text_encoder": CLIPTextModel(_text_config(vocab, False)), "tokenizer": tokenizer,
+                 "unet": unet, "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
+                 "requires_safety_checker": False}  # fmt: skip
+        if kind == "sd-controlnet":
+            from diffusers import StableDiffusionControlNetPipeline
+
+            return StableDiffusionControlNetPipeline(**parts, controlnet=_controlnet(unet))
         cls = StableDiffusionInpaintPipeline if kind == "sd-inpaint" else StableDiffusionPipeline
-        return cls(
-            vae=_vae(), text_encoder=CLIPTextModel(_text_config(vocab, False)), tokenizer=tokenizer, unet=unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
+        return cls(**parts)
     if kind in ("sdxl", "sdxl-inpaint"):
         unet = UNet2DConditionModel(
             **{**common, "in_channels": 9 if kind == "sdxl-inpaint" else 4}, attention_head_dim=(2, 4),
@@ -136,7 +155,10 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=build_clip_tokenizer(),
             unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )  # fmt: skip
-    kinds = "'sd', 'sd-inpaint', 'sdxl', 'sdxl-inpaint', 'sd3', 'flux', 'flux-fill', 'flux-kontext' or 'chroma'"
+    kinds = (
+        "'sd', 'sd-inpaint', 'sd-controlnet', 'sdxl', 'sdxl-inpaint', 'sd3', 'flux', 'flux-fill', 'flux-kontext' or "
+        "'chroma'"
+    )
     raise ValueError(f"kind must be {kinds}, got {kind!r}")
 
 
