@@ -16,6 +16,7 @@ from ..disconnect import until_disconnected
 from ..errors import BadRequestError
 from ..routes.deps import ApiAuth, Components, Deps
 from .backend import HIRES_NAMES, size_unit
+from .controlnet import control_unit
 from .front import A1111_NAMES, ImageFront, image_b64, seed_or_random
 from .hires import LATENT_UPSCALERS, PIXEL_UPSCALERS, Hires, hires_pass, upscaled_to
 from .init_image import decode_b64
@@ -120,6 +121,10 @@ async def _generate(
     text_sel = None if all(t.te == t.unet for t in tags) else images.select(None, [(t.name, t.te) for t in tags])
     request.scope["lokr_adapter"] = sel.label
     seed = seed_or_random(body.seed)
+    unit, control = control_unit(body.alwayson_scripts), None
+    if unit is not None:
+        field = "alwayson_scripts.controlnet image"
+        control = await run_in_threadpool(images.control_pixels, unit.image, size, field, unit.resize_mode)
     spec = ImageSpec(
         prompt=prompt,
         negative_prompt=body.negative_prompt,
@@ -135,6 +140,10 @@ async def _generate(
         clip_skip=clip_skip_of(body.override_settings, c.settings.base_name),
         a1111_prompts=True,
         latent_output=hires is not None and hires.latent is not None,
+        control=control,
+        control_scale=1.0 if unit is None else unit.weight,
+        control_start=0.0 if unit is None else unit.start,
+        control_end=1.0 if unit is None else unit.end,
     )
     count = batch * body.n_iter
     specs = images.specs(spec, count, A1111_NAMES, masked=start is not None and start.repaint is not None)
@@ -173,6 +182,8 @@ async def _generate(
     if spec.guidance_rescale > 0.0:
         info["guidance_rescale"] = spec.guidance_rescale
     info["sampler_name"], info["scheduler"] = images.sampler_label(spec.sampler)
+    if unit is not None:
+        info["controlnet"] = {"weight": unit.weight, "guidance_start": unit.start, "guidance_end": unit.end}
     parameters = body.model_dump(exclude={"init_images", "mask"})  # A1111 leaves the images out of `parameters` too
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
 

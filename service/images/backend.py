@@ -153,7 +153,13 @@ def _check_control(loaded: LoadedPipeline, spec: ImageSpec) -> None:
         )
     if spec.from_image:
         raise BadRequestError("img2img and inpainting are not served on a ControlNet pipeline; send text-to-image "
-                              "requests with a control_image", code="invalid_request")  # fmt: skip
+                              "requests with a control image", code="invalid_request")  # fmt: skip
+    if not 0.0 <= spec.control_start < spec.control_end <= 1.0 or not 0.0 <= spec.control_scale <= 10.0:
+        raise BadRequestError(
+            f"the ControlNet's guidance start {spec.control_start} and end {spec.control_end} must satisfy 0 <= start "
+            f"< end <= 1, and its scale ({spec.control_scale}) be in [0, 10]",
+            code="invalid_request",
+        )
 
 
 def _check_clip_skip(loaded: LoadedPipeline, clip_skip: int, names: FieldNames) -> None:

@@ -115,17 +115,21 @@ class ImageFront:
         from the picture as a reference (Flux Kontext: strength does not apply)."""
         return 1.0 if self.backend.loaded.ops.edits_from_reference else asked
 
-    def control_pixels(self, b64: str, size: tuple[int, int], field: str = "control_image") -> Any:
+    def control_pixels(
+        self, b64: str, size: tuple[int, int], field: str = "control_image", resize_mode: str = "default"
+    ) -> Any:
         """A ControlNet's control image from base64 file bytes as the pipeline prepares it for an image of `size`
-        (`control_image_processor`: resized, `(1, 3, H, W)` float32 in [0, 1]); a 400 naming `field` for one that
-        is not an image, and on a pipeline without a ControlNet (blocking: run it off the event loop)."""
+        (`control_image_processor`: resized as `resize_mode` says, diffusers' default a stretch; `(1, 3, H, W)`
+        float32 in [0, 1]); a 400 naming `field` for one that is not an image, and on a pipeline without a
+        ControlNet (blocking: run it off the event loop)."""
         loaded = self.backend.loaded
         if loaded.controlnet is None:
             raise BadRequestError(f"{field} needs a ControlNet pipeline (a StableDiffusionControlNetPipeline dir); "
                                   "this one has none: leave it out", code="invalid_request")  # fmt: skip
         image = open_image(decode_b64(b64, field), field, self.backend.max_pixels)
         width, height = size
-        return loaded.pipe.control_image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        processor = loaded.pipe.control_image_processor
+        return processor.preprocess(image, height=height, width=width, resize_mode=resize_mode).to(torch.float32)
 
     def mask_image(self, data: bytes, field: str) -> Any:
         """An inpainting mask's file bytes as a PIL image in its own mode (alpha kept); a 400 as for a starting

@@ -162,6 +162,8 @@ def _spec(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int
         clip_skip=body.clip_skip,
         previews=body.partial_images or 0,  # only with `stream` (the schema says so)
         control_scale=body.controlnet_conditioning_scale,
+        control_start=body.control_guidance_start,
+        control_end=body.control_guidance_end,
     )
 
 

@@ -53,6 +53,8 @@ class ImageSpec:
     # `control_image_processor`), and the ControlNet's residuals' scale (diffusers' `controlnet_conditioning_scale`)
     control: Tensor | None = field(default=None, compare=False, repr=False)
     control_scale: float = 1.0
+    control_start: float = 0.0  # the share of the steps the ControlNet acts on (diffusers' control_guidance_start
+    control_end: float = 1.0  # and _end)
 
     @property
     def from_image(self) -> bool:

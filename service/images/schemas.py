@@ -91,6 +91,12 @@ class ImageGenerationRequest(RequestBody):
     controlnet_conditioning_scale: float = Field(
         1.0, ge=0, le=10, allow_inf_nan=False, description="the ControlNet's residuals' scale (diffusers')"
     )
+    control_guidance_start: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False, description="the share of steps before the ControlNet acts (diffusers')"
+    )
+    control_guidance_end: float = Field(
+        1.0, ge=0, le=1, allow_inf_nan=False, description="the share of the steps after which it stops (diffusers')"
+    )
     stream: bool = Field(False, description="server-sent events: partial images as they come, then each image")
     partial_images: int | None = Field(None, ge=0, le=3, strict=True, description=_PARTIAL)
 
@@ -139,7 +145,6 @@ _NOT_SERVED = {
     "seed_resize_from_w": "seed resize is not served",
     "styles": "A1111's saved styles are not on this server: put their text in the prompt",
     "script_name": "scripts are not served",
-    "alwayson_scripts": "extensions (alwayson_scripts: ControlNet, ADetailer, ...) are not served",
 }
 
 
@@ -165,6 +170,10 @@ class A1111Request(RequestBody):
         None, description="per request: CLIP_stop_at_last_layers (CLIP skip) and sd_model_checkpoint (this one)"
     )
     override_settings_restore_afterwards: bool = True  # always: overrides are this request's alone
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None, description="ControlNet's one unit on a ControlNet pipeline (module 'none': a preprocessed image); "
+        "other extensions are not served"
+    )  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod

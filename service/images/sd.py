@@ -311,19 +311,27 @@ class StableDiffusion(Family):
 
 def _control_residuals(controlnet: Any, rows: Sequence[Row], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The ControlNet's residuals for the UNet over the batch `kwargs` (both CFG rows of an image take its control
-    image), each row's scaled by its `control_scale` as diffusers' `conditioning_scale` scales them."""
+    image), each row's scaled by its `control_scale` as diffusers' `conditioning_scale` scales them, and by 0 on
+    steps outside its `control_start` to `control_end` share (diffusers' `controlnet_keep`)."""
     assert "encoder_attention_mask" not in kwargs  # a ControlNet takes no text mask (checked: its rows are OpenAI's)
     controls, scales = [], []
     for row in rows:
         assert row.control is not None
         copies = 2 if row.cfg else 1
         controls.extend([row.control] * copies)
-        scales.extend([row.spec.control_scale] * copies)
+        scales.extend([row.spec.control_scale * _keep(row)] * copies)
     down, mid = controlnet(kwargs["sample"], kwargs["timestep"], encoder_hidden_states=kwargs["encoder_hidden_states"],
                            controlnet_cond=torch.cat(controls), added_cond_kwargs=kwargs["added_cond_kwargs"],
                            return_dict=False)  # fmt: skip
     scale = torch.tensor(scales, device=mid.device, dtype=mid.dtype).view(-1, 1, 1, 1)
     return {"down_block_additional_residuals": [d * scale for d in down], "mid_block_additional_residual": mid * scale}
+
+
+def _keep(row: Row) -> float:
+    """1 while the row's step is within its ControlNet's share of the schedule, else 0 (as diffusers decides it,
+    step `i` of the scheduler's `n` timesteps)."""
+    i, n, spec = row.index, len(row.scheduler.timesteps), row.spec
+    return 1.0 - float(i / n < spec.control_start or (i + 1) / n > spec.control_end)
 
 
 def _cfg_pair(uncond: Tensor | None, cond: Tensor | None) -> list[Tensor]:

@@ -74,16 +74,18 @@ def _vae() -> Any:
 
 
 def _controlnet(unet: Any) -> Any:
-    """A ControlNet copied from `unet` (as diffusers starts one), its zero convolutions drawn at random instead so
-    that the control image changes the image (a trained one's are not zero either)."""
+    """A ControlNet copied from `unet` (as diffusers starts one), its zero convolutions drawn at random instead and
+    its control-image embedding drawn larger, so that the control image and its content change the image (a
+    trained one's are not zero either)."""
     from diffusers import ControlNetModel
 
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                  controlnet.controlnet_cond_embedding.conv_out]  # fmt: skip
+    embedding = controlnet.controlnet_cond_embedding
     with torch.no_grad():
-        for conv in zero_convs:
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.weight.normal_(0.0, 0.3)
+        for conv in [embedding.conv_in, *embedding.blocks, embedding.conv_out]:
+            conv.weight.normal_(0.0, 0.5)
     return controlnet
 
 

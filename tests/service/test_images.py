@@ -731,7 +731,8 @@ A1111_DEFAULTS = {
         ("seed_resize_from_w", 512, "seed_resize_from_w: seed resize"),
         ("styles", ["cinematic"], "styles: A1111's saved styles"),
         ("script_name", "x/y/z plot", "script_name: scripts are not served"),
-        ("alwayson_scripts", {"controlnet": {"args": []}}, "alwayson_scripts: extensions"),
+        ("alwayson_scripts", {"ADetailer": {"args": [{"ad_model": "face"}]}}, "other than ControlNet are not served"),
+        ("alwayson_scripts", {"controlnet": {"args": [{"image": "aGVsbG8="}]}}, "needs a ControlNet pipeline"),
     ],
 )  # fmt: skip
 def test_a1111_features_not_served_are_400s_not_other_images(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 import lokr
 from service.errors import BadRequestError
 from service.images.backend import check_spec
+from service.images.controlnet import ControlUnit, control_unit
 from service.images.load import LoadedPipeline
 from service.images.rows import ImageSpec
 
@@ -61,7 +63,8 @@ def test_rows_with_their_own_control_images_scales_and_adapters_equal_diffusers(
     cn_dir: Path, ink: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three images in one batch: two control images, scales 1 and 0.5, one with peft's LoKr on the UNet, one
-    joining a step later; each equals `StableDiffusionControlNetPipeline` with that image and scale."""
+    joining a step later with its ControlNet from 40% of its steps; each equals `StableDiffusionControlNetPipeline`
+    with that image, scale and start."""
     loaded = load(cn_dir)
     lokr.load_adapter(loaded.container, ink, "ink")
     run = Run(loaded, monkeypatch)
@@ -69,14 +72,18 @@ def test_rows_with_their_own_control_images_scales_and_adapters_equal_diffusers(
     items = [
         (ImageSpec("a red cat", None, 32, 32, 3, 7.5, 7, control=_control(loaded, first)), None),
         (ImageSpec("the dog", "red", 32, 32, 4, 6.0, 8, control=_control(loaded, second), control_scale=0.5), "ink"),
-        (ImageSpec("a cat on the mat", None, 32, 32, 3, 7.5, 9, control=_control(loaded, second)), None),
+        (
+            ImageSpec("a cat on the mat", None, 32, 32, 3, 7.5, 9, control=_control(loaded, second), control_start=0.4),
+            None,
+        ),  # no control on its first step
     ]
     jobs = run(items, joins=[0, 0, 1])
     plain, with_ink = load(cn_dir).pipe, peft_reference_pipe(cn_dir, PEFT_SEED)
     for job, (spec, adapter), picture_ in zip(jobs, items, (first, second, second), strict=True):
         ref = with_ink if adapter else plain
         kwargs = {"image": picture_, "controlnet_conditioning_scale": spec.control_scale,
-                  "negative_prompt": spec.negative_prompt, "guidance_scale": spec.guidance_scale}  # fmt: skip
+                  "control_guidance_start": spec.control_start, "negative_prompt": spec.negative_prompt,
+                  "guidance_scale": spec.guidance_scale}  # fmt: skip
         want = reference_latents(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs)
         torch.testing.assert_close(run.latents[job.id], want, **TOL)
         assert_pixels_close(run.pixels(job), reference_image(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs))
@@ -96,6 +103,39 @@ def test_control_images_only_where_a_controlnet_takes_them(cn_dir: Path, root: P
     with pytest.raises(BadRequestError, match="needs a ControlNet pipeline"):
         check_spec(plain, replace(spec, control=control))
     check_spec(loaded, replace(spec, control=control))
+
+
+@pytest.mark.parametrize(
+    ("scripts", "unit"),
+    [(None, None), ({}, None), ({"controlnet": {"args": []}}, None),
+     ({"controlnet": {"args": [{"enabled": False, "image": "x"}]}}, None),
+     ({"ControlNet": {"args": [{"image": "x"}]}}, ControlUnit("x")),  # A1111's default resize: crop and resize
+     ({"controlnet": {"args": [{"input_image": "x", "module": "none", "resize_mode": "Just Resize", "weight": 0.5,
+                                "guidance_start": 0.1, "guidance_end": 0.9, "control_mode": "Balanced"}]}},
+      ControlUnit("x", "default", 0.5, 0.1, 0.9)),
+     ({"controlnet": {"args": [{"image": {"image": "x", "mask": None}, "resize_mode": 2}, {"enabled": False}]}},
+      ControlUnit("x", "fill")),
+     ({"ADetailer": {"args": []}, "controlnet": {"args": [{"image": "x", "resize_mode": 0}]}},
+      ControlUnit("x", "default"))],
+)  # fmt: skip
+def test_a1111_controlnet_units_are_read_as_the_extension_sends_them(scripts: dict, unit: ControlUnit | None) -> None:
+    assert control_unit(scripts) == unit
+
+
+@pytest.mark.parametrize(
+    ("scripts", "says"),
+    [({"ADetailer": {"args": [{"ad_model": "face"}]}}, "other than ControlNet are not served"),
+     ({"controlnet": {"args": [{"image": "x"}, {"image": "y"}]}}, "2 enabled units"),
+     ({"controlnet": {"args": [{"image": "x", "module": "canny"}]}}, "preprocessors are not served"),
+     ({"controlnet": {"args": [{"image": "x", "control_mode": "ControlNet is more important"}]}}, "control_mode"),
+     ({"controlnet": {"args": [{"module": "none"}]}}, "has no image"),
+     ({"controlnet": {"args": [{"image": "x", "resize_mode": "Envelope"}]}}, "resize_mode 'Envelope'"),
+     ({"controlnet": {"args": [{"image": "x", "weight": "strong"}]}}, "weight must be a number"),
+     ({"controlnet": {"args": "x"}}, "a list of ControlNet units")],
+)  # fmt: skip
+def test_a1111_controlnet_units_not_served_are_400s(scripts: dict, says: str) -> None:
+    with pytest.raises(BadRequestError, match=says):
+        control_unit(scripts)
 
 
 # ------------------------------------------------------------------------------------------ over HTTP
@@ -131,10 +171,36 @@ def test_control_images_over_http(server: Server, cn_dir: Path) -> None:
         assert_pixels_close(served.astype(np.int16), want)
         missing = http.post("/v1/images/generations", json={k: v for k, v in body.items() if k != "control_image"})
         assert missing.status_code == 400 and "needs a control image" in missing.json()["error"]["message"]
-        a1111 = http.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "width": 32, "height": 32})
-        assert a1111.status_code == 400 and "alwayson_scripts" in a1111.json()["error"]["message"]
+        no_unit = http.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "width": 32, "height": 32})
+        assert no_unit.status_code == 400 and "alwayson_scripts" in no_unit.json()["error"]["message"]
         edit = http.post("/v1/images/edits", data={"prompt": "a cat", "control_image": body["control_image"]},
                          files={"image": ("p.png", base64.b64decode(body["control_image"]), "image/png")})  # fmt: skip
         assert edit.status_code == 400 and "not on edits" in edit.json()["error"]["message"]
         not_an_image = http.post("/v1/images/generations", json={**body, "control_image": "aGVsbG8="})
         assert not_an_image.status_code == 400 and "control_image" in not_an_image.json()["error"]["message"]
+
+
+@pytest.mark.e2e
+def test_a1111_controlnet_unit_over_http(server: Server, cn_dir: Path) -> None:
+    """A1111's ControlNet unit (module none, "Crop and Resize", weight 0.8, guidance end 0.67) with a `<lora>` tag:
+    diffusers' ControlNet pipeline with that control image cropped and resized, scale and end; `info` says so; the
+    hires fix (img2img on a ControlNet pipeline) is a 400."""
+    control = picture(96, 32, seed=6)  # crop and stretch give other control images
+    unit = {"enabled": True, "image": _b64_png(control), "module": "none", "model": "control_tiny [0000]",
+            "weight": 0.8, "resize_mode": "Crop and Resize", "guidance_start": 0.0, "guidance_end": 0.67,
+            "control_mode": "Balanced", "pixel_perfect": False}  # fmt: skip
+    body = {"prompt": "the <lora:ink:1> dog", "steps": 3, "cfg_scale": 6.0, "seed": 4, "width": 32, "height": 32,
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
+    with httpx.Client(base_url=server.url, timeout=300) as http:
+        response = http.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        hires = http.post("/sdapi/v1/txt2img", json={**body, "enable_hr": True, "hr_upscaler": "Lanczos"})
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+    pipe = peft_reference_pipe(cn_dir, PEFT_SEED)
+    cropped = pipe.control_image_processor.preprocess(control, height=32, width=32, resize_mode="crop")
+    want = reference_image(pipe, "the dog", 4, guidance_scale=6.0, negative_prompt="", image=cropped,
+                           controlnet_conditioning_scale=0.8, control_guidance_end=0.67)  # fmt: skip
+    assert_pixels_close(served.astype(np.int16), want)
+    info = json.loads(response.json()["info"])
+    assert info["controlnet"] == {"weight": 0.8, "guidance_start": 0.0, "guidance_end": 0.67}
+    assert hires.status_code == 400 and "not served on a ControlNet pipeline" in hires.json()["error"]["message"]
