@@ -27,7 +27,8 @@ FAMILIES = {
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3InpaintPipeline": "sd3",  # a 16-channel transformer
     "FluxKontextPipeline": "flux-kontext",  # Flux's transformer, edits from a reference picture
     "ChromaPipeline": "chroma",  # Flux's transformer with an approximator, T5 only, real CFG
-    "StableDiffusionControlNetPipeline": "sd",  # SD with one ControlNet: every image takes a control image
+    # SD / SDXL with one ControlNet: every image takes a control image
+    "StableDiffusionControlNetPipeline": "sd", "StableDiffusionXLControlNetPipeline": "sdxl",
 }  # fmt: skip
 # Components adapters may target (the container's keys, as in kohya's lora_unet_ / lora_te1_ / lora_te2_).
 ADAPTER_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -134,6 +135,9 @@ def _one_controlnet(pipe: Any, path: Path) -> Any:
     controlnet = getattr(pipe, "controlnet", None)
     if controlnet is not None and not isinstance(controlnet, ControlNetModel):
         raise ModelLoadError(f"{path}: a pipeline with {type(controlnet).__name__}; lokr-serve serves one ControlNet")
+    if controlnet is not None and getattr(controlnet, "config", {}).get("global_pool_conditions", False):
+        raise ModelLoadError(f"{path}: a ControlNet with global_pool_conditions (shuffle-style, always in guess "
+                             "mode) is not served")  # fmt: skip
     return controlnet
 
 
@@ -183,7 +187,7 @@ def _pipeline_class(path: Path) -> str:
     if name not in FAMILIES:
         raise ModelLoadError(
             f"{path} holds a {name or 'unnamed'} pipeline; lokr-serve serves {sorted(FAMILIES)} "
-            "(Stable Diffusion 1.x/2.x with or without a ControlNet, SDXL, SD3, Flux, Flux Kontext and Chroma style)"
+            "(Stable Diffusion 1.x/2.x and SDXL with or without a ControlNet, SD3, Flux, Flux Kontext and Chroma style)"
         )
     return name
 

@@ -93,8 +93,9 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
     """A random-weight `StableDiffusionPipeline` ("sd"), an SD inpainting checkpoint ("sd-inpaint": a 9-channel UNet,
     `StableDiffusionInpaintPipeline`), `StableDiffusionXLPipeline` ("sdxl"; "sdxl-inpaint" likewise) or `FluxPipeline`
     ("flux"; "flux-fill": `FluxFillPipeline`, Flux's inpainting checkpoint; "flux-kontext": `FluxKontextPipeline`),
-    `StableDiffusion3Pipeline` ("sd3"), `ChromaPipeline` ("chroma") or `StableDiffusionControlNetPipeline`
-    ("sd-controlnet": the "sd" pipeline with a ControlNet) on CPU."""
+    `StableDiffusion3Pipeline` ("sd3"), `ChromaPipeline` ("chroma") or `StableDiffusionControlNetPipeline` /
+    `StableDiffusionXLControlNetPipeline` ("sd-controlnet" / "sdxl-controlnet": "sd" / "sdxl" with a ControlNet) on
+    CPU."""
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
@@ -140,7 +141,7 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             return StableDiffusionControlNetPipeline(**parts, controlnet=_controlnet(unet))
         cls = StableDiffusionInpaintPipeline if kind == "sd-inpaint" else StableDiffusionPipeline
         return cls(**parts)
-    if kind in ("sdxl", "sdxl-inpaint"):
+    if kind in ("sdxl", "sdxl-inpaint", "sdxl-controlnet"):
         unet = UNet2DConditionModel(
             **{**common, "in_channels": 9 if kind == "sdxl-inpaint" else 4}, attention_head_dim=(2, 4),
             use_linear_projection=True, addition_embed_type="text_time",
@@ -151,15 +152,19 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0) -> Any:
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
             timestep_spacing="leading",
         )  # fmt: skip
+        xl_parts = {"vae": _vae(), "text_encoder": CLIPTextModel(_text_config(vocab, True)), "tokenizer": tokenizer,
+                    "text_encoder_2": CLIPTextModelWithProjection(_text_config(vocab, True)),
+                    "tokenizer_2": build_clip_tokenizer(), "unet": unet, "scheduler": scheduler,
+                    "force_zeros_for_empty_prompt": True}  # fmt: skip
+        if kind == "sdxl-controlnet":
+            from diffusers import StableDiffusionXLControlNetPipeline
+
+            return StableDiffusionXLControlNetPipeline(**xl_parts, controlnet=_controlnet(unet))
         xl_cls = StableDiffusionXLInpaintPipeline if kind == "sdxl-inpaint" else StableDiffusionXLPipeline
-        return xl_cls(
-            vae=_vae(), text_encoder=CLIPTextModel(_text_config(vocab, True)), tokenizer=tokenizer,
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, True)), tokenizer_2=build_clip_tokenizer(),
-            unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-        )  # fmt: skip
+        return xl_cls(**xl_parts)
     kinds = (
-        "'sd', 'sd-inpaint', 'sd-controlnet', 'sdxl', 'sdxl-inpaint', 'sd3', 'flux', 'flux-fill', 'flux-kontext' or "
-        "'chroma'"
+        "'sd', 'sd-inpaint', 'sd-controlnet', 'sdxl', 'sdxl-inpaint', 'sdxl-controlnet', 'sd3', 'flux', 'flux-fill', "
+        "'flux-kontext' or 'chroma'"
     )
     raise ValueError(f"kind must be {kinds}, got {kind!r}")
 

@@ -92,6 +92,33 @@ def test_rows_with_their_own_control_images_scales_and_adapters_equal_diffusers(
     assert np.abs(run.pixels(unscaled) - run.pixels(jobs[1])).max() > 0  # the control image changes the image
 
 
+def test_sdxl_controlnet_rows_equal_diffusers(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SDXL ControlNet pipeline (its ControlNet takes SDXL's pooled text and time ids too): a plain row and a
+    peft LoKr row at control scale 0.5 from 30% of its steps, in one batch, each equal to
+    `StableDiffusionXLControlNetPipeline`'s."""
+    xl_dir = pipeline_dir(root, "sdxl-controlnet")
+    adapter = peft_unet_adapter(xl_dir, root / "adapters" / "xl-ink", seed=PEFT_SEED)
+    loaded = load(xl_dir)
+    lokr.load_adapter(loaded.container, adapter, "ink")
+    run = Run(loaded, monkeypatch)
+    control = picture(32, 32, seed=3)
+    items = [
+        (ImageSpec("a red cat", None, 32, 32, 3, 5.0, 7, control=_control(loaded, control)), None),
+        (ImageSpec("the dog", "red", 32, 32, 3, 6.0, 8, control=_control(loaded, control), control_scale=0.5,
+                   control_start=0.3), "ink"),
+    ]  # fmt: skip
+    jobs = run(items)
+    plain, with_ink = load(xl_dir).pipe, peft_reference_pipe(xl_dir, PEFT_SEED)
+    for job, (spec, adapter_name) in zip(jobs, items, strict=True):
+        ref = with_ink if adapter_name else plain
+        kwargs = {"image": control, "controlnet_conditioning_scale": spec.control_scale,
+                  "control_guidance_start": spec.control_start, "negative_prompt": spec.negative_prompt,
+                  "guidance_scale": spec.guidance_scale}  # fmt: skip
+        want = reference_latents(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs)
+        torch.testing.assert_close(run.latents[job.id], want, **TOL)
+        assert_pixels_close(run.pixels(job), reference_image(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs))
+
+
 def test_control_images_only_where_a_controlnet_takes_them(cn_dir: Path, root: Path) -> None:
     loaded, plain = load(cn_dir), load(pipeline_dir(root, "sd"))
     spec = ImageSpec("a cat", None, 32, 32, 3, 7.5, 1)
