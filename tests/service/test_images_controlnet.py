@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -78,15 +79,7 @@ def test_rows_with_their_own_control_images_scales_and_adapters_equal_diffusers(
         ),  # no control on its first step
     ]
     jobs = run(items, joins=[0, 0, 1])
-    plain, with_ink = load(cn_dir).pipe, peft_reference_pipe(cn_dir, PEFT_SEED)
-    for job, (spec, adapter), picture_ in zip(jobs, items, (first, second, second), strict=True):
-        ref = with_ink if adapter else plain
-        kwargs = {"image": picture_, "controlnet_conditioning_scale": spec.control_scale,
-                  "control_guidance_start": spec.control_start, "negative_prompt": spec.negative_prompt,
-                  "guidance_scale": spec.guidance_scale}  # fmt: skip
-        want = reference_latents(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs)
-        torch.testing.assert_close(run.latents[job.id], want, **TOL)
-        assert_pixels_close(run.pixels(job), reference_image(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs))
+    _assert_as_diffusers(run, jobs, items, [first, second, second], cn_dir)
     weaker = ImageSpec("the dog", "red", 32, 32, 4, 6.0, 8, control=_control(loaded, second), control_scale=0.0)
     (unscaled,) = run([(weaker, "ink")])
     assert np.abs(run.pixels(unscaled) - run.pixels(jobs[1])).max() > 0  # the control image changes the image
@@ -107,11 +100,18 @@ def test_sdxl_controlnet_rows_equal_diffusers(root: Path, monkeypatch: pytest.Mo
         (ImageSpec("the dog", "red", 32, 32, 3, 6.0, 8, control=_control(loaded, control), control_scale=0.5,
                    control_start=0.3), "ink"),
     ]  # fmt: skip
-    jobs = run(items)
-    plain, with_ink = load(xl_dir).pipe, peft_reference_pipe(xl_dir, PEFT_SEED)
-    for job, (spec, adapter_name) in zip(jobs, items, strict=True):
-        ref = with_ink if adapter_name else plain
-        kwargs = {"image": control, "controlnet_conditioning_scale": spec.control_scale,
+    _assert_as_diffusers(run, run(items), items, [control, control], xl_dir)
+
+
+def _assert_as_diffusers(
+    run: Run, jobs: list[Any], items: list[tuple[ImageSpec, str | None]], pictures: list[Image.Image], model: Path
+) -> None:
+    """Each job's latents and pixels equal the dir's ControlNet pipeline's with its control picture, scale and start
+    (with peft's LoKr `ink` injected for a row that names it)."""
+    plain, with_ink = load(model).pipe, peft_reference_pipe(model, PEFT_SEED)
+    for job, (spec, adapter), picture_ in zip(jobs, items, pictures, strict=True):
+        ref = with_ink if adapter else plain
+        kwargs = {"image": picture_, "controlnet_conditioning_scale": spec.control_scale,
                   "control_guidance_start": spec.control_start, "negative_prompt": spec.negative_prompt,
                   "guidance_scale": spec.guidance_scale}  # fmt: skip
         want = reference_latents(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs)
