@@ -312,19 +312,52 @@ class StableDiffusion(Family):
 def _control_residuals(controlnet: Any, rows: Sequence[Row], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The ControlNet's residuals for the UNet over the batch `kwargs` (both CFG rows of an image take its control
     image), each row's scaled by its `control_scale` as diffusers' `conditioning_scale` scales them, and by 0 on
-    steps outside its `control_start` to `control_end` share (diffusers' `controlnet_keep`)."""
-    assert "encoder_attention_mask" not in kwargs  # a ControlNet takes no text mask (checked: its rows are OpenAI's)
+    steps outside its `control_start` to `control_end` share (diffusers' `controlnet_keep`). A ControlNet takes no
+    text mask: where A1111 prompts of different lengths were padded (`text_states`), it runs once per length on
+    unpadded text, as A1111 runs such rows apart."""
     controls, scales = [], []
     for row in rows:
         assert row.control is not None
         copies = 2 if row.cfg else 1
         controls.extend([row.control] * copies)
         scales.extend([row.spec.control_scale * _keep(row)] * copies)
-    down, mid = controlnet(kwargs["sample"], kwargs["timestep"], encoder_hidden_states=kwargs["encoder_hidden_states"],
-                           controlnet_cond=torch.cat(controls), added_cond_kwargs=kwargs["added_cond_kwargs"],
-                           return_dict=False)  # fmt: skip
+    inputs = {"sample": kwargs["sample"], "timestep": kwargs["timestep"],
+              "encoder_hidden_states": kwargs["encoder_hidden_states"], "controlnet_cond": torch.cat(controls),
+              "added_cond_kwargs": kwargs["added_cond_kwargs"]}  # fmt: skip
+    mask = kwargs.get("encoder_attention_mask")
+    if mask is None:
+        down, mid = controlnet(**inputs, return_dict=False)
+    else:
+        down, mid = _by_text_length(controlnet, inputs, [int(n) for n in mask.sum(dim=1)])
     scale = torch.tensor(scales, device=mid.device, dtype=mid.dtype).view(-1, 1, 1, 1)
     return {"down_block_additional_residuals": [d * scale for d in down], "mid_block_additional_residual": mid * scale}
+
+
+def _by_text_length(controlnet: Any, inputs: dict[str, Any], lengths: list[int]) -> tuple[list[Tensor], Tensor]:
+    """The ControlNet's outputs for a batch whose rows' texts are `lengths` long (zero-padded to the longest): one
+    forward per length on the rows of that length, their text unpadded, put back in row order."""
+    down: list[Tensor] = []
+    mid = torch.empty(0)
+    for length in sorted(set(lengths)):
+        at = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=inputs["sample"].device)
+        part_down, part_mid = controlnet(**_rows_of(inputs, at, length), return_dict=False)
+        if not down:
+            down = [d.new_empty((len(lengths), *d.shape[1:])) for d in part_down]
+            mid = part_mid.new_empty((len(lengths), *part_mid.shape[1:]))
+        for whole, piece in zip([*down, mid], [*part_down, part_mid], strict=True):
+            whole.index_copy_(0, at, piece)
+    return down, mid
+
+
+def _rows_of(inputs: dict[str, Any], at: Tensor, length: int) -> dict[str, Any]:
+    """The ControlNet's inputs for batch rows `at`, their text cut to its first `length` positions."""
+    added = inputs["added_cond_kwargs"]
+    return {
+        "sample": inputs["sample"][at], "timestep": inputs["timestep"][at],
+        "encoder_hidden_states": inputs["encoder_hidden_states"][at, :length],
+        "controlnet_cond": inputs["controlnet_cond"][at],
+        "added_cond_kwargs": None if added is None else {k: v[at] for k, v in added.items()},
+    }  # fmt: skip
 
 
 def _keep(row: Row) -> float:

@@ -119,6 +119,32 @@ def _assert_as_diffusers(
         assert_pixels_close(run.pixels(job), reference_image(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs))
 
 
+def test_texts_of_other_lengths_run_the_controlnet_apart(cn_dir: Path) -> None:
+    """A1111 prompts of other chunk counts are zero-padded and masked for the UNet; a ControlNet takes no mask, so it
+    runs once per text length on unpadded text: each row's residuals are those of a forward of that row alone."""
+    from service.images.sd import _by_text_length
+
+    controlnet = load(cn_dir).pipe.controlnet
+    torch.manual_seed(0)
+    lengths = [32, 16, 32]
+    states = torch.randn(3, 32, 32)
+    states[1, 16:] = 0.0  # the padding
+    inputs = {
+        "sample": torch.randn(3, 4, 16, 16),
+        "timestep": torch.tensor([900, 500, 100]),
+        "encoder_hidden_states": states,
+        "controlnet_cond": torch.rand(3, 3, 32, 32),
+        "added_cond_kwargs": None,
+    }
+    down, mid = _by_text_length(controlnet, inputs, lengths)
+    for i, n in enumerate(lengths):
+        alone = {k: None if v is None else v[i : i + 1] for k, v in inputs.items()}
+        alone["encoder_hidden_states"] = states[i : i + 1, :n]
+        want_down, want_mid = controlnet(**alone, return_dict=False)
+        for got, want in zip([*down, mid], [*want_down, want_mid], strict=True):
+            torch.testing.assert_close(got[i : i + 1], want, **TOL)  # batch sizes change float sums
+
+
 def test_control_images_only_where_a_controlnet_takes_them(cn_dir: Path, root: Path) -> None:
     loaded, plain = load(cn_dir), load(pipeline_dir(root, "sd"))
     spec = ImageSpec("a cat", None, 32, 32, 3, 7.5, 1)
@@ -222,6 +248,8 @@ def test_a1111_controlnet_unit_over_http(server: Server, cn_dir: Path) -> None:
         response = http.post("/sdapi/v1/txt2img", json=body)
         assert response.status_code == 200, response.text
         hires = http.post("/sdapi/v1/txt2img", json={**body, "enable_hr": True, "hr_upscaler": "Lanczos"})
+        long = {**body, "prompt": "the <lora:ink:1> dog " + "on a red mat " * 6}  # two chunks against one negative
+        assert http.post("/sdapi/v1/txt2img", json=long).status_code == 200
     served = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
     pipe = peft_reference_pipe(cn_dir, PEFT_SEED)
     cropped = pipe.control_image_processor.preprocess(control, height=32, width=32, resize_mode="crop")
