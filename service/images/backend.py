@@ -142,7 +142,7 @@ def _check_control(loaded: LoadedPipeline, spec: ImageSpec) -> None:
     """A ControlNet pipeline's images each need a control image and start from noise; other pipelines take none."""
     if loaded.controlnet is None:
         if spec.control is not None:
-            raise BadRequestError("control_image needs a ControlNet pipeline (a StableDiffusionControlNetPipeline "
+            raise BadRequestError("control_image needs a ControlNet pipeline (an SD or SDXL ControlNet pipeline "
                                   "dir); this one has none: leave it out", code="invalid_request")  # fmt: skip
         return
     if spec.control is None:

@@ -124,7 +124,7 @@ class ImageFront:
         ControlNet (blocking: run it off the event loop)."""
         loaded = self.backend.loaded
         if loaded.controlnet is None:
-            raise BadRequestError(f"{field} needs a ControlNet pipeline (a StableDiffusionControlNetPipeline dir); "
+            raise BadRequestError(f"{field} needs a ControlNet pipeline (an SD or SDXL ControlNet pipeline dir); "
                                   "this one has none: leave it out", code="invalid_request")  # fmt: skip
         image = open_image(decode_b64(b64, field), field, self.backend.max_pixels)
         width, height = size
