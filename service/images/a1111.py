@@ -121,9 +121,8 @@ async def _generate(
     text_sel = None if all(t.te == t.unet for t in tags) else images.select(None, [(t.name, t.te) for t in tags])
     request.scope["lokr_adapter"] = sel.label
     seed = seed_or_random(body.seed)
-    unit, control = control_unit(body.alwayson_scripts), None
+    unit, control, field = control_unit(body.alwayson_scripts), None, "alwayson_scripts.controlnet image"
     if unit is not None:
-        field = "alwayson_scripts.controlnet image"
         control = await run_in_threadpool(images.control_pixels, unit.image, size, field, unit.resize_mode)
     spec = ImageSpec(
         prompt=prompt,
@@ -149,8 +148,10 @@ async def _generate(
     specs = images.specs(spec, count, A1111_NAMES, masked=start is not None and start.repaint is not None)
     second = None
     if hires is not None:  # checked before the first pass runs
+        if unit is not None:  # the control image again, at the second pass's size
+            control = await run_in_threadpool(images.control_pixels, unit.image, hires.size, field, unit.resize_mode)
         hr_spec = replace(spec, width=hires.size[0], height=hires.size[1], steps=hires.steps, strength=hires.strength,
-                          latent_output=False)  # fmt: skip
+                          latent_output=False, control=control)  # fmt: skip
         second = images.specs(hr_spec, count, HIRES_NAMES)
     if start is not None:
         specs = await run_in_threadpool(images.starting_from, specs, start.images, start.repaint, start.resize)

@@ -151,9 +151,9 @@ def _check_control(loaded: LoadedPipeline, spec: ImageSpec) -> None:
             "/v1/images/generations; A1111's ControlNet arguments in alwayson_scripts are not served)",
             code="invalid_request",
         )
-    if spec.from_image:
-        raise BadRequestError("img2img and inpainting are not served on a ControlNet pipeline; send text-to-image "
-                              "requests with a control image", code="invalid_request")  # fmt: skip
+    if spec.mask is not None:
+        raise BadRequestError("inpainting is not served on a ControlNet pipeline; text to image and img2img are",
+                              code="invalid_request")  # fmt: skip
     if not 0.0 <= spec.control_start < spec.control_end <= 1.0 or not 0.0 <= spec.control_scale <= 10.0:
         raise BadRequestError(
             f"the ControlNet's guidance start {spec.control_start} and end {spec.control_end} must satisfy 0 <= start "

@@ -56,10 +56,7 @@ async def generations(body: ImageGenerationRequest, c: Deps, request: Request) -
     images = front(c)
     size = parse_size(body.size, images.default_size)
     sel = _selection(images, body, request)
-    control = None
-    if body.control_image is not None:
-        control = await run_in_threadpool(images.control_pixels, body.control_image, size)
-    specs = images.specs(replace(_spec(images, body, size), control=control), body.n)
+    specs = images.specs(replace(_spec(images, body, size), control=await _control(images, body, size)), body.n)
     if body.stream:
         return await _stream(images, body, specs, sel, request, "image_generation")
     return await _answer(images, body, specs, sel, request)
@@ -88,18 +85,24 @@ async def edits(c: Deps, request: Request) -> dict[str, Any] | StreamingResponse
         body, upload, mask_upload = _edit_form(form)
         data = await upload.read()
         mask_data = None if mask_upload is None else await mask_upload.read()
-    if body.control_image is not None:
-        raise BadRequestError("control_image is served on /v1/images/generations (text to image), not on edits",
-                              code="invalid_request")  # fmt: skip
     (start,) = await run_in_threadpool(images.starting_images, [("image", data)])
     mask = None if mask_data is None else await run_in_threadpool(_edit_mask, images, mask_data, start.size)
     size = parse_size(body.size, images.output_size(start, None, None))
     sel = _selection(images, body, request)
-    specs = images.specs(_spec(images, body, size, images.strength(body.strength)), body.n, masked=mask is not None)
+    control = await _control(images, body, size)
+    spec = replace(_spec(images, body, size, images.strength(body.strength)), control=control)
+    specs = images.specs(spec, body.n, masked=mask is not None)
     specs = await run_in_threadpool(images.starting_from, specs, [start], mask)
     if body.stream:
         return await _stream(images, body, specs, sel, request, "image_edit")
     return await _answer(images, body, specs, sel, request)
+
+
+async def _control(images: ImageFront, body: ImageGenerationRequest, size: tuple[int, int]) -> Any:
+    """The request's `control_image` prepared for images of `size` (`ImageFront.control_pixels`), or None."""
+    if body.control_image is None:
+        return None
+    return await run_in_threadpool(images.control_pixels, body.control_image, size)
 
 
 def _edit_mask(images: ImageFront, data: bytes, image_size: tuple[int, int]) -> Repaint:

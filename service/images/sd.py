@@ -362,8 +362,8 @@ def _rows_of(inputs: dict[str, Any], at: Tensor, length: int) -> dict[str, Any]:
 
 def _keep(row: Row) -> float:
     """1 while the row's step is within its ControlNet's share of the schedule, else 0 (as diffusers decides it,
-    step `i` of the scheduler's `n` timesteps)."""
-    i, n, spec = row.index, len(row.scheduler.timesteps), row.spec
+    step `i` of the `n` timesteps the row runs: img2img's are the schedule's last ones)."""
+    i, n, spec = row.index - row.first, len(row.scheduler.timesteps) - row.first, row.spec
     return 1.0 - float(i / n < spec.control_start or (i + 1) / n > spec.control_end)
 
 

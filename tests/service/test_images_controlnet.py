@@ -119,6 +119,33 @@ def _assert_as_diffusers(
         assert_pixels_close(run.pixels(job), reference_image(ref, spec.prompt, spec.seed, 32, spec.steps, **kwargs))
 
 
+def test_img2img_rows_with_control_images_equal_diffusers_controlnet_img2img(
+    cn_dir: Path, ink: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Img2img on a ControlNet pipeline (strength 0.6: 2 of 4 steps run from the picture): a text-to-image row and
+    an img2img LoKr row with its ControlNet from half its run, in one batch, equal diffusers' ControlNet text-to-image
+    and `StableDiffusionControlNetImg2ImgPipeline` (whose ControlNet share counts the steps the image runs)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from service.images.init_image import pixels_for
+
+    loaded = load(cn_dir)
+    lokr.load_adapter(loaded.container, ink, "ink")
+    run = Run(loaded, monkeypatch)
+    start, control = picture(32, 32, seed=5), picture(32, 32, seed=6).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    init = pixels_for(loaded.pipe.image_processor, start, (32, 32))
+    edit = ImageSpec("the dog", None, 32, 32, 4, 6.0, 8, init=init, strength=0.6, control=_control(loaded, control),
+                     control_scale=0.8, control_start=0.5)  # fmt: skip
+    text = ImageSpec("a red cat", None, 32, 32, 3, 7.5, 7, control=_control(loaded, control))
+    edited, drawn = run([(edit, "ink"), (text, None)])
+    _assert_as_diffusers(run, [drawn], [(text, None)], [control], cn_dir)
+    ref = StableDiffusionControlNetImg2ImgPipeline(**peft_reference_pipe(cn_dir, PEFT_SEED).components)
+    kwargs = {"image": start, "control_image": control, "strength": 0.6, "guidance_scale": 6.0,
+              "controlnet_conditioning_scale": 0.8, "control_guidance_start": 0.5}  # fmt: skip
+    torch.testing.assert_close(run.latents[edited.id], reference_latents(ref, "the dog", 8, 32, 4, **kwargs), **TOL)
+    assert_pixels_close(run.pixels(edited), reference_image(ref, "the dog", 8, 32, 4, **kwargs))
+
+
 def test_texts_of_other_lengths_run_the_controlnet_apart(cn_dir: Path) -> None:
     """A1111 prompts of other chunk counts are zero-padded and masked for the UNet; a ControlNet takes no mask, so it
     runs once per text length on unpadded text: each row's residuals are those of a forward of that row alone."""
@@ -151,8 +178,12 @@ def test_control_images_only_where_a_controlnet_takes_them(cn_dir: Path, root: P
     with pytest.raises(BadRequestError, match="every image needs a control image"):
         check_spec(loaded, spec)
     control = _control(loaded, picture(32, 32))
-    with pytest.raises(BadRequestError, match="img2img and inpainting are not served on a ControlNet"):
-        check_spec(loaded, replace(spec, control=control, init=torch.zeros(1, 3, 32, 32, dtype=torch.uint8)))
+    picture_ = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(BadRequestError, match="inpainting is not served on a ControlNet"):
+        check_spec(
+            loaded, replace(spec, control=control, init=picture_, mask=torch.ones(1, 1, 32, 32, dtype=torch.bool))
+        )
+    check_spec(loaded, replace(spec, control=control, init=picture_, strength=0.5))  # img2img is served
     with pytest.raises(BadRequestError, match="needs a ControlNet pipeline"):
         check_spec(plain, replace(spec, control=control))
     check_spec(loaded, replace(spec, control=control))
@@ -226,9 +257,10 @@ def test_control_images_over_http(server: Server, cn_dir: Path) -> None:
         assert missing.status_code == 400 and "needs a control image" in missing.json()["error"]["message"]
         no_unit = http.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "width": 32, "height": 32})
         assert no_unit.status_code == 400 and "alwayson_scripts" in no_unit.json()["error"]["message"]
-        edit = http.post("/v1/images/edits", data={"prompt": "a cat", "control_image": body["control_image"]},
+        form = {"prompt": "a cat", "control_image": body["control_image"], "num_inference_steps": "3", "size": "32x32"}
+        edit = http.post("/v1/images/edits", data=form,
                          files={"image": ("p.png", base64.b64decode(body["control_image"]), "image/png")})  # fmt: skip
-        assert edit.status_code == 400 and "not on edits" in edit.json()["error"]["message"]
+        assert edit.status_code == 200, edit.text  # img2img with the control image
         not_an_image = http.post("/v1/images/generations", json={**body, "control_image": "aGVsbG8="})
         assert not_an_image.status_code == 400 and "control_image" in not_an_image.json()["error"]["message"]
 
@@ -237,7 +269,7 @@ def test_control_images_over_http(server: Server, cn_dir: Path) -> None:
 def test_a1111_controlnet_unit_over_http(server: Server, cn_dir: Path) -> None:
     """A1111's ControlNet unit (module none, "Crop and Resize", weight 0.8, guidance end 0.67) with a `<lora>` tag:
     diffusers' ControlNet pipeline with that control image cropped and resized, scale and end; `info` says so; the
-    hires fix (img2img on a ControlNet pipeline) is a 400."""
+    hires fix's second pass (img2img) takes the control image at its own size."""
     control = picture(96, 32, seed=6)  # crop and stretch give other control images
     unit = {"enabled": True, "image": _b64_png(control), "module": "none", "model": "control_tiny [0000]",
             "weight": 0.8, "resize_mode": "Crop and Resize", "guidance_start": 0.0, "guidance_end": 0.67,
@@ -258,4 +290,5 @@ def test_a1111_controlnet_unit_over_http(server: Server, cn_dir: Path) -> None:
     assert_pixels_close(served.astype(np.int16), want)
     info = json.loads(response.json()["info"])
     assert info["controlnet"] == {"weight": 0.8, "guidance_start": 0.0, "guidance_end": 0.67}
-    assert hires.status_code == 400 and "not served on a ControlNet pipeline" in hires.json()["error"]["message"]
+    assert hires.status_code == 200, hires.text
+    assert Image.open(io.BytesIO(base64.b64decode(hires.json()["images"][0]))).size == (64, 64)
