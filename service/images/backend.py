@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -305,43 +306,41 @@ class ImageBackend:
         self._rows = kept
 
     def _send_previews(self) -> None:
-        """Decode the previews the step took (`Row.preview`), as many per VAE forward as `steps.decode` allows, and
-        send each to its image's client. A failed decode fails those images (as their final one would)."""
-        by_size: dict[tuple[int, int], list[tuple[Row, torch.Tensor]]] = defaultdict(list)
-        for row in self._rows:
-            if row.preview is not None:
-                by_size[row.size].append((row, row.preview))
-        for pairs in by_size.values():
-            rows = [row for row, _ in pairs]
-            try:
-                images = steps.decode(self.loaded, [replace(row, latents=preview) for row, preview in pairs])
-            except Exception as exc:
-                self._fail_rows(rows, exc)
-                continue
-            for row, image in zip(rows, images, strict=True):
-                row.preview = None
-                row.job.sink(PreviewEvent(row.previews_sent, image))
-                row.previews_sent += 1
+        """Decode the previews the step took (`Row.preview`) and send each to its image's client."""
+
+        def send(row: Row, image: Any) -> None:
+            row.preview = None
+            row.job.sink(PreviewEvent(row.previews_sent, image))
+            row.previews_sent += 1
+
+        self._decode_by_size([(row, row.preview) for row in self._rows if row.preview is not None], send)
 
     def _finish_done(self) -> None:
         done = [row for row in self._rows if row.done]
         if not done:
             return
         self._rows = [row for row in self._rows if not row.done]
-        by_size: dict[tuple[int, int], list[Row]] = defaultdict(list)
         for row in done:
             if row.spec.latent_output:  # the hires fix's first pass: its latents are the answer, not decoded
                 self._finish(row, row.latents)
-            else:
-                by_size[row.size].append(row)
-        for rows in by_size.values():
+        self._decode_by_size([(row, row.latents) for row in done if not row.spec.latent_output], self._finish)
+
+    def _decode_by_size(self, items: list[tuple[Row, torch.Tensor]], deliver: Callable[[Row, Any], None]) -> None:
+        """VAE-decode each `(row, latents)` (the row's own, or a preview's) in one `steps.decode` per image size,
+        as many images per VAE forward as it allows, and `deliver(row, image)`; a size whose decode fails fails
+        those images (and takes their rows out of the batch)."""
+        by_size: dict[tuple[int, int], list[tuple[Row, torch.Tensor]]] = defaultdict(list)
+        for row, latents in items:
+            by_size[row.size].append((row, latents))
+        for pairs in by_size.values():
+            rows = [row for row, _ in pairs]
             try:
-                images = steps.decode(self.loaded, rows)
+                images = steps.decode(self.loaded, [replace(row, latents=latents) for row, latents in pairs])
             except Exception as exc:
-                fail_jobs([row.job for row in rows], exc)
+                self._fail_rows(rows, exc)
                 continue
-            for row, image in zip(rows, images):
-                self._finish(row, image)
+            for row, image in zip(rows, images, strict=True):
+                deliver(row, image)
 
     @staticmethod
     def _finish(row: Row, image: Any) -> None:
