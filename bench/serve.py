@@ -21,6 +21,9 @@ Scenarios (`--scenarios`, names `KIND-N` with N distinct adapters, N = 0 means t
             `peft.PeftModel` (`set_adapter(name)` then greedy `generate`); at most `--peft-max-loaded`
             adapters are held in PEFT, others are loaded on demand (LRU) and that load counts in the request
   limit-0   no server: in-process `generate` over static batches of `--concurrency` rows (no adapters)
+  engine-N  no HTTP: our engine in-process with N adapters, the same closed loop submitting straight into it
+            (a finished request's client sends its next at once); limit-0 < engine-N < batch-N splits the
+            gap into the engine's share and the HTTP server's and load generator's share
   hf-0      `transformers serve <model dir> --continuous-batching`, the same load generator (text prompts)
   itl-N     batch-N plus one `--long-prompt`-token prompt sent `--long-after` s into the run; reports the
             per-token p99 of the other rows while it prefills over the run's p50 (see bench/serve_kinds.py)
@@ -72,13 +75,20 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.report import environment, markdown_table, measure, paired_ratio, plot_loglog  # noqa: E402
-from bench.serve_kinds import hf_serve_command, long_prompt_probe, loopback_client, run_limit  # noqa: E402
+from bench.serve_kinds import (  # noqa: E402
+    hf_serve_command,
+    long_prompt_probe,
+    loopback_client,
+    run_engine,
+    run_limit,
+)
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASE_NAME = "bench-llama"
 ADMIN_TOKEN = "bench-admin-token"
 FULL_SCENARIOS = (
     "limit-0",
+    "engine-1",
     "batch-0",
     "hf-0",
     "batch-1",
@@ -90,9 +100,20 @@ FULL_SCENARIOS = (
     "itl-16",
     "hotload-16",
 )
-QUICK_SCENARIOS = ("limit-0", "batch-0", "hf-0", "batch-1", "batch-16", "single-16", "peft-16", "itl-1", "hotload-1")
-KINDS = ("batch", "single", "peft", "limit", "hf", "itl", "hotload")
-# (name, numerator scenario, denominator scenario, target, what it compares)
+QUICK_SCENARIOS = (
+    "limit-0",
+    "engine-1",
+    "batch-0",
+    "hf-0",
+    "batch-1",
+    "batch-16",
+    "single-16",
+    "peft-16",
+    "itl-1",
+    "hotload-1",
+)
+KINDS = ("batch", "single", "peft", "limit", "engine", "hf", "itl", "hotload")
+# (name, numerator scenario, denominator scenario, target (None: informational), what it compares)
 RATIOS = (
     ("1 adapter / limit", "batch-1", "limit-0", 0.85, "server, 1 adapter vs in-process static-batch generate"),
     ("16 adapters / 1 adapter", "batch-16", "batch-1", 0.95, "throughput with 16 vs 1 distinct adapters"),
@@ -100,6 +121,8 @@ RATIOS = (
     ("ours / transformers serve", "batch-0", "hf-0", 1.3, "base model: ours vs transformers serve --cb"),
     ("batching / one-at-a-time", "batch-16", "single-16", 3.0, "16 adapters, same clients, max batch vs 1"),
     ("ours / naive peft", "batch-16", "peft-16", 5.0, "16 adapters: server vs PEFT set_adapter loop"),
+    ("engine, 1 adapter / limit", "engine-1", "limit-0", None, "our engine in-process (no HTTP) vs the limit"),
+    ("server / engine, 1 adapter", "batch-1", "engine-1", None, "what HTTP and the client on the same cores cost"),
 )
 
 
@@ -278,6 +301,7 @@ class Server:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.hf = hf
         self.ready_path = "/health" if hf else "/ready"
         self.command = (
             hf_serve_command(model_dir, self.port)
@@ -336,8 +360,8 @@ class Server:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
+        try:  # `transformers serve` logs its shutdown, then its batching thread keeps the process alive: kill it
+            self.proc.wait(timeout=5 if self.hf else 30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
@@ -691,6 +715,18 @@ def run_scenario(
         run, setup_s = run_limit(model_dir, [r.prompt for r in requests], args.concurrency, args.max_tokens)
         info.update(max_batch=args.concurrency, clients=0, setup_s=round(setup_s, 2))
         info["client_cpu_s"] = round(_self_cpu_s() - cpu0, 2)
+    elif sc.kind == "engine":
+        run, setup_s, info["mean_batch_rows"] = run_engine(
+            model_dir,
+            [(d.name, d) for d in dirs[: sc.n]],
+            requests,
+            clients=args.concurrency,
+            max_tokens=args.max_tokens,
+            max_batch=args.max_batch_size,
+            deadline_s=args.duration or args.time_cap,
+        )
+        info.update(max_batch=args.max_batch_size, clients=args.concurrency, setup_s=round(setup_s, 2))
+        info["client_cpu_s"] = round(_self_cpu_s() - cpu0, 2)  # the engine runs in this process
     else:
         run = _run_server(sc, args, model_dir, adapter_root, dirs, requests, log_dir, names, info)
     info.update(summarize(run, args.max_tokens))
@@ -834,10 +870,10 @@ def itl_during(run: Run, start: float, end: float) -> dict[str, Any]:
 
 
 def output_agreement(by_name: dict[str, dict[str, Any]]) -> list[list[Any]]:
-    """For every peft-N and batch-N pair: how many of the requests both served produced the same text."""
+    """For every peft-N or engine-N and batch-N pair: how many of the requests both served gave the same text."""
     rows = []
     for name, res in by_name.items():
-        if res["kind"] != "peft" or f"batch-{res['adapters']}" not in by_name:
+        if res["kind"] not in ("peft", "engine") or f"batch-{res['adapters']}" not in by_name:
             continue
         other = by_name[f"batch-{res['adapters']}"]["texts"]
         common = [i for i in res["texts"] if i in other]
@@ -900,6 +936,9 @@ def ratio_rows(by_name: dict[str, dict[str, Any]]) -> list[list[Any]]:
         if num in by_name and den in by_name and by_name[den]["tok_per_s"] > 0:
             value = by_name[num]["tok_per_s"] / by_name[den]["tok_per_s"]
             paired = _paired(by_name[num], by_name[den])
+            if target is None:
+                rows.append([label, f"{num} / {den}", value, paired, "", "(no target)", what])
+                continue
             met = "yes" if value >= target else "**NO**"
             rows.append([label, f"{num} / {den}", value, paired, f">= {target:g}", met, what])
     for name, r in by_name.items():
@@ -1022,8 +1061,8 @@ def write_report(
     ]
     if agreement:
         parts += [
-            "Greedy outputs, server vs PEFT, for the requests both served (same adapter and prompt): "
-            + "; ".join(f"{name}: {same}/{n} identical" for name, n, same in agreement),
+            "Greedy outputs, server vs PEFT and vs the engine in-process, for the requests both served (same "
+            "adapter and prompt): " + "; ".join(f"{name}: {same}/{n} identical" for name, n, same in agreement),
             "",
         ]
     parts += ["![throughput and TTFT vs adapters](serve.png)", ""]

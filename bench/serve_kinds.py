@@ -3,6 +3,10 @@
 limit-0  no server: the same model's raw batched greedy decode in-process (transformers `generate`, a static
          batch of `--concurrency` rows of the same prompts, no adapters), in tokens/s; the ceiling the server
          is compared with
+engine-N no HTTP: our engine in-process (`service.engine.Engine` over the server's causal-LM backend, its default
+         settings), N adapters attached, driven by the same closed loop without the network: each of the
+         `--concurrency` clients submits its next request the moment its last one finished. Between limit-0 and
+         batch-N it shows what the engine costs and what the HTTP server and load generator on the same cores cost
 hf-0     `transformers serve --continuous-batching` (transformers' own OpenAI server, paged attention) on the
          same model dir, driven by the same load generator (text prompts: its /v1/completions takes strings)
 itl-N    the server with N adapters under the usual load, plus one `--long-prompt`-token prompt sent
@@ -20,7 +24,7 @@ from typing import Any
 import httpx
 import torch
 
-__all__ = ["hf_serve_command", "long_prompt_probe", "run_limit"]
+__all__ = ["hf_serve_command", "long_prompt_probe", "run_engine", "run_limit"]
 
 
 def run_limit(model_dir: Path, prompts: Sequence[list[int]], batch: int, max_tokens: int) -> tuple[Any, float]:
@@ -57,6 +61,106 @@ def run_limit(model_dir: Path, prompts: Sequence[list[int]], batch: int, max_tok
             results[-1].token_times = list(stamps.times)
     end = time.perf_counter()
     return Run(results, start, end, end), setup_s
+
+
+def run_engine(
+    model_dir: Path, adapters: Sequence[tuple[str, Path]], requests: Sequence[Any], *, clients: int, max_tokens: int,
+    max_batch: int, deadline_s: float | None,
+) -> tuple[Any, float, float | None]:  # fmt: skip
+    """The engine alone under the closed loop (`requests`: `bench.serve.Request`, adapter index into `adapters`);
+    returns a `Run` (per-request token times, stamped as the engine emits them), the setup seconds and the mean
+    rows per engine step (its `lokr_batch_size` histogram, as the server's)."""
+    import lokr
+    from service.backend import load_causal_lm
+    from service.engine import Engine
+    from service.foldsize import fold_copies
+    from service.lm import CausalLMBackend
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    t0 = time.perf_counter()
+    loaded = load_causal_lm(str(model_dir), "cpu", "float32")
+    for name, path in adapters:
+        lokr.load_adapter(loaded.model, path, name)
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    fold = fold_copies(defaults["fold_cache"], loaded.model, loaded.device, images=False, max_batch_size=max_batch)
+    metrics = Metrics()
+    backend = CausalLMBackend(
+        loaded, metrics, max_batch, defaults["max_prefill_tokens"], defaults["prefill_stall"], fold
+    )
+    engine = Engine(backend, metrics, max_queue=max(clients, 1) * 2)
+    engine.start()
+
+    def batches() -> tuple[float, float]:
+        value = metrics.registry.get_sample_value
+        return value("lokr_batch_size_sum") or 0.0, value("lokr_batch_size_count") or 0.0
+
+    try:
+        setup_s = time.perf_counter() - t0
+        names = [name for name, _ in adapters]
+        _closed_loop(engine, requests[:clients], names, max_tokens, None)  # warm-up, as the server's
+        (rows0, steps0) = batches()
+        run = _closed_loop(engine, requests, names, max_tokens, deadline_s, clients=clients)
+        (rows1, steps1) = batches()
+    finally:
+        engine.stop()
+    return run, setup_s, (rows1 - rows0) / (steps1 - steps0) if steps1 > steps0 else None
+
+
+def _closed_loop(
+    engine: Any, requests: Sequence[Any], names: Sequence[str], max_tokens: int, deadline_s: float | None,
+    clients: int | None = None,
+) -> Any:  # fmt: skip
+    """`clients` loops (default: one per request) submitting `requests` in order straight into `engine`."""
+    import threading
+
+    from bench.serve import Result, Run
+    from service.jobs import ErrorEvent, FinishEvent, Job, SamplingParams, TokenEvent
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    pending, lock, idle = iter(requests), threading.Lock(), threading.Event()
+    results: list[Any] = []
+    stops: list[float] = []
+    running = clients or len(requests)
+    t0 = time.perf_counter()
+    deadline = t0 + deadline_s if deadline_s else float("inf")
+
+    def send() -> None:
+        nonlocal running
+        with lock:
+            req = next(pending, None) if time.perf_counter() < deadline else None
+            if req is None:
+                stops.append(time.perf_counter())
+                running -= 1
+                if running == 0:
+                    idle.set()
+                return
+            result = Result(req.index, time.perf_counter())
+            results.append(result)
+        selection = None if req.adapter is None else names[req.adapter]
+        try:
+            engine.submit(Job(list(req.prompt), params, selection, lambda event: on_event(result, event)))
+        except Exception as exc:  # refused (queue full, too long): counted as an error, the client goes on
+            on_event(result, ErrorEvent(exc))
+
+    def on_event(result: Any, event: Any) -> None:  # on the engine thread
+        now = time.perf_counter()
+        if isinstance(event, TokenEvent):
+            result.first = result.first or now
+            result.token_times.append(now)
+            result.text += event.text
+            return
+        if isinstance(event, ErrorEvent):
+            result.error = repr(event.error)
+        elif isinstance(event, FinishEvent):
+            result.text += event.text
+        result.end = now
+        send()
+
+    for _ in range(running):
+        send()
+    idle.wait()
+    return Run(results, t0, min(stops), time.perf_counter())
 
 
 class _StepTimes:

@@ -4,6 +4,7 @@ writes its report and plot (no timings asserted, no wall-clock limit)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,18 @@ def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
     for heading in ("## Environment", "## Settings", "## Results", "load average"):
         assert heading in text
     results = json.loads((out / "serve.json").read_text())["results"]
-    kinds = {"limit-0", "batch-0", "hf-0", "batch-1", "batch-16", "single-16", "peft-16", "itl-1", "hotload-1"}
+    kinds = {
+        "limit-0",
+        "engine-1",
+        "batch-0",
+        "hf-0",
+        "batch-1",
+        "batch-16",
+        "single-16",
+        "peft-16",
+        "itl-1",
+        "hotload-1",
+    }
     assert {r["scenario"] for r in results} == kinds
     for r in results:
         assert r["errors"] == 0, r
@@ -33,6 +45,11 @@ def test_serve_quick_writes_report_and_plot(tmp_path: Path) -> None:
     assert by_name["hotload-1"]["hotload_n"] == 8 and by_name["hotload-1"]["hotload_per_s"] > 0
     for label in ("1 adapter / limit", "ours / transformers serve", "long prompt p99 / p50", "hot-load p99 / p50"):
         assert label in text
+    for label in ("engine, 1 adapter / limit", "server / engine, 1 adapter"):
+        assert label in text
+    # the engine in-process and the server answer the same requests with the same greedy text
+    same = re.search(r"batch-1 vs engine-1: (\d+)/(\d+) identical", text)
+    assert same is not None and int(same.group(2)) >= 8 and same.group(1) == same.group(2), text
 
 
 def test_ratio_rows_give_the_paired_ratio_of_interleaved_rounds() -> None:
