@@ -22,8 +22,8 @@ Scenarios (`--scenarios`, names `KIND-N` with N distinct adapters, N = 0 means t
             adapters are held in PEFT, others are loaded on demand (LRU) and that load counts in the request
   limit-0   no server: in-process `generate` over static batches of `--concurrency` rows (no adapters)
   engine-N  no HTTP: our engine in-process with N adapters, the same closed loop submitting straight into it
-            (a finished request's client sends its next at once); limit-0 < engine-N < batch-N splits the
-            gap into the engine's share and the HTTP server's and load generator's share
+            (a finished request's client sends its next at once); engine-N against limit-0 is the engine's own
+            share of the gap, batch-N against engine-N the HTTP server's and load generator's
   hf-0      `transformers serve <model dir> --continuous-batching`, the same load generator (text prompts)
   itl-N     batch-N plus one `--long-prompt`-token prompt sent `--long-after` s into the run; reports the
             per-token p99 of the other rows while it prefills over the run's p50 (see bench/serve_kinds.py)

@@ -5,8 +5,8 @@ limit-0  no server: the same model's raw batched greedy decode in-process (trans
          is compared with
 engine-N no HTTP: our engine in-process (`service.engine.Engine` over the server's causal-LM backend, its default
          settings), N adapters attached, driven by the same closed loop without the network: each of the
-         `--concurrency` clients submits its next request the moment its last one finished. Between limit-0 and
-         batch-N it shows what the engine costs and what the HTTP server and load generator on the same cores cost
+         `--concurrency` clients submits its next request the moment its last one finished. Against limit-0 it is
+         what the engine costs; batch-N against it, what the HTTP server and load generator add
 hf-0     `transformers serve --continuous-batching` (transformers' own OpenAI server, paged attention) on the
          same model dir, driven by the same load generator (text prompts: its /v1/completions takes strings)
 itl-N    the server with N adapters under the usual load, plus one `--long-prompt`-token prompt sent
